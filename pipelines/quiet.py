@@ -1,0 +1,42 @@
+"""Silences TensorFlow's and Google clients' start-up noise.
+
+Import this module first in every entry point (before TensorFlow, TFDV,
+tf.Transform or Beam's GCP modules are imported): TensorFlow reads
+TF_CPP_MIN_LOG_LEVEL once, when its C++ core loads.
+"""
+
+import logging
+import os
+import warnings
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+os.environ.setdefault('GRPC_VERBOSITY', 'ERROR')
+
+warnings.filterwarnings('ignore', category=FutureWarning)
+warnings.filterwarnings('ignore', category=DeprecationWarning)
+warnings.filterwarnings('ignore', message='.*IPython.*')
+
+
+class _DropNoise(logging.Filter):
+  """Drops known harmless start-up warnings from the root logger."""
+  _NOISE = ('crcmod package not found', 'Unable to import IPython',
+            'TFDV visualization APIs', 'tensorflow_decision_forests')
+
+  def filter(self, record):
+    message = record.getMessage()
+    return not any(n in message for n in self._NOISE)
+
+
+def quiet_logging(level=logging.WARNING):
+  """Root logging at `level`, TensorFlow's and absl's at ERROR."""
+  logging.getLogger().setLevel(level)
+  for handler in logging.getLogger().handlers:
+    handler.addFilter(_DropNoise())
+  logging.getLogger().addFilter(_DropNoise())
+  for name in ('tensorflow', 'absl', 'apache_beam.runners',
+               'apache_beam.io.gcp'):
+    logging.getLogger(name).setLevel(logging.ERROR)
+
+
+quiet_logging()

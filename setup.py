@@ -1,0 +1,45 @@
+"""mlpipe: portable Apache Beam pipelines from raw events to predictions.
+
+The pins are exact on purpose. TensorFlow Data Validation 1.16.1 is the newest
+TFDV with Python 3.11 wheels and needs pyarrow<11 (it brings tfx-bsl 1.16.1,
+TensorFlow 2.16.2, pyarrow 10.0.1, numpy 1.26, pandas 1.5). Beam 2.76+ needs
+pyarrow>=14, so Beam cannot move past 2.75 until TFDV does; 2.75 satisfies
+the pins but sends pip's resolver into a long backtrack, while 2.72.0 resolves
+from scratch in about two minutes. The other pins are the versions that
+resolve beside that stack today.
+"""
+
+from setuptools import find_packages, setup
+
+REQUIRED = [
+    # tfx-bsl imports dill, which Beam now ships only as its [dill] extra.
+    'apache-beam[gcp,dill]==2.72.0',
+    'tensorflow-data-validation==1.16.1',
+    'tensorflow-transform==1.16.0',
+    'scikit-learn==1.9.1',
+    'fastavro==1.13.1',
+    'google-cloud-storage==2.18.2',
+    'PyYAML==6.0.4',
+]
+
+TESTS = [
+    'pytest==9.2.0',
+    'hypothesis==6.170.17',
+    # A local GCS server for the gs:// tests (127.0.0.1 only).
+    'gcp-storage-emulator==2026.7.19',
+]
+
+setup(
+    name='mlpipe',
+    version='0.1.0',
+    description='Portable Beam pipelines: ingestion, features, validation, '
+                'tf.Transform, scikit-learn training and RunInference.',
+    # TFDV 1.16.1 ships wheels for CPython 3.9-3.11 only.
+    python_requires='>=3.9,<3.12',
+    packages=find_packages(include=['pipelines', 'pipelines.*', 'transforms',
+                                    'transforms.*', 'schemas', 'schemas.*',
+                                    'runners', 'runners.*']),
+    package_data={'schemas': ['*.yaml', '*.avsc', '*.pbtxt']},
+    install_requires=REQUIRED,
+    extras_require={'test': TESTS},
+)

@@ -1,0 +1,62 @@
+"""Rows <-> Apache Arrow RecordBatches, typed by the dataset declaration.
+
+TFDV and tf.Transform consume RecordBatches in the TFXIO convention: every
+column is a list array (one list of values per row; an empty list for a
+missing value). Parquet tables use plain columns. Strings are UTF-8 bytes in
+TFXIO batches, as tf.Example features are.
+"""
+
+from typing import Dict, Iterable, List, Optional
+
+import apache_beam as beam
+import pyarrow as pa
+
+_TFXIO_TYPES = {'string': pa.large_binary(), 'float': pa.float32(),
+                'int': pa.int64(), 'timestamp': pa.int64()}
+
+
+def tfxio_arrow_schema(types: Dict[str, str]) -> pa.Schema:
+  return pa.schema([pa.field(n, pa.large_list(_TFXIO_TYPES[t]))
+                    for n, t in types.items()])
+
+
+def to_tfxio_batch(rows: List[dict], types: Dict[str, str]) -> pa.RecordBatch:
+  """List of row dicts -> RecordBatch with one large_list column per name."""
+  arrays = []
+  for name, ftype in types.items():
+    values = [row.get(name) for row in rows]
+    if ftype == 'string':
+      values = [None if v is None else v.encode('utf-8') for v in values]
+    arrays.append(pa.array([[] if v is None else [v] for v in values],
+                           type=pa.large_list(_TFXIO_TYPES[ftype])))
+  return pa.RecordBatch.from_arrays(arrays, schema=tfxio_arrow_schema(types))
+
+
+class RowsToTFXIOBatches(beam.PTransform):
+  """PCollection[dict] -> PCollection[pa.RecordBatch] (TFXIO list columns)."""
+
+  def __init__(self, types: Dict[str, str], min_batch_size: int = 1000,
+               max_batch_size: int = 10000):
+    super().__init__()
+    self._types = dict(types)
+    self._min, self._max = min_batch_size, max_batch_size
+
+  def expand(self, rows):
+    types = self._types
+    return (rows
+            | 'BatchRows' >> beam.BatchElements(
+                min_batch_size=self._min, max_batch_size=self._max)
+            | 'ToRecordBatch' >> beam.Map(to_tfxio_batch, types))
+
+
+def rows_from_table(table: pa.Table, names: Optional[Iterable[str]] = None
+                    ) -> List[dict]:
+  """A plain (Parquet) table -> list of row dicts, timestamps as epoch us."""
+  if names is not None:
+    table = table.select(list(names))
+  columns = []
+  for column in table.columns:
+    if pa.types.is_timestamp(column.type):
+      column = column.cast(pa.int64())
+    columns.append(column)
+  return pa.Table.from_arrays(columns, names=table.column_names).to_pylist()
