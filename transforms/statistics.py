@@ -21,7 +21,9 @@ STATS_FILE = 'stats.pb'
 def stats_options(dataset: Dataset, **overrides) -> tfdv.StatsOptions:
   """StatsOptions for the feature table; keyword arguments override.
 
-  The schema tells TFDV which columns are categorical. The sketch-based
+  The schema tells TFDV which columns are categorical. No label_feature:
+  it would add lift statistics, a cross-feature shuffle per value. The
+  sketch-based
   top-k/uniques generator is one combiner with bounded memory, where the
   exact one shuffles every distinct value (a million transaction ids); its
   top-k is exact below 1024 distinct values, which covers every
@@ -30,7 +32,6 @@ def stats_options(dataset: Dataset, **overrides) -> tfdv.StatsOptions:
   """
   options = dict(
       schema=dataset.tfdv_schema(),
-      label_feature=dataset.label_field,
       num_top_values=20,
       frequency_threshold=1,
       num_rank_histogram_buckets=100,
