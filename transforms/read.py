@@ -6,7 +6,9 @@ RawRecord with `error` set: it is counted as read and dead-lettered by the
 parser, never dropped.
 """
 
+import contextlib
 import csv
+import gzip
 import io
 import json
 import os
@@ -68,10 +70,16 @@ def _json_text(values: dict) -> str:
   return json.dumps(values, sort_keys=True, default=str)
 
 
+@contextlib.contextmanager
 def _open(path: str):
-  compression = (CompressionTypes.GZIP if path.endswith('.gz') else
-                 CompressionTypes.UNCOMPRESSED)
-  return FileSystems.open(path, compression_type=compression)
+  """A binary file object, gunzipped for .gz names, local or remote."""
+  with FileSystems.open(
+      path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+    if path.endswith('.gz'):
+      with gzip.GzipFile(fileobj=raw) as f:
+        yield f
+    else:
+      yield raw
 
 
 def read_jsonl(path: str) -> Iterator[RawRecord]:

@@ -1,0 +1,51 @@
+"""Small file helpers that work the same on local paths and gs://."""
+
+import json
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+
+def join(*parts: str) -> str:
+  return FileSystems.join(*parts)
+
+
+def clear(path: str):
+  """Deletes `path` (a folder of outputs) if it exists, so that no shard of
+  an earlier run is mixed with this run's shards."""
+  if FileSystems.exists(path):
+    FileSystems.delete([path])
+
+
+def write_json(path: str, value):
+  with FileSystems.create(path) as f:
+    f.write(json.dumps(value, indent=2, sort_keys=True).encode('utf-8'))
+
+
+def read_json(path: str):
+  with FileSystems.open(path) as f:
+    return json.loads(f.read().decode('utf-8'))
+
+
+def write_bytes(path: str, data: bytes):
+  with FileSystems.create(path) as f:
+    f.write(data)
+
+
+def read_bytes(path: str) -> bytes:
+  with FileSystems.open(path) as f:
+    return f.read()
+
+
+class WriteJsonLines(beam.PTransform):
+  """PCollection[dict] -> JSON lines files `<prefix>-SSSSS-of-NNNNN.jsonl`."""
+
+  def __init__(self, prefix: str):
+    super().__init__()
+    self._prefix = prefix
+
+  def expand(self, rows):
+    return (rows
+            | 'ToJson' >> beam.Map(json.dumps, sort_keys=True)
+            | 'WriteLines' >> beam.io.WriteToText(
+                self._prefix, file_name_suffix='.jsonl'))

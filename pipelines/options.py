@@ -1,0 +1,62 @@
+"""Our pipeline flags, in one PipelineOptions subclass.
+
+Every flag not declared here (--runner, --flink_master, --project, --region,
+--temp_location, --direct_num_workers, ...) passes through to Beam and the
+runner untouched, so one command line works on every runner.
+"""
+
+import argparse
+import os
+
+from apache_beam.options.pipeline_options import PipelineOptions
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_INPUT = os.path.join(REPO_ROOT, 'data', 'sample', 'transactions.jsonl')
+DEFAULT_OUTPUT = os.path.join(REPO_ROOT, 'data', 'output')
+
+
+class MlPipeOptions(PipelineOptions):
+  """Flags of pipelines.batch (and of the entry points beside it)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--input', default=DEFAULT_INPUT,
+        help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
+        '.parquet, optionally .gz). Default: the committed sample.')
+    parser.add_argument(
+        '--input_format', default=None,
+        choices=['jsonl', 'csv', 'avro', 'parquet'],
+        help='Record format, when file extensions do not tell.')
+    parser.add_argument(
+        '--schema', default='transactions',
+        help='Dataset declaration: a name in schemas/ or a path to a .yaml.')
+    parser.add_argument(
+        '--output_dir', default=DEFAULT_OUTPUT,
+        help='Where every output of the run goes (local or gs://).')
+    parser.add_argument(
+        '--window_size', default=None,
+        help='Entity aggregate window length, e.g. 24h (default: schema).')
+    parser.add_argument(
+        '--window_period', default=None,
+        help='Sliding period, e.g. 1h; equal to the size means fixed '
+        'windows (default: schema).')
+    parser.add_argument(
+        '--fail_on_anomalies', default=True,
+        action=argparse.BooleanOptionalAction,
+        help='Stop the run when validation finds an ERROR anomaly '
+        '(--no-fail_on_anomalies reports and continues).')
+    parser.add_argument(
+        '--baseline_stats', default=None,
+        help='Statistics (stats.pb) to compare against for drift.')
+    parser.add_argument(
+        '--reference_time', default=None,
+        help='RFC 3339 "now" for the freshness check (default: the newest '
+        'event time, so runs stay deterministic).')
+    parser.add_argument(
+        '--model_dir', default=None,
+        help='Score with this existing model directory instead of '
+        'training a new model.')
+    parser.add_argument(
+        '--model_type', default='gbt', choices=['gbt', 'logreg'],
+        help='Classifier trained by the train stage.')
