@@ -25,7 +25,7 @@ from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
 from transforms.parse import (DEAD_LETTER, ERROR_KINDS, NAMESPACE, VALID,
-                              ParseAndValidate)
+                              ParseAndValidate, rfc3339_to_micros)
 from transforms.read import InputError, ReadRecords, check_input
 
 # Folders of --output_dir, one per output.
@@ -44,6 +44,15 @@ def _window(options: MlPipeOptions, dataset: Dataset):
   return size, period
 
 
+def _reference_micros(options: MlPipeOptions) -> Optional[int]:
+  if not options.reference_time:
+    return None
+  try:
+    return rfc3339_to_micros(options.reference_time)
+  except ValueError as e:
+    raise InputError(f'--reference_time: {e}') from None
+
+
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                    dataset: Optional[Dataset] = None) -> Dict[str, object]:
   """Ingest + features: returns the PCollections that tests check."""
@@ -53,7 +62,8 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   size, period = _window(opts, dataset)
 
   raw = p | 'ReadRecords' >> ReadRecords(opts.input, opts.input_format)
-  parsed = raw | 'ParseAndValidate' >> ParseAndValidate(dataset)
+  parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
+      dataset, _reference_micros(opts))
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
   features = valid | 'HistoryFeatures' >> HistoryFeatures(dataset)
 
@@ -127,6 +137,7 @@ def run(argv: Optional[List[str]] = None):
   opts = options.view_as(MlPipeOptions)
   dataset = load_dataset(opts.schema)
   _window(opts, dataset)
+  _reference_micros(opts)
   paths = check_input(opts.input, opts.input_format)
   for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS):
     io.clear(io.join(opts.output_dir, folder))

@@ -88,6 +88,7 @@ class Dataset:
   transform: Dict[str, Any]
   drift: Dict[str, Dict[str, float]]
   path: str
+  freshness: Dict[str, int] = dataclasses.field(default_factory=dict)
 
   # Roles ------------------------------------------------------------------
   @property
@@ -311,7 +312,9 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
       roles=roles, rules=rules, history=history,
       aggregates=dict(raw.get('aggregates', {})),
       transform=dict(raw.get('transform', {})),
-      drift=dict(raw.get('drift', {})), path=os.path.abspath(path))
+      drift=dict(raw.get('drift', {})), path=os.path.abspath(path),
+      freshness={k: parse_duration(v)
+                 for k, v in (raw.get('freshness') or {}).items()})
   known = dataset.feature_types()
   for name in dataset.model_features() + list(dataset.drift):
     if name not in known:

@@ -13,7 +13,8 @@ from apache_beam.testing.util import assert_that, equal_to
 
 from schemas.dataset import load_dataset
 from transforms.parse import (DEAD_LETTER, VALID, ParseAndValidate,
-                              RecordError, RecordValidator)
+                              RecordError, RecordValidator,
+                              rfc3339_to_micros)
 from transforms.read import InputError, RawRecord, ReadRecords, check_input
 
 DATASET = load_dataset()
@@ -82,6 +83,24 @@ def test_each_error_kind(values, error, kind, field):
   with pytest.raises(RecordError) as caught:
     RecordValidator(DATASET).validate(_raw(values, error))
   assert (caught.value.kind, caught.value.field) == (kind, field)
+
+
+def test_freshness_against_reference_time():
+  reference = GOOD_MICROS + 91 * 86400 * 1_000_000
+  validator = RecordValidator(DATASET, reference_micros=reference)
+  with pytest.raises(RecordError) as caught:  # 91 days old > max_age 90d
+    validator.validate(_raw(GOOD))
+  assert caught.value.kind == 'stale'
+  future = RecordValidator(DATASET, reference_micros=GOOD_MICROS - 301
+                           * 1_000_000)  # 301 s ahead > max_future 5m
+  with pytest.raises(RecordError, match='after the reference'):
+    future.validate(_raw(GOOD))
+  fresh = RecordValidator(DATASET, reference_micros=GOOD_MICROS + 299
+                          * 1_000_000)
+  assert fresh.validate(_raw(GOOD))['event_time'] == GOOD_MICROS
+  assert rfc3339_to_micros('2026-10-01T10:00:00Z') == GOOD_MICROS
+  with pytest.raises(ValueError, match='RFC 3339'):
+    rfc3339_to_micros('soon')
 
 
 def test_optional_label_may_be_missing():

@@ -24,7 +24,7 @@ DEAD_LETTER = 'dead_letter'
 # Every kind of error a dead-letter row can carry.
 ERROR_KINDS = ('malformed', 'missing_required', 'type_error', 'out_of_range',
                'not_allowed', 'pattern_mismatch', 'too_long',
-               'rule_violation', 'duplicate')
+               'rule_violation', 'stale', 'duplicate')
 
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
@@ -53,6 +53,14 @@ def micros_to_rfc3339(micros: int) -> str:
   if value.microsecond:
     return value.strftime('%Y-%m-%dT%H:%M:%S.%fZ')
   return value.strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+def rfc3339_to_micros(text: str) -> int:
+  """'2026-10-01T10:00:00Z' -> epoch microseconds; ValueError if invalid."""
+  try:
+    return _coerce(Field(name='time', type='timestamp'), text)
+  except RecordError as e:
+    raise ValueError(e.message) from None
 
 
 def _missing(value) -> bool:
@@ -151,8 +159,9 @@ def _satisfies(bounds: Dict[str, float], value) -> bool:
 class RecordValidator:
   """Turns one RawRecord into a typed record dict, or raises RecordError."""
 
-  def __init__(self, dataset: Dataset):
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None):
     self.dataset = dataset
+    self._reference = reference_micros
     self._patterns = {n: re.compile(f.pattern)
                       for n, f in dataset.fields.items() if f.pattern}
 
@@ -177,16 +186,30 @@ class RecordValidator:
           if not _satisfies(bounds, record[f]):
             raise RecordError('rule_violation', f,
                               f'rule {rule.name}: {f}={record[f]!r}')
+    if self._reference is not None:
+      self._check_freshness(record)
     return record
+
+  def _check_freshness(self, record):
+    ts = self.dataset.timestamp_field
+    age = (self._reference - record[ts]) / 1_000_000
+    limits = self.dataset.freshness
+    if 'max_age' in limits and age > limits['max_age']:
+      raise RecordError('stale', ts, f'{ts} is {age:.0f}s before the '
+                        f'reference time (max_age {limits["max_age"]}s)')
+    if 'max_future' in limits and -age > limits['max_future']:
+      raise RecordError('stale', ts, f'{ts} is {-age:.0f}s after the '
+                        f'reference time (max_future {limits["max_future"]}s)')
 
 
 class _ValidateFn(beam.DoFn):
 
-  def __init__(self, dataset: Dataset):
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int]):
     self._dataset = dataset
+    self._reference = reference_micros
 
   def setup(self):
-    self._validator = RecordValidator(self._dataset)
+    self._validator = RecordValidator(self._dataset, self._reference)
     self._read = Metrics.counter(NAMESPACE, 'records_read')
 
   def process(self, raw: RawRecord):
@@ -239,16 +262,19 @@ class ParseAndValidate(beam.PTransform):
   epoch microseconds, missing optional values as None). A dead-letter row is
   {source_file, position, error_kind, field, message, raw}.
   Counters: records_read, records_valid, records_dead_lettered and
-  dead_letter.<kind>.
+  dead_letter.<kind>. With `reference_micros`, records outside the
+  declared freshness limits around it are dead-lettered as `stale`.
   """
 
-  def __init__(self, dataset: Dataset):
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None):
     super().__init__()
     self._dataset = dataset
+    self._reference = reference_micros
 
   def expand(self, raw_records):
     parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
-        _ValidateFn(self._dataset)).with_outputs(DEAD_LETTER, main=VALID)
+        _ValidateFn(self._dataset, self._reference)).with_outputs(
+            DEAD_LETTER, main=VALID)
     deduped = (
         parsed[VALID]
         | 'GroupCopiesById' >> beam.GroupByKey()
