@@ -22,9 +22,11 @@ where it is missing) and serving never needs them.
 """
 
 import functools
+import tempfile
 from typing import Dict, List, Mapping, Optional
 
 import apache_beam as beam
+from apache_beam.options.pipeline_options import GoogleCloudOptions
 import pyarrow as pa
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -193,8 +195,10 @@ class AnalyzeAndTransform(beam.PTransform):
   `<feature>_xf` values plus the id (str), event time (int epoch us) and label
   (int or None), passed through unchanged.
 
-  Opens its own `tft_beam.Context(temp_dir=...)` (temp_dir defaults to
-  `<transform_dir>/tmp`) with the passthrough keys set.
+  Opens its own `tft_beam.Context(temp_dir=...)` with the passthrough keys
+  set. temp_dir defaults to the pipeline's --temp_location, else a local
+  temporary directory; never inside transform_dir, which then holds only
+  the graph.
   """
 
   def __init__(self, dataset, transform_dir: str,
@@ -202,11 +206,15 @@ class AnalyzeAndTransform(beam.PTransform):
     super().__init__()
     self._dataset = dataset
     self._transform_dir = transform_dir
-    self._temp_dir = temp_dir or f'{transform_dir.rstrip("/")}/tmp'
+    self._temp_dir = temp_dir
 
   def expand(self, batches):
     dataset = self._dataset
-    with tft_beam.Context(temp_dir=self._temp_dir,
+    temp_dir = (self._temp_dir or
+                batches.pipeline.options.view_as(
+                    GoogleCloudOptions).temp_location or
+                tempfile.mkdtemp(prefix='tft_'))
+    with tft_beam.Context(temp_dir=temp_dir,
                           passthrough_keys=set(passthrough_keys(dataset))):
       (transformed, _), transform_fn = (
           (batches, tensor_adapter_config(dataset))

@@ -1,0 +1,341 @@
+"""Trains a scikit-learn fraud model on tf.Transform output.
+
+  python -m pipelines.train --transformed out/transformed \\
+      --transform_dir out/transform --model_dir out/model [--model logreg]
+
+Input: transformed rows (columns of
+`transforms.preprocess.transformed_arrow_schema`), e.g. the Parquet files the
+batch pipeline writes to `transformed/`. Rows without a label are dropped.
+
+Split by time: rows sorted by (event time, id); the earliest
+1 - eval_fraction (default 80%) train the model, the latest 20% evaluate it.
+
+Threshold: chosen on the training split only. The model is first fitted on
+the earliest 80% of the training split; the threshold maximising F1 on the
+remaining (later) 20% of the training split is kept; the final model is then
+refitted on the whole training split. Evaluation metrics never influence it.
+
+Models (deterministic, random_state=0):
+  gbt     HistGradientBoostingClassifier; vocabulary indices are declared
+          categorical, quantile buckets stay ordinal.
+  logreg  LogisticRegression on one-hot vocabulary and bucket indices plus
+          the z-scored numeric columns.
+
+Writes model_dir/: model.joblib, transform_fn/ (copy of the tft output dir:
+transform_fn/ and transformed_metadata/), metadata.json (see `train`).
+"""
+
+from pipelines import quiet  # pylint: disable=unused-import  # noqa: F401
+
+import argparse
+import datetime
+import io
+import json
+import logging
+import sys
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
+
+from apache_beam.io.filesystems import FileSystems
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from schemas.dataset import load_dataset
+from transforms import inference
+from transforms import preprocess
+
+MODELS = ('gbt', 'logreg')
+RANDOM_STATE = 0
+RELIABILITY_BINS = 10
+# Subdirectories of a tft output dir that make up the transform graph.
+_TFT_PARTS = ('transform_fn', 'transformed_metadata')
+
+
+class TrainingError(ValueError):
+  """The data cannot train a model (too few rows, one class only)."""
+
+
+# Input ----------------------------------------------------------------------
+def read_transformed(pattern: str) -> pa.Table:
+  """Parquet files of transformed rows (a directory or a glob) -> one table."""
+  if not any(c in pattern for c in '*?['):
+    pattern = pattern.rstrip('/') + '/**'
+  paths = sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list
+                 if m.path.endswith('.parquet'))
+  if not paths:
+    raise TrainingError(f'no .parquet files match {pattern}')
+  tables = []
+  for path in paths:
+    with FileSystems.open(path) as f:
+      tables.append(pq.read_table(io.BytesIO(f.read())))
+  return pa.concat_tables(tables, promote=True)
+
+
+def _as_table(transformed: Union[pa.Table, Iterable[dict]], dataset
+              ) -> pa.Table:
+  if isinstance(transformed, pa.Table):
+    return transformed
+  schema = preprocess.transformed_arrow_schema(dataset)
+  return pa.Table.from_pylist(list(transformed), schema=schema)
+
+
+def time_split(table: pa.Table, timestamp_field: str, id_field: str,
+               eval_fraction: float = 0.2):
+  """Sorted by (time, id) -> (earlier rows, later rows); eval is the later."""
+  table = table.sort_by([(timestamp_field, 'ascending'),
+                         (id_field, 'ascending')])
+  n_eval = int(round(table.num_rows * eval_fraction))
+  n_train = table.num_rows - n_eval
+  return table.slice(0, n_train), table.slice(n_train)
+
+
+# Models and metrics ---------------------------------------------------------
+def make_estimator(kind: str, features: Sequence[str],
+                   categorical: Sequence[str], ordinal_discrete: Sequence[str]):
+  """An unfitted estimator; `categorical`/`ordinal_discrete` name columns."""
+  if kind == 'gbt':
+    from sklearn.ensemble import HistGradientBoostingClassifier
+    mask = [f in set(categorical) for f in features]
+    return HistGradientBoostingClassifier(
+        categorical_features=mask if any(mask) else None,
+        random_state=RANDOM_STATE)
+  if kind == 'logreg':
+    from sklearn.compose import ColumnTransformer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import OneHotEncoder
+    discrete = set(categorical) | set(ordinal_discrete)
+    columns = [i for i, f in enumerate(features) if f in discrete]
+    encode = ColumnTransformer(
+        [('onehot', OneHotEncoder(handle_unknown='ignore'), columns)],
+        remainder='passthrough')
+    return Pipeline([('encode', encode), ('model', LogisticRegression(
+        max_iter=1000, random_state=RANDOM_STATE))])
+  raise ValueError(f'unknown model {kind!r}; use one of {", ".join(MODELS)}')
+
+
+def max_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Dict[str, Any]:
+  """The score threshold with the highest F1 (predict 1 when score >= it)."""
+  from sklearn.metrics import precision_recall_curve
+  precision, recall, thresholds = precision_recall_curve(labels, scores)
+  # The last precision/recall pair has no threshold.
+  p, r = precision[:-1], recall[:-1]
+  f1 = np.where(p + r > 0, 2 * p * r / np.maximum(p + r, 1e-12), 0.0)
+  best = int(np.argmax(f1))
+  return {'threshold': float(thresholds[best]), 'f1': float(f1[best]),
+          'precision': float(p[best]), 'recall': float(r[best])}
+
+
+def reliability_bins(labels: np.ndarray, scores: np.ndarray,
+                     bins: int = RELIABILITY_BINS) -> List[Dict[str, Any]]:
+  """Equal-width score bins: count, mean score and observed positive rate."""
+  index = np.minimum((scores * bins).astype(int), bins - 1)
+  out = []
+  for b in range(bins):
+    chosen = index == b
+    count = int(chosen.sum())
+    out.append({'lower': b / bins, 'upper': (b + 1) / bins, 'count': count,
+                'mean_score': float(scores[chosen].mean()) if count else None,
+                'positive_rate': float(labels[chosen].mean()) if count
+                                 else None})
+  return out
+
+
+def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float
+             ) -> Dict[str, Any]:
+  """ROC AUC, PR AUC, precision/recall at threshold, Brier, reliability."""
+  from sklearn.metrics import (average_precision_score, brier_score_loss,
+                               precision_score, recall_score, roc_auc_score)
+  predicted = (scores >= threshold).astype(int)
+  both = len(np.unique(labels)) == 2
+  return {
+      'rows': int(len(labels)), 'positives': int(labels.sum()),
+      # Undefined (None) when the split holds a single class.
+      'roc_auc': float(roc_auc_score(labels, scores)) if both else None,
+      'pr_auc': float(average_precision_score(labels, scores)) if both
+                else None,
+      'precision': float(precision_score(labels, predicted, zero_division=0)),
+      'recall': float(recall_score(labels, predicted, zero_division=0)),
+      'brier': float(brier_score_loss(labels, scores)),
+      'reliability': reliability_bins(labels, scores),
+  }
+
+
+def _iso(epoch_us: int) -> str:
+  return datetime.datetime.fromtimestamp(
+      epoch_us / 1e6, tz=datetime.timezone.utc).isoformat()
+
+
+def _time_range(table: pa.Table, field: str) -> Dict[str, Any]:
+  """Event time range (epoch us and RFC 3339) of a split."""
+  values = table.column(field).to_numpy()
+  lo, hi = int(values.min()), int(values.max())
+  return {'min_us': lo, 'max_us': hi, 'min': _iso(lo), 'max': _iso(hi)}
+
+
+def _labels(table: pa.Table, field: str) -> np.ndarray:
+  return table.column(field).to_numpy().astype(np.int64)
+
+
+# Model directory ------------------------------------------------------------
+def _write_bytes(path: str, data: bytes):
+  with FileSystems.create(path) as f:
+    f.write(data)
+
+
+def _copy_transform(transform_dir: str, model_dir: str):
+  """Copies the graph parts of a tft output dir to model_dir/transform_fn/."""
+  files = inference.list_files(transform_dir)
+  parts = {rel: path for rel, path in files.items()
+           if rel.split('/')[0] in _TFT_PARTS}
+  if not any(rel.startswith('transform_fn/') for rel in parts):
+    raise TrainingError(f'{transform_dir} holds no transform_fn/')
+  for rel, path in parts.items():
+    with FileSystems.open(path) as f:
+      _write_bytes(inference.join_path(
+          model_dir, f'{inference.TRANSFORM_DIR}/{rel}'), f.read())
+
+
+# Training -------------------------------------------------------------------
+def train(transformed: Union[pa.Table, Iterable[dict]], *, transform_dir: str,
+          model_dir: str, dataset=None, model: str = 'gbt',
+          eval_fraction: float = 0.2, statistics_path: Optional[str] = None,
+          model_version: Optional[str] = None) -> Dict[str, Any]:
+  """Trains, evaluates and writes a model directory; returns its metadata.
+
+  transformed: a table or rows with the columns of
+    `preprocess.transformed_arrow_schema(dataset)`; unlabelled rows dropped.
+  model_version: recorded as given (e.g. a run timestamp from the caller);
+    by default 'v' + 16 hex digits of the sha256 over the sorted
+    (path, sha256) pairs of every file written (model.joblib, transform_fn/),
+    so equal content gives an equal version and no clock is read.
+  """
+  import joblib
+  dataset = dataset or load_dataset()
+  if model not in MODELS:
+    raise ValueError(f'unknown model {model!r}; use one of {", ".join(MODELS)}')
+  if inference.list_files(model_dir):
+    raise TrainingError(f'model_dir {model_dir} is not empty')
+  label, ts, id_field = (dataset.label_field, dataset.timestamp_field,
+                         dataset.id_field)
+  if not label:
+    raise TrainingError(f'dataset {dataset.name} declares no label')
+  table = _as_table(transformed, dataset)
+  table = table.filter(table.column(label).is_valid())
+  features = preprocess.transformed_feature_names(dataset)
+  categorical = preprocess.categorical_feature_names(dataset)
+  buckets = [preprocess.transformed_name(n)
+             for n in dataset.transform.get('bucketize', {})]
+
+  train_rows, eval_rows = time_split(table, ts, id_field, eval_fraction)
+  fit_rows, pick_rows = time_split(train_rows, ts, id_field, 0.2)
+  for name, part in (('train', train_rows), ('eval', eval_rows),
+                     ('threshold', pick_rows), ('fit', fit_rows)):
+    if part.num_rows == 0:
+      raise TrainingError(f'too few labelled rows ({table.num_rows}) for a '
+                          f'{name} split')
+  if len(np.unique(_labels(fit_rows, label))) < 2:
+    raise TrainingError('the earliest training rows hold a single class')
+
+  def fit(rows):
+    estimator = make_estimator(model, features, categorical, buckets)
+    matrix = inference.feature_matrix(
+        {n: rows.column(n) for n in features}, features)
+    return estimator.fit(matrix, _labels(rows, label))
+
+  def scores(estimator, rows):
+    matrix = inference.feature_matrix(
+        {n: rows.column(n) for n in features}, features)
+    return estimator.predict_proba(matrix)[:, 1]
+
+  # Threshold from the later part of the training split, then refit on all.
+  pick_labels = _labels(pick_rows, label)
+  if pick_labels.sum() > 0:
+    selection = max_f1_threshold(pick_labels,
+                                 scores(fit(fit_rows), pick_rows))
+    selection['method'] = 'max_f1_on_latest_20pct_of_train'
+  else:
+    selection = {'threshold': 0.5, 'method': 'default_0.5_no_positives'}
+  threshold = selection['threshold']
+  estimator = fit(train_rows)
+
+  metrics = {
+      'train': evaluate(_labels(train_rows, label),
+                        scores(estimator, train_rows), threshold),
+      'eval': evaluate(_labels(eval_rows, label),
+                       scores(estimator, eval_rows), threshold),
+  }
+
+  buffer = io.BytesIO()
+  joblib.dump(estimator, buffer)
+  _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
+               buffer.getvalue())
+  _copy_transform(transform_dir, model_dir)
+  files = inference.file_digests(model_dir)
+
+  metadata = {
+      'model_version': model_version or inference.content_version(files),
+      'model_type': model,
+      'estimator': type(estimator).__name__,
+      'dataset': dataset.name,
+      'id_field': id_field, 'timestamp_field': ts, 'label_field': label,
+      'raw_features': preprocess.raw_input_types(dataset),
+      'features': features,
+      'categorical_features': categorical,
+      'threshold': threshold,
+      'threshold_selection': selection,
+      'metrics': metrics,
+      'training': {
+          'rows': {'train': train_rows.num_rows, 'eval': eval_rows.num_rows},
+          'train_time_range': _time_range(train_rows, ts),
+          'eval_time_range': _time_range(eval_rows, ts),
+          'eval_fraction': eval_fraction,
+          'random_state': RANDOM_STATE,
+      },
+      'statistics_path': statistics_path,
+      'model_file': inference.MODEL_FILE,
+      'transform_dir': inference.TRANSFORM_DIR,
+      'files': files,
+  }
+  _write_bytes(inference.join_path(model_dir, inference.METADATA_FILE),
+               json.dumps(metadata, indent=2, sort_keys=True).encode('utf-8'))
+  return metadata
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--transformed', required=True,
+                      help='directory or glob of transformed Parquet files')
+  parser.add_argument('--transform_dir', required=True,
+                      help='tf.Transform output dir (WriteTransformFn)')
+  parser.add_argument('--model_dir', required=True)
+  parser.add_argument('--model', choices=MODELS, default='gbt')
+  parser.add_argument('--dataset', default='transactions',
+                      help='dataset declaration (name or YAML path)')
+  parser.add_argument('--eval_fraction', type=float, default=0.2)
+  parser.add_argument('--statistics', default=None,
+                      help='training statistics path, recorded in metadata')
+  parser.add_argument('--model_version', default=None,
+                      help='version to record (default: content hash)')
+  args = parser.parse_args(argv)
+  try:
+    metadata = train(
+        read_transformed(args.transformed), transform_dir=args.transform_dir,
+        model_dir=args.model_dir, dataset=load_dataset(args.dataset),
+        model=args.model, eval_fraction=args.eval_fraction,
+        statistics_path=args.statistics, model_version=args.model_version)
+  except TrainingError as e:
+    logging.error('%s', e)
+    return 2
+  ev = metadata['metrics']['eval']
+  print(json.dumps({'model_version': metadata['model_version'],
+                    'threshold': metadata['threshold'],
+                    'eval': {k: ev[k] for k in ('rows', 'positives', 'roc_auc',
+                                                'pr_auc', 'precision',
+                                                'recall', 'brier')}},
+                   indent=2))
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
