@@ -11,6 +11,7 @@ with no other flags runs every stage on the committed sample. Stages:
 """
 
 import sys
+import time
 from typing import Dict, List, Optional
 
 import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
@@ -19,13 +20,16 @@ import apache_beam as beam
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import io
+from pipelines import io, model_stages
 from pipelines.options import MlPipeOptions
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
 from transforms.parse import (DEAD_LETTER, ERROR_KINDS, NAMESPACE, VALID,
-                              ParseAndValidate, rfc3339_to_micros)
+                              CountElements, ParseAndValidate,
+                              rfc3339_to_micros)
+from transforms.inference import (ModelIntegrityError, read_metadata,
+                                  verify_model_dir)
 from transforms.read import InputError, ReadRecords, check_input
 
 # Folders of --output_dir, one per output.
@@ -65,7 +69,10 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
       dataset, _reference_micros(opts))
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
-  features = valid | 'HistoryFeatures' >> HistoryFeatures(dataset)
+  features = (valid
+              | 'HistoryFeatures' >> HistoryFeatures(dataset)
+              | 'CountFeatureRows' >> beam.ParDo(
+                  CountElements('feature_rows')))
 
   valid | 'WriteSilver' >> beam.io.WriteToParquet(
       io.join(out, SILVER, dataset.name), dataset.arrow_schema(),
@@ -79,8 +86,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
 
   aggregates = {}
   for key in dataset.aggregates.get('keys', [dataset.entity_field]):
-    rows = valid | f'Aggregate[{key}]' >> EntityAggregates(
-        dataset, key, size, period)
+    rows = (valid
+            | f'Aggregate[{key}]' >> EntityAggregates(
+                dataset, key, size, period)
+            | f'CountAggregates[{key}]' >> beam.ParDo(
+                CountElements(f'aggregate_rows.{key}')))
     rows | f'WriteAggregates[{key}]' >> beam.io.WriteToParquet(
         io.join(out, AGGREGATES, key, key), _aggregate_schema(key),
         file_name_suffix='.parquet')
@@ -127,52 +137,124 @@ def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
   }
 
 
-def _stage(number: int, total: int, text: str):
-  print(f'[{number}/{total}] {text}', file=sys.stderr, flush=True)
+class _Stages:
+  """Prints each stage as it starts and how long the previous one took."""
+
+  def __init__(self):
+    self._name, self._start = None, None
+
+  def __call__(self, text: Optional[str]):
+    now = time.monotonic()
+    if self._name:
+      print(f'   done in {now - self._start:.1f} s', file=sys.stderr,
+            flush=True)
+    self._name, self._start = text, now
+    if text:
+      print(f'== {text}', file=sys.stderr, flush=True)
 
 
-def run(argv: Optional[List[str]] = None):
-  """Runs the batch flow; returns the run summary (a dict)."""
+def _run_beam(p: beam.Pipeline) -> Dict[str, int]:
+  result = p.run()
+  result.wait_until_finish()
+  return _counters(result)
+
+
+def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
+  """Runs the batch flow; returns the run summary (also run_summary.json)."""
   options = PipelineOptions(argv)
   opts = options.view_as(MlPipeOptions)
   dataset = load_dataset(opts.schema)
   _window(opts, dataset)
   _reference_micros(opts)
   paths = check_input(opts.input, opts.input_format)
-  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS):
-    io.clear(io.join(opts.output_dir, folder))
+  out = opts.output_dir
+  scoring_only = bool(opts.model_dir)
+  if scoring_only:
+    verify_model_dir(opts.model_dir)
+  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS,
+                 model_stages.TRANSFORM, model_stages.PREDICTIONS) + (
+                     () if scoring_only else (model_stages.MODEL,)):
+    io.clear(io.join(out, folder))
+  features_glob = io.join(out, FEATURES, '*.parquet')
+  _stage = _Stages()
 
-  _stage(1, 1, f'Ingest and features: {len(paths)} file(s) from '
-         f'{opts.input}')
+  _stage(f'Ingest and features: {len(paths)} file(s) from {opts.input}')
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
-  result = p.run()
-  result.wait_until_finish()
+  counts = _run_beam(p)
+  summary = ingest_summary(counts)
+  summary['feature_rows'] = counts.get('feature_rows', 0)
+  summary['aggregate_rows'] = {
+      k: counts.get(f'aggregate_rows.{k}', 0)
+      for k in dataset.aggregates.get('keys', [dataset.entity_field])}
+  outputs = {name: io.join(out, name)
+             for name in (SILVER, DEAD, FEATURES, AGGREGATES)}
 
-  summary = ingest_summary(_counters(result))
-  summary['outputs'] = {
-      name: io.join(opts.output_dir, name)
-      for name in (SILVER, DEAD, FEATURES, AGGREGATES)}
-  io.write_json(io.join(opts.output_dir, 'run_summary.json'), summary)
-  _print_summary(summary, opts.output_dir)
+  if scoring_only:
+    model_dir = opts.model_dir
+    metadata = read_metadata(model_dir)
+  else:
+    _stage('Transform: tf.Transform analyse and transform')
+    p = beam.Pipeline(options=options)
+    model_stages.build_transform(p, dataset, features_glob, out)
+    _run_beam(p)
+    outputs['transform'] = io.join(out, model_stages.TRANSFORM)
+
+    _stage(f'Train: scikit-learn {opts.model_type}')
+    metadata = model_stages.train_stage(dataset, out, opts.model_type, None)
+    model_dir = io.join(out, model_stages.MODEL)
+    outputs['model'] = model_dir
+
+  _stage(f'Predict: RunInference with model {metadata["model_version"]}')
+  p = beam.Pipeline(options=options)
+  model_stages.build_score(p, dataset, features_glob, model_dir, out)
+  counts = _run_beam(p)
+  outputs['predictions'] = io.join(out, model_stages.PREDICTIONS)
+  summary['model'] = {
+      'version': metadata['model_version'],
+      'dir': model_dir,
+      'type': metadata['model_type'],
+      'threshold': metadata['threshold'],
+      'metrics': {split: {k: m[k] for k in ('roc_auc', 'pr_auc', 'precision',
+                                            'recall') if k in m}
+                  for split, m in metadata['metrics'].items()},
+      'trained_in_this_run': not scoring_only,
+  }
+  summary['predictions_written'] = counts.get('predictions_written', 0)
+  summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
+
+  _stage(None)
+  summary['outputs'] = outputs
+  io.write_json(io.join(out, 'run_summary.json'), summary)
+  _print_summary(summary, out)
   return summary
 
 
 def _print_summary(summary, output_dir):
+  kinds = summary['dead_letter_by_kind']
   lines = [
       '',
       f'Records read:          {summary["records_read"]}',
       f'  valid:               {summary["records_valid"]}',
       f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
-          '  (' + ', '.join(f'{k}: {v}' for k, v in
-                            summary['dead_letter_by_kind'].items()) + ')'
-          if summary['dead_letter_by_kind'] else ''),
-      'Outputs:',
+          '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
+          if kinds else ''),
+      f'Feature rows:          {summary["feature_rows"]}',
+      'Aggregate rows:        ' + ', '.join(
+          f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),
   ]
-  lines += [f'  {name:<20} {path}' for name, path in
+  model = summary.get('model')
+  if model:
+    metrics = model['metrics'].get('eval', {})
+    lines.append(f'Model:                 {model["version"]} ({model["type"]}'
+                 + (f', eval ROC AUC {metrics["roc_auc"]:.3f}, PR AUC '
+                    f'{metrics["pr_auc"]:.3f}' if 'roc_auc' in metrics else '')
+                 + ')')
+    lines.append(f'Predictions written:   {summary["predictions_written"]}')
+  lines.append('Outputs:')
+  lines += [f'  {name:<14} {path}' for name, path in
             summary['outputs'].items()]
-  lines.append(f'  {"run summary":<20} '
-               f'{io.join(output_dir, "run_summary.json")}')
+  lines.append(f'  {"summary":<14} {io.join(output_dir, "run_summary.json")}')
   print('\n'.join(lines), flush=True)
 
 
@@ -180,7 +262,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   """Command-line entry: a clear one-line error and exit 2 on bad input."""
   try:
     run(argv)
-  except (InputError, SchemaError) as e:
+  except (InputError, SchemaError, ModelIntegrityError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

@@ -60,3 +60,53 @@ class MlPipeOptions(PipelineOptions):
     parser.add_argument(
         '--model_type', default='gbt', choices=['gbt', 'logreg'],
         help='Classifier trained by the train stage.')
+
+    # Streaming (pipelines.streaming) --------------------------------------
+    # Without --input_subscription/--input_topic, the streaming pipeline
+    # replays --input as a stream (transforms.streaming.ReplayFile).
+    parser.add_argument(
+        '--input_subscription', default=None,
+        help='Pub/Sub subscription to read JSON records from '
+        '(projects/<p>/subscriptions/<s>).')
+    parser.add_argument(
+        '--input_topic', default=None,
+        help='Pub/Sub topic to read JSON records from (a temporary '
+        'subscription is created); --input_subscription is preferred.')
+    parser.add_argument(
+        '--timestamp_attribute', default=None,
+        help='Pub/Sub message attribute holding the event time, so the '
+        'watermark follows event time instead of publish time.')
+    parser.add_argument(
+        '--output_topic', default=None,
+        help='Pub/Sub topic for predictions (feature rows without a model).')
+    parser.add_argument(
+        '--dead_letter_topic', default=None,
+        help='Pub/Sub topic for dead-letter rows (parse errors, duplicates, '
+        'late events).')
+    parser.add_argument(
+        '--replay_speed', default=None, type=float,
+        help='Replay: seconds of event time per second of the runner\'s '
+        'processing-time clock (e.g. 3600 = an hour a second). Default: '
+        'processing time stands still, so only watermark panes fire.')
+    parser.add_argument(
+        '--replay_batch', default=100, type=int,
+        help='Replay: records emitted between two watermark advances.')
+    parser.add_argument(
+        '--allowed_lateness', default='1h',
+        help='How far behind an event may be and still update windowed '
+        'aggregates, e.g. 1h; later events are dead-lettered as late.')
+    parser.add_argument(
+        '--early_firing', default='60s',
+        help='Processing time between early (speculative) aggregate panes.')
+    parser.add_argument(
+        '--dedupe_horizon', default='24h',
+        help='How long (event time) an id is remembered to drop duplicates.')
+    parser.add_argument(
+        '--file_every', default='60s',
+        help='Processing time between two files of each output under '
+        '--output_dir (every output is also flushed when the stream ends).')
+    parser.add_argument(
+        '--model_watch_pattern', default=None,
+        help='Glob of model metadata.json files (e.g. gs://b/models/*/'
+        'metadata.json); the newest one\'s directory replaces the model '
+        'while the stream runs. Needs --model_dir for the first model.')

@@ -21,7 +21,8 @@ warnings.filterwarnings('ignore', message='.*IPython.*')
 class _DropNoise(logging.Filter):
   """Drops known harmless start-up warnings from the root logger."""
   _NOISE = ('crcmod package not found', 'Unable to import IPython',
-            'TFDV visualization APIs', 'tensorflow_decision_forests')
+            'TFDV visualization APIs', 'tensorflow_decision_forests',
+            'Resource module is not available')
 
   def filter(self, record):
     message = record.getMessage()

@@ -236,7 +236,7 @@ def _first_wins(id_and_copies: Tuple[str, Any]):
         f'{first_raw.source}:{first_raw.position}'))
 
 
-class _Count(beam.DoFn):
+class CountElements(beam.DoFn):
   """Counts elements into Beam metrics (the run summary reads them)."""
 
   def __init__(self, name: str, by_kind: bool = False):
@@ -283,7 +283,7 @@ class ParseAndValidate(beam.PTransform):
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
             | 'AllDeadLetters' >> beam.Flatten()
             | 'CountDeadLetters' >> beam.ParDo(
-                _Count('records_dead_lettered', by_kind=True)))
+                CountElements('records_dead_lettered', by_kind=True)))
     valid = deduped[VALID] | 'CountValid' >> beam.ParDo(
-        _Count('records_valid'))
+        CountElements('records_valid'))
     return {VALID: valid, DEAD_LETTER: dead}

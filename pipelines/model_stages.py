@@ -1,0 +1,107 @@
+"""The model half of the batch flow: transform, train, predict.
+
+Each Beam stage has a `build_*` function (graph only, for tests and dry
+runs) and a runner function; training runs on the driver between them.
+"""
+
+import hashlib
+from typing import Dict, Optional
+
+import apache_beam as beam
+import pyarrow as pa
+
+from pipelines import io
+from pipelines.train import read_transformed, train
+from schemas.dataset import Dataset
+from transforms import arrow, preprocess
+from transforms.inference import ScoreRecords
+from transforms.parse import CountElements
+
+TRANSFORM, TRANSFORM_FN, TRANSFORMED, MODEL, PREDICTIONS = (
+    'transform', 'transform/transform_fn', 'transform/transformed', 'model',
+    'predictions')
+
+
+class ReadFeatureRows(beam.PTransform):
+  """PBegin -> PCollection[dict]: feature-table Parquet files as row dicts
+  (timestamps as int epoch microseconds, as in the pipeline)."""
+
+  def __init__(self, pattern: str):
+    super().__init__()
+    self._pattern = pattern
+
+  def expand(self, pbegin):
+    return (pbegin
+            | 'ReadParquet' >> beam.io.ReadFromParquetBatched(self._pattern)
+            | 'ToRows' >> beam.FlatMap(arrow.rows_from_table))
+
+
+def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
+                    output_dir: str):
+  """Features -> transform graph + transformed rows (Parquet)."""
+  types = preprocess.input_types(dataset)
+  transformed = (
+      p
+      | 'ReadFeatures' >> ReadFeatureRows(features_glob)
+      | 'ToTFXIOBatches' >> arrow.RowsToTFXIOBatches(types)
+      | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(
+          dataset, io.join(output_dir, TRANSFORM_FN)))
+  transformed | 'WriteTransformed' >> beam.io.WriteToParquet(
+      io.join(output_dir, TRANSFORMED, 'part'),
+      preprocess.transformed_arrow_schema(dataset),
+      file_name_suffix='.parquet')
+  return transformed
+
+
+def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
+                model_dir: str, output_dir: str):
+  """Features -> predictions (JSON lines and Parquet)."""
+  predictions = (
+      p
+      | 'ReadFeatures' >> ReadFeatureRows(features_glob)
+      | 'CountScored' >> beam.ParDo(CountElements('feature_rows_scored'))
+      | 'Score' >> ScoreRecords(model_dir, id_field=dataset.id_field,
+                                max_batch_size=4096))
+  predictions = predictions | 'CountPredictions' >> beam.ParDo(
+      CountElements('predictions_written'))
+  prefix = io.join(output_dir, PREDICTIONS, 'predictions')
+  predictions | 'WriteJson' >> io.WriteJsonLines(prefix)
+  predictions | 'WriteParquet' >> beam.io.WriteToParquet(
+      prefix, pa.schema([(dataset.id_field, pa.string()),
+                         ('score', pa.float64()),
+                         ('predicted_label', pa.int64()),
+                         ('model_version', pa.string())]),
+      file_name_suffix='.parquet')
+  return predictions
+
+
+def data_version(table: pa.Table, dataset: Dataset, model_type: str) -> str:
+  """A model version that depends only on the training data and settings.
+
+  tf.Transform writes a different saved_model on every run even for equal
+  data, and its float reductions may differ in the last bit with bundle
+  order, so the version hashes the feature rows (sorted by id), the
+  declaration and the model type instead.
+  """
+  table = table.sort_by(dataset.id_field)
+  sink = pa.BufferOutputStream()
+  with pa.ipc.new_stream(sink, table.schema) as writer:
+    writer.write_table(table)
+  digest = hashlib.sha256(sink.getvalue().to_pybytes())
+  with open(dataset.path, 'rb') as f:
+    digest.update(f.read())
+  digest.update(model_type.encode())
+  return 'v' + digest.hexdigest()[:16]
+
+
+def train_stage(dataset: Dataset, output_dir: str, model_type: str,
+                statistics_path: Optional[str]) -> Dict[str, object]:
+  """Trains on the transformed rows; returns the model's metadata."""
+  table = read_transformed(io.join(output_dir, TRANSFORMED))
+  features = read_transformed(io.join(output_dir, 'features'))
+  model_dir = io.join(output_dir, MODEL)
+  io.clear(model_dir)
+  return train(table, transform_dir=io.join(output_dir, TRANSFORM_FN),
+               model_dir=model_dir, dataset=dataset, model=model_type,
+               statistics_path=statistics_path,
+               model_version=data_version(features, dataset, model_type))
