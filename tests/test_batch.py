@@ -1,0 +1,118 @@
+"""End to end: pipelines.batch on the committed sample, then scoring only."""
+
+import glob
+import json
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipelines import batch, generate
+from pipelines.options import DEFAULT_INPUT
+
+
+def _rows(pattern):
+  return [row for path in sorted(glob.glob(pattern))
+          for row in pq.read_table(path).to_pylist()]
+
+
+def _json_lines(pattern):
+  return [json.loads(line) for path in sorted(glob.glob(pattern))
+          for line in open(path, encoding='utf-8')]
+
+
+@pytest.fixture(scope='module')
+def sample_run(tmp_path_factory):
+  out = tmp_path_factory.mktemp('batch')
+  summary = batch.run(['--output_dir', str(out), '--runner', 'DirectRunner'])
+  return out, summary
+
+
+def test_every_record_is_accounted_for(sample_run):
+  out, summary = sample_run
+  with open(DEFAULT_INPUT, encoding='utf-8') as f:
+    lines = [line for line in f if line.strip()]
+  silver = _rows(f'{out}/silver/*.parquet')
+  dead = _json_lines(f'{out}/dead_letter/*.jsonl')
+  assert summary['records_read'] == len(lines)
+  assert summary['records_valid'] == len(silver)
+  assert summary['records_dead_lettered'] == len(dead)
+  assert summary['records_read'] == len(silver) + len(dead)
+  assert summary['records_accounted_for'] is True
+  # Each input line is either a valid record or a dead-letter row, once.
+  positions = {r['position'] for r in dead}
+  assert len(positions) == len(dead)
+  assert len(dead) == sum(summary['dead_letter_by_kind'].values())
+  on_disk = json.load(open(out / 'run_summary.json'))
+  assert on_disk['records_read'] == summary['records_read']
+
+
+def test_each_broken_kind_of_the_sample_reaches_the_dead_letter(sample_run):
+  out, summary = sample_run
+  kinds = {r['error_kind'] for r in _json_lines(f'{out}/dead_letter/*.jsonl')}
+  # The sample is generated with one or more broken records of each kind.
+  assert kinds == set(generate.broken_kinds('jsonl'))
+  assert set(summary['dead_letter_by_kind']) == kinds
+
+
+def test_features_aggregates_and_predictions(sample_run):
+  out, summary = sample_run
+  features = _rows(f'{out}/features/*.parquet')
+  assert summary['feature_rows'] == len(features) == summary['records_valid']
+  for key, count in summary['aggregate_rows'].items():
+    assert count == len(_rows(f'{out}/aggregates/{key}/*.parquet')) > 0
+  predictions = _json_lines(f'{out}/predictions/*.jsonl')
+  assert summary['predictions_written'] == len(predictions) == len(features)
+  assert summary['feature_rows_scored'] == len(features)
+  assert ({p['transaction_id'] for p in predictions} ==
+          {f['transaction_id'] for f in features})
+  assert {p['model_version'] for p in predictions} == {
+      summary['model']['version']}
+  assert len(_rows(f'{out}/predictions/*.parquet')) == len(predictions)
+  assert summary['model']['metrics']['eval']['roc_auc'] > 0.9
+
+
+def test_scoring_with_an_existing_model_does_not_retrain(sample_run, tmp_path):
+  out, summary = sample_run
+  new_input = tmp_path / 'new.jsonl'
+  generate.write_records(
+      generate.generate_transactions(rows=600, users=20, seed=99,
+                                     start='2026-10-01T00:00:00Z', days=3),
+      str(new_input))
+  scored = batch.run(['--input', str(new_input), '--output_dir',
+                      str(tmp_path / 'out'), '--model_dir',
+                      str(out / 'model')])
+  assert scored['model']['trained_in_this_run'] is False
+  assert scored['model']['version'] == summary['model']['version']
+  assert not os.path.exists(tmp_path / 'out' / 'model')
+  predictions = _json_lines(f'{tmp_path}/out/predictions/*.jsonl')
+  assert len(predictions) == scored['feature_rows'] == 600
+
+
+def test_tampered_model_is_refused_with_exit_2(sample_run, tmp_path, capsys):
+  out, _ = sample_run
+  model = tmp_path / 'model'
+  for path in glob.glob(f'{out}/model/**', recursive=True):
+    target = model / os.path.relpath(path, out / 'model')
+    if os.path.isdir(path):
+      target.mkdir(parents=True, exist_ok=True)
+    else:
+      target.write_bytes(open(path, 'rb').read())
+  with open(model / 'model.joblib', 'ab') as f:
+    f.write(b'tampered')
+  code = batch.main(['--output_dir', str(tmp_path / 'out'),
+                     '--model_dir', str(model)])
+  assert code == 2
+  assert 'model.joblib' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('argv,message', [
+    (['--input', '/nonexistent/*.jsonl'], 'matched no files'),
+    (['--schema', '/nonexistent.yaml'], 'cannot read schema'),
+    (['--reference_time', 'yesterday'], '--reference_time'),
+    (['--window_size', '24h', '--window_period', '7h'], 'must divide'),
+])
+def test_bad_flags_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
+  assert batch.main(argv + ['--output_dir', str(tmp_path)]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and message in err[0]
