@@ -55,7 +55,8 @@ td.mono, .mono { font-family:ui-monospace,Menlo,Consolas,monospace;
 .ERROR { background:var(--err); } .WARNING { background:var(--warn); }
 .INFO { background:var(--info); } .OK { background:var(--ok); }
 .type { background:#e4e7eb; color:var(--fg); font-weight:600; }
-a { color:#1d5fa0; text-decoration:none; } a:hover { text-decoration:underline; }
+a { color:#1d5fa0; text-decoration:none; }
+a:hover { text-decoration:underline; }
 .feature { background:#fff; border:1px solid var(--line); border-radius:8px;
   padding:14px 16px; margin:0 0 14px; }
 .feature.has-ERROR { border-left:4px solid var(--err); }
@@ -101,7 +102,10 @@ def _fmt(value: Optional[float]) -> str:
 
 
 def _pct(part: float, whole: float) -> str:
-  return f'{100.0 * part / whole:.1f}%' if whole else ''
+  if not whole:
+    return ''
+  share = 100.0 * part / whole
+  return '<0.1%' if 0 < share < 0.05 else f'{share:.1f}%'
 
 
 def _fmt_time(micros: float) -> str:
@@ -124,21 +128,33 @@ def _anchor(name: str) -> str:
 
 # Charts -----------------------------------------------------------------------
 def _histogram_svg(buckets, fmt=_fmt, width=400, height=150) -> str:
-  """Vertical bars of a STANDARD (equal-width) histogram."""
+  """Vertical bars of a STANDARD (equal-width) histogram.
+
+  Counts go on a log scale when one bucket dwarfs the typical one (a long
+  tail or a few outliers would otherwise leave a single visible bar).
+  TFDV interpolates these buckets from a quantile sketch, so empty value
+  ranges get fractional counts; below half an example a bucket is drawn
+  empty.
+  """
   buckets = list(buckets)
   if not buckets:
     return '<p class="empty">no histogram</p>'
   left, right, top, bottom = 44, 8, 8, 34
   plot_w, plot_h = width - left - right, height - top - bottom
-  peak = max(b.sample_count for b in buckets) or 1.0
+  counts = [b.sample_count if b.sample_count >= 0.5 else 0.0 for b in buckets]
+  peak = max(counts) or 1.0
+  filled = sorted(c for c in counts if c)
+  log = bool(filled) and peak > 20 * filled[len(filled) // 2]
+  scale = ((lambda c: math.log10(1 + c) / math.log10(1 + peak)) if log
+           else (lambda c: c / peak))
   step = plot_w / len(buckets)
   parts = [f'<svg width="{width}" height="{height}" '
            f'viewBox="0 0 {width} {height}" role="img" '
            f'aria-label="histogram">']
-  for i, b in enumerate(buckets):
-    h = plot_h * b.sample_count / peak
-    if b.sample_count and h < 1:
-      h = 1.0  # keep tiny non-empty buckets visible
+  for i, (b, count) in enumerate(zip(buckets, counts)):
+    if not count:
+      continue
+    h = max(plot_h * scale(count), 1.0)  # keep tiny buckets visible
     x, y = left + i * step, top + plot_h - h
     tip = (f'[{fmt(b.low_value)}, {fmt(b.high_value)}]: '
            f'{_fmt(round(b.sample_count, 1))}')
@@ -146,6 +162,8 @@ def _histogram_svg(buckets, fmt=_fmt, width=400, height=150) -> str:
                  f'width="{max(step - 1, 1):.1f}" height="{h:.1f}">'
                  f'<title>{_e(tip)}</title></rect>')
   base = top + plot_h
+  caption = 'value (equal-width buckets%s)' % (
+      '; count on log scale' if log else '')
   parts.append(f'<line class="axis" x1="{left}" y1="{base}" '
                f'x2="{width - right}" y2="{base}"/>')
   parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" '
@@ -158,7 +176,7 @@ def _histogram_svg(buckets, fmt=_fmt, width=400, height=150) -> str:
   parts.append(f'<text x="{width - right}" y="{base + 14}" text-anchor="end">'
                f'{_e(fmt(buckets[-1].high_value))}</text>')
   parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{base + 28}" '
-               f'text-anchor="middle">value (equal-width buckets)</text>')
+               f'text-anchor="middle">{_e(caption)}</text>')
   parts.append('</svg>')
   return ''.join(parts)
 
@@ -178,7 +196,7 @@ def _top_values_svg(values: Sequence, total: float, width=400) -> str:
     y = 2 + i * row
     label = v.value if len(v.value) <= 18 else v.value[:17] + '\u2026'
     w = max(bar_w * v.frequency / peak, 1.0)
-    share = _pct(v.frequency, total)
+    share = _e(_pct(v.frequency, total))
     parts.append(f'<text x="{label_w - 6}" y="{y + 12}" text-anchor="end">'
                  f'{_e(label)}<title>{_e(v.value)}</title></text>')
     parts.append(f'<rect class="bar" x="{label_w}" y="{y + 2}" '
@@ -219,7 +237,8 @@ def _numeric_card(feature, num_examples, fmt) -> str:
            ('missing', f'{_fmt(c.num_missing)} '
                        f'({_pct(c.num_missing, num_examples) or "0%"})'),
            ('mean', fmt(s.mean)), ('std dev', _fmt(s.std_dev)),
-           ('zeros', f'{_fmt(s.num_zeros)} ({_pct(s.num_zeros, c.num_non_missing) or "0%"})'),
+           ('zeros', f'{_fmt(s.num_zeros)} '
+                     f'({_pct(s.num_zeros, c.num_non_missing) or "0%"})'),
            ('min', fmt(s.min)), ('median', fmt(s.median)), ('max', fmt(s.max))]
   standard = [h for h in s.histograms
               if h.type == statistics_pb2.Histogram.STANDARD]

@@ -6,7 +6,8 @@
     drift (skew) comparator in the schema, with thresholds and verdicts;
   * `gate`: stops a run on ERROR anomalies;
   * `write_anomalies`, `write_drift`: anomalies.pbtxt, anomalies.json,
-    drift.json (local paths or any Beam filesystem, e.g. gs://).
+    drift.json (local paths or any Beam filesystem, e.g. gs://);
+  * `run`: all of the above plus the HTML report, for one run's statistics.
 """
 
 import json
@@ -20,6 +21,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
+from pipelines import stats_report
 from schemas.dataset import Dataset
 
 ERROR, WARNING, INFO = 'ERROR', 'WARNING', 'INFO'
@@ -28,6 +30,8 @@ SEVERITIES = (ERROR, WARNING, INFO)
 ANOMALIES_PBTXT = 'anomalies.pbtxt'
 ANOMALIES_JSON = 'anomalies.json'
 DRIFT_JSON = 'drift.json'
+SKEW_JSON = 'skew.json'
+REPORT_HTML = 'stats.html'
 
 # TFDV marks nearly every anomaly ERROR; ours depend on what the anomaly
 # means for a model trained on this data. Reason types not listed here are
@@ -146,7 +150,7 @@ def anomaly_list(anomalies: anomalies_pb2.Anomalies,
   """
   soft = set(soft_domains)
   out = []
-  infos = [(name, info) for name, info in anomalies.anomaly_info.items()]
+  infos = list(anomalies.anomaly_info.items())
   if anomalies.HasField('dataset_anomaly_info'):
     infos.append((DATASET_FEATURE, anomalies.dataset_anomaly_info))
   for name, info in infos:
@@ -164,7 +168,8 @@ def anomaly_list(anomalies: anomalies_pb2.Anomalies,
   if anomalies.data_missing and not any(
       a['type'] == 'NO_DATA_IN_SPAN' for a in out):
     out.append({'feature': DATASET_FEATURE, 'type': 'NO_DATA_IN_SPAN',
-                'severity': ERROR, 'description': 'The statistics hold no data.',
+                'severity': ERROR,
+                'description': 'The statistics hold no data.',
                 'short_description': 'No data'})
   rank = {s: i for i, s in enumerate(SEVERITIES)}
   out.sort(key=lambda a: (rank[a['severity']], a['feature'], a['type']))
@@ -270,10 +275,10 @@ def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
                   if m['threshold'] else float('inf'))
       features[feature.name] = dict(worst, measurements=items)
     else:
+      measure, threshold = _configured(getattr(feature, comparator))
       features[feature.name] = {
-          'measure': _configured_measure(getattr(feature, comparator)),
-          'value': None, 'threshold': None, 'drifted': False,
-          'measurements': [],
+          'measure': measure, 'value': None, 'threshold': threshold,
+          'drifted': False, 'measurements': [],
           'note': 'not compared: the feature has no statistics on one side'}
   return {
       'kind': kind,
@@ -284,12 +289,16 @@ def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
   }
 
 
-def _configured_measure(comparator) -> str:
-  if comparator.HasField('jensen_shannon_divergence'):
-    return 'jensen_shannon_divergence'
-  if comparator.HasField('infinity_norm'):
-    return 'l_infinity'
-  return 'normalized_abs_difference'
+def _configured(comparator):
+  """(measure, threshold) of the first measure a comparator configures."""
+  for field, measure in (('jensen_shannon_divergence',
+                          'jensen_shannon_divergence'),
+                         ('infinity_norm', 'l_infinity'),
+                         ('normalized_abs_difference',
+                          'normalized_abs_difference')):
+    if comparator.HasField(field):
+      return measure, getattr(comparator, field).threshold
+  return 'unknown', None
 
 
 def _num_examples(stats) -> int:
@@ -323,3 +332,41 @@ def write_anomalies(anomalies_proto: anomalies_pb2.Anomalies,
 def write_drift(result: Dict[str, Any], path: str) -> str:
   """Writes a `drift` or `skew` result as JSON; `path` is usually drift.json."""
   return _write_text(path, json.dumps(result, indent=2, sort_keys=True) + '\n')
+
+
+def run(stats: statistics_pb2.DatasetFeatureStatisticsList, dataset: Dataset,
+        out_dir: str, baseline_stats=None, serving_stats=None,
+        fail_on_anomalies: bool = True,
+        schema: Optional[schema_pb2.Schema] = None,
+        environment: Optional[str] = 'TRAINING') -> Dict[str, Any]:
+  """Validates one run's statistics and writes everything to `out_dir`.
+
+  Writes anomalies.pbtxt/.json, drift.json (with `baseline_stats`),
+  skew.json (with `serving_stats`) and stats.html, then applies `gate`: the
+  outputs exist even when the run fails. `schema` defaults to the
+  dataset's. Returns {'anomalies', 'counts', 'drift', 'skew', 'paths'}.
+  """
+  schema = schema or dataset.tfdv_schema()
+  proto = detect(stats, schema, environment, baseline_stats, serving_stats)
+  found = anomaly_list(proto, soft_domain_features(dataset))
+  paths = write_anomalies(proto, found, out_dir)
+  comparisons = []
+  result = {'anomalies': found, 'counts': severity_counts(found),
+            'drift': None, 'skew': None}
+  if baseline_stats is not None:
+    result['drift'] = drift(stats, baseline_stats, schema)
+    paths['drift'] = write_drift(result['drift'],
+                                 FileSystems.join(out_dir, DRIFT_JSON))
+    comparisons.append(result['drift'])
+  if serving_stats is not None:
+    result['skew'] = skew(stats, serving_stats, schema)
+    paths['skew'] = write_drift(result['skew'],
+                                FileSystems.join(out_dir, SKEW_JSON))
+    comparisons.append(result['skew'])
+  paths['html'] = stats_report.write_html(
+      FileSystems.join(out_dir, REPORT_HTML), stats, found, comparisons,
+      title=f'{dataset.name}: feature statistics',
+      timestamp_features=[dataset.timestamp_field])
+  result['paths'] = paths
+  gate(found, fail_on_anomalies)
+  return result

@@ -1,8 +1,8 @@
 """Rows <-> Apache Arrow RecordBatches, typed by the dataset declaration.
 
 TFDV and tf.Transform consume RecordBatches in the TFXIO convention: every
-column is a list array (one list of values per row; an empty list for a
-missing value). Parquet tables use plain columns. Strings are UTF-8 bytes in
+column is a list array (one list of values per row; a null list for a
+missing value, which TFDV counts as missing and checks against presence). Parquet tables use plain columns. Strings are UTF-8 bytes in
 TFXIO batches, as tf.Example features are.
 """
 
@@ -27,7 +27,7 @@ def to_tfxio_batch(rows: List[dict], types: Dict[str, str]) -> pa.RecordBatch:
     values = [row.get(name) for row in rows]
     if ftype == 'string':
       values = [None if v is None else v.encode('utf-8') for v in values]
-    arrays.append(pa.array([[] if v is None else [v] for v in values],
+    arrays.append(pa.array([None if v is None else [v] for v in values],
                            type=pa.large_list(_TFXIO_TYPES[ftype])))
   return pa.RecordBatch.from_arrays(arrays, schema=tfxio_arrow_schema(types))
 
