@@ -10,6 +10,7 @@ with no other flags runs every stage on the committed sample. Stages:
   3-5. transform, train, predict (see pipelines.model_stages).
 """
 
+import logging
 import sys
 import time
 from typing import Dict, List, Optional
@@ -17,10 +18,11 @@ from typing import Dict, List, Optional
 import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import io, model_stages
+from pipelines import io, model_stages, validation
 from pipelines.options import MlPipeOptions
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.aggregates import EntityAggregates
@@ -31,10 +33,13 @@ from transforms.parse import (DEAD_LETTER, ERROR_KINDS, NAMESPACE, VALID,
 from transforms.inference import (ModelIntegrityError, read_metadata,
                                   verify_model_dir)
 from transforms.read import InputError, ReadRecords, check_input
+from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
+                                   WriteStatistics, read_statistics)
 
 # Folders of --output_dir, one per output.
-SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS = (
-    'silver', 'dead_letter', 'features', 'aggregates', 'statistics')
+SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION = (
+    'silver', 'dead_letter', 'features', 'aggregates', 'statistics',
+    'validation')
 
 
 def _window(options: MlPipeOptions, dataset: Dataset):
@@ -84,6 +89,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
       dataset.arrow_schema(dataset.feature_types()),
       file_name_suffix='.parquet')
 
+  stats = (features
+           | 'FeatureStatistics' >> GenerateFeatureStatistics(dataset))
+  stats | 'WriteStatistics' >> WriteStatistics(
+      io.join(out, STATISTICS, STATS_FILE))
+
   aggregates = {}
   for key in dataset.aggregates.get('keys', [dataset.entity_field]):
     rows = (valid
@@ -97,7 +107,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     aggregates[key] = rows
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
-          'aggregates': aggregates}
+          'aggregates': aggregates, 'statistics': stats}
 
 
 def _aggregate_schema(key: str):
@@ -169,9 +179,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   paths = check_input(opts.input, opts.input_format)
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
+  training_stats = None
   if scoring_only:
-    verify_model_dir(opts.model_dir)
-  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS,
+    metadata = verify_model_dir(opts.model_dir)
+    training_stats = _training_statistics(metadata)
+  baseline = _baseline(opts.baseline_stats)
+  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION,
                  model_stages.TRANSFORM, model_stages.PREDICTIONS) + (
                      () if scoring_only else (model_stages.MODEL,)):
     io.clear(io.join(out, folder))
@@ -188,11 +201,27 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
       k: counts.get(f'aggregate_rows.{k}', 0)
       for k in dataset.aggregates.get('keys', [dataset.entity_field])}
   outputs = {name: io.join(out, name)
-             for name in (SILVER, DEAD, FEATURES, AGGREGATES)}
+             for name in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS)}
+  stats_path = io.join(out, STATISTICS, STATS_FILE)
+
+  _stage('Validate: TFDV anomalies' + (', drift' if baseline else '') +
+         (', training/serving skew' if training_stats else ''))
+  outputs[VALIDATION] = io.join(out, VALIDATION)
+  try:
+    checked = validation.run(
+        read_statistics(stats_path), dataset, io.join(out, VALIDATION),
+        baseline_stats=baseline, training_stats=training_stats,
+        fail_on_anomalies=opts.fail_on_anomalies,
+        environment='SERVING' if scoring_only else 'TRAINING')
+  except validation.DataValidationError as e:
+    summary['validation'] = _validation_summary(e.checked)
+    summary['status'] = 'stopped: ERROR anomalies'
+    _finish(summary, outputs, out, _stage)
+    raise
+  summary['validation'] = _validation_summary(checked)
 
   if scoring_only:
     model_dir = opts.model_dir
-    metadata = read_metadata(model_dir)
   else:
     _stage('Transform: tf.Transform analyse and transform')
     p = beam.Pipeline(options=options)
@@ -201,7 +230,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     outputs['transform'] = io.join(out, model_stages.TRANSFORM)
 
     _stage(f'Train: scikit-learn {opts.model_type}')
-    metadata = model_stages.train_stage(dataset, out, opts.model_type, None)
+    metadata = model_stages.train_stage(dataset, out, opts.model_type,
+                                        stats_path)
     model_dir = io.join(out, model_stages.MODEL)
     outputs['model'] = model_dir
 
@@ -223,11 +253,49 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
 
-  _stage(None)
+  summary['status'] = 'ok'
+  _finish(summary, outputs, out, _stage)
+  return summary
+
+
+def _finish(summary, outputs, out, stages):
+  stages(None)
   summary['outputs'] = outputs
   io.write_json(io.join(out, 'run_summary.json'), summary)
   _print_summary(summary, out)
-  return summary
+
+
+def _baseline(path: Optional[str]):
+  if not path:
+    return None
+  if not FileSystems.exists(path):
+    raise InputError(f'--baseline_stats {path} does not exist')
+  return read_statistics(path)
+
+
+def _training_statistics(metadata):
+  """The statistics the model was trained on (the baseline for skew),
+  read before this run clears any output folder."""
+  path = metadata.get('statistics_path')
+  if not path or not FileSystems.exists(path):
+    logging.warning('training statistics %s are gone: no skew check', path)
+    return None
+  return read_statistics(path)
+
+
+def _validation_summary(checked):
+  return {
+      'anomalies': checked['counts'],
+      'errors': sorted({a['feature'] for a in checked['anomalies']
+                        if a['severity'] == validation.ERROR}),
+      'drifted': checked['drift']['drifted'] if checked['drift'] else None,
+      'drift': {n: f['value'] for n, f in
+                checked['drift']['features'].items()}
+               if checked['drift'] else None,
+      'skewed': checked['skew']['drifted'] if checked['skew'] else None,
+      'skew': {n: f['value'] for n, f in checked['skew']['features'].items()}
+              if checked['skew'] else None,
+  }
 
 
 def _print_summary(summary, output_dir):
@@ -243,6 +311,20 @@ def _print_summary(summary, output_dir):
       'Aggregate rows:        ' + ', '.join(
           f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),
   ]
+  checked = summary.get('validation')
+  if checked:
+    counts = checked['anomalies']
+    lines.append('Anomalies:             ' + ', '.join(
+        f'{k}: {v}' for k, v in counts.items()) + (
+            f'  (ERROR in {", ".join(checked["errors"])})'
+            if checked['errors'] else ''))
+    for kind in ('drifted', 'skewed'):
+      if checked[kind] is not None:
+        lines.append(f'{kind.capitalize() + ":":<23}'
+                     f'{", ".join(checked[kind]) or "none over threshold"}')
+  if summary.get('status', 'ok') != 'ok':
+    lines.append(f'Run {summary["status"]}: nothing downstream of '
+                 'validation was written')
   model = summary.get('model')
   if model:
     metrics = model['metrics'].get('eval', {})
@@ -265,6 +347,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   except (InputError, SchemaError, ModelIntegrityError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except validation.DataValidationError as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 1
   return 0
 
 

@@ -41,3 +41,13 @@ def quiet_logging(level=logging.WARNING):
 
 
 quiet_logging()
+
+
+def import_tfdv():
+  """tensorflow_data_validation, without the IPython notice it writes
+  straight to stderr on import (we render our own HTML, not notebooks)."""
+  import contextlib
+  import io
+  with contextlib.redirect_stderr(io.StringIO()):
+    import tensorflow_data_validation as tfdv  # pylint: disable=g-import-not-at-top
+  return tfdv

@@ -14,7 +14,8 @@ import json
 import logging
 from typing import Any, Dict, Iterable, List, Optional
 
-import tensorflow_data_validation as tfdv
+from pipelines.quiet import import_tfdv
+tfdv = import_tfdv()
 from apache_beam.io.filesystems import FileSystems
 from google.protobuf import text_format
 from tensorflow_metadata.proto.v0 import anomalies_pb2
@@ -336,13 +337,14 @@ def write_drift(result: Dict[str, Any], path: str) -> str:
 
 def run(stats: statistics_pb2.DatasetFeatureStatisticsList, dataset: Dataset,
         out_dir: str, baseline_stats=None, serving_stats=None,
-        fail_on_anomalies: bool = True,
+        training_stats=None, fail_on_anomalies: bool = True,
         schema: Optional[schema_pb2.Schema] = None,
         environment: Optional[str] = 'TRAINING') -> Dict[str, Any]:
   """Validates one run's statistics and writes everything to `out_dir`.
 
   Writes anomalies.pbtxt/.json, drift.json (with `baseline_stats`),
-  skew.json (with `serving_stats`) and stats.html, then applies `gate`: the
+  skew.json (with `serving_stats`, or with `training_stats` when `stats`
+  are the serving data scored by a trained model) and stats.html, then applies `gate`: the
   outputs exist even when the run fails. `schema` defaults to the
   dataset's. Returns {'anomalies', 'counts', 'drift', 'skew', 'paths'}.
   """
@@ -358,8 +360,10 @@ def run(stats: statistics_pb2.DatasetFeatureStatisticsList, dataset: Dataset,
     paths['drift'] = write_drift(result['drift'],
                                  FileSystems.join(out_dir, DRIFT_JSON))
     comparisons.append(result['drift'])
-  if serving_stats is not None:
-    result['skew'] = skew(stats, serving_stats, schema)
+  if serving_stats is not None or training_stats is not None:
+    result['skew'] = (skew(stats, serving_stats, schema)
+                      if serving_stats is not None else
+                      skew(training_stats, stats, schema))
     paths['skew'] = write_drift(result['skew'],
                                 FileSystems.join(out_dir, SKEW_JSON))
     comparisons.append(result['skew'])
@@ -368,5 +372,9 @@ def run(stats: statistics_pb2.DatasetFeatureStatisticsList, dataset: Dataset,
       title=f'{dataset.name}: feature statistics',
       timestamp_features=[dataset.timestamp_field])
   result['paths'] = paths
-  gate(found, fail_on_anomalies)
+  try:
+    gate(found, fail_on_anomalies)
+  except DataValidationError as e:
+    e.checked = result  # what the caller reports for the stopped run
+    raise
   return result

@@ -89,6 +89,7 @@ class Dataset:
   drift: Dict[str, Dict[str, float]]
   path: str
   freshness: Dict[str, int] = dataclasses.field(default_factory=dict)
+  min_examples: int = 0
 
   # Roles ------------------------------------------------------------------
   @property
@@ -205,6 +206,8 @@ class Dataset:
       elif field.type == 'int' and field.allowed:
         feature.int_domain.min = int(min(field.allowed))
         feature.int_domain.max = int(max(field.allowed))
+    if self.min_examples:
+      schema.dataset_constraints.min_examples_count = self.min_examples
     for name, thresholds in self.drift.items():
       feature = next(f for f in schema.feature if f.name == name)
       if 'jensen_shannon' in thresholds:
@@ -313,6 +316,7 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
       aggregates=dict(raw.get('aggregates', {})),
       transform=dict(raw.get('transform', {})),
       drift=dict(raw.get('drift', {})), path=os.path.abspath(path),
+      min_examples=int(raw.get('min_examples', 0)),
       freshness={k: parse_duration(v)
                  for k, v in (raw.get('freshness') or {}).items()})
   known = dataset.feature_types()

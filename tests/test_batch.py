@@ -116,3 +116,54 @@ def test_bad_flags_give_one_line_and_exit_2(argv, message, tmp_path, capsys):
   assert batch.main(argv + ['--output_dir', str(tmp_path)]) == 2
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and message in err[0]
+
+
+def test_error_anomaly_stops_the_run_before_transform(tmp_path, capsys):
+  small = tmp_path / 'small.jsonl'
+  # Fewer valid records than the declaration's min_examples (100).
+  generate.write_records(generate.generate_transactions(
+      rows=40, users=5, seed=3, days=2), str(small))
+  out = tmp_path / 'out'
+  assert batch.main(['--input', str(small), '--output_dir', str(out)]) == 1
+  assert 'data validation failed' in capsys.readouterr().err
+  summary = json.load(open(out / 'run_summary.json'))
+  assert summary['status'].startswith('stopped')
+  assert summary['validation']['errors'] == ['*dataset*']
+  anomalies = json.load(open(out / 'validation' / 'anomalies.json'))
+  assert [(a['type'], a['severity']) for a in anomalies['anomalies']] == [
+      ('DATASET_LOW_NUM_EXAMPLES', 'ERROR')]
+  assert (out / 'validation' / 'stats.html').exists()
+  for downstream in ('transform', 'model', 'predictions'):
+    assert not (out / downstream).exists()
+
+
+def test_no_fail_on_anomalies_reports_and_continues(sample_run, tmp_path):
+  out, _ = sample_run
+  small = tmp_path / 'small.jsonl'
+  generate.write_records(generate.generate_transactions(
+      rows=40, users=5, seed=3, days=2), str(small))
+  # 40 rows are too few to train on: score them with the sample's model.
+  summary = batch.run(['--input', str(small), '--output_dir',
+                       str(tmp_path / 'o'), '--no-fail_on_anomalies',
+                       '--model_dir', str(out / 'model')])
+  assert summary['status'] == 'ok'
+  assert summary['validation']['errors'] == ['*dataset*']
+  assert summary['predictions_written'] == 40
+
+
+def test_drift_against_a_baseline_is_reported(sample_run, tmp_path):
+  out, _ = sample_run
+  shifted = tmp_path / 'shifted.jsonl'
+  records = generate.generate_transactions(rows=3000, users=50, seed=5)
+  for r in records:
+    if r['channel'] != 'refund':
+      r['amount'] = round(r['amount'] * 5, 2)
+  generate.write_records(records, str(shifted))
+  summary = batch.run(['--input', str(shifted), '--output_dir',
+                       str(tmp_path / 'o'), '--model_dir', str(out / 'model'),
+                       '--baseline_stats',
+                       str(out / 'statistics' / 'stats.pb')])
+  assert 'amount' in summary['validation']['drifted']
+  assert summary['validation']['drift']['amount'] > 0.1
+  drift = json.load(open(tmp_path / 'o' / 'validation' / 'drift.json'))
+  assert set(drift['features']) >= {'amount', 'country', 'channel'}

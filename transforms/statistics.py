@@ -9,7 +9,8 @@ proto file (`stats.pb`, the TFX StatisticsGen convention) and
 from typing import Optional
 
 import apache_beam as beam
-import tensorflow_data_validation as tfdv
+from pipelines.quiet import import_tfdv
+tfdv = import_tfdv()
 from google.protobuf.message import DecodeError
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
