@@ -89,7 +89,7 @@ class MlPipeOptions(PipelineOptions):
         'processing-time clock (e.g. 3600 = an hour a second). Default: '
         'processing time stands still, so only watermark panes fire.')
     parser.add_argument(
-        '--replay_batch', default=100, type=int,
+        '--replay_batch', default=1000, type=int,
         help='Replay: records emitted between two watermark advances.')
     parser.add_argument(
         '--allowed_lateness', default='1h',
@@ -105,8 +105,3 @@ class MlPipeOptions(PipelineOptions):
         '--file_every', default='60s',
         help='Processing time between two files of each output under '
         '--output_dir (every output is also flushed when the stream ends).')
-    parser.add_argument(
-        '--model_watch_pattern', default=None,
-        help='Glob of model metadata.json files (e.g. gs://b/models/*/'
-        'metadata.json); the newest one\'s directory replaces the model '
-        'while the stream runs. Needs --model_dir for the first model.')

@@ -1,0 +1,279 @@
+"""The streaming pipeline: events -> features -> (score) -> sinks, as they come.
+
+    python -m pipelines.streaming --input data/sample/transactions.jsonl \\
+        --output_dir /tmp/stream
+
+replays a file as an in-order stream on the DirectRunner and stops when it
+ends;
+
+    python -m pipelines.streaming --runner DataflowRunner ... \\
+        --input_subscription projects/P/subscriptions/S \\
+        --output_topic projects/P/topics/T --model_dir gs://B/model
+
+reads JSON records from Pub/Sub until cancelled. Stages (transforms.streaming
+has the details and the lateness rule): parse and validate with the batch
+validator, drop duplicate ids, stateful point-in-time history features,
+windowed entity aggregates with early/on-time/late panes, optional scoring
+(`--model_dir`, or any `scorer` passed to build_pipeline), and sinks:
+JSON lines under <output_dir>/streaming/ ({features, predictions,
+aggregates/<key>, dead_letter}/<name>-<pane>.jsonl, a file per output every
+--file_every of processing time and at the end) and Pub/Sub topics
+(--output_topic, --dead_letter_topic). Counters (namespace mlpipe):
+records_read, records_valid, records_dead_lettered, records_late,
+feature_rows, feature_rows_scored, predictions_written (run_summary.json of
+a replay counts the output files instead: see summarize_outputs).
+"""
+
+import collections
+import dataclasses
+import json
+import sys
+from typing import Dict, List, Optional
+
+import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.options.pipeline_options import (PipelineOptions,
+                                                  StandardOptions)
+
+from pipelines import io
+from pipelines.batch import _reference_micros, _window
+from pipelines.options import MlPipeOptions
+from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
+from transforms.inference import (ModelIntegrityError, ScoreRecords,
+                                  verify_model_dir)
+from transforms.parse import DEAD_LETTER, VALID, CountElements
+from transforms.read import InputError, check_input
+from transforms.streaming import (AGGREGATES, LATE, ReadPubSubRecords,
+                                  ReplayFile, StatefulHistoryFeatures,
+                                  StreamingEntityAggregates,
+                                  StreamingParseAndValidate,
+                                  WriteJsonLinesPanes, WriteJsonToPubSub)
+
+# Everything goes under <output_dir>/streaming/, apart from batch outputs.
+STREAMING = 'streaming'
+FEATURES, PREDICTIONS, DEAD = 'features', 'predictions', 'dead_letter'
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSettings:
+  """Durations in seconds, from the flags and the declaration."""
+  window_size: int
+  window_period: int
+  allowed_lateness: int
+  early_firing: int
+  dedupe_horizon: int
+  file_every: int
+
+
+def _seconds(flag: str, text: str) -> int:
+  try:
+    return parse_duration(text)
+  except SchemaError as e:
+    raise InputError(f'--{flag}: {e}') from None
+
+
+def settings(opts: MlPipeOptions, dataset: Dataset) -> StreamSettings:
+  size, period = _window(opts, dataset)
+  values = StreamSettings(
+      size, period, _seconds('allowed_lateness', opts.allowed_lateness),
+      _seconds('early_firing', opts.early_firing),
+      _seconds('dedupe_horizon', opts.dedupe_horizon),
+      _seconds('file_every', opts.file_every))
+  if values.early_firing <= 0 or values.file_every <= 0:
+    raise InputError('--early_firing and --file_every must be positive')
+  if opts.replay_speed is not None and opts.replay_speed <= 0:
+    raise InputError(f'--replay_speed must be positive, got '
+                     f'{opts.replay_speed}')
+  return values
+
+
+def model_scorer(opts: MlPipeOptions,
+                 dataset: Dataset) -> Optional[beam.PTransform]:
+  """ScoreRecords (RunInference) on --model_dir, or None without it."""
+  if not opts.model_dir:
+    return None
+  return ScoreRecords(opts.model_dir, id_field=dataset.id_field)
+
+
+def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
+                   dataset: Optional[Dataset] = None,
+                   scorer: Optional[beam.PTransform] = None
+                   ) -> Dict[str, object]:
+  """Builds the streaming job; returns the PCollections that tests check.
+
+  `scorer`: PCollection[dict] feature rows -> PCollection[dict] predictions
+  (default: ScoreRecords on --model_dir when given, else no scoring).
+  Returns raw, valid, dead_letter (parse, duplicates and late rows), features,
+  aggregates {key: rows}, late {key: rows}, predictions (or None) and
+  records_replayed (the number of records a replay emits, else None).
+  """
+  opts = options.view_as(MlPipeOptions)
+  dataset = dataset or load_dataset(opts.schema)
+  s = settings(opts, dataset)
+
+  replay = None
+  if opts.input_subscription or opts.input_topic:
+    raw = p | 'ReadPubSub' >> ReadPubSubRecords(
+        opts.input_subscription, opts.input_topic, opts.timestamp_attribute)
+  else:
+    replay = ReplayFile(opts.input, dataset, opts.input_format,
+                        opts.replay_speed, opts.replay_batch)
+    raw = p | 'ReplayFile' >> replay
+  parsed = raw | 'ParseAndValidate' >> StreamingParseAndValidate(
+      dataset, s.dedupe_horizon, _reference_micros(opts))
+  valid = parsed[VALID]
+  features = (valid
+              | 'HistoryFeatures' >> StatefulHistoryFeatures(
+                  dataset, s.allowed_lateness)
+              | 'CountFeatureRows' >> beam.ParDo(
+                  CountElements('feature_rows')))
+
+  aggregates, late = {}, {}
+  for key in dataset.aggregates.get('keys', [dataset.entity_field]):
+    out = valid | f'Aggregate[{key}]' >> StreamingEntityAggregates(
+        dataset, key, s.window_size, s.window_period, s.allowed_lateness,
+        s.early_firing)
+    aggregates[key] = out[AGGREGATES] | f'CountAggregates[{key}]' >> (
+        beam.ParDo(CountElements(f'aggregate_rows.{key}')))
+    late[key] = out[LATE]
+  dead = (([parsed[DEAD_LETTER]] + list(late.values()))
+          | 'AllDeadLetters' >> beam.Flatten())
+
+  if scorer is None:
+    scorer = model_scorer(opts, dataset)
+  predictions = None
+  if scorer is not None:
+    predictions = (features
+                   | 'CountScored' >> beam.ParDo(
+                       CountElements('feature_rows_scored'))
+                   | 'Score' >> scorer
+                   | 'CountPredictions' >> beam.ParDo(
+                       CountElements('predictions_written')))
+
+  root = io.join(opts.output_dir, STREAMING)
+  files = {FEATURES: (features, io.join(root, FEATURES)),
+           DEAD: (dead, io.join(root, DEAD))}
+  if predictions is not None:
+    files[PREDICTIONS] = (predictions, io.join(root, PREDICTIONS))
+  for key, rows in aggregates.items():
+    files[key] = (rows, io.join(root, 'aggregates', key))
+  for name, (rows, folder) in files.items():
+    rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
+        folder, name, s.file_every)
+  if opts.output_topic:
+    (predictions if predictions is not None else features) | (
+        'Publish' >> WriteJsonToPubSub(opts.output_topic))
+  if opts.dead_letter_topic:
+    dead | 'PublishDeadLetters' >> WriteJsonToPubSub(opts.dead_letter_topic)
+
+  return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
+          'aggregates': aggregates, 'late': late, 'predictions': predictions,
+          'records_replayed': replay.replayed if replay else None}
+
+
+def _rows(folder: str) -> List[dict]:
+  match = FileSystems.match([io.join(folder, '*.jsonl')])[0]
+  rows = []
+  for meta in match.metadata_list:
+    with FileSystems.open(meta.path) as f:
+      text = f.read().decode('utf-8')
+    rows += [json.loads(line) for line in text.splitlines() if line.strip()]
+  return rows
+
+
+def summarize_outputs(root: str, dataset: Dataset,
+                      records_replayed: Optional[int]) -> Dict[str, object]:
+  """The run summary of a finished replay, counted from the files written.
+
+  The steps also increment Beam counters (namespace mlpipe) for runners
+  that report them, but the DirectRunner in streaming mode (Beam 2.72)
+  credits each step's counters with its first bundle only, so a local
+  replay counts its output rows instead.
+  """
+  dead = _rows(io.join(root, DEAD))
+  kinds = collections.Counter(row['error_kind'] for row in dead)
+  late = kinds.pop(LATE, 0)
+  valid = len(_rows(io.join(root, FEATURES)))
+  dead_lettered = sum(kinds.values())
+  keys = dataset.aggregates.get('keys', [dataset.entity_field])
+  return {
+      'records_read': records_replayed,
+      'records_valid': valid,
+      'records_dead_lettered': dead_lettered,
+      'dead_letter_by_kind': dict(sorted(kinds.items())),
+      'records_accounted_for': records_replayed == valid + dead_lettered,
+      'records_late': late,
+      'feature_rows': valid,
+      'aggregate_rows': {k: len(_rows(io.join(root, 'aggregates', k)))
+                         for k in keys},
+      'predictions_written': len(_rows(io.join(root, PREDICTIONS))),
+  }
+
+
+def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
+  """Runs the stream until it ends (a replay) or is cancelled (Pub/Sub);
+  returns the run summary (also <output_dir>/streaming/run_summary.json)."""
+  options = PipelineOptions(argv)
+  # Processing-time triggers and timers need the streaming runner mode.
+  options.view_as(StandardOptions).streaming = True
+  opts = options.view_as(MlPipeOptions)
+  dataset = load_dataset(opts.schema)
+  settings(opts, dataset)
+  _reference_micros(opts)
+  if opts.input_subscription and opts.input_topic:
+    raise InputError('give --input_subscription or --input_topic, not both')
+  if opts.input_subscription or opts.input_topic:
+    source = opts.input_subscription or opts.input_topic
+  else:
+    source = f'{len(check_input(opts.input, opts.input_format))} file(s) ' \
+             f'from {opts.input} (replay)'
+  if opts.model_dir:
+    verify_model_dir(opts.model_dir)
+  root = io.join(opts.output_dir, STREAMING)
+  io.clear(root)
+
+  print(f'== Streaming: {source}', file=sys.stderr, flush=True)
+  p = beam.Pipeline(options=options)
+  built = build_pipeline(p, options, dataset)
+  p.run().wait_until_finish()
+
+  summary = summarize_outputs(root, dataset, built['records_replayed'])
+  summary['output_dir'] = root
+  io.write_json(io.join(root, 'run_summary.json'), summary)
+  _print_summary(summary)
+  return summary
+
+
+def _print_summary(summary):
+  kinds = summary['dead_letter_by_kind']
+  lines = [
+      '',
+      f'Records read:          {summary["records_read"]}',
+      f'  valid:               {summary["records_valid"]}',
+      f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
+          '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
+          if kinds else ''),
+      f'Late for aggregates:   {summary["records_late"]}',
+      f'Feature rows:          {summary["feature_rows"]}',
+      'Aggregate rows:        ' + ', '.join(
+          f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),
+      f'Predictions written:   {summary["predictions_written"]}',
+      f'Outputs:               {summary["output_dir"]}',
+  ]
+  print('\n'.join(lines), flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  """Command-line entry: a clear one-line error and exit 2 on bad input."""
+  try:
+    run(argv)
+  except (InputError, SchemaError, ModelIntegrityError) as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())
