@@ -23,13 +23,13 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import io, model_stages, validation
-from pipelines.options import MlPipeOptions
-from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
+from pipelines.options import (MlPipeOptions, aggregate_window,
+                               reference_micros)
+from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
 from transforms.parse import (DEAD_LETTER, ERROR_KINDS, NAMESPACE, VALID,
-                              CountElements, ParseAndValidate,
-                              rfc3339_to_micros)
+                              CountElements, ParseAndValidate)
 from transforms.inference import (ModelIntegrityError, read_metadata,
                                   verify_model_dir)
 from transforms.read import InputError, ReadRecords, check_input
@@ -42,37 +42,17 @@ SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION = (
     'validation')
 
 
-def _window(options: MlPipeOptions, dataset: Dataset):
-  size = parse_duration(options.window_size or
-                        dataset.aggregates.get('window_size', '24h'))
-  period = parse_duration(options.window_period or
-                          dataset.aggregates.get('window_period', size))
-  if period > size or size % period:
-    raise SchemaError(f'--window_period {period}s must divide '
-                      f'--window_size {size}s')
-  return size, period
-
-
-def _reference_micros(options: MlPipeOptions) -> Optional[int]:
-  if not options.reference_time:
-    return None
-  try:
-    return rfc3339_to_micros(options.reference_time)
-  except ValueError as e:
-    raise InputError(f'--reference_time: {e}') from None
-
-
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                    dataset: Optional[Dataset] = None) -> Dict[str, object]:
   """Ingest + features: returns the PCollections that tests check."""
   opts = options.view_as(MlPipeOptions)
   dataset = dataset or load_dataset(opts.schema)
   out = opts.output_dir
-  size, period = _window(opts, dataset)
+  size, period = aggregate_window(opts, dataset)
 
   raw = p | 'ReadRecords' >> ReadRecords(opts.input, opts.input_format)
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
-      dataset, _reference_micros(opts))
+      dataset, reference_micros(opts))
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
   features = (valid
               | 'HistoryFeatures' >> HistoryFeatures(dataset)
@@ -174,8 +154,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   options = PipelineOptions(argv)
   opts = options.view_as(MlPipeOptions)
   dataset = load_dataset(opts.schema)
-  _window(opts, dataset)
-  _reference_micros(opts)
+  aggregate_window(opts, dataset)
+  reference_micros(opts)
   paths = check_input(opts.input, opts.input_format)
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)

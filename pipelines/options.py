@@ -7,8 +7,13 @@ runner untouched, so one command line works on every runner.
 
 import argparse
 import os
+from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
+
+from schemas.dataset import Dataset, SchemaError, parse_duration
+from transforms.parse import rfc3339_to_micros
+from transforms.read import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_INPUT = os.path.join(REPO_ROOT, 'data', 'sample', 'transactions.jsonl')
@@ -105,3 +110,25 @@ class MlPipeOptions(PipelineOptions):
         '--file_every', default='60s',
         help='Processing time between two files of each output under '
         '--output_dir (every output is also flushed when the stream ends).')
+
+
+def aggregate_window(options: MlPipeOptions, dataset: Dataset):
+  """(size, period) in seconds of the entity aggregate windows."""
+  size = parse_duration(options.window_size or
+                        dataset.aggregates.get('window_size', '24h'))
+  period = parse_duration(options.window_period or
+                          dataset.aggregates.get('window_period', size))
+  if period > size or size % period:
+    raise SchemaError(f'--window_period {period}s must divide '
+                      f'--window_size {size}s')
+  return size, period
+
+
+def reference_micros(options: MlPipeOptions) -> Optional[int]:
+  """--reference_time as epoch microseconds, or None."""
+  if not options.reference_time:
+    return None
+  try:
+    return rfc3339_to_micros(options.reference_time)
+  except ValueError as e:
+    raise InputError(f'--reference_time: {e}') from None

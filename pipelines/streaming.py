@@ -38,8 +38,8 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
 from pipelines import io
-from pipelines.batch import _reference_micros, _window
-from pipelines.options import MlPipeOptions
+from pipelines.options import (MlPipeOptions, aggregate_window,
+                               reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.inference import (ModelIntegrityError, ScoreRecords,
                                   verify_model_dir)
@@ -75,7 +75,7 @@ def _seconds(flag: str, text: str) -> int:
 
 
 def settings(opts: MlPipeOptions, dataset: Dataset) -> StreamSettings:
-  size, period = _window(opts, dataset)
+  size, period = aggregate_window(opts, dataset)
   values = StreamSettings(
       size, period, _seconds('allowed_lateness', opts.allowed_lateness),
       _seconds('early_firing', opts.early_firing),
@@ -122,7 +122,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                         opts.replay_speed, opts.replay_batch)
     raw = p | 'ReplayFile' >> replay
   parsed = raw | 'ParseAndValidate' >> StreamingParseAndValidate(
-      dataset, s.dedupe_horizon, _reference_micros(opts))
+      dataset, s.dedupe_horizon, reference_micros(opts))
   valid = parsed[VALID]
   features = (valid
               | 'HistoryFeatures' >> StatefulHistoryFeatures(
@@ -221,7 +221,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   opts = options.view_as(MlPipeOptions)
   dataset = load_dataset(opts.schema)
   settings(opts, dataset)
-  _reference_micros(opts)
+  reference_micros(opts)
   if opts.input_subscription and opts.input_topic:
     raise InputError('give --input_subscription or --input_topic, not both')
   if opts.input_subscription or opts.input_topic:

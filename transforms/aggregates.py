@@ -10,7 +10,7 @@ from schemas.dataset import Dataset
 from transforms.parse import micros_to_rfc3339
 
 
-class _AggregateFn(beam.CombineFn):
+class AggregateAmounts(beam.CombineFn):
   """(amount, label or None) -> count, total, labelled and fraud counts."""
 
   def create_accumulator(self):
@@ -29,7 +29,7 @@ class _AggregateFn(beam.CombineFn):
     return acc
 
 
-class _ToRow(beam.DoFn):
+class AggregateRow(beam.DoFn):
 
   def __init__(self, key_field: str):
     self._key_field = key_field
@@ -81,6 +81,6 @@ class EntityAggregates(beam.PTransform):
         | 'WindowByEventTime' >> beam.WindowInto(self.windowing())
         | 'KeyAndValue' >> beam.Map(
             lambda r: (r[key], (r[value], r.get(label) if label else None)))
-        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(_AggregateFn())
-        | 'ToRow' >> beam.ParDo(_ToRow(key))
+        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(AggregateAmounts())
+        | 'ToRow' >> beam.ParDo(AggregateRow(key))
         | 'BackToGlobalWindow' >> beam.WindowInto(window.GlobalWindows()))

@@ -202,7 +202,7 @@ class RecordValidator:
                         f'reference time (max_future {limits["max_future"]}s)')
 
 
-class _ValidateFn(beam.DoFn):
+class ValidateRecords(beam.DoFn):
 
   def __init__(self, dataset: Dataset, reference_micros: Optional[int]):
     self._dataset = dataset
@@ -273,7 +273,7 @@ class ParseAndValidate(beam.PTransform):
 
   def expand(self, raw_records):
     parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
-        _ValidateFn(self._dataset, self._reference)).with_outputs(
+        ValidateRecords(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
     deduped = (
         parsed[VALID]

@@ -2,9 +2,9 @@
 
 The streaming pipeline (pipelines.streaming) reuses the batch definitions:
 records are validated by the same `RecordValidator` (through parse's
-`_ValidateFn`, with its counters), history features come from the same
+`ValidateRecords`, with its counters), history features come from the same
 `transforms.history.history_features`, aggregates from the same
-`_AggregateFn`. What differs is only what a stream needs:
+`AggregateAmounts`. What differs is only what a stream needs:
 
   * `ReadPubSubRecords` / `ReplayFile`: PBegin -> PCollection[RawRecord]
     stamped with event time (the replay) or publish time (Pub/Sub);
@@ -61,10 +61,10 @@ from apache_beam.utils.timestamp import Duration, Timestamp
 from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from schemas.dataset import Dataset
-from transforms.aggregates import _AggregateFn, _ToRow
+from transforms.aggregates import AggregateAmounts, AggregateRow
 from transforms.history import history_features
 from transforms.parse import (DEAD_LETTER, NAMESPACE, VALID, CountElements,
-                              RecordError, RecordValidator, _ValidateFn,
+                              RecordError, RecordValidator, ValidateRecords,
                               dead_letter_row, micros_to_rfc3339)
 from transforms.read import RawRecord, check_input, read_file
 
@@ -254,7 +254,7 @@ class StreamingParseAndValidate(beam.PTransform):
 
   The same records, rows and counters as `ParseAndValidate` (records_read,
   records_valid, records_dead_lettered, dead_letter.<kind>): validation is
-  the batch `_ValidateFn`. Valid records leave stamped with their event
+  the batch `ValidateRecords`. Valid records leave stamped with their event
   time. Duplicates: the first copy to arrive wins (batch: the first in file
   order), within `dedupe_horizon` seconds of event time. With
   `reference_micros`, the batch freshness rule applies (stale records).
@@ -269,7 +269,7 @@ class StreamingParseAndValidate(beam.PTransform):
   def expand(self, raw_records):
     ts = self._dataset.timestamp_field
     parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
-        _ValidateFn(self._dataset, self._reference)).with_outputs(
+        ValidateRecords(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
     deduped = (
         parsed[VALID]
@@ -456,7 +456,7 @@ class _RouteLate(beam.DoFn):
       deadlines.clear()
 
 
-class _ToPaneRow(_ToRow):
+class _ToPaneRow(AggregateRow):
   """The batch aggregate row plus the pane: 'EARLY', 'ON_TIME' or 'LATE' and
   its index in the window. Panes accumulate: the row with the highest
   pane_index of a window is its current total."""
@@ -519,7 +519,7 @@ class StreamingEntityAggregates(beam.PTransform):
         | 'KeyAndValue' >> beam.Map(
             lambda kv: (kv[0], (kv[1][value],
                                 kv[1].get(label) if label else None)))
-        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(_AggregateFn())
+        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(AggregateAmounts())
         | 'ToRow' >> beam.ParDo(_ToPaneRow(key)))
     return {AGGREGATES: rows, LATE: routed[LATE]}
 
