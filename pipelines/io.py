@@ -11,8 +11,17 @@ def join(*parts: str) -> str:
 
 
 def clear(path: str):
-  """Deletes `path` (a folder of outputs) if it exists, so that no shard of
-  an earlier run is mixed with this run's shards."""
+  """Deletes the folder `path` and everything in it, if there is any, so
+  that no shard of an earlier run is mixed with this run's shards.
+
+  Object stores have no folders (gs://b/out/silver does not "exist"), so
+  the files under it are listed and deleted one by one.
+  """
+  path = path.rstrip('/')
+  files = [m.path for m in
+           FileSystems.match([path + '/**'])[0].metadata_list]
+  if files:
+    FileSystems.delete(files)
   if FileSystems.exists(path):
     FileSystems.delete([path])
 

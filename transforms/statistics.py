@@ -9,6 +9,7 @@ proto file (`stats.pb`, the TFX StatisticsGen convention) and
 from typing import Optional
 
 import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
 from pipelines.quiet import import_tfdv
 tfdv = import_tfdv()
 from google.protobuf.message import DecodeError
@@ -90,10 +91,14 @@ def read_statistics(path: str) -> statistics_pb2.DatasetFeatureStatisticsList:
   """Loads statistics written as a binary proto, a TFRecord or a text proto.
 
   `tfdv.load_statistics` reads only the TFRecord and text forms, so the
-  binary form (what `WriteStatistics` writes) is tried first.
+  binary form (what `WriteStatistics` writes) is tried first, through
+  Beam's FileSystems: TensorFlow's own gs:// client ignores
+  STORAGE_EMULATOR_HOST, Beam's does not.
   """
+  with FileSystems.open(path) as f:
+    data = f.read()
   try:
-    stats = tfdv.load_stats_binary(path)
+    stats = statistics_pb2.DatasetFeatureStatisticsList.FromString(data)
     if stats.datasets:
       return stats
   except DecodeError:
