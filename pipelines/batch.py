@@ -22,8 +22,8 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import io, model_stages, validation
-from pipelines.options import (MlPipeOptions, aggregate_window,
+from pipelines import io, model_stages, preflight, validation
+from pipelines.options import (MlPipeOptions, aggregate_window, print_help,
                                reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
@@ -153,9 +153,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the batch flow; returns the run summary (also run_summary.json)."""
   options = PipelineOptions(argv)
   opts = options.view_as(MlPipeOptions)
+  preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
   aggregate_window(opts, dataset)
   reference_micros(opts)
+  if preflight.is_dry_run(options):
+    return _dry_run(options, dataset)
   paths = check_input(opts.input, opts.input_format)
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
@@ -236,6 +239,23 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _dry_run(options: PipelineOptions, dataset: Dataset):
+  """Translates the ingest job without submitting it: no driver-side reads
+  or writes, no metrics (a dry run has none). The transform job cannot be
+  translated offline: tf.Transform writes to --temp_location through
+  TensorFlow's own GCS client while the graph is built."""
+  runner = preflight.runner_name(options)
+  jobs = {'ingest': lambda p: build_pipeline(p, options, dataset)}
+  states = {}
+  for name, build in jobs.items():
+    p = beam.Pipeline(options=options)
+    build(p)
+    states[name] = str(p.run().state)
+    print(f'Dry run: {name} job translated for {runner}; nothing was '
+          'submitted, read or written', flush=True)
+  return {'status': 'dry run', 'runner': runner, 'jobs': states}
 
 
 def _finish(summary, outputs, out, stages):
@@ -322,9 +342,14 @@ def _print_summary(summary, output_dir):
 
 def main(argv: Optional[List[str]] = None) -> int:
   """Command-line entry: a clear one-line error and exit 2 on bad input."""
+  argv = sys.argv[1:] if argv is None else argv
+  if '-h' in argv or '--help' in argv:
+    print_help('python -m pipelines.batch')
+    return 0
   try:
     run(argv)
-  except (InputError, SchemaError, ModelIntegrityError) as e:
+  except (InputError, SchemaError, ModelIntegrityError,
+          preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except validation.DataValidationError as e:

@@ -32,7 +32,10 @@ class ReadFeatureRows(beam.PTransform):
 
   def expand(self, pbegin):
     return (pbegin
-            | 'ReadParquet' >> beam.io.ReadFromParquetBatched(self._pattern)
+            # validate=False: do not list the files while building the
+            # graph (they do not exist yet in a dry run).
+            | 'ReadParquet' >> beam.io.ReadFromParquetBatched(
+                self._pattern, validate=False)
             | 'ToRows' >> beam.FlatMap(arrow.rows_from_table))
 
 

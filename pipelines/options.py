@@ -110,6 +110,24 @@ class MlPipeOptions(PipelineOptions):
         '--file_every', default='60s',
         help='Processing time between two files of each output under '
         '--output_dir (every output is also flushed when the stream ends).')
+    parser.add_argument(
+        '--model_watch_pattern', default=None,
+        help='Glob of model metadata.json files to switch to as they '
+        'appear, e.g. gs://bucket/models/*/metadata.json; --model_dir is '
+        'the first model. Needs a runner with streaming side inputs '
+        '(Dataflow, Flink), not the DirectRunner.')
+    parser.add_argument(
+        '--model_watch_interval', default=360.0, type=float,
+        help='Seconds between two matches of --model_watch_pattern.')
+
+
+def print_help(prog: str):
+  """Our flags' help (Beam parses flags itself and would only show -h)."""
+  parser = argparse.ArgumentParser(
+      prog=prog, epilog='Every other flag (--runner, --temp_location, '
+      '--flink_master, --project, ...) goes to Beam and the runner.')
+  MlPipeOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  parser.print_help()
 
 
 def aggregate_window(options: MlPipeOptions, dataset: Dataset):

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# pipelines.batch on Apache Flink through Beam's Flink job server.
+#
+#   FLINK_MASTER   host:port of the JobManager's REST endpoint
+#                  (default localhost:8081; "[local]" = an embedded Flink)
+#   ENVIRONMENT_TYPE  where the Python workers run (default LOOPBACK: in this
+#                  process; needs Flink on this machine, local paths work).
+#                  DOCKER / PROCESS / EXTERNAL for a real cluster, which then
+#                  needs gs:// paths and this project's code on the workers
+#                  (--setup_file ./setup.py or an SDK image with it).
+#   ENVIRONMENT_CONFIG  --environment_config (image, process command or
+#                  worker pool address), when set
+#   PARALLELISM    --parallelism (default 2)
+#   FLINK_VERSION  --flink_version (1.17-1.20, default: Beam's newest)
+#   FLINK_JOB_SERVER_JAR  a local beam-runners-flink-<v>-job-server jar, for
+#                  machines that cannot download it from Maven Central
+#   JOB_ENDPOINT   a running Beam Flink job server (host:8099) instead
+#
+#   runners/flink.sh --input 'data/in/*.jsonl' --output_dir /tmp/out
+#   FLINK_MASTER=flink:8081 ENVIRONMENT_TYPE=DOCKER runners/flink.sh \
+#       --input 'gs://b/in/*.jsonl' --output_dir gs://b/out \
+#       --setup_file ./setup.py
+#
+# Flags after these pass through to pipelines.batch and override them.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+args=(--runner FlinkRunner
+      --flink_master "${FLINK_MASTER:-localhost:8081}"
+      --environment_type "${ENVIRONMENT_TYPE:-LOOPBACK}"
+      --parallelism "${PARALLELISM:-2}")
+if [[ -n "${ENVIRONMENT_CONFIG:-}" ]]; then
+  args+=(--environment_config "$ENVIRONMENT_CONFIG")
+fi
+if [[ -n "${FLINK_VERSION:-}" ]]; then
+  args+=(--flink_version "$FLINK_VERSION")
+fi
+if [[ -n "${FLINK_JOB_SERVER_JAR:-}" ]]; then
+  args+=(--flink_job_server_jar "$FLINK_JOB_SERVER_JAR")
+fi
+if [[ -n "${JOB_ENDPOINT:-}" ]]; then
+  args+=(--job_endpoint "$JOB_ENDPOINT")
+fi
+
+exec "${PYTHON:-python3}" -m pipelines.batch "${args[@]}" "$@"
