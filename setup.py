@@ -20,6 +20,16 @@ REQUIRED = [
     'fastavro==1.13.1',
     'google-cloud-storage==2.18.2',
     'PyYAML==6.0.4',
+    # What the three pins above bring, pinned too: without them pip's
+    # resolver backtracks into old pyarrow releases that have no wheel for
+    # Python 3.11 and fails building one from source.
+    'tfx-bsl==1.16.1',
+    'tensorflow==2.16.2',
+    'tensorflow-metadata==1.16.1',
+    'pyarrow==10.0.1',
+    'numpy==1.26.4',
+    'pandas==1.5.3',
+    'protobuf==4.25.9',
 ]
 
 TESTS = [
