@@ -14,7 +14,9 @@ reads JSON records from Pub/Sub until cancelled. Stages (transforms.streaming
 has the details and the lateness rule): parse and validate with the batch
 validator, drop duplicate ids, stateful point-in-time history features,
 windowed entity aggregates with early/on-time/late panes, optional scoring
-(`--model_dir`, or any `scorer` passed to build_pipeline), and sinks:
+(`--model_dir`, or any `scorer` passed to build_pipeline; with
+`--model_watch_pattern`, new models replace it without a restart, see
+model_scorer), and sinks:
 JSON lines under <output_dir>/streaming/ ({features, predictions,
 aggregates/<key>, dead_letter}/<name>-<pane>.jsonl, a file per output every
 --file_every of processing time and at the end) and Pub/Sub topics
@@ -34,6 +36,7 @@ import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
+from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
@@ -89,12 +92,70 @@ def settings(opts: MlPipeOptions, dataset: Dataset) -> StreamSettings:
   return values
 
 
-def model_scorer(opts: MlPipeOptions,
-                 dataset: Dataset) -> Optional[beam.PTransform]:
-  """ScoreRecords (RunInference) on --model_dir, or None without it."""
+# Runners whose side inputs cannot follow an unbounded global-window watch.
+_DIRECT_RUNNERS = ('directrunner', 'switchingdirectrunner',
+                   'bundlebaseddirectrunner')
+
+
+def _runner_name(options: PipelineOptions) -> str:
+  runner = options.view_as(StandardOptions).runner or 'DirectRunner'
+  if not isinstance(runner, str):
+    runner = type(runner).__name__
+  return runner.rsplit('.', 1)[-1].lower()
+
+
+def check_model_watch(opts: MlPipeOptions, options: PipelineOptions):
+  """Raises InputError when --model_watch_pattern cannot work (see
+  model_scorer for why the DirectRunner is refused)."""
+  if not opts.model_watch_pattern:
+    return
+  if not opts.model_dir:
+    raise InputError('--model_watch_pattern needs --model_dir (the model '
+                     'that scores until a newer one appears)')
+  if opts.model_watch_interval <= 0:
+    raise InputError(f'--model_watch_interval must be positive, got '
+                     f'{opts.model_watch_interval}')
+  if _runner_name(options) in _DIRECT_RUNNERS:
+    raise InputError('--model_watch_pattern needs a runner with streaming '
+                     'side inputs (Dataflow, Flink); on the DirectRunner '
+                     'scoring would wait for the watch to end, i.e. forever')
+
+
+def model_scorer(opts: MlPipeOptions, dataset: Dataset,
+                 p: Optional[beam.Pipeline] = None
+                 ) -> Optional[beam.PTransform]:
+  """ScoreRecords (RunInference) on --model_dir, or None without it.
+
+  With --model_watch_pattern (a glob of model metadata.json files, e.g.
+  gs://b/models/*/metadata.json; needs `p`), a WatchFilePattern on it,
+  matched every --model_watch_interval seconds, is RunInference's model side
+  input: --model_dir scores first, files present at start are ignored, and
+  each metadata.json that appears later (a new, unique directory; the file
+  written last) is verified and loaded, and predictions carry its
+  model_version from then on. No restart, no drain.
+
+  WatchFilePattern is an unbounded global-window side input fired by a
+  processing-time trigger, so it needs a runner that reads side inputs as
+  their panes arrive (Dataflow, Flink). Beam 2.72's Python DirectRunner does
+  not: it holds every main-input window until the side input's watermark
+  passes the window's end, i.e. for the global window until the watch stops
+  (never), so no row is scored. A replay of --input (TestStream) fails
+  earlier still, at submission ("Transform node ... PeriodicImpulse/
+  GenSequence/ProcessKeyedElements/GroupByKey/GroupByKey ... was not
+  replaced as expected"). run() refuses the DirectRunner up front; tests
+  drive the side input per fixed window instead (tests/test_model_refresh).
+  """
   if not opts.model_dir:
     return None
-  return ScoreRecords(opts.model_dir, id_field=dataset.id_field)
+  models = None
+  if opts.model_watch_pattern:
+    if p is None:
+      raise ValueError('model_scorer needs the pipeline to watch models')
+    models = p | 'WatchModels' >> WatchFilePattern(
+        file_pattern=opts.model_watch_pattern,
+        interval=opts.model_watch_interval)
+  return ScoreRecords(opts.model_dir, id_field=dataset.id_field,
+                      model_metadata_pcoll=models)
 
 
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
@@ -142,7 +203,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
           | 'AllDeadLetters' >> beam.Flatten())
 
   if scorer is None:
-    scorer = model_scorer(opts, dataset)
+    scorer = model_scorer(opts, dataset, p)
   predictions = None
   if scorer is not None:
     predictions = (features
@@ -229,6 +290,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   else:
     source = f'{len(check_input(opts.input, opts.input_format))} file(s) ' \
              f'from {opts.input} (replay)'
+  check_model_watch(opts, options)
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
   root = io.join(opts.output_dir, STREAMING)

@@ -10,7 +10,8 @@ A model directory (written by pipelines.train) holds:
 `TransformedSklearnModelHandler` verifies every file against metadata.json,
 applies the transform graph to raw feature rows and scores them;
 `feature_matrix` is the one place where columns become the model's input
-matrix, for training and serving alike.
+matrix, for training and serving alike. `ScoreRecords` can swap models in a
+running pipeline from a side input of ModelMetadata (model refresh).
 """
 
 import dataclasses
@@ -73,6 +74,17 @@ def content_version(digests: Mapping[str, str]) -> str:
   """Deterministic version from file digests: 'v' + 16 hex of their sha256."""
   text = ''.join(f'{rel}\0{sha}\n' for rel, sha in sorted(digests.items()))
   return 'v' + hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]
+
+
+def model_dir_of(model_path: str) -> str:
+  """A model directory or the path of its metadata.json -> the directory.
+
+  Model watchers (WatchFilePattern on <dir>/metadata.json) name the file;
+  everything else names the directory.
+  """
+  path = model_path.rstrip('/\\')
+  head, tail = FileSystems.split(path)
+  return head if tail == METADATA_FILE else path
 
 
 def read_metadata(model_dir: str) -> Dict[str, Any]:
@@ -219,8 +231,14 @@ class TransformedSklearnModelHandler(ModelHandler[Mapping[str, Any],
             for row, s in zip(batch, scores)]
 
   def update_model_path(self, model_path: Optional[str] = None):
+    """Points the next load_model at a model dir or its metadata.json.
+
+    RunInference calls this with each new side-input ModelMetadata.model_id;
+    '' or None (WatchFilePattern's "nothing newer than the start") keeps the
+    current model.
+    """
     if model_path:
-      self._model_dir = model_path
+      self._model_dir = model_dir_of(model_path)
 
   def get_metrics_namespace(self) -> str:
     return 'TransformedSklearnModelHandler'
@@ -237,17 +255,30 @@ class ScoreRecords(beam.PTransform):
   """PCollection[dict] feature rows -> PCollection[dict] predictions.
 
   Output: {<id_field>: id, 'score': float, 'predicted_label': int,
-  'model_version': str}, one per input row. The id field defaults to the
-  one recorded in the model's metadata.json (read at construction).
+  'model_version': str}, one per input row; model_version is that of the
+  model that scored the row. The id field defaults to the one recorded in
+  model_dir's metadata.json (read at construction, kept across refreshes).
+
+  model_metadata_pcoll: optional PCollection[ModelMetadata] side input
+  (e.g. WatchFilePattern on 'gs://b/models/*/metadata.json'). RunInference
+  reads it as a singleton per window of the rows; a model_id naming a
+  model dir or its metadata.json, different from the last one seen, loads
+  and verifies that model for the following batches. While the side input
+  is empty or its model_id is '' (WatchFilePattern's value when no file is
+  newer than the pipeline), model_dir scores. A model dir that fails
+  verification fails the bundle (a streaming runner retries it), so publish
+  metadata.json last, as pipelines.train does.
   """
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
-               min_batch_size: int = 1, max_batch_size: int = 1024):
+               min_batch_size: int = 1, max_batch_size: int = 1024,
+               model_metadata_pcoll: Optional[beam.PCollection] = None):
     super().__init__()
     self._model_dir = model_dir
     self._id_field = id_field or read_metadata(model_dir)['id_field']
     self._batch = dict(min_batch_size=min_batch_size,
                        max_batch_size=max_batch_size)
+    self._model_metadata_pcoll = model_metadata_pcoll
 
   def expand(self, rows):
     id_field = self._id_field
@@ -255,5 +286,6 @@ class ScoreRecords(beam.PTransform):
         TransformedSklearnModelHandler(self._model_dir, **self._batch))
     return (rows
             | 'KeyById' >> beam.Map(lambda row: (row[id_field], row))
-            | 'RunInference' >> RunInference(handler)
+            | 'RunInference' >> RunInference(
+                handler, model_metadata_pcoll=self._model_metadata_pcoll)
             | 'ToPrediction' >> beam.Map(_to_prediction, id_field))
