@@ -254,6 +254,18 @@ class CountElements(beam.DoFn):
     yield element
 
 
+class DropDuplicatesInReadOrder(beam.PTransform):
+  """PCollection[(id, (RawRecord, dict))] -> {'valid': PCollection[dict],
+  'dead_letter': PCollection[dict]}: the copy read first (by file, then
+  position) wins, whatever the shuffle order. Bounded input only."""
+
+  def expand(self, keyed):
+    return (keyed
+            | 'GroupCopiesById' >> beam.GroupByKey()
+            | 'KeepFirstCopy' >> beam.FlatMap(_first_wins).with_outputs(
+                DEAD_LETTER, main=VALID))
+
+
 class ParseAndValidate(beam.PTransform):
   """PCollection[RawRecord] -> {'valid': PCollection[dict],
   'dead_letter': PCollection[dict]}.
@@ -264,22 +276,22 @@ class ParseAndValidate(beam.PTransform):
   Counters: records_read, records_valid, records_dead_lettered and
   dead_letter.<kind>. With `reference_micros`, records outside the
   declared freshness limits around it are dead-lettered as `stale`.
+  `dedupe` removes later copies of an id: by default in read order (batch);
+  the streaming pipeline passes its stateful, horizon-bounded one.
   """
 
-  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None):
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None,
+               dedupe: Optional[beam.PTransform] = None):
     super().__init__()
     self._dataset = dataset
     self._reference = reference_micros
+    self._dedupe = dedupe or DropDuplicatesInReadOrder()
 
   def expand(self, raw_records):
     parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
         ValidateRecords(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
-    deduped = (
-        parsed[VALID]
-        | 'GroupCopiesById' >> beam.GroupByKey()
-        | 'KeepFirstCopy' >> beam.FlatMap(_first_wins).with_outputs(
-            DEAD_LETTER, main=VALID))
+    deduped = parsed[VALID] | 'DropDuplicates' >> self._dedupe
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
             | 'AllDeadLetters' >> beam.Flatten()
             | 'CountDeadLetters' >> beam.ParDo(

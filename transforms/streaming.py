@@ -63,8 +63,8 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 from schemas.dataset import Dataset
 from transforms.aggregates import AggregateAmounts, AggregateRow
 from transforms.history import history_features
-from transforms.parse import (DEAD_LETTER, NAMESPACE, VALID, CountElements,
-                              RecordError, RecordValidator, ValidateRecords,
+from transforms.parse import (DEAD_LETTER, NAMESPACE, VALID,
+                              ParseAndValidate, RecordError, RecordValidator,
                               dead_letter_row, micros_to_rfc3339)
 from transforms.read import RawRecord, check_input, read_file
 
@@ -248,44 +248,34 @@ class _FirstCopyWins(beam.DoFn):
     first.clear()
 
 
-class StreamingParseAndValidate(beam.PTransform):
-  """PCollection[RawRecord] -> {'valid': PCollection[dict],
-  'dead_letter': PCollection[dict]}, for unbounded input.
+class DropDuplicatesWithinHorizon(beam.PTransform):
+  """PCollection[(id, (RawRecord, dict))] -> {'valid', 'dead_letter'}, for
+  unbounded input: the first copy to arrive wins (batch: the first in file
+  order), within `horizon_seconds` of event time. Valid records leave
+  stamped with their event time."""
 
-  The same records, rows and counters as `ParseAndValidate` (records_read,
-  records_valid, records_dead_lettered, dead_letter.<kind>): validation is
-  the batch `ValidateRecords`. Valid records leave stamped with their event
-  time. Duplicates: the first copy to arrive wins (batch: the first in file
-  order), within `dedupe_horizon` seconds of event time. With
-  `reference_micros`, the batch freshness rule applies (stale records).
-  """
-
-  def __init__(self, dataset: Dataset, dedupe_horizon: int = 86400,
-               reference_micros: Optional[int] = None):
+  def __init__(self, dataset: Dataset, horizon_seconds: int):
     super().__init__()
-    self._dataset, self._horizon = dataset, dedupe_horizon
-    self._reference = reference_micros
+    self._ts, self._horizon = dataset.timestamp_field, horizon_seconds
 
-  def expand(self, raw_records):
-    ts = self._dataset.timestamp_field
-    parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
-        ValidateRecords(self._dataset, self._reference)).with_outputs(
-            DEAD_LETTER, main=VALID)
-    deduped = (
-        parsed[VALID]
-        | 'StampEventTime' >> beam.Map(
-            lambda kv: _stamp(kv, kv[1][1][ts])).with_output_types(
-                Tuple[str, Any])
-        | 'DropLaterCopies' >> beam.ParDo(
-            _FirstCopyWins(self._horizon)).with_outputs(
-                DEAD_LETTER, main=VALID))
-    dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
-            | 'AllDeadLetters' >> beam.Flatten()
-            | 'CountDeadLetters' >> beam.ParDo(
-                CountElements('records_dead_lettered', by_kind=True)))
-    valid = deduped[VALID] | 'CountValid' >> beam.ParDo(
-        CountElements('records_valid'))
-    return {VALID: valid, DEAD_LETTER: dead}
+  def expand(self, keyed):
+    ts = self._ts
+    return (keyed
+            | 'StampEventTime' >> beam.Map(
+                lambda kv: _stamp(kv, kv[1][1][ts])).with_output_types(
+                    Tuple[str, Any])
+            | 'DropLaterCopies' >> beam.ParDo(
+                _FirstCopyWins(self._horizon)).with_outputs(
+                    DEAD_LETTER, main=VALID))
+
+
+def StreamingParseAndValidate(dataset: Dataset, dedupe_horizon: int = 86400,
+                              reference_micros: Optional[int] = None):
+  """The batch `ParseAndValidate` (same validator, dead-letter rows and
+  counters) with the streaming dedupe step."""
+  return ParseAndValidate(
+      dataset, reference_micros,
+      dedupe=DropDuplicatesWithinHorizon(dataset, dedupe_horizon))
 
 
 # History features ------------------------------------------------------------
