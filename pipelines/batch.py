@@ -19,17 +19,17 @@ import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import io, model_stages, preflight, validation
+from pipelines import summary as summary_lib
 from pipelines.options import (MlPipeOptions, aggregate_window, print_help,
                                reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
-from transforms.parse import (DEAD_LETTER, ERROR_KINDS, NAMESPACE, VALID,
-                              CountElements, ParseAndValidate)
+from transforms.parse import (DEAD_LETTER, VALID, CountElements,
+                              ParseAndValidate)
 from transforms.inference import (ModelIntegrityError, read_metadata,
                                   verify_model_dir)
 from transforms.read import InputError, ReadRecords, check_input
@@ -99,34 +99,6 @@ def _aggregate_schema(key: str):
                     ('fraud_rate', pa.float64())])
 
 
-def _counters(result) -> Dict[str, int]:
-  """Our Beam counters by name (committed values where the runner has them)."""
-  counts = {}
-  query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
-  for counter in query['counters']:
-    value = counter.committed
-    if value is None:
-      value = counter.attempted
-    counts[counter.key.metric.name] = (
-        counts.get(counter.key.metric.name, 0) + value)
-  return counts
-
-
-def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
-  read = counts.get('records_read', 0)
-  valid = counts.get('records_valid', 0)
-  dead = counts.get('records_dead_lettered', 0)
-  return {
-      'records_read': read,
-      'records_valid': valid,
-      'records_dead_lettered': dead,
-      'dead_letter_by_kind': {k: counts[f'dead_letter.{k}']
-                              for k in ERROR_KINDS
-                              if counts.get(f'dead_letter.{k}')},
-      'records_accounted_for': read == valid + dead,
-  }
-
-
 class _Stages:
   """Prints each stage as it starts and how long the previous one took."""
 
@@ -146,7 +118,7 @@ class _Stages:
 def _run_beam(p: beam.Pipeline) -> Dict[str, int]:
   result = p.run()
   result.wait_until_finish()
-  return _counters(result)
+  return summary_lib.counters(result)
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -178,7 +150,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
   counts = _run_beam(p)
-  summary = ingest_summary(counts)
+  summary = summary_lib.ingest_summary(counts)
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
@@ -299,14 +271,7 @@ def _validation_summary(checked):
 
 
 def _print_summary(summary, output_dir):
-  kinds = summary['dead_letter_by_kind']
-  lines = [
-      '',
-      f'Records read:          {summary["records_read"]}',
-      f'  valid:               {summary["records_valid"]}',
-      f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
-          '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
-          if kinds else ''),
+  lines = summary_lib.ingest_lines(summary) + [
       f'Feature rows:          {summary["feature_rows"]}',
       'Aggregate rows:        ' + ', '.join(
           f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),

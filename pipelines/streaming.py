@@ -41,6 +41,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
 from pipelines import io
+from pipelines.summary import ingest_lines
 from pipelines.options import (MlPipeOptions, aggregate_window,
                                reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
@@ -309,14 +310,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
 
 
 def _print_summary(summary):
-  kinds = summary['dead_letter_by_kind']
-  lines = [
-      '',
-      f'Records read:          {summary["records_read"]}',
-      f'  valid:               {summary["records_valid"]}',
-      f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
-          '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
-          if kinds else ''),
+  lines = ingest_lines(summary) + [
       f'Late for aggregates:   {summary["records_late"]}',
       f'Feature rows:          {summary["feature_rows"]}',
       'Aggregate rows:        ' + ', '.join(

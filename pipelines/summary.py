@@ -1,0 +1,48 @@
+"""The run summary: counts from Beam metrics, and how they are printed."""
+
+from typing import Dict, List
+
+from apache_beam.metrics.metric import MetricsFilter
+
+from transforms.parse import ERROR_KINDS, NAMESPACE
+
+
+def counters(result) -> Dict[str, int]:
+  """Our Beam counters by name (committed values where the runner has them)."""
+  counts = {}
+  query = result.metrics().query(MetricsFilter().with_namespace(NAMESPACE))
+  for counter in query['counters']:
+    value = counter.committed
+    if value is None:
+      value = counter.attempted
+    counts[counter.key.metric.name] = (
+        counts.get(counter.key.metric.name, 0) + value)
+  return counts
+
+
+def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
+  read = counts.get('records_read', 0)
+  valid = counts.get('records_valid', 0)
+  dead = counts.get('records_dead_lettered', 0)
+  return {
+      'records_read': read,
+      'records_valid': valid,
+      'records_dead_lettered': dead,
+      'dead_letter_by_kind': {k: counts[f'dead_letter.{k}']
+                              for k in ERROR_KINDS
+                              if counts.get(f'dead_letter.{k}')},
+      'records_accounted_for': read == valid + dead,
+  }
+
+
+def ingest_lines(summary: Dict[str, object]) -> List[str]:
+  """The first lines of every entry point's closing summary."""
+  kinds = summary['dead_letter_by_kind']
+  return [
+      '',
+      f'Records read:          {summary["records_read"]}',
+      f'  valid:               {summary["records_valid"]}',
+      f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
+          '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
+          if kinds else ''),
+  ]
