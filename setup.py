@@ -20,6 +20,7 @@ REQUIRED = [
     'fastavro==1.13.1',
     'google-cloud-storage==2.18.2',
     'PyYAML==6.0.4',
+    'threadpoolctl==3.8.0',   # scikit-learn's; imported by the scorer
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
     # Python 3.11 and fails building one from source.

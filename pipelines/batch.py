@@ -59,15 +59,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
               | 'CountFeatureRows' >> beam.ParDo(
                   CountElements('feature_rows')))
 
-  valid | 'WriteSilver' >> beam.io.WriteToParquet(
-      io.join(out, SILVER, dataset.name), dataset.arrow_schema(),
-      file_name_suffix='.parquet')
+  valid | 'WriteSilver' >> io.WriteParquetRows(
+      io.join(out, SILVER, dataset.name), dataset.arrow_schema())
   dead | 'WriteDeadLetters' >> io.WriteJsonLines(
       io.join(out, DEAD, 'dead_letter'))
-  features | 'WriteFeatures' >> beam.io.WriteToParquet(
+  features | 'WriteFeatures' >> io.WriteParquetRows(
       io.join(out, FEATURES, dataset.name),
-      dataset.arrow_schema(dataset.feature_types()),
-      file_name_suffix='.parquet')
+      dataset.arrow_schema(dataset.feature_types()))
 
   stats = (features
            | 'FeatureStatistics' >> GenerateFeatureStatistics(dataset))
@@ -81,9 +79,8 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                 dataset, key, size, period)
             | f'CountAggregates[{key}]' >> beam.ParDo(
                 CountElements(f'aggregate_rows.{key}')))
-    rows | f'WriteAggregates[{key}]' >> beam.io.WriteToParquet(
-        io.join(out, AGGREGATES, key, key), _aggregate_schema(key),
-        file_name_suffix='.parquet')
+    rows | f'WriteAggregates[{key}]' >> io.WriteParquetRows(
+        io.join(out, AGGREGATES, key, key), _aggregate_schema(key))
     aggregates[key] = rows
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,

@@ -49,10 +49,9 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       | 'ToTFXIOBatches' >> arrow.RowsToTFXIOBatches(types)
       | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(
           dataset, io.join(output_dir, TRANSFORM_FN)))
-  transformed | 'WriteTransformed' >> beam.io.WriteToParquet(
+  transformed | 'WriteTransformed' >> io.WriteParquetRows(
       io.join(output_dir, TRANSFORMED, 'part'),
-      preprocess.transformed_arrow_schema(dataset),
-      file_name_suffix='.parquet')
+      preprocess.transformed_arrow_schema(dataset))
   return transformed
 
 
@@ -69,12 +68,11 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       CountElements('predictions_written'))
   prefix = io.join(output_dir, PREDICTIONS, 'predictions')
   predictions | 'WriteJson' >> io.WriteJsonLines(prefix)
-  predictions | 'WriteParquet' >> beam.io.WriteToParquet(
+  predictions | 'WriteParquet' >> io.WriteParquetRows(
       prefix, pa.schema([(dataset.id_field, pa.string()),
                          ('score', pa.float64()),
                          ('predicted_label', pa.int64()),
-                         ('model_version', pa.string())]),
-      file_name_suffix='.parquet')
+                         ('model_version', pa.string())]))
   return predictions
 
 

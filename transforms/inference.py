@@ -27,6 +27,7 @@ from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RunInference
 import numpy as np
+import threadpoolctl
 
 METADATA_FILE = 'metadata.json'
 MODEL_FILE = 'model.joblib'
@@ -222,7 +223,11 @@ class TransformedSklearnModelHandler(ModelHandler[Mapping[str, Any],
     transformed = model.transform_layer(
         raw_feature_tensors(batch, metadata['raw_features']))
     x = feature_matrix(transformed, metadata['features'])
-    scores = model.estimator.predict_proba(x)[:, 1]
+    # One OpenMP thread: Beam already runs bundles in parallel, and
+    # scikit-learn's per-call thread pool start-up cost more than the
+    # prediction itself on small batches (bench/RESULTS.md).
+    with threadpoolctl.threadpool_limits(limits=1):
+      scores = model.estimator.predict_proba(x)[:, 1]
     threshold = float(metadata['threshold'])
     version = metadata['model_version']
     return [PredictionResult(row, {'score': float(s),
