@@ -17,6 +17,7 @@ deterministic, and it goes through the same RunInference code path
 
 from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
 
+import json
 import os
 
 import apache_beam as beam
@@ -264,3 +265,25 @@ def test_watch_flags_are_checked_before_the_run(models, tmp_path, capsys):
                          '--output_dir', str(tmp_path / 'out')]) == 2
   assert 'needs a runner with streaming side inputs' in (
       capsys.readouterr().err)
+
+
+def test_replay_entry_point_scores_every_valid_event(models, tmp_path):
+  from pipelines import generate, streaming
+  events = generate.generate_transactions(rows=300, users=10, seed=11,
+                                          days=2)
+  broken = generate.broken_records(events, seed=11, fmt='jsonl')
+  path = tmp_path / 'events.jsonl'
+  generate.write_records(generate.insert_broken(events, broken), str(path))
+  summary = streaming.run(['--input', str(path), '--model_dir',
+                           models['dirs']['a'], '--output_dir',
+                           str(tmp_path / 'out')])
+  assert summary['records_valid'] == 300
+  assert summary['records_dead_lettered'] == len(broken)
+  predictions = [json.loads(line) for f in
+                 sorted((tmp_path / 'out' / 'streaming' /
+                         'predictions').glob('*.jsonl'))
+                 for line in open(f)]
+  assert summary['predictions_written'] == len(predictions) == 300
+  assert ({p['transaction_id'] for p in predictions} ==
+          {e['transaction_id'] for e in events})
+  assert {p['model_version'] for p in predictions} == {'model-a'}
