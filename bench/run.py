@@ -492,23 +492,7 @@ class _AggregatesByWindowKey(object):
     import apache_beam as beam
     from transforms.parse import micros_to_rfc3339
 
-    class AggregateFn(beam.CombineFn):
-      """As transforms.aggregates': count, cents, labelled, positives."""
-
-      def create_accumulator(self):
-        return (0, 0, 0, 0)
-
-      def add_input(self, acc, element):
-        amount, label = element
-        count, cents, labelled, positives = acc
-        return (count + 1, cents + round(amount * 100),
-                labelled + (label is not None), positives + (label == 1))
-
-      def merge_accumulators(self, accumulators):
-        return tuple(sum(parts) for parts in zip(*accumulators))
-
-      def extract_output(self, acc):
-        return acc
+    from transforms.aggregates import AggregateAmounts as AggregateFn
 
     ts, value = dataset.timestamp_field, dataset.history.value
     lab = dataset.label_field
