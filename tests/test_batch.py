@@ -167,3 +167,22 @@ def test_drift_against_a_baseline_is_reported(sample_run, tmp_path):
   assert summary['validation']['drift']['amount'] > 0.1
   drift = json.load(open(tmp_path / 'o' / 'validation' / 'drift.json'))
   assert set(drift['features']) >= {'amount', 'country', 'channel'}
+
+
+def test_model_quality_on_data_from_another_seed(sample_run, tmp_path):
+  """The sample's model (generator seed 7) on data from seed 2."""
+  from sklearn.metrics import roc_auc_score
+  out, _ = sample_run
+  records = generate.generate_transactions(rows=6000, users=100, seed=2,
+                                           start='2026-10-01T00:00:00Z',
+                                           days=10)
+  path = tmp_path / 'seed2.jsonl'
+  generate.write_records(records, str(path))
+  batch.run(['--input', str(path), '--output_dir', str(tmp_path / 'o'),
+             '--model_dir', str(out / 'model')])
+  labels = {r['transaction_id']: r['is_fraud'] for r in records}
+  predictions = _json_lines(f'{tmp_path}/o/predictions/*.jsonl')
+  assert sum(labels.values()) >= 50  # enough positives for a stable AUC
+  auc = roc_auc_score([labels[p['transaction_id']] for p in predictions],
+                      [p['score'] for p in predictions])
+  assert auc >= 0.95, auc
