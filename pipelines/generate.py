@@ -22,7 +22,6 @@ import pipelines.quiet  # noqa: F401  pylint: disable=unused-import
 
 import argparse
 import csv
-import datetime
 import gzip
 import io
 import json
@@ -34,6 +33,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 import numpy as np
 
 from schemas.dataset import load_dataset
+from transforms.parse import rfc3339_to_micros
 from transforms.read import FORMATS, InputError, format_of
 
 DEFAULT_START = '2026-09-01T00:00:00Z'
@@ -368,16 +368,10 @@ def _fraud(rng, world, n, days):
 # Records -------------------------------------------------------------------
 def parse_start(text: str) -> int:
   """RFC 3339 with a zone -> epoch seconds (floored to the second)."""
-  value = text.strip()
-  if value.endswith(('Z', 'z')):
-    value = value[:-1] + '+00:00'
   try:
-    parsed = datetime.datetime.fromisoformat(value)
-  except ValueError:
-    raise UsageError(f'--start {text!r} is not an RFC 3339 timestamp') from None
-  if parsed.tzinfo is None:
-    raise UsageError(f'--start {text!r} has no time zone; use Z or an offset')
-  return int(parsed.timestamp() // 1)
+    return rfc3339_to_micros(text) // 1_000_000
+  except ValueError as e:
+    raise UsageError(f'--start: {e}') from None
 
 
 def _check_sizes(rows: int, users: int, days: int):
