@@ -59,8 +59,9 @@ def rfc3339_to_micros(text: str) -> int:
   """'2026-10-01T10:00:00Z' -> epoch microseconds; ValueError if invalid."""
   try:
     return _coerce(Field(name='time', type='timestamp'), text)
-  except RecordError as e:
-    raise ValueError(e.message) from None
+  except RecordError:
+    raise ValueError(f'{text!r} is not an RFC 3339 timestamp with a time '
+                     'zone (e.g. 2026-10-01T10:00:00Z)') from None
 
 
 def _missing(value) -> bool:
