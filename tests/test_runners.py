@@ -135,6 +135,14 @@ def _assert_same_outputs(out, reference_out):
   assert len(features) == VALID_ROWS
   assert features == _read_rows(
       io.join(reference_out, 'features', '*.parquet'))
+  predictions = _read_rows(io.join(out, 'predictions', '*.parquet'))
+  want = _read_rows(io.join(reference_out, 'predictions', '*.parquet'))
+  assert len(predictions) == len(want) == VALID_ROWS
+  for got, expected in zip(predictions, want):
+    assert got['transaction_id'] == expected['transaction_id']
+    assert got['model_version'] == expected['model_version']
+    # Same data, same graph: scores equal up to float32 transform rounding.
+    assert got['score'] == pytest.approx(expected['score'], abs=1e-6)
   dead = _read_dead_letters(io.join(out, 'dead_letter', '*.jsonl'))
   assert len(dead) == len(BROKEN_LINES)
   assert dead == _read_dead_letters(
