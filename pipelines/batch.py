@@ -216,15 +216,12 @@ def _dry_run(options: PipelineOptions, dataset: Dataset):
   translated offline: tf.Transform writes to --temp_location through
   TensorFlow's own GCS client while the graph is built."""
   runner = preflight.runner_name(options)
-  jobs = {'ingest': lambda p: build_pipeline(p, options, dataset)}
-  states = {}
-  for name, build in jobs.items():
-    p = beam.Pipeline(options=options)
-    build(p)
-    states[name] = str(p.run().state)
-    print(f'Dry run: {name} job translated for {runner}; nothing was '
-          'submitted, read or written', flush=True)
-  return {'status': 'dry run', 'runner': runner, 'jobs': states}
+  p = beam.Pipeline(options=options)
+  build_pipeline(p, options, dataset)
+  state = str(p.run().state)
+  print(f'Dry run: ingest job translated for {runner}; nothing was '
+        'submitted, read or written', flush=True)
+  return {'status': 'dry run', 'runner': runner, 'jobs': {'ingest': state}}
 
 
 def _finish(summary, outputs, out, stages):
