@@ -140,31 +140,27 @@ def _cpu_ticks(pid: int, reaped: bool) -> int:
   return ticks
 
 
+def _tree(pid: int):
+  """`pid` and its live descendants, each once."""
+  todo, seen = [pid], set()
+  while todo:
+    p = todo.pop()
+    if p not in seen:
+      seen.add(p)
+      yield p
+      todo.extend(_children(p))
+
+
 def tree_cpu_s(pid: int) -> float:
   """CPU seconds (user + system) used so far by `pid`, its live descendants
   and the children it has reaped."""
-  total, todo, seen = 0, [pid], set()
-  while todo:
-    p = todo.pop()
-    if p in seen:
-      continue
-    seen.add(p)
-    total += _cpu_ticks(p, reaped=p == pid)
-    todo.extend(_children(p))
-  return total / os.sysconf('SC_CLK_TCK')
+  return sum(_cpu_ticks(p, reaped=p == pid) for p in _tree(pid)) / (
+      os.sysconf('SC_CLK_TCK'))
 
 
 def tree_rss_mb(pid: int) -> float:
   """VmRSS summed over `pid` and all its descendants, in MB."""
-  total, todo, seen = 0, [pid], set()
-  while todo:
-    p = todo.pop()
-    if p in seen:
-      continue
-    seen.add(p)
-    total += _rss_kb(p)
-    todo.extend(_children(p))
-  return total / 1024
+  return sum(_rss_kb(p) for p in _tree(pid)) / 1024
 
 
 class Measured:
