@@ -186,3 +186,21 @@ def test_model_quality_on_data_from_another_seed(sample_run, tmp_path):
   auc = roc_auc_score([labels[p['transaction_id']] for p in predictions],
                       [p['score'] for p in predictions])
   assert auc >= 0.95, auc
+
+
+def test_reruns_give_the_same_model_version_and_predictions(tmp_path):
+  """Same input and flags, two full runs: identical outputs."""
+  path = tmp_path / 'in.jsonl'
+  generate.write_records(generate.generate_transactions(
+      rows=1500, users=30, seed=4, days=5), str(path))
+  runs = []
+  for name in ('first', 'second'):
+    out = tmp_path / name
+    summary = batch.run(['--input', str(path), '--output_dir', str(out)])
+    files = sorted(glob.glob(f'{out}/predictions/*.jsonl'))
+    runs.append((summary['model']['version'],
+                 b''.join(open(f, 'rb').read() for f in files),
+                 _rows(f'{out}/features/*.parquet')))
+  assert runs[0][0] == runs[1][0]
+  assert runs[0][1] and runs[0][1] == runs[1][1]
+  assert runs[0][2] == runs[1][2]
