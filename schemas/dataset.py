@@ -151,6 +151,34 @@ class Dataset:
     types = types or {n: f.type for n, f in self.fields.items()}
     return pa.schema([pa.field(n, arrow_types[t]) for n, t in types.items()])
 
+  def batch_schema(self, types: Optional[Dict[str, str]] = None):
+    """Arrow schema of the pipeline's RecordBatches of `types` (default:
+    the record fields): like `arrow_schema`, but timestamps are int64
+    epoch microseconds, the form every transform computes with."""
+    import pyarrow as pa
+    arrow_types = {'string': pa.string(), 'float': pa.float64(),
+                   'int': pa.int64(), 'timestamp': pa.int64()}
+    types = types or {n: f.type for n, f in self.fields.items()}
+    return pa.schema([pa.field(n, arrow_types[t]) for n, t in types.items()])
+
+  def aggregate_schema(self, key_field: str):
+    """Rows of the windowed aggregate table of `key_field` (batch; the
+    streaming rows add `pane` and `pane_index`)."""
+    import pyarrow as pa
+    key_type = self.batch_schema().field(key_field).type
+    return pa.schema([(key_field, key_type), ('window_start', pa.string()),
+                      ('window_end', pa.string()), ('count', pa.int64()),
+                      ('total_amount', pa.float64()),
+                      ('mean_amount', pa.float64()),
+                      ('fraud_rate', pa.float64())])
+
+  def prediction_schema(self):
+    """Rows of the predictions table."""
+    import pyarrow as pa
+    return pa.schema([(self.id_field, pa.string()), ('score', pa.float64()),
+                      ('predicted_label', pa.int64()),
+                      ('model_version', pa.string())])
+
   def avro_schema(self) -> Dict[str, Any]:
     """Avro record schema for raw records (timestamps as RFC 3339 strings).
 

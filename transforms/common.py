@@ -1,0 +1,172 @@
+"""Shared mechanics of every transform: time, counters, shards, row shapes.
+
+Small on purpose: what more than one concept needs, in one place.
+
+  * time: event times are int epoch microseconds inside the pipeline;
+  * counters: Beam metrics in one namespace (the run summary reads them);
+  * shards: a deterministic hash of a key column picks the shard of each
+    row, so a shuffle moves a few (shard, RecordBatch) pairs instead of one
+    element per record, and every row of one key meets in one shard;
+  * dead-letter rows: one shape for every kind, batch and streaming.
+"""
+
+import datetime
+import json
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+import numpy as np
+import pyarrow as pa
+
+NAMESPACE = 'mlpipe'
+VALID = 'valid'
+DEAD_LETTER = 'dead_letter'
+MICROS = 1_000_000
+
+# Shards of a keyed shuffle (dedupe by id, history by entity). A few dozen
+# keeps every worker of a small cluster busy and each shard a batch of
+# thousands of rows at a million records; --shards raises it for more.
+DEFAULT_SHARDS = 32
+
+_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+
+
+# Time -------------------------------------------------------------------------
+def to_micros(value: datetime.datetime) -> int:
+  delta = value - _EPOCH
+  return (delta.days * 86400 + delta.seconds) * MICROS + delta.microseconds
+
+
+def micros_to_rfc3339(micros: int) -> str:
+  value = _EPOCH + datetime.timedelta(microseconds=micros)
+  if value.microsecond:
+    return value.strftime('%Y-%m-%dT%H:%M:%S.%fZ')
+  return value.strftime('%Y-%m-%dT%H:%M:%SZ')
+
+
+# Counters ---------------------------------------------------------------------
+class Counters:
+  """Beam counters of NAMESPACE by name, created on first use (in a DoFn's
+  setup or process: Metrics objects are cheap but not picklable-free)."""
+
+  def __init__(self):
+    self._counters = {}
+
+  def inc(self, name: str, n: int = 1):
+    if n:
+      counter = self._counters.get(name)
+      if counter is None:
+        counter = self._counters[name] = Metrics.counter(NAMESPACE, name)
+      counter.inc(int(n))
+
+
+class CountRows(beam.DoFn):
+  """Counts the rows of RecordBatch (or Table) elements into `name`, and
+  passes each element on unchanged."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def setup(self):
+    self._counters = Counters()
+
+  def process(self, batch):
+    self._counters.inc(self._name, batch.num_rows)
+    yield batch
+
+
+class CountElements(beam.DoFn):
+  """Counts elements (one per record: the streaming form) into `name`."""
+
+  def __init__(self, name: str):
+    self._name = name
+
+  def setup(self):
+    self._counter = Metrics.counter(NAMESPACE, self._name)
+
+  def process(self, element):
+    self._counter.inc()
+    yield element
+
+
+# Shards -----------------------------------------------------------------------
+def shard_of(keys: pa.Array, num_shards: int) -> np.ndarray:
+  """Shard index (int64 in [0, num_shards)) of each key; the same key gives
+  the same shard in every process and run (pandas' SipHash with a fixed
+  key, not Python's salted hash())."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  if isinstance(keys, pa.ChunkedArray):
+    keys = keys.combine_chunks()
+  values = keys.to_numpy(zero_copy_only=False)
+  if values.dtype.kind not in 'iub':
+    values = values.astype(object)
+  hashes = pd.util.hash_array(values, categorize=True)
+  return (hashes % np.uint64(num_shards)).astype(np.int64)
+
+
+def split_by_shard(batch: pa.RecordBatch, key: str, num_shards: int
+                   ) -> Iterator[Tuple[int, pa.RecordBatch]]:
+  """(shard, rows of `batch` in that shard) for every non-empty shard."""
+  if batch.num_rows == 0:
+    return
+  shards = shard_of(batch.column(key), num_shards)
+  order = np.argsort(shards, kind='stable')
+  sorted_shards = shards[order]
+  bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
+  starts = np.concatenate([[0], bounds])
+  ends = np.concatenate([bounds, [len(order)]])
+  taken = batch.take(pa.array(order))
+  for start, end in zip(starts, ends):
+    yield int(sorted_shards[start]), taken.slice(start, end - start)
+
+
+def concat_batches(batches: List[pa.RecordBatch],
+                   schema: Optional[pa.Schema] = None) -> pa.Table:
+  """Batches (possibly none) -> one Table with one chunk per column."""
+  batches = [b for b in batches if b.num_rows] or list(batches[:1])
+  if not batches:
+    if schema is None:
+      raise ValueError('no batches and no schema')
+    return schema.empty_table()
+  table = pa.Table.from_batches(batches)
+  return table.combine_chunks()
+
+
+def table_to_batch(table: pa.Table) -> pa.RecordBatch:
+  """A Table -> one RecordBatch (combining chunks)."""
+  table = table.combine_chunks()
+  batches = table.to_batches()
+  if not batches:
+    return pa.RecordBatch.from_arrays(
+        [pa.array([], type=f.type) for f in table.schema],
+        schema=table.schema)
+  if len(batches) == 1:
+    return batches[0]
+  return pa.RecordBatch.from_arrays(
+      [pa.concat_arrays([b.column(i) for b in batches])
+       for i in range(table.num_columns)], schema=table.schema)
+
+
+# Dead-letter rows -------------------------------------------------------------
+DEAD_LETTER_SCHEMA = pa.schema([
+    ('source_file', pa.string()), ('position', pa.int64()),
+    ('error_kind', pa.string()), ('field', pa.string()),
+    ('message', pa.string()), ('raw', pa.string())])
+
+
+def dead_letter_row(source: Optional[str], position: Optional[int],
+                    kind: str, field: Optional[str], message: str,
+                    raw: Optional[str]) -> Dict[str, Any]:
+  """The one shape of a rejected record, whatever rejected it."""
+  return {'source_file': source, 'position': position, 'error_kind': kind,
+          'field': field, 'message': message, 'raw': raw}
+
+
+def dead_letter_batch(rows: List[Dict[str, Any]]) -> pa.RecordBatch:
+  return pa.RecordBatch.from_pylist(rows, schema=DEAD_LETTER_SCHEMA)
+
+
+def json_row(row: Dict[str, Any]) -> str:
+  """A row as one line of JSON (keys sorted, so files are reproducible)."""
+  return json.dumps(row, sort_keys=True, default=str)
