@@ -1,4 +1,4 @@
-"""Our pipeline flags, in one PipelineOptions subclass.
+"""Our pipeline flags: one PipelineOptions subclass per entry point.
 
 Every flag not declared here (--runner, --flink_master, --project, --region,
 --temp_location, --direct_num_workers, ...) passes through to Beam and the
@@ -13,6 +13,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from schemas.dataset import Dataset, SchemaError, parse_duration
 from transforms.parse import rfc3339_to_micros
+from transforms.common import DEFAULT_SHARDS
 from transforms.read import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,32 +21,56 @@ DEFAULT_INPUT = os.path.join(REPO_ROOT, 'data', 'sample', 'transactions.jsonl')
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, 'data', 'output')
 
 
-class MlPipeOptions(PipelineOptions):
-  """Flags of pipelines.batch (and of the entry points beside it)."""
+class RecordOptions(PipelineOptions):
+  """Flags of every entry point that reads records (batch and streaming):
+  input, declaration, output, windows, reference time, model.
+
+  Beam parses the flags of every PipelineOptions subclass in one parser,
+  so a flag is declared in exactly one class: these here, the rest in
+  BatchOptions or StreamingOptions."""
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    parser.add_argument(
-        '--input', default=DEFAULT_INPUT,
-        help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
-        '.parquet, optionally .gz). Default: the committed sample.')
-    parser.add_argument(
-        '--input_format', default=None,
-        choices=['jsonl', 'csv', 'avro', 'parquet'],
-        help='Record format, when file extensions do not tell.')
-    parser.add_argument(
-        '--schema', default='transactions',
-        help='Dataset declaration: a name in schemas/ or a path to a .yaml.')
-    parser.add_argument(
-        '--output_dir', default=DEFAULT_OUTPUT,
-        help='Where every output of the run goes (local or gs://).')
-    parser.add_argument(
-        '--window_size', default=None,
-        help='Entity aggregate window length, e.g. 24h (default: schema).')
-    parser.add_argument(
-        '--window_period', default=None,
-        help='Sliding period, e.g. 1h; equal to the size means fixed '
-        'windows (default: schema).')
+    _add_record_args(parser)
+
+
+def _add_record_args(parser):
+  parser.add_argument(
+      '--input', default=DEFAULT_INPUT,
+      help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
+      '.parquet, optionally .gz). Default: the committed sample.')
+  parser.add_argument(
+      '--input_format', default=None,
+      choices=['jsonl', 'csv', 'avro', 'parquet'],
+      help='Record format, when file extensions do not tell.')
+  parser.add_argument(
+      '--schema', default='transactions',
+      help='Dataset declaration: a name in schemas/ or a path to a .yaml.')
+  parser.add_argument(
+      '--output_dir', default=DEFAULT_OUTPUT,
+      help='Where every output of the run goes (local or gs://).')
+  parser.add_argument(
+      '--window_size', default=None,
+      help='Entity aggregate window length, e.g. 24h (default: schema).')
+  parser.add_argument(
+      '--window_period', default=None,
+      help='Sliding period, e.g. 1h; equal to the size means fixed '
+      'windows (default: schema).')
+  parser.add_argument(
+      '--reference_time', default=None,
+      help='RFC 3339 "now" for the freshness check (default: none, so no '
+      'record is stale and runs stay deterministic).')
+  parser.add_argument(
+      '--model_dir', default=None,
+      help='Score with this existing model directory instead of '
+      'training a new model.')
+
+
+class BatchOptions(PipelineOptions):
+  """Flags of pipelines.batch."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
     parser.add_argument(
         '--fail_on_anomalies', default=True,
         action=argparse.BooleanOptionalAction,
@@ -55,20 +80,21 @@ class MlPipeOptions(PipelineOptions):
         '--baseline_stats', default=None,
         help='Statistics (stats.pb) to compare against for drift.')
     parser.add_argument(
-        '--reference_time', default=None,
-        help='RFC 3339 "now" for the freshness check (default: the newest '
-        'event time, so runs stay deterministic).')
-    parser.add_argument(
-        '--model_dir', default=None,
-        help='Score with this existing model directory instead of '
-        'training a new model.')
-    parser.add_argument(
         '--model_type', default='gbt', choices=['gbt', 'logreg'],
         help='Classifier trained by the train stage.')
+    parser.add_argument(
+        '--shards', default=DEFAULT_SHARDS, type=int,
+        help='Shards of the keyed shuffles (duplicates by id, history by '
+        'entity): each moves (shard, RecordBatch) pairs. The default suits '
+        'one machine to a few dozen workers; raise it with the workers.')
 
-    # Streaming (pipelines.streaming) --------------------------------------
-    # Without --input_subscription/--input_topic, the streaming pipeline
-    # replays --input as a stream (transforms.streaming.ReplayFile).
+
+class StreamingOptions(PipelineOptions):
+  """Flags of pipelines.streaming. Without --input_subscription or
+  --input_topic, --input is replayed as a stream (transforms.read.ReplayFile)."""
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
     parser.add_argument(
         '--input_subscription', default=None,
         help='Pub/Sub subscription to read JSON records from '
@@ -121,16 +147,18 @@ class MlPipeOptions(PipelineOptions):
         help='Seconds between two matches of --model_watch_pattern.')
 
 
-def print_help(prog: str):
-  """Our flags' help (Beam parses flags itself and would only show -h)."""
+def print_help(prog: str, options_class):
+  """Our flags' help: the shared ones and `options_class`'s (Beam parses
+  flags itself and would only show -h)."""
   parser = argparse.ArgumentParser(
       prog=prog, epilog='Every other flag (--runner, --temp_location, '
       '--flink_master, --project, ...) goes to Beam and the runner.')
-  MlPipeOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  RecordOptions._add_argparse_args(parser)  # pylint: disable=protected-access
+  options_class._add_argparse_args(parser)  # pylint: disable=protected-access
   parser.print_help()
 
 
-def aggregate_window(options: MlPipeOptions, dataset: Dataset):
+def aggregate_window(options, dataset: Dataset):
   """(size, period) in seconds of the entity aggregate windows."""
   size = parse_duration(options.window_size or
                         dataset.aggregates.get('window_size', '24h'))
@@ -142,7 +170,7 @@ def aggregate_window(options: MlPipeOptions, dataset: Dataset):
   return size, period
 
 
-def reference_micros(options: MlPipeOptions) -> Optional[int]:
+def reference_micros(options) -> Optional[int]:
   """--reference_time as epoch microseconds, or None."""
   if not options.reference_time:
     return None

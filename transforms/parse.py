@@ -1,32 +1,63 @@
-"""Parse and validate raw records against the dataset declaration.
+"""Parsing and validating raw records against the dataset declaration.
 
-`RecordValidator.validate` is a pure function of one RawRecord (easy to test
-alone); `ParseAndValidate` applies it in a pipeline, removes duplicate ids
-and splits the records into valid records and dead-letter rows. Every record
-read leaves through exactly one of the two outputs.
+One definition of a valid record, `RecordValidator.validate` (a pure
+function of one RawRecord: every rule, and which error wins when a record
+breaks several), and two ways of applying it:
+
+  * batch, `ParseAndValidate`: raw RecordBatches in, valid RecordBatches and
+    dead-letter RecordBatches out. `BatchValidator` checks whole columns
+    with pyarrow.compute and NumPy: types, required, min/max, allowed,
+    pattern, max_length, cross-field rules and freshness. A row that any
+    check doubts is handed to `RecordValidator` alone, which decides it
+    (valid, or the dead-letter kind and message), so the fast path only
+    ever needs to be right about the rows it accepts. Duplicate ids are
+    then removed by shuffling (shard, RecordBatch) pairs by a hash of the
+    id: the copy read first (by file, then position) wins.
+  * streaming, `StreamingParseAndValidate`: one RawRecord per event through
+    `RecordValidator`, then a stateful DoFn keyed by id that keeps the
+    first copy to arrive within a horizon.
+
+Every record read leaves through exactly one of the two outputs.
 """
 
 import datetime
 import math
 import re
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
+from apache_beam.coders import PickleCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec,
+                                              TimerSpec, on_timer)
+from apache_beam.transforms import window
+from apache_beam.utils.timestamp import Duration, Timestamp
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.dataset import Dataset, Field
-from transforms.read import RawRecord
+from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
+                               NAMESPACE, VALID, CountElements, CountRows,
+                               Counters, concat_batches, dead_letter_batch,
+                               dead_letter_row, json_row, micros_to_rfc3339,
+                               split_by_shard, to_micros)
+from transforms.read import (ERROR, ERROR_KIND, META_COLUMNS, POSITION, RAW,
+                             SOURCE, UNDECODED, RawRecord, raw_records)
 
-NAMESPACE = 'mlpipe'
-VALID = 'valid'
-DEAD_LETTER = 'dead_letter'
+__all__ = ['DEAD_LETTER', 'VALID', 'NAMESPACE', 'CountElements',
+           'ERROR_KINDS', 'RecordError', 'RecordValidator', 'BatchValidator',
+           'ParseAndValidate', 'StreamingParseAndValidate',
+           'rfc3339_to_micros']
 
 # Every kind of error a dead-letter row can carry.
-ERROR_KINDS = ('malformed', 'missing_required', 'type_error', 'out_of_range',
-               'not_allowed', 'pattern_mismatch', 'too_long',
-               'rule_violation', 'stale', 'duplicate')
+ERROR_KINDS = ('malformed', 'unreadable_file', 'missing_required',
+               'type_error', 'out_of_range', 'not_allowed',
+               'pattern_mismatch', 'too_long', 'rule_violation', 'stale',
+               'duplicate', 'late')
 
-_EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
+# Columns kept beside a valid record until duplicates are removed.
+KEEP_META = (SOURCE, POSITION, RAW)
 
 
 class RecordError(Exception):
@@ -34,25 +65,6 @@ class RecordError(Exception):
   def __init__(self, kind: str, field: Optional[str], message: str):
     super().__init__(message)
     self.kind, self.field, self.message = kind, field, message
-
-
-def dead_letter_row(raw: RawRecord, kind: str, field: Optional[str],
-                    message: str) -> Dict[str, Any]:
-  return {'source_file': raw.source, 'position': raw.position,
-          'error_kind': kind, 'field': field, 'message': message,
-          'raw': raw.text}
-
-
-def to_micros(value: datetime.datetime) -> int:
-  delta = value - _EPOCH
-  return (delta.days * 86400 + delta.seconds) * 1_000_000 + delta.microseconds
-
-
-def micros_to_rfc3339(micros: int) -> str:
-  value = _EPOCH + datetime.timedelta(microseconds=micros)
-  if value.microsecond:
-    return value.strftime('%Y-%m-%dT%H:%M:%S.%fZ')
-  return value.strftime('%Y-%m-%dT%H:%M:%SZ')
 
 
 def rfc3339_to_micros(text: str) -> int:
@@ -64,6 +76,13 @@ def rfc3339_to_micros(text: str) -> int:
                      'zone (e.g. 2026-10-01T10:00:00Z)') from None
 
 
+def _dead_row(raw: RawRecord, kind: str, field: Optional[str],
+              message: str) -> Dict[str, Any]:
+  return dead_letter_row(raw.source, raw.position, kind, field, message,
+                         raw.text)
+
+
+# One record -------------------------------------------------------------------
 def _missing(value) -> bool:
   return value is None or (isinstance(value, str) and not value.strip())
 
@@ -90,6 +109,12 @@ def _coerce(field: Field, value):
     if not isinstance(number, (int, float)):
       raise RecordError('type_error', name, f'{name}: expected a number, got '
                         f'{type(value).__name__}')
+    if isinstance(number, int) and ftype == 'float':
+      try:
+        number = float(number)
+      except OverflowError:
+        raise RecordError('type_error', name, f'{name}: {value!r} is too '
+                          'large') from None
     if isinstance(number, float) and not math.isfinite(number):
       raise RecordError('type_error', name, f'{name}: {value!r} is not finite')
     if ftype == 'float':
@@ -97,7 +122,11 @@ def _coerce(field: Field, value):
     if number != int(number):
       raise RecordError('type_error', name, f'{name}: {value!r} is not an '
                         'integer')
-    return int(number)
+    number = int(number)
+    if not -2**63 <= number < 2**63:
+      raise RecordError('type_error', name, f'{name}: {value!r} is out of '
+                        'the 64-bit integer range')
+    return number
   # timestamp
   if isinstance(value, datetime.datetime):
     parsed = value
@@ -168,7 +197,7 @@ class RecordValidator:
 
   def validate(self, raw: RawRecord) -> Dict[str, Any]:
     if raw.error is not None:
-      raise RecordError('malformed', None, raw.error)
+      raise RecordError(raw.error_kind or 'malformed', None, raw.error)
     record = {}
     for name, field in self.dataset.fields.items():
       value = raw.values.get(name)
@@ -193,7 +222,7 @@ class RecordValidator:
 
   def _check_freshness(self, record):
     ts = self.dataset.timestamp_field
-    age = (self._reference - record[ts]) / 1_000_000
+    age = (self._reference - record[ts]) / MICROS
     limits = self.dataset.freshness
     if 'max_age' in limits and age > limits['max_age']:
       raise RecordError('stale', ts, f'{ts} is {age:.0f}s before the '
@@ -203,7 +232,408 @@ class RecordValidator:
                         f'reference time (max_future {limits["max_future"]}s)')
 
 
+# Whole columns ----------------------------------------------------------------
+_NUMBER = r'^-?[0-9]{1,15}(\.[0-9]{1,15})?$'
+_INTEGER = r'^-?[0-9]{1,15}$'
+_RFC3339 = (r'^(?P<base>[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:'
+            r'[0-9]{2})(?:\.(?P<frac>[0-9]{1,6}))?'
+            r'(?:Z|(?P<sign>[+-])(?P<oh>[0-9]{2}):(?P<om>[0-9]{2}))$')
+# Integers a float64 holds exactly: the per-record path goes through float.
+_EXACT = 2.0 ** 53
+
+
+def _np_bool(array) -> np.ndarray:
+  """A boolean Arrow array -> NumPy, null as False."""
+  return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False),
+                    dtype=bool)
+
+
+def _is_string(t) -> bool:
+  return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def _is_number(t) -> bool:
+  return pa.types.is_integer(t) or pa.types.is_floating(t)
+
+
+def _parse_rfc3339(column: pa.Array) -> Tuple[pa.Array, np.ndarray]:
+  """Strings in the canonical RFC 3339 form -> (int64 epoch micros, rows
+  parsed). Anything else (other layouts, impossible dates) is not parsed
+  here and left to the per-record parser."""
+  parts = pc.extract_regex(column, _RFC3339)
+  parsed = _np_bool(parts.is_valid())
+  base = pc.strptime(parts.field('base'), format='%Y-%m-%dT%H:%M:%S',
+                     unit='us', error_is_null=True)
+  parsed &= _np_bool(base.is_valid())
+  micros = pc.fill_null(base.cast(pa.int64()), 0).to_numpy(
+      zero_copy_only=False).astype(np.int64)
+  frac = pc.utf8_rpad(parts.field('frac'), width=6, padding='0')
+  frac = pc.if_else(pc.equal(pc.utf8_length(parts.field('frac')), 0),
+                    '000000', frac)
+  micros = micros + pc.fill_null(pc.cast(frac, pa.int64(), safe=False),
+                                 0).to_numpy(zero_copy_only=False)
+  oh = pc.fill_null(pc.cast(pc.if_else(pc.equal(parts.field('oh'), ''), '0',
+                                       parts.field('oh')), pa.int64()), 0)
+  om = pc.fill_null(pc.cast(pc.if_else(pc.equal(parts.field('om'), ''), '0',
+                                       parts.field('om')), pa.int64()), 0)
+  oh = oh.to_numpy(zero_copy_only=False)
+  om = om.to_numpy(zero_copy_only=False)
+  parsed &= (oh <= 23) & (om <= 59)
+  sign = np.where(_np_bool(pc.equal(parts.field('sign'), '-')), -1, 1)
+  micros = micros - sign * (oh * 3600 + om * 60) * MICROS
+  return pa.array(micros, pa.int64()), parsed
+
+
+def _regex_or_none(pattern: str) -> Optional[str]:
+  """`pattern` as re.match applies it (anchored at the start) for RE2, or
+  None when RE2 cannot run it (then every value takes the per-record path).
+  RE2's '$' only matches at the very end, stricter than Python's, which
+  only sends more rows to the per-record path."""
+  anchored = f'^(?:{pattern})'
+  try:
+    pc.match_substring_regex(pa.array(['']), anchored)
+  except pa.ArrowInvalid:
+    return None
+  return anchored
+
+
+class BatchValidator:
+  """Raw RecordBatch -> (valid RecordBatch, dead-letter rows).
+
+  The valid batch has `dataset.batch_schema()` columns plus SOURCE,
+  POSITION and RAW (for the dedupe step). Doubtful rows are decided by
+  `RecordValidator`, one at a time.
+  """
+
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None):
+    self.dataset = dataset
+    self._reference = reference_micros
+    self._record_validator = RecordValidator(dataset, reference_micros)
+    self._schema = dataset.batch_schema()
+    self._patterns = {n: _regex_or_none(f.pattern)
+                      for n, f in dataset.fields.items() if f.pattern}
+    self._out_schema = self._schema
+    for name in KEEP_META:
+      self._out_schema = self._out_schema.append(
+          pa.field(name, pa.int64() if name == POSITION else pa.string()))
+
+  def _column(self, batch: pa.RecordBatch, field: Field
+              ) -> Tuple[pa.Array, np.ndarray]:
+    """(typed column, rows the per-record path must decide)."""
+    n = batch.num_rows
+    target = self._schema.field(field.name).type
+    if field.name not in batch.schema.names:
+      return pa.nulls(n, target), np.full(n, field.required)
+    column = batch.column(field.name)
+    t = column.type
+    if pa.types.is_null(t):
+      return pa.nulls(n, target), np.full(n, field.required)
+    present = _np_bool(column.is_valid())
+    doubt = np.zeros(n, bool)
+    if _is_string(t):
+      blank = _np_bool(pc.equal(pc.utf8_trim_whitespace(column), ''))
+      present &= ~blank
+      # A blank value is missing: fine when optional, decided per record
+      # (missing_required) when required.
+      doubt |= blank & field.required
+    doubt |= ~present & field.required
+    if field.type == 'string':
+      if not _is_string(t):
+        return pa.nulls(n, target), doubt | present
+      values = column.cast(pa.string())
+    elif field.type in ('float', 'int'):
+      if pa.types.is_floating(t):
+        values = column.cast(pa.float64())
+        finite = _np_bool(pc.is_finite(values))
+        doubt |= present & ~finite
+        if field.type == 'int':
+          number = pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False)
+          integral = (np.isfinite(number) & (np.floor(number) == number) &
+                      (np.abs(number) < _EXACT))
+          doubt |= present & ~integral
+          values = pa.array(np.where(integral, number, 0).astype(np.int64),
+                            mask=~present)
+      elif pa.types.is_integer(t):
+        values = column.cast(pa.int64())
+        if field.type == 'float':
+          number = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+          doubt |= present & (np.abs(number) >= _EXACT)
+          values = pa.array(number.astype(np.float64), mask=~present)
+      elif _is_string(t):
+        pattern = _NUMBER if field.type == 'float' else _INTEGER
+        ok = _np_bool(pc.match_substring_regex(column, pattern))
+        doubt |= present & ~ok
+        clean = pc.if_else(pa.array(ok), column, '0')
+        values = pc.cast(clean, pa.float64())
+        if field.type == 'int':
+          values = pc.cast(clean, pa.int64())
+        values = pc.if_else(pa.array(present & ok), values,
+                            pa.scalar(None, values.type))
+      else:
+        return pa.nulls(n, target), doubt | present
+    else:  # timestamp
+      if _is_string(t):
+        values, parsed = _parse_rfc3339(column.cast(pa.string()))
+        doubt |= present & ~parsed
+      elif (pa.types.is_timestamp(t) and t.tz is not None and
+            t.unit in ('s', 'ms', 'us')):
+        values = column.cast(pa.timestamp('us', tz=t.tz)).cast(pa.int64())
+      else:
+        return pa.nulls(n, target), doubt | present
+      values = pc.if_else(pa.array(present), values,
+                          pa.scalar(None, pa.int64()))
+    values = values.cast(target)
+    doubt |= present & self._rule_doubts(field, values)
+    # Absent values (missing, or doubted) are null in the typed column.
+    values = pc.if_else(pa.array(present & ~doubt), values,
+                        pa.scalar(None, target))
+    return values, doubt
+
+  def _rule_doubts(self, field: Field, values: pa.Array) -> np.ndarray:
+    doubt = np.zeros(len(values), bool)
+    if field.min is not None:
+      doubt |= _np_bool(pc.less(values, field.min))
+    if field.max is not None:
+      doubt |= _np_bool(pc.greater(values, field.max))
+    if field.allowed is not None:
+      try:
+        allowed = pa.array(list(field.allowed), values.type)
+      except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        return ~doubt   # values of another type: decided per record
+      doubt |= ~_np_bool(pc.is_in(values, value_set=allowed))
+    if field.max_length is not None:
+      doubt |= _np_bool(pc.greater(pc.utf8_length(values), field.max_length))
+    if field.name in self._patterns:
+      pattern = self._patterns[field.name]
+      if pattern is None:
+        return ~doubt
+      doubt |= ~_np_bool(pc.match_substring_regex(values, pattern))
+    return doubt
+
+  def _cross_field_doubts(self, columns: Dict[str, pa.Array], n: int
+                          ) -> np.ndarray:
+    doubt = np.zeros(n, bool)
+    for rule in self.dataset.rules:
+      selected = np.ones(n, bool)
+      for name, condition in rule.when.items():
+        column = columns[name]
+        for key, keep in (('in', True), ('not_in', False)):
+          if key not in condition:
+            continue
+          try:
+            value_set = pa.array(list(condition[key]), column.type)
+          except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+            return np.ones(n, bool)
+          member = _np_bool(pc.is_in(column, value_set=value_set))
+          selected &= member if keep else ~member
+      for name, bounds in rule.require.items():
+        column = columns[name]
+        broken = np.zeros(n, bool)
+        for key, op in (('min', pc.less), ('max', pc.greater),
+                        ('min_exclusive', pc.less_equal),
+                        ('max_exclusive', pc.greater_equal)):
+          if key in bounds:
+            broken |= _np_bool(op(column, bounds[key]))
+        doubt |= selected & broken
+    return doubt
+
+  def _freshness_doubts(self, times: pa.Array) -> np.ndarray:
+    limits = self.dataset.freshness
+    if self._reference is None or not limits:
+      return np.zeros(len(times), bool)
+    t = pc.fill_null(times, self._reference).to_numpy(zero_copy_only=False)
+    age = (self._reference - t) / MICROS
+    doubt = np.zeros(len(times), bool)
+    if 'max_age' in limits:
+      doubt |= age > limits['max_age']
+    if 'max_future' in limits:
+      doubt |= -age > limits['max_future']
+    return doubt
+
+  def validate(self, batch: pa.RecordBatch
+               ) -> Tuple[pa.RecordBatch, List[Dict[str, Any]]]:
+    n = batch.num_rows
+    doubt = np.zeros(n, bool)
+    if ERROR in batch.schema.names:
+      doubt |= _np_bool(batch.column(ERROR).is_valid())
+    if UNDECODED in batch.schema.names:
+      doubt |= _np_bool(batch.column(UNDECODED))
+    columns = {}
+    for name, field in self.dataset.fields.items():
+      columns[name], field_doubt = self._column(batch, field)
+      doubt |= field_doubt
+    doubt |= self._cross_field_doubts(columns, n)
+    doubt |= self._freshness_doubts(columns[self.dataset.timestamp_field])
+
+    keep = pa.array(~doubt)
+    arrays = [columns[name] for name in self._schema.names]
+    arrays += [batch.column(name) if name in batch.schema.names else
+               pa.nulls(n, self._out_schema.field(name).type)
+               for name in KEEP_META]
+    valid = pa.RecordBatch.from_arrays(
+        arrays, schema=self._out_schema).filter(keep)
+
+    dead, rescued = [], []
+    for raw in raw_records(batch, np.flatnonzero(doubt)):
+      try:
+        record = self._record_validator.validate(raw)
+      except RecordError as e:
+        dead.append(_dead_row(raw, e.kind, e.field, e.message))
+      else:
+        record.update({SOURCE: raw.source, POSITION: raw.position,
+                       RAW: raw.text})
+        rescued.append(record)
+    if rescued:
+      valid = pa.RecordBatch.from_arrays(
+          [pa.concat_arrays([valid.column(i), rescued_column])
+           for i, rescued_column in enumerate(pa.RecordBatch.from_pylist(
+               rescued, schema=self._out_schema).columns)],
+          schema=self._out_schema)
+    return valid, dead
+
+
+class ValidateBatches(beam.DoFn):
+  """Raw RecordBatch -> valid RecordBatch (main) and a dead-letter
+  RecordBatch (DEAD_LETTER) when any row was rejected."""
+
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int]):
+    self._dataset, self._reference = dataset, reference_micros
+
+  def setup(self):
+    self._validator = BatchValidator(self._dataset, self._reference)
+    self._counters = Counters()
+
+  def process(self, batch: pa.RecordBatch):
+    self._counters.inc('records_read', batch.num_rows)
+    valid, dead = self._validator.validate(batch)
+    if valid.num_rows:
+      yield valid
+    if dead:
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_batch(dead))
+
+
+def _first_copy_wins(shard_and_batches, dataset: Dataset):
+  """One shard of valid rows -> rows without later copies of an id (main)
+  and a dead-letter batch of those copies (DEAD_LETTER)."""
+  _, batches = shard_and_batches
+  table = concat_batches(list(batches))
+  if table.num_rows == 0:
+    return
+  id_field, schema = dataset.id_field, dataset.batch_schema()
+  table = table.sort_by([(id_field, 'ascending'), (SOURCE, 'ascending'),
+                         (POSITION, 'ascending')])
+  ids = table.column(id_field).to_numpy()
+  first = np.ones(len(ids), bool)
+  first[1:] = ids[1:] != ids[:-1]
+  winners = table.filter(pa.array(first))
+  yield pa.RecordBatch.from_arrays(
+      [winners.column(n).combine_chunks() for n in schema.names],
+      schema=schema)
+  if first.all():
+    return
+  # Duplicates are few: their rows are built one by one.
+  firsts = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
+  later = np.flatnonzero(~first)
+  sources = table.column(SOURCE).to_pylist()
+  positions = table.column(POSITION).to_pylist()
+  raws = table.column(RAW).to_pylist()
+  rows = []
+  for i in later:
+    f = firsts[i]
+    text = raws[i]
+    if text is None:
+      record = table.slice(int(i), 1).select(schema.names).to_pylist()[0]
+      text = _record_text(record, dataset)
+    rows.append(dead_letter_row(
+        sources[i], positions[i], 'duplicate', None,
+        f'id {ids[i]} already read at {sources[f]}:{positions[f]}', text))
+  yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_batch(rows))
+
+
+def _record_text(record: Dict[str, Any], dataset: Dataset) -> str:
+  """The text of a valid record (Avro, Parquet: files without record text)
+  for the dead-letter output, timestamps in RFC 3339."""
+  return json_row({
+      k: (micros_to_rfc3339(v) if v is not None and
+          dataset.fields[k].type == 'timestamp' else v)
+      for k, v in record.items()})
+
+
+class DropDuplicatesInReadOrder(beam.PTransform):
+  """PCollection[pa.RecordBatch] valid rows with SOURCE/POSITION/RAW ->
+  {'valid': PCollection[pa.RecordBatch] (dataset.batch_schema()),
+   'dead_letter': PCollection[pa.RecordBatch] of later copies}.
+
+  Rows are shuffled as (shard of the id, batch) pairs, so all copies of an
+  id meet; the copy read first (by file, then position) wins, whatever the
+  shuffle order. Bounded input only.
+  """
+
+  def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS):
+    super().__init__()
+    self._dataset, self._shards = dataset, num_shards
+
+  def expand(self, batches):
+    id_field, shards = self._dataset.id_field, self._shards
+    return (batches
+            | 'ShardById' >> beam.FlatMap(split_by_shard, id_field, shards)
+            | 'GroupShards' >> beam.GroupByKey()
+            | 'KeepFirstCopy' >> beam.FlatMap(
+                _first_copy_wins, self._dataset).with_outputs(
+                    DEAD_LETTER, main=VALID))
+
+
+class _CountDeadLetters(beam.DoFn):
+
+  def setup(self):
+    self._counters = Counters()
+
+  def process(self, batch: pa.RecordBatch):
+    self._counters.inc('records_dead_lettered', batch.num_rows)
+    counts = pc.value_counts(batch.column('error_kind'))
+    for item in counts.to_pylist():
+      self._counters.inc(f'dead_letter.{item["values"]}', item['counts'])
+    yield batch
+
+
+class ParseAndValidate(beam.PTransform):
+  """PCollection[pa.RecordBatch] raw batches (transforms.read) ->
+  {'valid': PCollection[pa.RecordBatch], 'dead_letter':
+  PCollection[pa.RecordBatch]}.
+
+  Valid batches have `dataset.batch_schema()` columns: every declared field
+  typed (timestamps as int64 epoch microseconds, missing optional values
+  null). Dead-letter batches have the columns of `DEAD_LETTER_SCHEMA`
+  {source_file, position, error_kind, field, message, raw}.
+  Counters: records_read, records_valid, records_dead_lettered and
+  dead_letter.<kind>. With `reference_micros`, records outside the declared
+  freshness limits around it are dead-lettered as `stale`.
+  """
+
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None,
+               num_shards: int = DEFAULT_SHARDS):
+    super().__init__()
+    self._dataset = dataset
+    self._reference = reference_micros
+    self._shards = num_shards
+
+  def expand(self, raw_batches):
+    parsed = raw_batches | 'ParseAndCheckRules' >> beam.ParDo(
+        ValidateBatches(self._dataset, self._reference)).with_outputs(
+            DEAD_LETTER, main=VALID)
+    deduped = parsed[VALID] | 'DropDuplicates' >> DropDuplicatesInReadOrder(
+        self._dataset, self._shards)
+    dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
+            | 'AllDeadLetters' >> beam.Flatten()
+            | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetters()))
+    valid = deduped[VALID] | 'CountValid' >> beam.ParDo(
+        CountRows('records_valid'))
+    return {VALID: valid, DEAD_LETTER: dead}
+
+
+# Streaming --------------------------------------------------------------------
 class ValidateRecords(beam.DoFn):
+  """RawRecord -> (id, (RawRecord, record)) or a dead-letter row (dict)."""
 
   def __init__(self, dataset: Dataset, reference_micros: Optional[int]):
     self._dataset = dataset
@@ -211,92 +641,97 @@ class ValidateRecords(beam.DoFn):
 
   def setup(self):
     self._validator = RecordValidator(self._dataset, self._reference)
-    self._read = Metrics.counter(NAMESPACE, 'records_read')
+    self._counters = Counters()
 
   def process(self, raw: RawRecord):
-    self._read.inc()
+    self._counters.inc('records_read')
     try:
       record = self._validator.validate(raw)
     except RecordError as e:
       yield beam.pvalue.TaggedOutput(
-          DEAD_LETTER, dead_letter_row(raw, e.kind, e.field, e.message))
+          DEAD_LETTER, _dead_row(raw, e.kind, e.field, e.message))
       return
     yield (record[self._dataset.id_field], (raw, record))
 
 
-def _first_wins(id_and_copies: Tuple[str, Any]):
-  """The copy read first (by file, then position) wins; later copies are
-  dead-lettered as duplicates. Deterministic whatever the shuffle order."""
-  record_id, copies = id_and_copies
-  copies = sorted(copies, key=lambda c: (c[0].source, c[0].position))
-  first_raw, record = copies[0]
-  yield record
-  for raw, _ in copies[1:]:
-    yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_row(
-        raw, 'duplicate', None, f'id {record_id} already read at '
-        f'{first_raw.source}:{first_raw.position}'))
+class _FirstCopyWins(beam.DoFn):
+  """(id, (RawRecord, record)) -> record; later copies -> dead letter.
+
+  In a stream the first copy to arrive wins. An id is remembered until the
+  watermark passes its event time + `horizon`; a copy arriving after that
+  is not recognised as a duplicate.
+  """
+  FIRST = ReadModifyWriteStateSpec('first', PickleCoder())
+  FORGET = TimerSpec('forget', TimeDomain.WATERMARK)
+
+  def __init__(self, horizon_seconds: int):
+    self._horizon = Duration(seconds=horizon_seconds)
+
+  def process(self, element, timestamp=beam.DoFn.TimestampParam,
+              first=beam.DoFn.StateParam(FIRST),
+              forget=beam.DoFn.TimerParam(FORGET)):
+    record_id, (raw, record) = element
+    seen = first.read()
+    if seen is None:
+      first.write((raw.source, raw.position))
+      forget.set(timestamp + self._horizon)
+      yield record
+      return
+    yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_row(
+        raw, 'duplicate', None,
+        f'id {record_id} already read at {seen[0]}:{seen[1]}'))
+
+  @on_timer(FORGET)
+  def forget_id(self, first=beam.DoFn.StateParam(FIRST)):
+    first.clear()
 
 
-class CountElements(beam.DoFn):
-  """Counts elements into Beam metrics (the run summary reads them)."""
-
-  def __init__(self, name: str, by_kind: bool = False):
-    self._name, self._by_kind = name, by_kind
-
-  def setup(self):
-    self._counter = Metrics.counter(NAMESPACE, self._name)
-    self._kinds = {k: Metrics.counter(NAMESPACE, f'dead_letter.{k}')
-                   for k in ERROR_KINDS}
-
-  def process(self, element):
-    self._counter.inc()
-    if self._by_kind:
-      self._kinds[element['error_kind']].inc()
-    yield element
-
-
-class DropDuplicatesInReadOrder(beam.PTransform):
-  """PCollection[(id, (RawRecord, dict))] -> {'valid': PCollection[dict],
-  'dead_letter': PCollection[dict]}: the copy read first (by file, then
-  position) wins, whatever the shuffle order. Bounded input only."""
-
-  def expand(self, keyed):
-    return (keyed
-            | 'GroupCopiesById' >> beam.GroupByKey()
-            | 'KeepFirstCopy' >> beam.FlatMap(_first_wins).with_outputs(
-                DEAD_LETTER, main=VALID))
-
-
-class ParseAndValidate(beam.PTransform):
+class StreamingParseAndValidate(beam.PTransform):
   """PCollection[RawRecord] -> {'valid': PCollection[dict],
-  'dead_letter': PCollection[dict]}.
+  'dead_letter': PCollection[dict]}, for unbounded input.
 
-  A valid record is a dict of every declared field, typed (timestamps as int
-  epoch microseconds, missing optional values as None). A dead-letter row is
-  {source_file, position, error_kind, field, message, raw}.
-  Counters: records_read, records_valid, records_dead_lettered and
-  dead_letter.<kind>. With `reference_micros`, records outside the
-  declared freshness limits around it are dead-lettered as `stale`.
-  `dedupe` removes later copies of an id: by default in read order (batch);
-  the streaming pipeline passes its stateful, horizon-bounded one.
+  The same `RecordValidator` and dead-letter rows as the batch form. A valid
+  record is a dict of every declared field, typed (timestamps as int epoch
+  microseconds), stamped with its event time. Duplicates: the first copy to
+  arrive wins, within `dedupe_horizon` seconds of event time. Counters:
+  records_read, records_valid, records_dead_lettered, dead_letter.<kind>.
   """
 
-  def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None,
-               dedupe: Optional[beam.PTransform] = None):
+  def __init__(self, dataset: Dataset, dedupe_horizon: int = 86400,
+               reference_micros: Optional[int] = None):
     super().__init__()
     self._dataset = dataset
+    self._horizon = dedupe_horizon
     self._reference = reference_micros
-    self._dedupe = dedupe or DropDuplicatesInReadOrder()
 
-  def expand(self, raw_records):
-    parsed = raw_records | 'ParseAndCheckRules' >> beam.ParDo(
+  def expand(self, raw_records_):
+    ts = self._dataset.timestamp_field
+    parsed = raw_records_ | 'ParseAndCheckRules' >> beam.ParDo(
         ValidateRecords(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
-    deduped = parsed[VALID] | 'DropDuplicates' >> self._dedupe
+    deduped = (
+        parsed[VALID]
+        | 'StampEventTime' >> beam.Map(
+            lambda kv: window.TimestampedValue(
+                kv, Timestamp(micros=kv[1][1][ts]))).with_output_types(
+                    Tuple[str, Any])
+        | 'DropLaterCopies' >> beam.ParDo(
+            _FirstCopyWins(self._horizon)).with_outputs(
+                DEAD_LETTER, main=VALID))
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
             | 'AllDeadLetters' >> beam.Flatten()
-            | 'CountDeadLetters' >> beam.ParDo(
-                CountElements('records_dead_lettered', by_kind=True)))
+            | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetterRows()))
     valid = deduped[VALID] | 'CountValid' >> beam.ParDo(
         CountElements('records_valid'))
     return {VALID: valid, DEAD_LETTER: dead}
+
+
+class _CountDeadLetterRows(beam.DoFn):
+
+  def setup(self):
+    self._counters = Counters()
+
+  def process(self, row: Dict[str, Any]):
+    self._counters.inc('records_dead_lettered')
+    self._counters.inc(f'dead_letter.{row["error_kind"]}')
+    yield row
