@@ -256,10 +256,31 @@ def _is_number(t) -> bool:
   return pa.types.is_integer(t) or pa.types.is_floating(t)
 
 
-def _parse_rfc3339(column: pa.Array) -> Tuple[pa.Array, np.ndarray]:
-  """Strings in the canonical RFC 3339 form -> (int64 epoch micros, rows
-  parsed). Anything else (other layouts, impossible dates) is not parsed
-  here and left to the per-record parser."""
+_ZULU = (r'^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}Z$')
+
+
+def _parse_rfc3339(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+  """Strings in RFC 3339 -> (int64 epoch micros, rows parsed). The common
+  whole-second UTC form is parsed in one pass; other canonical forms
+  (fractions, offsets) in a second; anything else (other layouts,
+  impossible dates) is left to the per-record parser. The regular
+  expressions come first because strptime alone is laxer than Python's
+  fromisoformat (it takes one-digit months)."""
+  zulu = _np_bool(pc.match_substring_regex(column, _ZULU))
+  base = pc.strptime(column, format='%Y-%m-%dT%H:%M:%SZ', unit='us',
+                     error_is_null=True)
+  parsed = zulu & _np_bool(base.is_valid())
+  micros = pc.fill_null(base.cast(pa.int64()), 0).to_numpy(
+      zero_copy_only=False).astype(np.int64)
+  rest = np.flatnonzero(~parsed & _np_bool(column.is_valid()))
+  if len(rest):
+    other, other_parsed = _parse_rfc3339_offsets(column.take(pa.array(rest)))
+    micros[rest] = other
+    parsed[rest] = other_parsed
+  return micros, parsed
+
+
+def _parse_rfc3339_offsets(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
   parts = pc.extract_regex(column, _RFC3339)
   parsed = _np_bool(parts.is_valid())
   base = pc.strptime(parts.field('base'), format='%Y-%m-%dT%H:%M:%S',
@@ -272,16 +293,18 @@ def _parse_rfc3339(column: pa.Array) -> Tuple[pa.Array, np.ndarray]:
                     '000000', frac)
   micros = micros + pc.fill_null(pc.cast(frac, pa.int64(), safe=False),
                                  0).to_numpy(zero_copy_only=False)
-  oh = pc.fill_null(pc.cast(pc.if_else(pc.equal(parts.field('oh'), ''), '0',
-                                       parts.field('oh')), pa.int64()), 0)
-  om = pc.fill_null(pc.cast(pc.if_else(pc.equal(parts.field('om'), ''), '0',
-                                       parts.field('om')), pa.int64()), 0)
-  oh = oh.to_numpy(zero_copy_only=False)
-  om = om.to_numpy(zero_copy_only=False)
+
+  def number(name):
+    text = parts.field(name)
+    text = pc.if_else(pc.equal(text, ''), '0', text)
+    return pc.fill_null(pc.cast(text, pa.int64()), 0).to_numpy(
+        zero_copy_only=False)
+
+  oh, om = number('oh'), number('om')
   parsed &= (oh <= 23) & (om <= 59)
   sign = np.where(_np_bool(pc.equal(parts.field('sign'), '-')), -1, 1)
   micros = micros - sign * (oh * 3600 + om * 60) * MICROS
-  return pa.array(micros, pa.int64()), parsed
+  return micros, parsed
 
 
 def _regex_or_none(pattern: str) -> Optional[str]:
@@ -373,8 +396,9 @@ class BatchValidator:
         return pa.nulls(n, target), doubt | present
     else:  # timestamp
       if _is_string(t):
-        values, parsed = _parse_rfc3339(column.cast(pa.string()))
+        micros, parsed = _parse_rfc3339(column.cast(pa.string()))
         doubt |= present & ~parsed
+        values = pa.array(micros, pa.int64())
       elif (pa.types.is_timestamp(t) and t.tz is not None and
             t.unit in ('s', 'ms', 'us')):
         values = column.cast(pa.timestamp('us', tz=t.tz)).cast(pa.int64())

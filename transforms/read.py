@@ -49,6 +49,7 @@ from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
 from transforms.common import MICROS, json_row
@@ -137,8 +138,8 @@ def _meta_arrays(source: str, positions: np.ndarray, raw: Optional[List],
           pa.array(np.zeros(n, np.int32)), pa.array([source])).cast(
               pa.string()),
       pa.array(positions, pa.int64()),
-      pa.array(raw, pa.string()) if raw is not None else pa.nulls(
-          n, pa.string()),
+      (raw if isinstance(raw, pa.Array) else pa.array(raw, pa.string()))
+      if raw is not None else pa.nulls(n, pa.string()),
       pa.array(errors, pa.string()) if errors is not None else pa.nulls(
           n, pa.string()),
       pa.array(kinds, pa.string()) if kinds is not None else pa.nulls(
@@ -203,13 +204,51 @@ def raw_records(batch: pa.RecordBatch, rows: Optional[Sequence[int]] = None
 
 
 # Lines --------------------------------------------------------------------------
-def _text_lines(data: bytes) -> List[str]:
-  """Non-blank lines of `data` ('\\n' ends a record; a '\\r' before it is
-  dropped), decoded as UTF-8 with bad bytes replaced."""
-  text = data.decode('utf-8', errors='replace')
-  lines = text.split('\n')
-  return [line[:-1] if line.endswith('\r') else line
-          for line in lines if line.strip()]
+class _Lines(NamedTuple):
+  """The record lines of a run of bytes: line i is text[i], stored at
+  data[starts[i]:ends[i]] (ends[i] past its newline). Blank lines are not
+  records and are left out; so are the '\r' and '\n' that end a line."""
+  data: bytes
+  text: pa.Array           # large_string, one per record line
+  starts: np.ndarray
+  ends: np.ndarray
+
+  def __len__(self):
+    return len(self.starts)
+
+  def block(self, a: int, b: int) -> bytes:
+    """The bytes of lines [a, b), blank lines between them included."""
+    return self.data[self.starts[a]:self.ends[b - 1]]
+
+  def line(self, i: int) -> str:
+    return self.text[i].as_py()
+
+
+def _lines(data: bytes) -> _Lines:
+  """Splits at '\n' with NumPy and makes every line an Arrow string without
+  copying (bad UTF-8 is replaced first, as a text reader would)."""
+  buffer = np.frombuffer(data, np.uint8)
+  newlines = np.flatnonzero(buffer == 10)
+  offsets = np.concatenate([[0], newlines + 1]).astype(np.int64)
+  if not data.endswith(b'\n'):
+    offsets = np.append(offsets, len(data))
+  n = len(offsets) - 1
+  text = pa.LargeStringArray.from_buffers(
+      n, pa.py_buffer(offsets), pa.py_buffer(data))
+  try:
+    text.validate(full=True)
+  except pa.ArrowInvalid:
+    return _lines(data.decode('utf-8', errors='replace').encode('utf-8'))
+  text = pc.utf8_rtrim(text, characters='\r\n')
+  record = _np_true(pc.not_equal(pc.utf8_trim_whitespace(text), ''))
+  keep = np.flatnonzero(record)
+  return _Lines(data, text.take(pa.array(keep)), offsets[:-1][keep],
+                offsets[1:][keep])
+
+
+def _np_true(mask) -> np.ndarray:
+  return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False),
+                    dtype=bool)
 
 
 def _count_records(f, upto: int) -> int:
@@ -217,25 +256,24 @@ def _count_records(f, upto: int) -> int:
   f.seek(0)
   count, left, tail = 0, upto, b''
   while left > 0:
-    chunk = f.read(min(left, 16 << 20))
+    chunk = f.read(min(left, SPLIT_BYTES))
     if not chunk:
       break
     left -= len(chunk)
-    parts = (tail + chunk).split(b'\n')
-    tail = parts.pop()
-    count += sum(1 for part in parts if part.strip())
-  if tail.strip():
-    count += 1
-  return count
+    data = tail + chunk
+    cut = data.rfind(b'\n') + 1
+    count += len(_lines(data[:cut]))
+    tail = data[cut:]
+  return count + len(_lines(tail))
 
 
 def _range_lines(path: str, start: int, end: Optional[int]
-                 ) -> Tuple[int, List[str]]:
-  """(records before the range, lines of the records starting in
-  [start, end)). end None: to the end of the file."""
+                 ) -> Tuple[int, _Lines]:
+  """(records before the range, the record lines starting in [start,
+  end)). end None: to the end of the file."""
   with _open(path) as f:
     if end is None:
-      return 0, _text_lines(f.read())
+      return 0, _lines(f.read())
     before = 0
     if start > 0:
       f.seek(start - 1)
@@ -245,7 +283,7 @@ def _range_lines(path: str, start: int, end: Optional[int]
         newline = data.find(b'\n')
         if newline < 0:
           # No line starts in this range: it belongs to the one before.
-          return 0, []
+          return 0, _lines(b'')
         data = data[newline + 1:]
         before_bytes = start + newline + 1
       else:
@@ -263,11 +301,73 @@ def _range_lines(path: str, start: int, end: Optional[int]
           break
         newline = chunk.find(b'\n')
         if newline >= 0:
-          rest.append(chunk[:newline])
+          rest.append(chunk[:newline + 1])
           break
         rest.append(chunk)
       data += b''.join(rest)
-    return before, _text_lines(data)
+    return before, _lines(data)
+
+
+def _decode_lines(lines: _Lines, a: int, b: int, decode_block, decode_line
+                  ) -> List[Tuple[str, object]]:
+  """Segments covering lines [a, b) in order: ('block', Table) for runs the
+  fast decoder took, ('line', decode_line(text)) for single lines.
+
+  A refused block is split around the row pyarrow names, or halved, so a
+  few bad lines cost a few re-reads of their neighbours."""
+  if a >= b:
+    return []
+  try:
+    return [('block', decode_block(lines.block(a, b), b - a))]
+  except (pa.ArrowException, ValueError) as e:
+    match = _ROW_IN_ERROR.search(str(e))
+  if match and int(match.group(1)) < b - a:
+    bad = a + int(match.group(1))
+    return (_decode_lines(lines, a, bad, decode_block, decode_line) +
+            [('line', decode_line(lines.line(bad)))] +
+            _decode_lines(lines, bad + 1, b, decode_block, decode_line))
+  if b - a <= _SMALL_BLOCK:
+    return [('line', decode_line(lines.line(i))) for i in range(a, b)]
+  half = (a + b) // 2
+  return (_decode_lines(lines, a, half, decode_block, decode_line) +
+          _decode_lines(lines, half, b, decode_block, decode_line))
+
+
+def _assemble(segments, schema: pa.Schema, source: str, first: int,
+              raw: pa.Array, line_values) -> pa.RecordBatch:
+  """Segments of one block of lines -> one raw batch, in line order.
+
+  `line_values(result)` turns one line's decode result into (values row or
+  None, error or None, undecoded flag)."""
+  raw = raw.cast(pa.string())
+  if len(segments) == 1 and segments[0][0] == 'block':
+    return raw_batch(segments[0][1], source, first, raw=raw)
+  tables, errors, undecoded = [], [], []
+  for kind, value in segments:
+    if kind == 'block':
+      tables.append(value)
+      errors += [None] * value.num_rows
+      undecoded += [False] * value.num_rows
+    else:
+      row, error, flag = line_values(value)
+      tables.append(pa.Table.from_pylist([row or {}], schema=schema))
+      errors.append(error)
+      undecoded.append(flag)
+  table = pa.concat_tables(tables)
+  return raw_batch(table, source, first, raw=raw, errors=errors,
+                   undecoded=np.array(undecoded, bool))
+
+
+def _line_batches(lines: _Lines, first_line: int, schema: pa.Schema,
+                  source: str, first_position: int, decode_block,
+                  decode_line, line_values) -> Iterator[pa.RecordBatch]:
+  """Raw batches of BATCH_ROWS lines from line `first_line` on."""
+  for a in range(first_line, len(lines), BATCH_ROWS):
+    b = min(a + BATCH_ROWS, len(lines))
+    segments = _decode_lines(lines, a, b, decode_block, decode_line)
+    yield _assemble(segments, schema, source,
+                    first_position + a - first_line, lines.text.slice(a, b - a),
+                    line_values)
 
 
 # JSON lines ---------------------------------------------------------------------
@@ -279,16 +379,15 @@ def _json_schema(dataset: Dataset) -> pa.Schema:
   return pa.schema([(n, types[f.type]) for n, f in dataset.fields.items()])
 
 
-def _json_block(lines: List[str], schema: pa.Schema) -> pa.Table:
+def _json_block(data: bytes, rows: int, schema: pa.Schema) -> pa.Table:
   import pyarrow.json as pj  # pylint: disable=g-import-not-at-top
-  data = '\n'.join(lines).encode('utf-8')
   table = pj.read_json(
       io.BytesIO(data),
       read_options=pj.ReadOptions(use_threads=False,
-                                  block_size=len(data) + 1),
+                                  block_size=max(len(data), 1 << 20)),
       parse_options=pj.ParseOptions(explicit_schema=schema,
                                     unexpected_field_behavior='ignore'))
-  if table.num_rows != len(lines):
+  if table.num_rows != rows:
     raise ValueError('a line holds more or less than one JSON object')
   return table.select(schema.names)
 
@@ -304,67 +403,20 @@ def _json_line_problem(line: str) -> Optional[str]:
   return None
 
 
-def _decode_lines(lines: List[str], decode_block, decode_line
-                  ) -> List[Tuple[str, object]]:
-  """Segments covering `lines` in order: ('block', Table) for runs the fast
-  decoder took, ('line', result of decode_line) for single lines."""
-  if not lines:
-    return []
-  try:
-    return [('block', decode_block(lines))]
-  except (pa.ArrowException, ValueError) as e:
-    match = _ROW_IN_ERROR.search(str(e))
-  if match and int(match.group(1)) < len(lines):
-    bad = int(match.group(1))
-    return (_decode_lines(lines[:bad], decode_block, decode_line) +
-            [('line', decode_line(lines[bad]))] +
-            _decode_lines(lines[bad + 1:], decode_block, decode_line))
-  if len(lines) <= _SMALL_BLOCK:
-    return [('line', decode_line(line)) for line in lines]
-  half = len(lines) // 2
-  return (_decode_lines(lines[:half], decode_block, decode_line) +
-          _decode_lines(lines[half:], decode_block, decode_line))
-
-
-def _assemble(segments, schema: pa.Schema, source: str, first: int,
-              lines: List[str], line_values) -> pa.RecordBatch:
-  """Segments of one block of lines -> one raw batch, in line order.
-
-  `line_values(result)` turns one line's decode result into (values row or
-  None, error or None, undecoded flag)."""
-  if len(segments) == 1 and segments[0][0] == 'block':
-    return raw_batch(segments[0][1], source, first, raw=lines)
-  tables, errors, undecoded = [], [], []
-  for kind, value in segments:
-    if kind == 'block':
-      tables.append(value)
-      errors += [None] * value.num_rows
-      undecoded += [False] * value.num_rows
-    else:
-      row, error, flag = line_values(value)
-      tables.append(pa.Table.from_pylist([row or {}], schema=schema))
-      errors.append(error)
-      undecoded.append(flag)
-  table = pa.concat_tables(tables)
-  return raw_batch(table, source, first, raw=lines, errors=errors,
-                   undecoded=np.array(undecoded, bool))
-
-
 def _jsonl_batches(path: str, start: int, end: Optional[int],
                    dataset: Dataset) -> Iterator[pa.RecordBatch]:
   schema = _json_schema(dataset)
   before, lines = _range_lines(path, start, end)
-  decode_block = lambda block: _json_block(block, schema)
 
   def line_values(problem):
     # A line the block decoder refused: a JSON object is decoded from its
     # text by the parser (UNDECODED); anything else is malformed.
     return None, problem, problem is None
 
-  for i in range(0, len(lines), BATCH_ROWS):
-    block = lines[i:i + BATCH_ROWS]
-    segments = _decode_lines(block, decode_block, _json_line_problem)
-    yield _assemble(segments, schema, path, before + i, block, line_values)
+  yield from _line_batches(
+      lines, 0, schema, path, before,
+      lambda data, rows: _json_block(data, rows, schema),
+      _json_line_problem, line_values)
 
 
 # CSV ----------------------------------------------------------------------------
@@ -375,18 +427,17 @@ def _csv_row(line: str):
     return None, f'not valid CSV: {e}'
 
 
-def _csv_block(lines: List[str], header: List[str]) -> pa.Table:
+def _csv_block(data: bytes, rows: int, width: int) -> pa.Table:
   import pyarrow.csv as pcsv  # pylint: disable=g-import-not-at-top
-  data = '\n'.join(lines).encode('utf-8')
-  names = [f'c{i}' for i in range(len(header))]
+  names = [f'c{i}' for i in range(width)]
   table = pcsv.read_csv(
       io.BytesIO(data),
       read_options=pcsv.ReadOptions(column_names=names, use_threads=False,
-                                    block_size=len(data) + 1),
+                                    block_size=max(len(data), 1 << 20)),
       parse_options=pcsv.ParseOptions(newlines_in_values=False),
       convert_options=pcsv.ConvertOptions(
           column_types={n: pa.string() for n in names}))
-  if table.num_rows != len(lines):
+  if table.num_rows != rows:
     raise ValueError('CSV rows and lines differ')
   return table
 
@@ -395,13 +446,14 @@ def _csv_batches(path: str, start: int, end: Optional[int],
                  dataset: Dataset) -> Iterator[pa.RecordBatch]:
   before, lines = _range_lines(path, start, end)
   if start == 0 or end is None:
-    if not lines:
+    if not len(lines):
       return
-    header_line, lines = lines[0], lines[1:]
+    header_line, first_line = lines.line(0), 1
   else:
     with _open(path) as f:
-      first = f.readline()
-    header_line = (_text_lines(first) or [''])[0]
+      header_lines = _lines(f.readline())
+    header_line = header_lines.line(0) if len(header_lines) else ''
+    first_line = 0
     before -= 1   # the header is not a record
   header, error = _csv_row(header_line)
   if header is None:
@@ -413,8 +465,8 @@ def _csv_batches(path: str, start: int, end: Optional[int],
   declared = [n for n in dataset.fields if n in index]
   schema = pa.schema([(n, pa.string()) for n in declared])
 
-  def decode_block(block):
-    table = _csv_block(block, header)
+  def decode_block(data, rows):
+    table = _csv_block(data, rows, len(header))
     return pa.Table.from_arrays(
         [table.column(index[n]) for n in declared], schema=schema)
 
@@ -430,10 +482,8 @@ def _csv_batches(path: str, start: int, end: Optional[int],
       return None, problem, False
     return {n: row[index[n]] for n in declared}, None, False
 
-  for i in range(0, len(lines), BATCH_ROWS):
-    block = lines[i:i + BATCH_ROWS]
-    segments = _decode_lines(block, decode_block, decode_line)
-    yield _assemble(segments, schema, path, before + i, block, line_values)
+  yield from _line_batches(lines, first_line, schema, path, before,
+                           decode_block, decode_line, line_values)
 
 
 # Avro and Parquet -----------------------------------------------------------------
