@@ -7,6 +7,7 @@ runner untouched, so one command line works on every runner.
 
 import argparse
 import os
+import types
 from typing import Optional
 
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -145,6 +146,14 @@ class StreamingOptions(PipelineOptions):
     parser.add_argument(
         '--model_watch_interval', default=360.0, type=float,
         help='Seconds between two matches of --model_watch_pattern.')
+
+
+def flags(options: PipelineOptions, options_class) -> types.SimpleNamespace:
+  """RecordOptions' flags and `options_class`'s, read as one namespace."""
+  values = {}
+  for cls in (RecordOptions, options_class):
+    values.update(options.view_as(cls).get_all_options(current_only=True))
+  return types.SimpleNamespace(**values)
 
 
 def print_help(prog: str, options_class):

@@ -33,7 +33,7 @@ from urllib.parse import urlparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import pipelines.options  # noqa: F401  (registers MlPipeOptions' flags)
+import pipelines.options  # noqa: F401  (registers our options' flags)
 
 
 class PreflightError(ValueError):
