@@ -323,3 +323,65 @@ def test_preflight_errors(tmp_path):
     check_input(str(tmp_path / 'x.txt'), 'xml')
   assert check_input(str(tmp_path / 'x.txt'), 'jsonl') == [
       str(tmp_path / 'x.txt')]
+
+
+@pytest.mark.parametrize('line,kind', [
+    # A JSON number of 400 digits: too large for a float.
+    (json.dumps(_with(amount=10**400)), 'type_error'),
+    # Event times a window cannot reach past: year 9999, and year 1
+    # with a +14:00 offset.
+    (json.dumps(_with(event_time='9999-12-31T23:59:59Z')), 'out_of_range'),
+    (json.dumps(_with(event_time='0001-01-01T00:00:00+14:00')),
+     'out_of_range'),
+    # A key given twice: which value was meant cannot be known.
+    (json.dumps(GOOD)[:-1] + ', "amount": 99}', 'malformed'),
+    ('[' * 5000 + ']' * 5000, 'malformed'),
+])
+def test_poison_records_are_dead_letters_not_crashes(tmp_path, line, kind):
+  path = _lines(tmp_path / 'poison.jsonl',
+                [json.dumps(GOOD), line,
+                 json.dumps(_with(transaction_id='tx000000002'))])
+  batches = list(read_batches(path, DATASET))
+  valid, dead = _batched(batches)
+  assert sorted(r['transaction_id'] for r in valid) == [
+      'tx000000001', 'tx000000002']
+  assert [(d[1], d[2]) for d in dead] == [(1, kind)]
+  assert _per_record(batches)[1] == dead
+
+
+def test_csv_byte_order_mark_and_crlf(tmp_path):
+  path = tmp_path / 'bom.csv'
+  header = ','.join(GOOD)
+  row = ','.join(str(GOOD[k]) for k in GOOD)
+  path.write_bytes(b'\xef\xbb\xbf' + f'{header}\r\n{row}\r\n'.encode())
+  valid, dead = _batched(read_batches(str(path), DATASET))
+  assert dead == []
+  assert [r['transaction_id'] for r in valid] == ['tx000000001']
+
+
+def test_repeated_csv_column_makes_every_row_malformed(tmp_path):
+  path = tmp_path / 'twice.csv'
+  header = ','.join(list(GOOD) + ['amount'])
+  row = ','.join([str(GOOD[k]) for k in GOOD] + ['99'])
+  path.write_text(f'{header}\n{row}\n{row}\n')
+  valid, dead = _batched(read_batches(str(path), DATASET))
+  assert valid == []
+  assert [(d[1], d[2]) for d in dead] == [(0, 'malformed'), (1, 'malformed')]
+  assert "'amount' appears more than once" in dead[0][4]
+
+
+@pytest.mark.parametrize('name,cut', [('r.jsonl.gz', 0.6), ('r.avro', 0.6),
+                                      ('r.parquet', 0.6), ('r.parquet', 0.0),
+                                      ('r.avro', 0.0)])
+def test_broken_file_is_one_unreadable_file_row(tmp_path, name, cut):
+  """A truncated or empty file: the records before the break are read, and
+  one dead-letter row of kind unreadable_file names where it broke."""
+  records = [_with(transaction_id=f'tx{i:09d}') for i in range(3000)]
+  path = _write_all_formats(tmp_path, records)[name.split('.')[1]]
+  data = path.read_bytes()
+  path.write_bytes(data[:int(len(data) * cut)])
+  valid, dead = _batched(read_batches(str(path), DATASET))
+  assert [d[2] for d in dead] == ['unreadable_file']
+  assert 'unreadable from record' in dead[0][4]
+  assert len(valid) < 3000
+  assert dead[0][1] == len(valid)

@@ -56,6 +56,13 @@ ERROR_KINDS = ('malformed', 'unreadable_file', 'missing_required',
                'pattern_mismatch', 'too_long', 'rule_violation', 'stale',
                'duplicate', 'late')
 
+# Event times the pipeline computes with: windows and history reach a long
+# way before and after an event, and every window bound must still be a
+# date (year 1 or 9999 is not, once a week is added or taken away).
+EARLIEST, LATEST = '1678-01-01T00:00:00Z', '2261-12-31T00:00:00Z'
+EARLIEST_MICROS = -9_214_560_000_000_000
+LATEST_MICROS = 9_214_560_000_000_000
+
 # Columns kept beside a valid record until duplicates are removed.
 KEEP_META = (SOURCE, POSITION, RAW)
 
@@ -145,7 +152,11 @@ def _coerce(field: Field, value):
   if parsed.tzinfo is None:
     raise RecordError('type_error', name, f'{name}: {value!r} has no time '
                       'zone; use Z or an offset')
-  return to_micros(parsed)
+  micros = to_micros(parsed)
+  if not EARLIEST_MICROS <= micros <= LATEST_MICROS:
+    raise RecordError('out_of_range', name, f'{name}: {value!r} is outside '
+                      f'{EARLIEST} .. {LATEST}')
+  return micros
 
 
 def _check(field: Field, value, patterns: Dict[str, Any]):
@@ -406,6 +417,9 @@ class BatchValidator:
         return pa.nulls(n, target), doubt | present
       values = pc.if_else(pa.array(present), values,
                           pa.scalar(None, pa.int64()))
+      times = pc.fill_null(values, 0).to_numpy(zero_copy_only=False)
+      doubt |= present & ((times < EARLIEST_MICROS) |
+                          (times > LATEST_MICROS))
     values = values.cast(target)
     doubt |= present & self._rule_doubts(field, values)
     # Absent values (missing, or doubted) are null in the typed column.

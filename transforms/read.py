@@ -280,13 +280,18 @@ def _count_records(f, upto: int) -> int:
   return count + _count_lines(tail)
 
 
+def _without_bom(data: bytes) -> bytes:
+  """A file's bytes without the UTF-8 byte-order mark some editors write."""
+  return data[3:] if data.startswith(b'\xef\xbb\xbf') else data
+
+
 def _range_lines(path: str, start: int, end: Optional[int]
                  ) -> Tuple[int, _Lines]:
   """(records before the range, the record lines starting in [start,
   end)). end None: to the end of the file."""
   with _open(path) as f:
     if end is None:
-      return 0, _lines(f.read())
+      return 0, _lines(_without_bom(f.read()))
     before = 0
     if start > 0:
       f.seek(start - 1)
@@ -304,7 +309,7 @@ def _range_lines(path: str, start: int, end: Optional[int]
       before = _count_records(f, before_bytes)
       f.seek(end)
     else:
-      data = f.read(end)
+      data = _without_bom(f.read(end))
     if data and not data.endswith(b'\n'):
       # Finish the last line, which starts before `end`.
       rest = []
@@ -405,12 +410,23 @@ def _json_block(data: bytes, rows: int, schema: pa.Schema) -> pa.Table:
   return table.select(schema.names)
 
 
+def _unique_keys(pairs):
+  keys = [k for k, _ in pairs]
+  if len(set(keys)) != len(keys):
+    repeated = sorted({k for k in keys if keys.count(k) > 1})
+    raise ValueError(f'key {repeated[0]!r} appears more than once')
+  return dict(pairs)
+
+
 def _json_line_problem(line: str) -> Optional[str]:
-  """Why one line is not a JSON object, or None."""
+  """Why one line is not a JSON object, or None. A key given twice is a
+  problem: which value was meant cannot be known."""
   try:
-    values = json.loads(line)
+    values = json.loads(line, object_pairs_hook=_unique_keys)
   except ValueError as e:
     return f'not valid JSON: {e}'
+  except RecursionError:
+    return 'not valid JSON: nested too deeply'
   if not isinstance(values, dict):
     return 'a JSON line must be an object'
   return None
@@ -473,10 +489,22 @@ def _csv_batches(path: str, start: int, end: Optional[int],
     yield unreadable_batch(path, 0, ValueError(
         f'unreadable CSV header: {error}'))
     return
-  # The last of repeated column names wins, as in dict(zip(header, row)).
   index = {name: i for i, name in enumerate(header)}
   declared = [n for n in dataset.fields if n in index]
   schema = pa.schema([(n, pa.string()) for n in declared])
+  repeated = sorted({n for n in header if header.count(n) > 1})
+  if repeated:
+    # Which of the columns holds the value cannot be known: every record
+    # is malformed, none silently takes one of them.
+    message = f'column {repeated[0]!r} appears more than once in the header'
+    for a in range(first_line, len(lines), BATCH_ROWS):
+      b = min(a + BATCH_ROWS, len(lines))
+      nulls = pa.Table.from_arrays(
+          [pa.nulls(b - a, pa.string()) for _ in declared], schema=schema)
+      yield raw_batch(nulls, path, before + a - first_line,
+                      raw=lines.text.slice(a, b - a).cast(pa.string()),
+                      errors=[message] * (b - a))
+    return
 
   def decode_block(data, rows):
     table = _csv_block(data, rows, len(header))
