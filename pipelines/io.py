@@ -1,6 +1,7 @@
 """Small file helpers that work the same on local paths and gs://."""
 
 import json
+import os
 
 import apache_beam as beam
 import pyarrow as pa
@@ -81,3 +82,53 @@ class WriteParquetRows(beam.PTransform):
                 lambda batch: pa.Table.from_pylist(batch, schema=schema))
             | 'WriteParquet' >> beam.io.WriteToParquetBatched(
                 self._prefix, schema, file_name_suffix='.parquet'))
+
+
+SUCCESS = '_SUCCESS'
+
+
+def mark_complete(folder: str):
+  """Writes the folder's success marker: every file of it is written."""
+  write_bytes(join(folder, SUCCESS), b'')
+
+
+def is_complete(folder: str) -> bool:
+  return FileSystems.exists(join(folder, SUCCESS))
+
+
+def _resolved(path: str) -> str:
+  if '://' in path:
+    return path.rstrip('/') + '/'
+  return os.path.realpath(path).rstrip(os.sep) + os.sep
+
+
+def is_within(path: str, folder: str) -> bool:
+  """Whether `path` is `folder` or lies inside it (symlinks resolved)."""
+  return _resolved(path).startswith(_resolved(folder))
+
+
+class OutputError(ValueError):
+  """--output_dir cannot be used (exit 2, before anything is deleted)."""
+
+
+def check_output_dir(output_dir: str, inputs, folders):
+  """Refuses an output folder that is a file or cannot be written, and one
+  whose clean-up would delete an input (`inputs`: paths or None)."""
+  for path in inputs:
+    if path and any(is_within(path, folder) for folder in folders):
+      raise OutputError(f'{path} is inside {output_dir}, which this run '
+                        'clears first: read it from elsewhere or write to '
+                        'another --output_dir')
+  if '://' in output_dir:
+    return
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise OutputError(f'--output_dir {output_dir} is a file, not a folder')
+  try:
+    os.makedirs(output_dir, exist_ok=True)
+    probe = os.path.join(output_dir, '.write_test')
+    with open(probe, 'wb'):
+      pass
+    os.remove(probe)
+  except OSError as e:
+    raise OutputError(f'--output_dir {output_dir} cannot be written: '
+                      f'{e.strerror}') from None

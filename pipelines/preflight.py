@@ -60,6 +60,26 @@ _ALL_PATHS = _WORKER_PATHS + ('baseline_stats',)
 _DMI_PRODUCT_NAME = '/sys/class/dmi/id/product_name'
 
 
+def check_flags(argv) -> None:
+  """Refuses a flag that neither we nor Beam define (a misspelled
+  --ouput_dir would otherwise be dropped with a warning and the run would
+  write to the default folder)."""
+  # pylint: disable=protected-access
+  from apache_beam.options.pipeline_options import _BeamArgumentParser
+  parser = _BeamArgumentParser(allow_abbrev=False)
+  seen = {}
+  for cls in PipelineOptions.__subclasses__():
+    seen.setdefault(str(cls), cls)
+  for cls in seen.values():
+    cls._add_argparse_args(parser)
+  _, unknown = parser.parse_known_args(list(argv or []))
+  flags = [a.split('=', 1)[0] for a in unknown if a.startswith('-')]
+  if flags:
+    raise PreflightError(f'unknown flag {flags[0]}: see --help for ours; '
+                         'every other flag must be one Beam or its runner '
+                         'defines')
+
+
 def _flags(options: PipelineOptions) -> Dict[str, object]:
   flags = options.get_all_options(drop_default=False)
   if flags.get('input_subscription') or flags.get('input_topic'):

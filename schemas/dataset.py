@@ -266,6 +266,34 @@ def _camel(name: str) -> str:
   return ''.join(part.capitalize() for part in re.split(r'[_\W]+', name))
 
 
+def _check_field_options(where: str, name: str, opts: Dict[str, Any]):
+  """Option values of the right kind: a declaration is data, and a wrong
+  value must fail here with one line, not mid-run."""
+  for key in ('min', 'max'):
+    value = opts.get(key)
+    if value is not None and (isinstance(value, bool) or
+                              not isinstance(value, (int, float))):
+      raise SchemaError(f'{where}: field {name}: {key} must be a number, '
+                        f'got {value!r}')
+  for key in ('allowed', 'domain'):
+    if key in opts and not isinstance(opts[key], (list, tuple)):
+      raise SchemaError(f'{where}: field {name}: {key} must be a list')
+  if 'max_length' in opts and not (isinstance(opts['max_length'], int) and
+                                   opts['max_length'] >= 0):
+    raise SchemaError(f'{where}: field {name}: max_length must be a '
+                      'non-negative integer')
+  if 'pattern' in opts:
+    try:
+      re.compile(opts['pattern'])
+    except (re.error, TypeError) as e:
+      raise SchemaError(f'{where}: field {name}: bad pattern '
+                        f'{opts["pattern"]!r}: {e}') from None
+  for key in ('required', 'cents'):
+    if key in opts and not isinstance(opts[key], bool):
+      raise SchemaError(f'{where}: field {name}: {key} must be true or '
+                        'false')
+
+
 def _require(mapping, key, where):
   if key not in mapping:
     raise SchemaError(f'{where}: missing "{key}"')
@@ -288,8 +316,15 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
   where = os.path.basename(path)
 
   fields = {}
-  for name, opts in _require(raw, 'fields', where).items():
+  declared = _require(raw, 'fields', where)
+  if not isinstance(declared, dict) or not declared:
+    raise SchemaError(f'{where}: fields must be a mapping of name -> '
+                      'options')
+  for name, opts in declared.items():
+    if opts is not None and not isinstance(opts, dict):
+      raise SchemaError(f'{where}: field {name}: options must be a mapping')
     opts = dict(opts or {})
+    _check_field_options(where, name, opts)
     ftype = opts.pop('type', None)
     if ftype not in FIELD_TYPES:
       raise SchemaError(f'{where}: field {name} has type {ftype!r}; '

@@ -43,6 +43,15 @@ def test_adding_a_field_is_one_change(tmp_path):
      'undeclared window 3d'),
     (lambda raw: raw['transform']['numeric'].update(ghost='z_score'),
      'ghost is not a field'),
+    (lambda raw: raw.update(fields=list(raw['fields'])), 'must be a mapping'),
+    (lambda raw: raw['fields']['amount'].update(min='low'),
+     'min must be a number'),
+    (lambda raw: raw['fields']['user_id'].update(pattern='^u[0-9'),
+     'bad pattern'),
+    (lambda raw: raw['fields']['currency'].update(allowed='USD'),
+     'allowed must be a list'),
+    (lambda raw: raw['fields'].update(amount='float'),
+     'options must be a mapping'),
 ])
 def test_inconsistent_declarations_are_refused(tmp_path, change, message):
   with open(os.path.join(SCHEMA_DIR, 'transactions.yaml')) as f:
