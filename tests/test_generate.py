@@ -37,7 +37,7 @@ def _read_back(path, fmt=None):
   """(valid records, {position: error kind}) as the parser would split them,
   duplicates resolved first-wins like ParseAndValidate."""
   valid, errors, seen = [], {}, set()
-  for raw in read_file(path, fmt):
+  for raw in read_file(path, VALIDATOR.dataset, fmt):
     try:
       record = VALIDATOR.validate(raw)
     except RecordError as e:
