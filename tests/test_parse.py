@@ -385,3 +385,19 @@ def test_broken_file_is_one_unreadable_file_row(tmp_path, name, cut):
   assert 'unreadable from record' in dead[0][4]
   assert len(valid) < 3000
   assert dead[0][1] == len(valid)
+
+
+def test_of_two_copies_the_earlier_event_wins_as_in_a_stream(tmp_path):
+  """The dedupe rule batch and streaming share: earliest event time, then
+  file order. Here the copy later in the file is earlier in event time."""
+  late = _with(event_time='2026-10-01T11:00:00Z', amount=1.0)
+  early = _with(event_time='2026-10-01T09:00:00Z', amount=2.0)
+  _lines(tmp_path / 'a.jsonl', [json.dumps(late), json.dumps(early)])
+  with TestPipeline() as p:
+    out = (p | ReadRecords(str(tmp_path / 'a.jsonl'), DATASET)
+           | ParseAndValidate(DATASET))
+    assert_that(_rows(out[VALID], 'ValidRows') | 'Amount' >> beam.Map(
+        lambda r: r['amount']), equal_to([2.0]), label='valid')
+    assert_that(_rows(out[DEAD_LETTER], 'DeadRows') | 'Where' >> beam.Map(
+        lambda r: (r['position'], r['error_kind'])),
+                equal_to([(0, 'duplicate')]), label='dead')

@@ -12,10 +12,12 @@ breaks several), and two ways of applying it:
     (valid, or the dead-letter kind and message), so the fast path only
     ever needs to be right about the rows it accepts. Duplicate ids are
     then removed by shuffling (shard, RecordBatch) pairs by a hash of the
-    id: the copy read first (by file, then position) wins.
+    id: the copy with the earliest event time wins, then the one read
+    first (by file, then position).
   * streaming, `StreamingParseAndValidate`: one RawRecord per event through
     `RecordValidator`, then a stateful DoFn keyed by id that keeps the
-    first copy to arrive within a horizon.
+    first copy to arrive within a horizon. In a stream in event-time order
+    (a replay) that is the batch rule's copy.
 
 Every record read leaves through exactly one of the two outputs.
 """
@@ -558,8 +560,9 @@ def _first_copy_wins(shard_and_batches, dataset: Dataset):
   if table.num_rows == 0:
     return
   id_field, schema = dataset.id_field, dataset.batch_schema()
-  table = table.sort_by([(id_field, 'ascending'), (SOURCE, 'ascending'),
-                         (POSITION, 'ascending')])
+  table = table.sort_by([(id_field, 'ascending'),
+                         (dataset.timestamp_field, 'ascending'),
+                         (SOURCE, 'ascending'), (POSITION, 'ascending')])
   ids = table.column(id_field).to_numpy()
   first = np.ones(len(ids), bool)
   first[1:] = ids[1:] != ids[:-1]
@@ -603,8 +606,10 @@ class DropDuplicatesInReadOrder(beam.PTransform):
    'dead_letter': PCollection[pa.RecordBatch] of later copies}.
 
   Rows are shuffled as (shard of the id, batch) pairs, so all copies of an
-  id meet; the copy read first (by file, then position) wins, whatever the
-  shuffle order. Bounded input only.
+  id meet. The copy with the earliest event time wins, then the one read
+  first (by file, then position), whatever the shuffle order: the rule a
+  stream in event-time order follows too (a replay keeps the same copy).
+  Bounded input only.
   """
 
   def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS):
