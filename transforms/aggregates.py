@@ -1,17 +1,293 @@
-"""Windowed entity aggregates: per key and per event-time window."""
+"""Windowed entity aggregates: per key and per event-time window.
 
-from typing import Optional
+Two forms, one row shape (`aggregate_columns`, the columns of
+`Dataset.aggregate_schema(key_field)`):
+
+  * `EntityAggregates` (batch): PCollection[pa.RecordBatch] of valid
+    records (`Dataset.batch_schema()`, event times int64 epoch micros) ->
+    PCollection[pa.RecordBatch] of aggregate rows. Each batch is summed per
+    (key, time slot) with Arrow first, so Beam's windowing and combine see
+    one element per batch and slot, not one per record.
+  * `StreamingEntityAggregates`: PCollection[dict] valid records (stamped
+    with event time) -> {'aggregates': PCollection[dict] rows plus pane and
+    pane_index, 'late': PCollection[dict] dead-letter rows}. One element per
+    record, so that early, on-time and late panes and the lateness rule
+    below work per event.
+
+Both give the same values for the same records: amounts are summed as exact
+integer cents (round half to even), total_amount = cents / 100,
+mean_amount = total_amount / count, fraud_rate = positives / labelled
+(None without labelled records).
+
+Lateness (streaming), in one place. Let L be the allowed lateness and, for
+an event at event time t, first_end(t) the end of the earliest aggregate
+window that contains t. Per aggregate key, a *lateness clock* is kept: the
+larger of the latest event time of the key's admitted events and the time
+of the key's last fired lateness timer (an event-time timer set at
+first_end + L of each admitted event; it fires only once the watermark has
+passed it). An event is late, and dead-lettered with error_kind 'late', when
+
+    first_end(t) + L <= clock(key)
+
+i.e. when even its earliest window has been closed for longer than L, by the
+key's own progress or by the watermark. Late events are never aggregated
+(not even into their later windows); every admitted event is aggregated in
+all of its windows. Lateness is per aggregate table (an event may be late
+for its merchant's table and not for its user's), and late events still get
+history features and a score.
+
+The gap: a key's clock learns the watermark only from the key's own timers,
+so it can be behind it (a key's first event, or one long after the key's
+previous events). Such an event, if it arrives after the watermark passed
+first_end + L, passes the rule and is then dropped by the runner's lateness
+check at the window's GroupByKey (Beam has no late-data output), not
+dead-lettered. tests/test_streaming.py pins this case down. With in-order
+replay no event is ever late.
+"""
+
+import math
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import apache_beam as beam
-from apache_beam.transforms import window
-from apache_beam.utils.timestamp import Timestamp
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.transforms import trigger, window
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec,
+                                              TimerSpec, on_timer)
+from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from schemas.dataset import Dataset
-from transforms.parse import micros_to_rfc3339
+from transforms.common import (MICROS, Counters, concat_batches,
+                               dead_letter_row, json_row, micros_to_rfc3339,
+                               table_to_batch)
+
+AGGREGATES = 'aggregates'
+LATE = 'late'
+
+# The partial sums of a (key, slot) or (key, window): columns after the key.
+SUMS = ('count', 'cents', 'labelled', 'positives')
+
+# A combine accumulator is compacted (its partials summed into one) once it
+# holds this many: memory stays bounded by the distinct keys of a window.
+COMPACT_AT = 64
 
 
+def window_fn(size: int, period: Optional[int] = None) -> window.WindowFn:
+  """Sliding windows of `size` seconds every `period`; fixed when the
+  period is None or equal to the size."""
+  if period is None or period == size:
+    return window.FixedWindows(size)
+  return window.SlidingWindows(size, period)
+
+
+def aggregate_columns(key_field: str, keys: pa.Array, w: window.BoundedWindow,
+                      count: Sequence[int], cents: Sequence[int],
+                      labelled: Sequence[int], positives: Sequence[int]
+                      ) -> Dict[str, pa.Array]:
+  """Column name -> values of the aggregate rows of window `w`, one row per
+  key: the one place the row shape is written, for both forms.
+
+  Same values as Python scalar arithmetic: int64 -> float64 is exact below
+  2**53, and IEEE division is correctly rounded, like Python's.
+  """
+  count = np.asarray(count, dtype=np.int64)
+  cents = np.asarray(cents, dtype=np.int64)
+  labelled = np.asarray(labelled, dtype=np.int64)
+  positives = np.asarray(positives, dtype=np.int64)
+  rows = len(count)
+  total = cents / 100
+  has_labels = labelled > 0
+  fraud_rate = np.divide(positives, labelled, out=np.zeros(rows),
+                         where=has_labels)
+  return {
+      key_field: keys,
+      'window_start': pa.array([micros_to_rfc3339(w.start.micros)] * rows,
+                               pa.string()),
+      'window_end': pa.array([micros_to_rfc3339(w.end.micros)] * rows,
+                             pa.string()),
+      'count': pa.array(count),
+      'total_amount': pa.array(total),
+      'mean_amount': pa.array(total / count),
+      'fraud_rate': pa.array(fraud_rate, mask=~has_labels),
+  }
+
+
+# Batch: RecordBatches --------------------------------------------------------
+def partial_schema(dataset: Dataset, key_field: str) -> pa.Schema:
+  """Columns of a partial: the key and the int64 SUMS."""
+  key_type = dataset.batch_schema().field(key_field).type
+  return pa.schema([(key_field, key_type)] + [(s, pa.int64()) for s in SUMS])
+
+
+def partial_sums(batch: pa.RecordBatch, dataset: Dataset, key_field: str,
+                 slot: int) -> Iterator[Tuple[int, pa.RecordBatch]]:
+  """(slot start, partial sums per key) for every slot of `slot` micros
+  that holds a record of `batch`; a slot starts at t - t % slot.
+
+  Cents are np.rint(amount * 100): round half to even, as Python's round.
+  A record is labelled when its label is not null, positive when it is 1.
+  """
+  if batch.num_rows == 0:
+    return
+  t = batch.column(dataset.timestamp_field).to_numpy()
+  amount = batch.column(dataset.history.value).to_numpy(zero_copy_only=False)
+  label = dataset.label_field
+  if label and batch.schema.get_field_index(label) >= 0:
+    labels = batch.column(label)
+    labelled = labels.is_valid().to_numpy(zero_copy_only=False)
+    positives = pc.fill_null(pc.equal(labels, 1), False).to_numpy(
+        zero_copy_only=False)
+  else:
+    labelled = positives = np.zeros(batch.num_rows, dtype=bool)
+  records = pa.table({
+      key_field: batch.column(key_field),
+      '_slot': t - t % slot,       # NumPy's % is a floor modulo, like Beam's
+      'count': np.ones(batch.num_rows, dtype=np.int64),
+      'cents': np.rint(amount * 100).astype(np.int64),
+      'labelled': labelled.astype(np.int64),
+      'positives': positives.astype(np.int64)})
+  summed = (records.group_by([key_field, '_slot'])
+            .aggregate([(s, 'sum') for s in SUMS])
+            .sort_by([('_slot', 'ascending'), (key_field, 'ascending')]))
+  partials = table_to_batch(pa.table(
+      [summed[key_field]] + [summed[f'{s}_sum'] for s in SUMS],
+      names=[key_field, *SUMS]))
+  slots = summed['_slot'].to_numpy()
+  starts = np.concatenate([[0], np.flatnonzero(np.diff(slots)) + 1])
+  ends = np.concatenate([starts[1:], [len(slots)]])
+  for start, end in zip(starts, ends):
+    # take, not slice: a pickled slice carries its parent's whole buffers.
+    yield int(slots[start]), partials.take(np.arange(start, end))
+
+
+def sum_partials(partials: List[pa.RecordBatch],
+                 schema: pa.Schema) -> pa.RecordBatch:
+  """Partials (any number, keys repeating) -> one partial, a row per key,
+  sorted by key."""
+  key = schema.names[0]
+  summed = concat_batches(partials, schema).group_by(key).aggregate(
+      [(s, 'sum') for s in SUMS])
+  return table_to_batch(pa.table(
+      [summed[key]] + [summed[f'{s}_sum'] for s in SUMS],
+      schema=schema).sort_by(key))
+
+
+class SumPartials(beam.CombineFn):
+  """RecordBatch partials (`partial_schema`) -> their sums per key.
+
+  The accumulator is a list of partials, compacted into one whenever it
+  reaches COMPACT_AT (and before it is shuffled), so it never holds more
+  than COMPACT_AT partials.
+  """
+
+  def __init__(self, schema: pa.Schema):
+    self._schema = schema
+
+  def create_accumulator(self):
+    return []
+
+  def add_input(self, accumulator, partial):
+    accumulator.append(partial)
+    if len(accumulator) >= COMPACT_AT:
+      return self.compact(accumulator)
+    return accumulator
+
+  def merge_accumulators(self, accumulators):
+    merged = [partial for acc in accumulators for partial in acc]
+    if len(merged) >= COMPACT_AT:
+      return self.compact(merged)
+    return merged
+
+  def compact(self, accumulator):
+    if len(accumulator) <= 1:
+      return accumulator
+    return [sum_partials(accumulator, self._schema)]
+
+  def extract_output(self, accumulator):
+    return sum_partials(accumulator, self._schema)
+
+
+def _stamped_partials(batch: pa.RecordBatch, dataset: Dataset, key_field: str,
+                      slot: int):
+  """RecordBatch -> (key_field, partial) per slot, stamped at its start.
+  One table key (the key field's name): a window's partials meet in one
+  combine."""
+  for start, partial in partial_sums(batch, dataset, key_field, slot):
+    yield window.TimestampedValue((key_field, partial),
+                                  Timestamp(micros=start))
+
+
+class _PartialsToRows(beam.DoFn):
+  """(table key, summed partial) in a window -> RecordBatch of its rows."""
+
+  def __init__(self, key_field: str, schema: pa.Schema):
+    self._key_field, self._schema = key_field, schema
+
+  def process(self, element, w=beam.DoFn.WindowParam):
+    _, sums = element
+    columns = aggregate_columns(
+        self._key_field, sums.column(self._key_field), w,
+        *(sums.column(s).to_numpy() for s in SUMS))
+    yield pa.RecordBatch.from_arrays(
+        [columns[f.name] for f in self._schema], schema=self._schema)
+
+
+class EntityAggregates(beam.PTransform):
+  """PCollection[pa.RecordBatch] valid records (`Dataset.batch_schema()`) ->
+  PCollection[pa.RecordBatch] aggregate rows
+  (`Dataset.aggregate_schema(key_field)`), one batch per window.
+
+  Rows: key, window_start, window_end (RFC 3339), count, total_amount,
+  mean_amount, fraud_rate (null without labels), one per key and event-time
+  window. Windows are sliding (`size`, every `period` seconds) or fixed
+  when `period` equals `size` or is None.
+
+  Each batch is first summed per (key, slot) with Arrow; a partial per
+  (batch, slot) is stamped with its slot's start and windowed by Beam, and
+  the partials of a window are summed by `SumPartials`. Slots are
+  gcd(size, period) long, so every window boundary is a slot boundary: a
+  window holds a slot whole or not at all, and a partial stamped at its
+  slot start falls in exactly the windows of its records (for fixed windows
+  and the usual sliding windows, whose size is a multiple of the period,
+  the slot is the period).
+  """
+
+  def __init__(self, dataset: Dataset, key_field: str, size: int,
+               period: Optional[int] = None):
+    super().__init__()
+    self._dataset = dataset
+    self._key_field = key_field
+    self._size, self._period = size, period or size
+
+  def windowing(self) -> window.WindowFn:
+    return window_fn(self._size, self._period)
+
+  def expand(self, batches):
+    dataset, key = self._dataset, self._key_field
+    slot = math.gcd(self._size, self._period) * MICROS
+    return (
+        batches
+        | 'SumEachBatchPerKeyAndSlot' >> beam.FlatMap(
+            _stamped_partials, dataset, key, slot).with_output_types(
+                Tuple[str, pa.RecordBatch])
+        # A partial stamped at its slot's start is in exactly the windows of
+        # its records: window starts and ends are multiples of the slot.
+        | 'WindowBySlotStart' >> beam.WindowInto(self.windowing())
+        | 'SumPartialsPerWindow' >> beam.CombinePerKey(
+            SumPartials(partial_schema(dataset, key)))
+        | 'ToRows' >> beam.ParDo(
+            _PartialsToRows(key, dataset.aggregate_schema(key)))
+        | 'BackToGlobalWindow' >> beam.WindowInto(window.GlobalWindows()))
+
+
+# Streaming: one dict per record ----------------------------------------------
 class AggregateAmounts(beam.CombineFn):
-  """(amount, label or None) -> count, total, labelled and fraud counts."""
+  """(amount, label or None) -> (count, total in cents, labelled, positives),
+  per record: the streaming form's combine."""
 
   def create_accumulator(self):
     return (0, 0, 0, 0)     # count, total in cents, labelled, positives
@@ -30,57 +306,164 @@ class AggregateAmounts(beam.CombineFn):
 
 
 class AggregateRow(beam.DoFn):
+  """(key, AggregateAmounts output) in a window -> the aggregate row dict."""
 
   def __init__(self, key_field: str):
     self._key_field = key_field
 
   def process(self, element, w=beam.DoFn.WindowParam):
     key, (count, cents, labelled, positives) = element
-    total = cents / 100
-    yield {
-        self._key_field: key,
-        'window_start': micros_to_rfc3339(w.start.micros),
-        'window_end': micros_to_rfc3339(w.end.micros),
-        'count': count,
-        'total_amount': total,
-        'mean_amount': total / count,
-        'fraud_rate': positives / labelled if labelled else None,
-    }
+    columns = aggregate_columns(self._key_field, pa.array([key]), w,
+                                [count], [cents], [labelled], [positives])
+    yield {name: values[0].as_py() for name, values in columns.items()}
 
 
-class EntityAggregates(beam.PTransform):
-  """PCollection[dict] valid records -> PCollection[dict] aggregate rows.
+def late_row(record: Dict[str, Any], dataset: Dataset, key_field: str,
+             message: str) -> Dict[str, Any]:
+  """A dead-letter row for a valid record refused by an aggregate table.
 
-  Rows: {<key_field>, window_start, window_end (RFC 3339), count,
-  total_amount, mean_amount, fraud_rate (None without labels)}, one per key
-  and event-time window. Windows are sliding (`size`, every `period`
-  seconds) or fixed when `period` equals `size` or is None. The records'
-  own event time is their timestamp, so batch and streaming window alike.
+  `raw` is the record as JSON with its event time in RFC 3339, ready to
+  re-ingest.
+  """
+  ts = dataset.timestamp_field
+  raw = dict(record)
+  raw[ts] = micros_to_rfc3339(record[ts])
+  return dead_letter_row(None, None, LATE, key_field, message, json_row(raw))
+
+
+class _RouteLate(beam.DoFn):
+  """(key, record) -> (key, record) if admitted, else a 'late' dead-letter row.
+
+  Implements the lateness rule of this module's docstring, per key, in the
+  global window (so the runner drops nothing before this decision). State:
+  the key's clock and the distinct deadlines (first window end + L) of its
+  admitted events whose timers have not fired yet; the timer is set at the
+  earliest of them.
+  """
+  CLOCK = ReadModifyWriteStateSpec('clock', VarIntCoder())
+  DEADLINES = ReadModifyWriteStateSpec('deadlines', PickleCoder())
+  CLOSE = TimerSpec('close', TimeDomain.WATERMARK)
+
+  def __init__(self, dataset: Dataset, key_field: str,
+               windowfn: window.WindowFn, allowed_lateness: int):
+    self._dataset, self._key_field = dataset, key_field
+    self._windowfn = windowfn
+    self._lateness = allowed_lateness * MICROS
+
+  def setup(self):
+    self._counters = Counters()
+
+  def _first_end(self, t: int) -> int:
+    windows = self._windowfn.assign(
+        window.WindowFn.AssignContext(Timestamp(micros=t)))
+    return min(w.end.micros for w in windows)
+
+  def process(self, element, clock=beam.DoFn.StateParam(CLOCK),
+              deadlines=beam.DoFn.StateParam(DEADLINES),
+              close=beam.DoFn.TimerParam(CLOSE)):
+    key, record = element
+    t = record[self._dataset.timestamp_field]
+    first_end = self._first_end(t)
+    deadline = first_end + self._lateness
+    now = clock.read()
+    if now is not None and deadline <= now:
+      self._counters.inc('records_late')
+      self._counters.inc(f'dead_letter.{LATE}')
+      yield beam.pvalue.TaggedOutput(LATE, late_row(
+          record, self._dataset, self._key_field,
+          f'{self._key_field} {key}: event at {micros_to_rfc3339(t)} is '
+          f'late: its first window ended {micros_to_rfc3339(first_end)}, '
+          f'+ allowed lateness {self._lateness // MICROS}s = '
+          f'{micros_to_rfc3339(deadline)}, not after the key clock '
+          f'{micros_to_rfc3339(now)}'))
+      return
+    if now is None or t > now:
+      clock.write(t)
+    pending = set(deadlines.read() or ())
+    if deadline not in pending:
+      pending.add(deadline)
+      deadlines.write(sorted(pending))
+      close.set(Timestamp(micros=min(pending)))
+    yield element
+
+  @on_timer(CLOSE)
+  def watermark_passed(self, fired=beam.DoFn.TimestampParam,
+                       clock=beam.DoFn.StateParam(CLOCK),
+                       deadlines=beam.DoFn.StateParam(DEADLINES),
+                       close=beam.DoFn.TimerParam(CLOSE)):
+    # The watermark has passed `fired`: a lower bound the key's events use.
+    now = clock.read()
+    if now is None or fired.micros > now:
+      clock.write(fired.micros)
+    pending = [d for d in deadlines.read() or () if d > fired.micros]
+    if pending:
+      deadlines.write(pending)
+      close.set(Timestamp(micros=pending[0]))
+    else:
+      deadlines.clear()
+
+
+class _ToPaneRow(AggregateRow):
+  """The aggregate row plus the pane: 'EARLY', 'ON_TIME' or 'LATE' and its
+  index in the window. Panes accumulate: the row with the highest
+  pane_index of a window is its current total."""
+
+  def process(self, element, w=beam.DoFn.WindowParam,
+              pane=beam.DoFn.PaneInfoParam):
+    for row in super().process(element, w):
+      row['pane'] = PaneInfoTiming.to_string(pane.timing)
+      row['pane_index'] = pane.index
+      yield row
+
+
+class StreamingEntityAggregates(beam.PTransform):
+  """PCollection[dict] valid records (stamped with event time) ->
+  {'aggregates': PCollection[dict], 'late': PCollection[dict]}.
+
+  'aggregates': the `EntityAggregates` row as a dict plus pane and
+  pane_index, one per key, window and pane, left in its event-time window.
+  Windows are sliding (`size` every `period` seconds; fixed when equal).
+  Panes: early every `early_firing` seconds of processing time while a
+  window is open, on time when the watermark passes its end, then one late
+  pane per late event for `allowed_lateness` seconds; panes accumulate.
+  'late': dead-letter rows (error_kind 'late') of events refused by the
+  lateness rule of this module's docstring. Counter: records_late.
   """
 
   def __init__(self, dataset: Dataset, key_field: str, size: int,
-               period: Optional[int] = None):
+               period: Optional[int] = None, allowed_lateness: int = 3600,
+               early_firing: int = 60):
     super().__init__()
-    self._dataset = dataset
-    self._key_field = key_field
+    self._dataset, self._key_field = dataset, key_field
     self._size, self._period = size, period or size
+    self._lateness, self._early = allowed_lateness, early_firing
 
-  def windowing(self):
-    if self._period == self._size:
-      return window.FixedWindows(self._size)
-    return window.SlidingWindows(self._size, self._period)
+  def windowfn(self) -> window.WindowFn:
+    return window_fn(self._size, self._period)
 
   def expand(self, records):
-    ts, key = self._dataset.timestamp_field, self._key_field
+    key = self._key_field
     value = self._dataset.history.value
     label = self._dataset.label_field
-    return (
+    routed = (
         records
-        | 'StampEventTime' >> beam.Map(
-            lambda r: window.TimestampedValue(r, Timestamp(micros=r[ts])))
-        | 'WindowByEventTime' >> beam.WindowInto(self.windowing())
+        | 'KeyByField' >> beam.Map(lambda r: (r[key], r)).with_output_types(
+            Tuple[str, Dict[str, Any]])
+        | 'RouteLateEvents' >> beam.ParDo(_RouteLate(
+            self._dataset, key, self.windowfn(),
+            self._lateness)).with_outputs(LATE, main=AGGREGATES))
+    rows = (
+        routed[AGGREGATES]
+        | 'WindowByEventTime' >> beam.WindowInto(
+            self.windowfn(),
+            trigger=trigger.AfterWatermark(
+                early=trigger.AfterProcessingTime(self._early),
+                late=trigger.AfterCount(1)),
+            accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
+            allowed_lateness=Duration(seconds=self._lateness))
         | 'KeyAndValue' >> beam.Map(
-            lambda r: (r[key], (r[value], r.get(label) if label else None)))
+            lambda kv: (kv[0], (kv[1][value],
+                                kv[1].get(label) if label else None)))
         | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(AggregateAmounts())
-        | 'ToRow' >> beam.ParDo(AggregateRow(key))
-        | 'BackToGlobalWindow' >> beam.WindowInto(window.GlobalWindows()))
+        | 'ToRow' >> beam.ParDo(_ToPaneRow(key)))
+    return {AGGREGATES: rows, LATE: routed[LATE]}
