@@ -116,9 +116,10 @@ def split_by_shard(batch: pa.RecordBatch, key: str, num_shards: int
   bounds = np.flatnonzero(np.diff(sorted_shards)) + 1
   starts = np.concatenate([[0], bounds])
   ends = np.concatenate([bounds, [len(order)]])
-  taken = batch.take(pa.array(order))
   for start, end in zip(starts, ends):
-    yield int(sorted_shards[start]), taken.slice(start, end - start)
+    # take, not slice: pyarrow 10 pickles a slice with its parent's whole
+    # buffers, so every shard would carry the entire batch.
+    yield int(sorted_shards[start]), batch.take(pa.array(order[start:end]))
 
 
 def concat_batches(batches: List[pa.RecordBatch],
