@@ -14,17 +14,26 @@ from pipelines import io
 from pipelines.train import read_transformed, train
 from schemas.dataset import Dataset
 from transforms import arrow, preprocess
-from transforms.inference import ScoreRecords
-from transforms.parse import CountElements
+from transforms.common import CountRows, table_to_batch
+from transforms.inference import ScoreBatches
+from transforms.sinks import WriteJsonLines, WriteParquet
 
 TRANSFORM, TRANSFORM_FN, TRANSFORMED, MODEL, PREDICTIONS = (
     'transform', 'transform/transform_fn', 'transform/transformed', 'model',
     'predictions')
 
 
+def _feature_batch(table: pa.Table) -> pa.RecordBatch:
+  """A Parquet table -> one RecordBatch, timestamps as int64 epoch us."""
+  columns = [arrow.flat_column(c) for c in table.columns]
+  return table_to_batch(pa.Table.from_arrays(columns,
+                                             names=table.column_names))
+
+
 class ReadFeatureRows(beam.PTransform):
-  """PBegin -> PCollection[dict]: feature-table Parquet files as row dicts
-  (timestamps as int epoch microseconds, as in the pipeline)."""
+  """PBegin -> PCollection[pa.RecordBatch]: feature-table Parquet files as
+  RecordBatches of flat columns, timestamps as int64 epoch microseconds
+  (`Dataset.batch_schema`), one per Parquet read (row group)."""
 
   def __init__(self, pattern: str):
     super().__init__()
@@ -36,20 +45,20 @@ class ReadFeatureRows(beam.PTransform):
             # graph (they do not exist yet in a dry run).
             | 'ReadParquet' >> beam.io.ReadFromParquetBatched(
                 self._pattern, validate=False)
-            | 'ToRows' >> beam.FlatMap(arrow.rows_from_table))
+            | 'ToRecordBatch' >> beam.Map(_feature_batch))
 
 
 def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
                     output_dir: str):
-  """Features -> transform graph + transformed rows (Parquet)."""
-  types = preprocess.input_types(dataset)
+  """Features -> transform graph + transformed batches (Parquet)."""
   transformed = (
       p
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
-      | 'ToTFXIOBatches' >> arrow.RowsToTFXIOBatches(types)
+      | 'ToTFXIOBatches' >> arrow.ToTFXIOBatches(
+          preprocess.input_types(dataset))
       | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(
           dataset, io.join(output_dir, TRANSFORM_FN)))
-  transformed | 'WriteTransformed' >> io.WriteParquetRows(
+  transformed | 'WriteTransformed' >> WriteParquet(
       io.join(output_dir, TRANSFORMED, 'part'),
       preprocess.transformed_arrow_schema(dataset))
   return transformed
@@ -57,22 +66,19 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
 
 def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
                 model_dir: str, output_dir: str):
-  """Features -> predictions (JSON lines and Parquet)."""
+  """Features -> predictions (JSON lines and Parquet); returns the
+  PCollection[pa.RecordBatch] of predictions."""
   predictions = (
       p
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
-      | 'CountScored' >> beam.ParDo(CountElements('feature_rows_scored'))
-      | 'Score' >> ScoreRecords(model_dir, id_field=dataset.id_field,
-                                max_batch_size=4096))
-  predictions = predictions | 'CountPredictions' >> beam.ParDo(
-      CountElements('predictions_written'))
+      | 'CountScored' >> beam.ParDo(CountRows('feature_rows_scored'))
+      | 'Score' >> ScoreBatches(model_dir, id_field=dataset.id_field,
+                                max_batch_size=4096)
+      | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
   prefix = io.join(output_dir, PREDICTIONS, 'predictions')
-  predictions | 'WriteJson' >> io.WriteJsonLines(prefix)
-  predictions | 'WriteParquet' >> io.WriteParquetRows(
-      prefix, pa.schema([(dataset.id_field, pa.string()),
-                         ('score', pa.float64()),
-                         ('predicted_label', pa.int64()),
-                         ('model_version', pa.string())]))
+  predictions | 'WriteJson' >> WriteJsonLines(prefix)
+  predictions | 'WriteParquet' >> WriteParquet(prefix,
+                                               dataset.prediction_schema())
   return predictions
 
 

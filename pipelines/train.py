@@ -43,6 +43,7 @@ import pyarrow.parquet as pq
 from schemas.dataset import load_dataset
 from transforms import inference
 from transforms import preprocess
+from transforms.sinks import conform
 
 MODELS = ('gbt', 'logreg')
 RANDOM_STATE = 0
@@ -71,12 +72,20 @@ def read_transformed(pattern: str) -> pa.Table:
   return pa.concat_tables(tables, promote=True)
 
 
-def _as_table(transformed: Union[pa.Table, Iterable[dict]], dataset
-              ) -> pa.Table:
+def _as_table(transformed: Union[pa.Table, pa.RecordBatch,
+                                 Iterable[pa.RecordBatch], Iterable[dict]],
+              dataset) -> pa.Table:
+  """A table, RecordBatches (AnalyzeAndTransform's output) or rows -> one
+  table of `transformed_arrow_schema(dataset)`'s columns (a table as is)."""
   if isinstance(transformed, pa.Table):
     return transformed
   schema = preprocess.transformed_arrow_schema(dataset)
-  return pa.Table.from_pylist(list(transformed), schema=schema)
+  if isinstance(transformed, pa.RecordBatch):
+    transformed = [transformed]
+  items = list(transformed)
+  if items and all(isinstance(i, pa.RecordBatch) for i in items):
+    return pa.concat_tables([conform(b, schema) for b in items])
+  return pa.Table.from_pylist(items, schema=schema)
 
 
 def time_split(table: pa.Table, timestamp_field: str, id_field: str,
@@ -197,13 +206,14 @@ def _copy_transform(transform_dir: str, model_dir: str):
 
 
 # Training -------------------------------------------------------------------
-def train(transformed: Union[pa.Table, Iterable[dict]], *, transform_dir: str,
+def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
+                            Iterable[dict]], *, transform_dir: str,
           model_dir: str, dataset=None, model: str = 'gbt',
           eval_fraction: float = 0.2, statistics_path: Optional[str] = None,
           model_version: Optional[str] = None) -> Dict[str, Any]:
   """Trains, evaluates and writes a model directory; returns its metadata.
 
-  transformed: a table or rows with the columns of
+  transformed: a table, RecordBatches or rows with the columns of
     `preprocess.transformed_arrow_schema(dataset)`; unlabelled rows dropped.
   model_version: recorded as given (e.g. a run timestamp from the caller);
     by default 'v' + 16 hex digits of the sha256 over the sorted

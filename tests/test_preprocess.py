@@ -13,6 +13,7 @@ import pickle
 
 import apache_beam as beam
 import numpy as np
+import pyarrow as pa
 import pytest
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -51,6 +52,18 @@ def _z(values):
   return (values - values.mean()) / values.std()  # population std, as tft
 
 
+def small_batch(rows):
+  """Rows -> a RecordBatch of flat input columns (None as null)."""
+  types = preprocess.input_types(SMALL)
+  return pa.RecordBatch.from_pylist(rows, schema=SMALL.batch_schema(types))
+
+
+def _describe(batch):
+  """An output element -> JSON: its type, schema and rows."""
+  return json.dumps({'type': type(batch).__name__,
+                     'schema': str(batch.schema), 'rows': batch.to_pylist()})
+
+
 @pytest.fixture(scope='module')
 def result(tmp_path_factory):
   root = tmp_path_factory.mktemp('preprocess')
@@ -61,24 +74,32 @@ def result(tmp_path_factory):
   with beam.Pipeline() as p:
     # Two batches: analysis must combine across them.
     _ = (p
-         | beam.Create([arrow.to_tfxio_batch(rows[:6], types),
-                        arrow.to_tfxio_batch(rows[6:], types)])
+         | beam.Create([small_batch(rows[:6]), small_batch(rows[6:])])
+         | arrow.ToTFXIOBatches(types)
          | preprocess.AnalyzeAndTransform(SMALL, transform_dir,
                                           temp_dir=str(root / 'tmp'))
-         | beam.Map(json.dumps, sort_keys=True)
+         | beam.Map(_describe)
          | beam.io.WriteToText(str(root / 'out'), shard_name_template=''))
   with open(root / 'out') as f:
-    out = sorted((json.loads(line) for line in f),
-                 key=lambda r: r['transaction_id'])
-  return {'rows': rows, 'out': out, 'transform_dir': transform_dir}
+    elements = [json.loads(line) for line in f]
+  out = sorted((r for e in elements for r in e['rows']),
+               key=lambda r: r['transaction_id'])
+  return {'rows': rows, 'out': out, 'elements': elements,
+          'transform_dir': transform_dir}
 
 
 def test_output_columns(result):
-  expected = {f.name for f in preprocess.transformed_arrow_schema(SMALL)}
+  schema = preprocess.transformed_arrow_schema(SMALL)
+  expected = {f.name for f in schema}
   assert expected == {'amount_xf', 'user_id_count_24h_xf',
                       'user_id_is_new_country_7d_xf', 'event_hour_xf',
                       'channel_xf', 'transaction_id', 'event_time',
                       'is_fraud'}
+  # RecordBatches of flat columns of exactly the transformed schema.
+  assert result['elements']
+  assert {(e['type'], e['schema']) for e in result['elements']} == {
+      ('RecordBatch', str(schema))}
+  assert len(result['out']) == len(result['rows'])
   assert all(set(r) == expected for r in result['out'])
 
 
@@ -130,7 +151,7 @@ def test_serving_graph_oov_and_boundaries(result):
   probe = [dict(small_row(0), channel='crypto', event_hour=8),
            dict(small_row(1), channel='atm', event_hour=10)]
   out = layer(inference.raw_feature_tensors(
-      probe, preprocess.raw_input_types(SMALL)))
+      small_batch(probe), preprocess.raw_input_types(SMALL)))
   assert 'is_fraud' not in out
   assert out['channel_xf'].numpy().tolist() == [4, 3]  # 4 = first OOV index
   assert out['event_hour_xf'].numpy().tolist() == [0, 1]
@@ -154,3 +175,66 @@ def test_preprocessing_fn_pickles_and_checks_scales():
   bad = dataclasses.replace(SMALL, transform={'numeric': {'amount': 'log'}})
   with pytest.raises(ValueError, match='amount'):
     preprocess.make_preprocessing_fn(bad)
+
+
+def test_to_tfxio_batch_nulls_are_null_lists():
+  """Flat columns -> one-value large_lists; a null value -> a null list."""
+  table = pa.Table.from_batches([
+      pa.RecordBatch.from_pydict(
+          {'channel': ['pos', None], 'amount': [1.5, None],
+           'event_time': pa.array([1, 2], pa.timestamp('us', tz='UTC')),
+           'is_fraud': [1, None], 'extra': ['dropped', 'dropped']}),
+      pa.RecordBatch.from_pydict(
+          {'channel': ['atm'], 'amount': [0.1],
+           'event_time': pa.array([3], pa.timestamp('us', tz='UTC')),
+           'is_fraud': pa.array([None], pa.int64()),
+           'extra': ['dropped']})])
+  types = {'is_fraud': 'int', 'channel': 'string', 'amount': 'float',
+           'event_time': 'timestamp', 'user_id_count_24h': 'int'}
+  batch = arrow.to_tfxio_batch(table, types)
+  assert batch.schema == arrow.tfxio_arrow_schema(types)
+  assert batch.schema.field('channel').type == pa.large_list(
+      pa.large_binary())
+  assert batch.to_pydict() == {
+      'is_fraud': [[1], None, None],
+      'channel': [[b'pos'], None, [b'atm']],
+      # float32, as tf.Example floats: 0.1 is rounded.
+      'amount': [[1.5], None, [float(np.float32(0.1))]],
+      'event_time': [[1], [2], [3]],           # epoch microseconds
+      'user_id_count_24h': [None, None, None],  # absent column: all missing
+  }
+  assert [batch.column(n).null_count for n in types] == [2, 1, 1, 0, 3]
+  # A slice keeps its own rows.
+  assert arrow.to_tfxio_batch(table.slice(1, 2), types).to_pydict()[
+      'channel'] == [None, [b'atm']]
+
+
+def test_flatten_transformed_lists_and_unary_passthrough():
+  """tf.Transform's output: one-value lists -> flat values, an empty or
+  null list -> null, ids bytes -> str, a unary passthrough on every row."""
+  schema = pa.schema([('amount_xf', pa.float32()),
+                      ('transaction_id', pa.string()),
+                      ('event_time', pa.int64()), ('is_fraud', pa.int64())])
+
+  def lists(values, value_type, mask=None):
+    offsets = np.cumsum([0] + [len(v) for v in values])
+    flat = [x for v in values for x in v]
+    return pa.LargeListArray.from_arrays(
+        pa.array(offsets, pa.int64()), pa.array(flat, value_type),
+        mask=None if mask is None else pa.array(mask))
+
+  batch = pa.RecordBatch.from_arrays(
+      [lists([[0.5], [-1.0], [2.0]], pa.float32()),
+       lists([[b'tx1'], [b'tx2'], [b'tx3']], pa.large_binary()),
+       lists([[1], [], [0]], pa.int64(), mask=[False, False, True])],
+      names=['amount_xf', 'transaction_id', 'is_fraud'])
+  unary = {'event_time': lists([[7]], pa.int64())}
+  out = preprocess.flatten_transformed((batch, unary), schema)
+  assert out.schema == schema
+  assert out.to_pydict() == {
+      'amount_xf': [0.5, -1.0, 2.0],
+      'transaction_id': ['tx1', 'tx2', 'tx3'],
+      'event_time': [7, 7, 7],
+      'is_fraud': [1, None, None]}
+  with pytest.raises(ValueError, match='no column event_time'):
+    preprocess.flatten_transformed((batch, {}), schema)

@@ -4,6 +4,7 @@ import random
 
 import pipelines.quiet  # noqa: F401  (before TensorFlow)
 import apache_beam as beam
+import pyarrow as pa
 import pytest
 import tensorflow_data_validation as tfdv
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -15,6 +16,7 @@ from transforms.statistics import (GenerateFeatureStatistics, WriteStatistics,
 
 DATASET = load_dataset()
 TYPES = DATASET.feature_types()
+SCHEMA = DATASET.batch_schema(TYPES)
 CATEGORIES = DATASET.fields['merchant_category'].allowed
 COUNTRIES = DATASET.fields['country'].domain
 T0 = 1_700_000_000_000_000   # epoch microseconds
@@ -67,8 +69,17 @@ def feature_rows(n, seed=0, amount_scale=1.0, edits=None):
   return rows
 
 
-def compute_stats(tables, tmp_path):
-  """{name: rows or feature_rows kwargs} -> {name: stats}, in one pipeline.
+def to_batches(rows, rows_per_batch=1000):
+  """Rows -> RecordBatches of the pipeline's feature schema (flat columns,
+  None as null), `rows_per_batch` rows each."""
+  return [pa.RecordBatch.from_pylist(rows[i:i + rows_per_batch],
+                                     schema=SCHEMA)
+          for i in range(0, len(rows), rows_per_batch)]
+
+
+def compute_stats(tables, tmp_path, batch_size=10000):
+  """{name: batches or feature_rows kwargs} -> {name: stats}, in one
+  pipeline.
 
   Tables given as feature_rows kwargs are generated inside the pipeline:
   beam.Create pickles and compresses its elements into the pipeline, which
@@ -78,14 +89,15 @@ def compute_stats(tables, tmp_path):
   with TestPipeline() as p:
     for name, table in tables.items():
       if isinstance(table, dict):
-        rows = (p
-                | f'Spec{name}' >> beam.Create([table])
-                | f'Generate{name}' >> beam.FlatMap(
-                    lambda spec: feature_rows(**spec)))
+        batches = (p
+                   | f'Spec{name}' >> beam.Create([table])
+                   | f'Generate{name}' >> beam.FlatMap(
+                       lambda spec: to_batches(feature_rows(**spec))))
       else:
-        rows = p | f'Create{name}' >> beam.Create(table, reshuffle=False)
-      _ = (rows
-           | f'Stats{name}' >> GenerateFeatureStatistics(DATASET)
+        batches = p | f'Create{name}' >> beam.Create(table, reshuffle=False)
+      _ = (batches
+           | f'Stats{name}' >> GenerateFeatureStatistics(
+               DATASET, batch_size=batch_size)
            | f'Write{name}' >> WriteStatistics(paths[name]))
   return {name: read_statistics(path) for name, path in paths.items()}
 
@@ -118,8 +130,13 @@ def test_stats_of_a_hand_made_table(tmp_path):
             round(amount.num_stats.min, 4), round(amount.num_stats.max, 4))
 
   with TestPipeline() as p:
+    # Two batches, one as a Table: statistics combine across elements.
     stats = (p
-             | beam.Create(HAND_MADE, reshuffle=False)
+             | beam.Create([pa.RecordBatch.from_pylist(HAND_MADE[:3],
+                                                       schema=SCHEMA),
+                            pa.Table.from_pylist(HAND_MADE[3:],
+                                                 schema=SCHEMA)],
+                           reshuffle=False)
              | GenerateFeatureStatistics(DATASET))
     _ = stats | WriteStatistics(path)
     assert_that(stats | beam.Map(summary),
@@ -156,3 +173,17 @@ def test_statistics_are_deterministic(tmp_path):
   assert {h.type for h in amount.histograms} == {0, 1}  # STANDARD, QUANTILES
   assert len(feature_stats(first, 'country').string_stats.top_values) == len(
       COUNTRIES)
+
+
+def test_statistics_do_not_depend_on_batching(tmp_path):
+  """One 300-row batch, or 300 rows cut into 7-row TFXIO batches from
+  13-row input batches, give the same statistics."""
+  rows = feature_rows(300, seed=5, edits={7: {'is_fraud': None},
+                                          8: {'merchant_id': None}})
+  stats = compute_stats({'one': to_batches(rows, 300)}, tmp_path / 'one')
+  small = compute_stats({'small': to_batches(rows, 13)}, tmp_path / 'small',
+                        batch_size=7)
+  assert stats['one'] == small['small']
+  assert stats['one'].datasets[0].num_examples == 300
+  merchant = feature_stats(stats['one'], 'merchant_id').string_stats
+  assert merchant.common_stats.num_missing == 1

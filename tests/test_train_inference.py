@@ -15,19 +15,26 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that
 from apache_beam.testing.util import equal_to
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
+from pipelines import model_stages
 from pipelines import train as train_lib
 from schemas.dataset import load_dataset
 from transforms import arrow
 from transforms import inference
 from transforms import preprocess
+from transforms.sinks import WriteParquet
 
 DATASET = load_dataset()
+SCHEMA = DATASET.batch_schema(DATASET.feature_types())
 T0_US = 1_700_000_000 * 1_000_000
-# Training and serving features must agree to float32 precision: both run the
-# same graph on the same float32 inputs, so the expected difference is 0.
-FLOAT32_TOL = 1e-6
+# Training and serving run the same graph on the same float32 inputs, but
+# TensorFlow's vectorised kernels may round a value's last bits differently
+# by its position in the batch (seen: up to 2 ulps, 1.9e-6 at |x| < 8), and
+# tf.Transform's batches are not the serving ones.
+FLOAT32_TOL = 4e-6
 CATEGORIES = ['grocery', 'restaurant', 'fuel', 'travel', 'electronics']
 COUNTRIES = ['US', 'CA', 'GB', 'DE', 'NG']
 
@@ -94,6 +101,22 @@ def synthetic_rows(n=1200, fraud_rate=0.1, seed=0):
           for i in range(n)]
 
 
+def to_batch(rows):
+  """Feature rows -> one RecordBatch of the pipeline's flat feature columns
+  (None as null)."""
+  return pa.RecordBatch.from_pylist(rows, schema=SCHEMA)
+
+
+def to_batches(rows, rows_per_batch):
+  return [to_batch(rows[i:i + rows_per_batch])
+          for i in range(0, len(rows), rows_per_batch)]
+
+
+def batch_rows(batches):
+  """PCollection contents of RecordBatches -> their rows, for matchers."""
+  return [row for batch in batches for row in batch.to_pylist()]
+
+
 @pytest.fixture(scope='module')
 def trained(tmp_path_factory):
   """Runs AnalyzeAndTransform (-> Parquet) and trains the gbt model once."""
@@ -103,15 +126,13 @@ def trained(tmp_path_factory):
   types = preprocess.input_types(DATASET)
   with beam.Pipeline() as p:
     transformed = (p
-                   | beam.Create(rows)
-                   | arrow.RowsToTFXIOBatches(types, min_batch_size=100,
-                                              max_batch_size=500)
+                   | beam.Create(to_batches(rows, 500))
+                   | arrow.ToTFXIOBatches(types, max_rows=300)
                    | preprocess.AnalyzeAndTransform(
                        DATASET, transform_dir, temp_dir=str(root / 'tmp')))
-    _ = transformed | beam.io.WriteToParquet(
+    _ = transformed | WriteParquet(
         str(root / 'transformed' / 'part'),
-        preprocess.transformed_arrow_schema(DATASET),
-        file_name_suffix='.parquet')
+        preprocess.transformed_arrow_schema(DATASET))
   table = train_lib.read_transformed(str(root / 'transformed'))
   model_dir = str(root / 'model')
   metadata = train_lib.train(table, transform_dir=transform_dir,
@@ -171,22 +192,78 @@ def test_no_train_serve_skew(trained):
   table = trained['table'].sort_by('transaction_id')
   train_x = inference.feature_matrix(
       {n: table.column(n) for n in features}, features)
-  raw = sorted(trained['rows'], key=lambda r: r['transaction_id'])
-  for r in raw:  # serving rows have no label
-    r['is_fraud'] = None
+  raw = to_batch(sorted(  # serving rows have no label
+      (dict(r, is_fraud=None) for r in trained['rows']),
+      key=lambda r: r['transaction_id']))
   handler = inference.TransformedSklearnModelHandler(trained['model_dir'])
   model = handler.load_model()
-  serve_x = inference.feature_matrix(
-      model.transform_layer(inference.raw_feature_tensors(
-          raw, metadata['raw_features'])), features)
-  assert serve_x.shape == train_x.shape == (len(raw), len(features))
+  serve_x = inference.transformed_matrix(model, raw)
+  assert serve_x.shape == train_x.shape == (raw.num_rows, len(features))
   np.testing.assert_allclose(serve_x, train_x, rtol=0, atol=FLOAT32_TOL)
-  # And the handler's scores are the model's scores on the training matrix.
-  results = handler.run_inference(raw[:50], model)
+  # The unpadded graph agrees too (the padding only fixes the last bits).
+  np.testing.assert_allclose(
+      inference.feature_matrix(model.transform_layer(
+          inference.raw_feature_tensors(raw, metadata['raw_features'])),
+                               features), train_x, rtol=0, atol=FLOAT32_TOL)
+  # Serving values do not depend on the batch: 1200 rows at once, or in
+  # slices of 1, 7 and 300 rows, give the very same bits.
+  for size in (1, 7, 300):
+    np.testing.assert_array_equal(
+        np.concatenate([inference.transformed_matrix(model, b)
+                        for b in arrow.slices(raw.slice(0, 300), size)]),
+        serve_x[:300])
+  # And the handler's scores are the model's scores on the training matrix,
+  # one result per element, each with its element's rows in order.
+  elements = [raw.slice(0, 20), raw.slice(20, 1), raw.slice(21, 29)]
+  results = handler.run_inference(elements, model)
+  assert [r.example for r in results] == elements
+  assert [r.inference.num_rows for r in results] == [20, 1, 29]
+  predictions = pa.Table.from_batches([r.inference for r in results])
+  assert predictions.schema == DATASET.prediction_schema()
+  assert predictions.column('transaction_id').to_pylist() == (
+      raw.column('transaction_id').to_pylist()[:50])
   expected = model.estimator.predict_proba(train_x[:50])[:, 1]
-  np.testing.assert_allclose([r.inference['score'] for r in results],
+  np.testing.assert_allclose(predictions.column('score').to_numpy(),
                              expected, rtol=0, atol=1e-9)
+  assert predictions.column('predicted_label').to_pylist() == [
+      int(s >= metadata['threshold']) for s in expected]
+  assert set(predictions.column('model_version').to_pylist()) == {
+      metadata['model_version']}
   assert all(r.model_id == metadata['model_version'] for r in results)
+
+
+def test_batch_scores_equal_scores_of_each_row_alone(trained):
+  """Scoring rows together (one transform and model call) gives each row
+  the score it gets alone: no row's result depends on its batch. Exactly:
+  the transformed values are the same bits (PAD_ROWS), and a tree
+  ensemble scores each row on its own."""
+  rows = [dict(r, is_fraud=None) for r in trained['rows'][:60]]
+  handler = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  model = handler.load_model()
+  together = handler.run_inference([to_batch(rows[:25]), to_batch(rows[25:])],
+                                   model)
+  together = pa.Table.from_batches([r.inference for r in together])
+  alone = pa.Table.from_batches(
+      [r.inference for row in rows
+       for r in handler.run_inference([to_batch([row])], model)])
+  assert together.column('transaction_id').to_pylist() == [
+      r['transaction_id'] for r in rows]
+  assert together.to_pylist() == alone.to_pylist()
+  # An empty element gets an empty prediction batch of the same schema.
+  [empty] = handler.run_inference([to_batch([])], model)
+  assert empty.inference.num_rows == 0
+  assert empty.inference.schema == DATASET.prediction_schema()
+
+
+def test_handler_refuses_missing_features(trained):
+  handler = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  model = handler.load_model()
+  rows = [dict(trained['rows'][0], amount=None)]
+  with pytest.raises(ValueError, match='amount is missing in 1 row'):
+    handler.run_inference([to_batch(rows)], model)
+  no_amount = pa.Table.from_pylist(rows, schema=SCHEMA).drop(['amount'])
+  with pytest.raises(ValueError, match='amount is missing'):
+    handler.run_inference([no_amount], model)
 
 
 def _copy_model(trained, tmp_path):
@@ -242,6 +319,100 @@ def test_score_records_one_prediction_per_input(trained):
     assert_that(predictions | beam.Map(lambda x: x['transaction_id']),
                 equal_to([r['transaction_id'] for r in rows]),
                 label='Ids')
+
+
+def test_score_batches_one_prediction_row_per_input_row(trained):
+  rows = [dict(r, is_fraud=None) for r in trained['rows'][:90]]
+  handler = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  expected = pa.Table.from_batches([r.inference for r in handler.run_inference(
+      [to_batch(rows)], handler.load_model())]).to_pylist()
+  schema = DATASET.prediction_schema()
+
+  def check_schemas(batches):
+    assert batches and all(b.schema == schema for b in batches)
+    # 50-row inputs are cut into slices of at most max_batch_size rows.
+    assert max(b.num_rows for b in batches) <= 16
+
+  def close_to(expected_rows):
+    def check(batches):
+      got = sorted(batch_rows(batches), key=lambda r: r['transaction_id'])
+      assert [r['transaction_id'] for r in got] == [
+          r['transaction_id'] for r in expected_rows]
+      for g, e in zip(got, expected_rows):
+        assert g == dict(e, score=pytest.approx(e['score'], abs=1e-9))
+    return check
+
+  with TestPipeline() as p:
+    predictions = (p
+                   | beam.Create(to_batches(rows, 50))
+                   | inference.ScoreBatches(trained['model_dir'],
+                                            max_batch_size=16))
+    assert_that(predictions, check_schemas, label='Schemas')
+    assert_that(predictions, close_to(expected), label='Predictions')
+
+
+def test_model_stages_transform_and_score(trained, tmp_path):
+  """build_transform and build_score on a features Parquet table (its
+  timestamps a timestamp column, as the features sink writes them)."""
+  rows = trained['rows']
+  features = tmp_path / 'features'
+  features.mkdir()
+  pq.write_table(pa.Table.from_pylist(
+      rows, schema=DATASET.arrow_schema(DATASET.feature_types())),
+                 str(features / 'part-0.parquet'), row_group_size=500)
+  glob = str(features / '*.parquet')
+  out = str(tmp_path / 'out')
+  # FnApiRunner: the default DirectRunner first looks for Prism (slower).
+  with beam.Pipeline('FnApiRunner') as p:
+    model_stages.build_transform(p, DATASET, glob, out)
+  p = beam.Pipeline('FnApiRunner')
+  predictions = model_stages.build_score(p, DATASET, glob,
+                                         trained['model_dir'], out)
+
+  def check_schemas(schemas):
+    assert schemas and set(schemas) == {str(DATASET.prediction_schema())}
+
+  assert_that(predictions | beam.Map(lambda b: str(b.schema)),
+              check_schemas, label='Schemas')
+  result = p.run()
+  result.wait_until_finish()
+  counters = {c.key.metric.name: c.committed for c in
+              result.metrics().query()['counters']}
+  assert counters['feature_rows_scored'] == len(rows)
+  assert counters['predictions_written'] == len(rows)
+
+  # Transformed: the fixture's table again (same rows, same analysis).
+  got = train_lib.read_transformed(
+      str(tmp_path / 'out' / model_stages.TRANSFORMED)).sort_by(
+          'transaction_id')
+  want = trained['table'].sort_by('transaction_id')
+  assert got.schema == want.schema == preprocess.transformed_arrow_schema(
+      DATASET)
+  for name in got.column_names:
+    if pa.types.is_floating(got.schema.field(name).type):
+      np.testing.assert_allclose(got.column(name).to_numpy(),
+                                 want.column(name).to_numpy(), atol=1e-5)
+    else:
+      assert got.column(name).equals(want.column(name)), name
+
+  # Predictions: JSON lines and Parquet hold the same rows, one per row.
+  model = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  expected = sorted(pa.Table.from_batches(
+      [r.inference for r in model.run_inference(
+          [to_batch(rows)], model.load_model())]).to_pylist(),
+                    key=lambda r: r['transaction_id'])
+  folder = tmp_path / 'out' / model_stages.PREDICTIONS
+  lines = sorted((json.loads(line) for f in sorted(folder.glob('*.jsonl'))
+                  for line in open(f)), key=lambda r: r['transaction_id'])
+  parquet = pa.concat_tables(
+      pq.read_table(str(f)) for f in sorted(folder.glob('*.parquet'))
+  ).sort_by('transaction_id')
+  assert parquet.schema == DATASET.prediction_schema()
+  assert parquet.to_pylist() == lines
+  assert [r['transaction_id'] for r in lines] == [
+      r['transaction_id'] for r in expected]
+  for g, e in zip(lines, expected):
+    assert g == dict(e, score=pytest.approx(e['score'], abs=1e-9))
 
 
 def test_logreg_baseline_and_cli(trained, tmp_path):

@@ -1,16 +1,22 @@
-"""Rows <-> Apache Arrow RecordBatches, typed by the dataset declaration.
+"""Flat Arrow columns <-> TFXIO RecordBatches, typed by the dataset declaration.
 
-TFDV and tf.Transform consume RecordBatches in the TFXIO convention: every
-column is a list array (one list of values per row; a null list for a
-missing value, which TFDV counts as missing and checks against presence). Parquet tables use plain columns. Strings are UTF-8 bytes in
-TFXIO batches, as tf.Example features are.
+The pipeline's RecordBatches have flat columns (`Dataset.batch_schema`: one
+value or null per row). TFDV and tf.Transform consume RecordBatches in the
+TFXIO convention: every column is a list array (one list of values per row;
+a null list for a missing value, which TFDV counts as missing and checks
+against presence). Strings are UTF-8 bytes in TFXIO batches, as tf.Example
+features are. Both directions are column-wise: offsets and value arrays, no
+Python rows.
 """
 
-from typing import Dict, Iterable, List, Optional
+from typing import Dict, Iterator, Optional, Union
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from transforms.common import table_to_batch
 
 _TFXIO_TYPES = {'string': pa.large_binary(), 'float': pa.float32(),
                 'int': pa.int64(), 'timestamp': pa.int64()}
@@ -21,56 +27,110 @@ def tfxio_arrow_schema(types: Dict[str, str]) -> pa.Schema:
                     for n, t in types.items()])
 
 
-def _list_column(values: list, ftype: str) -> pa.Array:
-  """One value (or None) per row -> large_list column, built from a flat
-  array and offsets: nested Python lists are several times slower."""
-  arrow_type = _TFXIO_TYPES[ftype]
+def flat_column(column: Union[pa.Array, pa.ChunkedArray]) -> pa.Array:
+  """One Array (chunks combined); timestamps as int64 epoch microseconds,
+  the form the pipeline computes with."""
+  if isinstance(column, pa.ChunkedArray):
+    column = (column.combine_chunks() if column.num_chunks
+              else pa.array([], type=column.type))
+  if pa.types.is_timestamp(column.type):
+    if column.type.unit != 'us':
+      column = column.cast(pa.timestamp('us', tz=column.type.tz))
+    column = column.cast(pa.int64())
+  return column
+
+
+def _list_column(column: pa.Array, ftype: str) -> pa.LargeListArray:
+  """Flat column (one value or null per row) -> large_list column of one
+  value per row, a null list where the value is null."""
+  values = column.cast(_TFXIO_TYPES[ftype])
   n = len(values)
-  present = np.fromiter((v is not None for v in values), bool, n)
-  if present.all():
-    flat = pa.array(values, type=arrow_type)
+  if values.null_count == 0:
     offsets = np.arange(n + 1, dtype=np.int64)
-    return pa.LargeListArray.from_arrays(pa.array(offsets), flat)
-  flat = pa.array([v for v in values if v is not None], type=arrow_type)
+    return pa.LargeListArray.from_arrays(pa.array(offsets), values)
+  present = values.is_valid().to_numpy(zero_copy_only=False)
   offsets = np.zeros(n + 1, dtype=np.int64)
   np.cumsum(present, out=offsets[1:])
-  return pa.LargeListArray.from_arrays(pa.array(offsets), flat,
-                                       mask=pa.array(~present))
+  return pa.LargeListArray.from_arrays(
+      pa.array(offsets), values.drop_null(), mask=pa.array(~present))
 
 
-def to_tfxio_batch(rows: List[dict], types: Dict[str, str]) -> pa.RecordBatch:
-  """List of row dicts -> RecordBatch with one large_list column per name
-  (strings as UTF-8 bytes, a missing value as a null list)."""
-  arrays = [_list_column([row.get(name) for row in rows], ftype)
-            for name, ftype in types.items()]
+def to_tfxio_batch(batch: Union[pa.RecordBatch, pa.Table],
+                   types: Dict[str, str]) -> pa.RecordBatch:
+  """Flat columns -> RecordBatch with one large_list column per name of
+  `types`, in its order (strings as UTF-8 bytes, floats as float32, ints
+  and timestamps as int64, a null value as a null list). Columns outside
+  `types` are dropped; a name the batch lacks is all null lists."""
+  names = set(batch.schema.names)
+  arrays = []
+  for name, ftype in types.items():
+    if name in names:
+      column = flat_column(batch.column(name))
+    else:
+      column = pa.nulls(batch.num_rows, type=_TFXIO_TYPES[ftype])
+    arrays.append(_list_column(column, ftype))
   return pa.RecordBatch.from_arrays(arrays, schema=tfxio_arrow_schema(types))
 
 
-class RowsToTFXIOBatches(beam.PTransform):
-  """PCollection[dict] -> PCollection[pa.RecordBatch] (TFXIO list columns)."""
+def compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+  """A copy of a (sliced) RecordBatch holding only its own rows' data.
 
-  def __init__(self, types: Dict[str, str], min_batch_size: int = 1000,
-               max_batch_size: int = 10000):
+  Beam encodes RecordBatch elements with pickle, and pyarrow (10) pickles
+  a slice with its parent's whole buffers: a 1000-row slice of a
+  million-row batch would cost as much to ship as the million rows.
+  """
+  return pa.RecordBatch.from_arrays(
+      [pa.concat_arrays([column]) for column in batch.columns],
+      schema=batch.schema)
+
+
+def slices(batch: Union[pa.RecordBatch, pa.Table], max_rows: int
+           ) -> Iterator[pa.RecordBatch]:
+  """RecordBatches of at most `max_rows` rows: the batch itself (a table
+  as one batch) if it is small enough, else compact copies of its slices;
+  none for an empty batch."""
+  if isinstance(batch, pa.Table):
+    batch = table_to_batch(batch)
+  if batch.num_rows <= max_rows:
+    if batch.num_rows:
+      yield batch
+    return
+  for start in range(0, batch.num_rows, max_rows):
+    yield compact(batch.slice(start, max_rows))
+
+
+class ToTFXIOBatches(beam.PTransform):
+  """PCollection[pa.RecordBatch | pa.Table] of flat columns ->
+  PCollection[pa.RecordBatch] in the TFXIO convention (see
+  `to_tfxio_batch`), each of at most `max_rows` rows; empty inputs are
+  dropped."""
+
+  def __init__(self, types: Dict[str, str], max_rows: Optional[int] = 10000):
     super().__init__()
     self._types = dict(types)
-    self._min, self._max = min_batch_size, max_batch_size
+    self._max_rows = max_rows
 
-  def expand(self, rows):
-    types = self._types
-    return (rows
-            | 'BatchRows' >> beam.BatchElements(
-                min_batch_size=self._min, max_batch_size=self._max)
-            | 'ToRecordBatch' >> beam.Map(to_tfxio_batch, types))
+  def expand(self, batches):
+    types, max_rows = self._types, self._max_rows
+    if max_rows:
+      batches = batches | 'SliceBatches' >> beam.FlatMap(slices, max_rows)
+    else:
+      batches = batches | 'SkipEmpty' >> beam.Filter(lambda b: b.num_rows)
+    return batches | 'ToTFXIOBatch' >> beam.Map(to_tfxio_batch, types)
 
 
-def rows_from_table(table: pa.Table, names: Optional[Iterable[str]] = None
-                    ) -> List[dict]:
-  """A plain (Parquet) table -> list of row dicts, timestamps as epoch us."""
-  if names is not None:
-    table = table.select(list(names))
-  columns = []
-  for column in table.columns:
-    if pa.types.is_timestamp(column.type):
-      column = column.cast(pa.int64())
-    columns.append(column)
-  return pa.Table.from_arrays(columns, names=table.column_names).to_pylist()
+def first_values(column: Union[pa.Array, pa.ChunkedArray]) -> pa.Array:
+  """List column -> flat column of each list's first value (null where the
+  list is null or empty), e.g. tf.Transform's one-value output columns."""
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
+  if not (pa.types.is_list(column.type) or
+          pa.types.is_large_list(column.type)):
+    return column
+  lengths = pc.fill_null(pc.list_value_length(column), 0)
+  if len(column) and pc.all(pc.equal(lengths, 1)).as_py():
+    return column.flatten()  # exactly one value per row: no copy
+  present = lengths.to_numpy(zero_copy_only=False) > 0
+  # offsets index `values` (the whole child array, also for a slice).
+  starts = column.offsets.to_numpy()[:-1].astype(np.int64)
+  return column.values.take(pa.array(starts, mask=~present))

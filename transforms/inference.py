@@ -1,4 +1,5 @@
-"""Scoring feature rows with a trained model directory via Beam RunInference.
+"""Scoring feature RecordBatches with a trained model directory via Beam
+RunInference.
 
 A model directory (written by pipelines.train) holds:
   model.joblib     the fitted scikit-learn estimator
@@ -8,26 +9,32 @@ A model directory (written by pipelines.train) holds:
                    metrics and `files: {relative path: sha256}`
 
 `TransformedSklearnModelHandler` verifies every file against metadata.json,
-applies the transform graph to raw feature rows and scores them;
-`feature_matrix` is the one place where columns become the model's input
-matrix, for training and serving alike. `ScoreRecords` can swap models in a
-running pipeline from a side input of ModelMetadata (model refresh).
+applies the transform graph to the raw feature columns of RecordBatches and
+scores them; `feature_matrix` is the one place where columns become the
+model's input matrix, for training and serving alike. `ScoreBatches`
+(RecordBatches, batch) and `ScoreRecords` (dicts, streaming) both run that
+handler, and both can swap models in a running pipeline from a side input of
+ModelMetadata (model refresh).
 """
 
 import dataclasses
 import hashlib
 import io
 import json
-from typing import Any, Dict, Iterable, Mapping, Optional, Sequence
+from typing import (Any, Dict, Iterable, List, Mapping, Optional,
+                    Sequence)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import KeyedModelHandler
 from apache_beam.ml.inference.base import ModelHandler
 from apache_beam.ml.inference.base import PredictionResult
 from apache_beam.ml.inference.base import RunInference
 import numpy as np
+import pyarrow as pa
 import threadpoolctl
+
+from transforms import arrow
+from transforms.common import concat_batches
 
 METADATA_FILE = 'metadata.json'
 MODEL_FILE = 'model.joblib'
@@ -157,23 +164,71 @@ def feature_matrix(columns: Mapping[str, Any],
   return np.stack(arrays, axis=1)
 
 
-def raw_feature_tensors(rows: Sequence[Mapping[str, Any]],
-                        raw_types: Mapping[str, str]) -> Dict[str, Any]:
-  """One batch of raw rows -> {feature: tf tensor [batch]} for the graph."""
+# Flat column type of each raw feature type, as in Dataset.batch_schema.
+_COLUMN_TYPES = {'string': pa.string(), 'float': pa.float64(),
+                 'int': pa.int64(), 'timestamp': pa.int64()}
+_NUMPY_TYPES = {'float': np.float32, 'int': np.int64, 'timestamp': np.int64}
+
+
+def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
+                        pad: int = 0) -> Dict[str, Any]:
+  """Flat feature columns (pa.RecordBatch or pa.Table) -> {feature: tf
+  tensor [rows + pad]} for the transform graph, column by column: strings
+  as UTF-8 bytes, floats as float32, ints as int64, then `pad` copies of
+  the first row. A null is an error."""
   import tensorflow as tf
-  numpy_types = {'float': np.float32, 'int': np.int64}
   out = {}
   for name, ftype in raw_types.items():
-    values = [row.get(name) for row in rows]
-    if any(v is None for v in values):
-      raise ValueError(f'feature {name} is missing in a row to score')
+    if name not in batch.schema.names:
+      raise ValueError(f'feature {name} is missing in the batch to score')
+    column = arrow.flat_column(batch.column(name))
+    if column.null_count:
+      raise ValueError(f'feature {name} is missing in {column.null_count} '
+                       'row(s) to score')
     if ftype == 'string':
-      out[name] = tf.constant(
-          [v.encode('utf-8') if isinstance(v, str) else v for v in values],
-          dtype=tf.string)
+      values = column.cast(pa.binary()).to_numpy(zero_copy_only=False)
     else:
-      out[name] = tf.constant(np.asarray(values, dtype=numpy_types[ftype]))
+      values = column.to_numpy(zero_copy_only=False).astype(
+          _NUMPY_TYPES[ftype])
+    if pad:
+      values = np.concatenate([values, np.repeat(values[:1], pad)])
+    out[name] = tf.constant(values, dtype=tf.string if ftype == 'string'
+                            else None)
   return out
+
+
+def prediction_schema(id_field: str) -> pa.Schema:
+  """Columns of a predictions RecordBatch (as Dataset.prediction_schema)."""
+  return pa.schema([(id_field, pa.string()), ('score', pa.float64()),
+                    ('predicted_label', pa.int64()),
+                    ('model_version', pa.string())])
+
+
+def _columns(batch: pa.RecordBatch, types: Mapping[str, pa.DataType]
+             ) -> pa.RecordBatch:
+  """The columns `types` names, in its order and types, so that batches
+  from any source concatenate."""
+  arrays = []
+  for name, arrow_type in types.items():
+    if name not in batch.schema.names:
+      raise ValueError(f'column {name} is missing in a batch to score')
+    column = arrow.flat_column(batch.column(name))
+    arrays.append(column if column.type == arrow_type
+                  else column.cast(arrow_type))
+  return pa.RecordBatch.from_arrays(arrays, schema=pa.schema(types.items()))
+
+
+def _num_rows(batch) -> int:
+  return batch.num_rows
+
+
+# TensorFlow's vectorised kernels compute whole SIMD packets (up to 16
+# float32 values) and the remainder of a batch one value at a time, which
+# may round the last bit differently: enough to flip a tree split. Padding
+# every batch to a multiple of this many rows puts every row on the packet
+# path, so a row's transformed values, and its score, do not depend on the
+# batch it is scored in.
+PAD_ROWS = 16
 
 
 # Model handler --------------------------------------------------------------
@@ -185,21 +240,44 @@ class LoadedModel:
   metadata: Dict[str, Any]
 
 
-class TransformedSklearnModelHandler(ModelHandler[Mapping[str, Any],
+def transformed_matrix(model: LoadedModel, batch) -> np.ndarray:
+  """Raw feature columns (pa.RecordBatch or pa.Table with rows) -> the
+  model's input matrix: the transform graph on the batch padded to a
+  multiple of PAD_ROWS rows (copies of its first row, dropped after), then
+  `feature_matrix` in the model's feature order."""
+  metadata = model.metadata
+  rows = batch.num_rows
+  transformed = model.transform_layer(raw_feature_tensors(
+      batch, metadata['raw_features'], pad=-rows % PAD_ROWS))
+  return feature_matrix(
+      {name: np.asarray(transformed[name])[:rows]
+       for name in metadata['features']}, metadata['features'])
+
+
+class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
                                                   PredictionResult,
                                                   LoadedModel]):
-  """Raw feature rows (dicts) -> PredictionResult via tf.Transform + sklearn.
+  """Feature RecordBatches -> PredictionResult via tf.Transform + sklearn.
 
-  PredictionResult.inference is {'score': P(label=1), 'predicted_label':
-  score >= threshold}; model_id is the model version from metadata.json.
-  Wrap it in KeyedModelHandler to carry an id with each row.
+  Elements are RecordBatches of flat feature columns (at least the id and
+  the model's raw features); RunInference batches them by row count
+  (`min_batch_size`/`max_batch_size` count rows). Each call concatenates its
+  elements, applies the transform graph and the model once, and returns one
+  PredictionResult per element: example is the element, inference a
+  RecordBatch of `prediction_schema(id_field)` (id, score = P(label=1),
+  predicted_label = score >= threshold, model_version) for its rows, in
+  order, and model_id the model version from metadata.json. id_field
+  defaults to the one in the model's metadata.json.
   """
 
-  def __init__(self, model_dir: str, *, min_batch_size: int = 1,
-               max_batch_size: int = 1024, **kwargs):
+  def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
+               min_batch_size: int = 1, max_batch_size: int = 1024,
+               **kwargs):
     super().__init__(min_batch_size=min_batch_size,
-                     max_batch_size=max_batch_size, **kwargs)
+                     max_batch_size=max_batch_size,
+                     element_size_fn=_num_rows, **kwargs)
     self._model_dir = model_dir
+    self._id_field = id_field
 
   def load_model(self) -> LoadedModel:
     import joblib
@@ -213,27 +291,42 @@ class TransformedSklearnModelHandler(ModelHandler[Mapping[str, Any],
       estimator = joblib.load(io.BytesIO(f.read()))
     return LoadedModel(estimator, layer, metadata)
 
-  def run_inference(self, batch: Sequence[Mapping[str, Any]],
+  def run_inference(self, batch: Sequence[pa.RecordBatch],
                     model: LoadedModel,
                     inference_args: Optional[Dict[str, Any]] = None
                     ) -> Iterable[PredictionResult]:
     if not batch:
       return []
     metadata = model.metadata
-    transformed = model.transform_layer(
-        raw_feature_tensors(batch, metadata['raw_features']))
-    x = feature_matrix(transformed, metadata['features'])
-    # One OpenMP thread: Beam already runs bundles in parallel, and
-    # scikit-learn's per-call thread pool start-up cost more than the
-    # prediction itself on small batches (bench/RESULTS.md).
-    with threadpoolctl.threadpool_limits(limits=1):
-      scores = model.estimator.predict_proba(x)[:, 1]
-    threshold = float(metadata['threshold'])
+    id_field = self._id_field or metadata['id_field']
+    raw_types = metadata['raw_features']
+    types = {id_field: pa.string()}
+    types.update((n, _COLUMN_TYPES[t]) for n, t in raw_types.items()
+                 if n != id_field)
+    table = concat_batches([_columns(b, types) for b in batch])
+    if table.num_rows:
+      x = transformed_matrix(model, table)
+      # One OpenMP thread: Beam already runs bundles in parallel, and
+      # scikit-learn's per-call thread pool start-up cost more than the
+      # prediction itself on small batches (bench/RESULTS.md).
+      with threadpoolctl.threadpool_limits(limits=1):
+        scores = model.estimator.predict_proba(x)[:, 1].astype(np.float64)
+    else:
+      scores = np.zeros(0, dtype=np.float64)
     version = metadata['model_version']
-    return [PredictionResult(row, {'score': float(s),
-                                   'predicted_label': int(s >= threshold)},
-                             version)
-            for row, s in zip(batch, scores)]
+    predictions = pa.RecordBatch.from_arrays(
+        [table.column(id_field).combine_chunks(), pa.array(scores),
+         pa.array((scores >= float(metadata['threshold'])).astype(np.int64)),
+         pa.repeat(pa.scalar(version, pa.string()), len(scores))],
+        schema=prediction_schema(id_field))
+    if len(batch) == 1:
+      return [PredictionResult(batch[0], predictions, version)]
+    results, start = [], 0
+    for element in batch:
+      results.append(PredictionResult(element, arrow.compact(
+          predictions.slice(start, element.num_rows)), version))
+      start += element.num_rows
+    return results
 
   def update_model_path(self, model_path: Optional[str] = None):
     """Points the next load_model at a model dir or its metadata.json.
@@ -245,15 +338,61 @@ class TransformedSklearnModelHandler(ModelHandler[Mapping[str, Any],
     if model_path:
       self._model_dir = model_dir_of(model_path)
 
+  def get_num_bytes(self, batch: Sequence[pa.RecordBatch]) -> int:
+    """Arrow's buffer sizes (the default pickles the whole batch)."""
+    return sum(element.nbytes for element in batch)
+
   def get_metrics_namespace(self) -> str:
     return 'TransformedSklearnModelHandler'
 
 
-def _to_prediction(keyed, id_field):
-  key, result = keyed
-  return {id_field: key, 'score': result.inference['score'],
-          'predicted_label': result.inference['predicted_label'],
-          'model_version': result.model_id}
+def _predictions(result: PredictionResult) -> pa.RecordBatch:
+  return result.inference
+
+
+class ScoreBatches(beam.PTransform):
+  """PCollection[pa.RecordBatch] features -> PCollection[pa.RecordBatch]
+  predictions.
+
+  Input: flat feature columns (`Dataset.batch_schema`), at least the id and
+  the model's raw features. Output: batches of `prediction_schema(id_field)`
+  (id, score, predicted_label, model_version), one row per input row;
+  model_version is that of the model that scored the row. Inputs are cut
+  into slices of at most `max_batch_size` rows, which RunInference batches
+  back up to that many rows per model call. The id field defaults to the
+  one in model_dir's metadata.json (read at construction).
+
+  model_metadata_pcoll: optional PCollection[ModelMetadata] side input, as
+  for `ScoreRecords`.
+  """
+
+  def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
+               min_batch_size: int = 1, max_batch_size: int = 4096,
+               model_metadata_pcoll: Optional[beam.PCollection] = None):
+    super().__init__()
+    self._model_dir = model_dir
+    self._id_field = id_field or read_metadata(model_dir)['id_field']
+    self._batch = dict(min_batch_size=min_batch_size,
+                       max_batch_size=max_batch_size)
+    self._model_metadata_pcoll = model_metadata_pcoll
+
+  def expand(self, batches):
+    handler = TransformedSklearnModelHandler(
+        self._model_dir, id_field=self._id_field, **self._batch)
+    return (batches
+            | 'SliceBatches' >> beam.FlatMap(
+                arrow.slices, self._batch['max_batch_size'])
+            | 'RunInference' >> RunInference(
+                handler, model_metadata_pcoll=self._model_metadata_pcoll)
+            | 'Predictions' >> beam.Map(_predictions))
+
+
+def _row_batch(row: Mapping[str, Any], schema: pa.Schema) -> pa.RecordBatch:
+  return pa.RecordBatch.from_pylist([row], schema=schema)
+
+
+def _prediction_rows(result: PredictionResult) -> List[Dict[str, Any]]:
+  return result.inference.to_pylist()
 
 
 class ScoreRecords(beam.PTransform):
@@ -261,8 +400,11 @@ class ScoreRecords(beam.PTransform):
 
   Output: {<id_field>: id, 'score': float, 'predicted_label': int,
   'model_version': str}, one per input row; model_version is that of the
-  model that scored the row. The id field defaults to the one recorded in
-  model_dir's metadata.json (read at construction, kept across refreshes).
+  model that scored the row. Each row becomes a one-row RecordBatch of the
+  id and the raw features of model_dir's metadata.json (read at
+  construction, with the id field it defaults to), and RunInference scores
+  up to `max_batch_size` of them per model call with the handler
+  `ScoreBatches` uses. A refreshed model must take the same raw features.
 
   model_metadata_pcoll: optional PCollection[ModelMetadata] side input
   (e.g. WatchFilePattern on 'gs://b/models/*/metadata.json'). RunInference
@@ -279,18 +421,23 @@ class ScoreRecords(beam.PTransform):
                min_batch_size: int = 1, max_batch_size: int = 1024,
                model_metadata_pcoll: Optional[beam.PCollection] = None):
     super().__init__()
+    metadata = read_metadata(model_dir)
     self._model_dir = model_dir
-    self._id_field = id_field or read_metadata(model_dir)['id_field']
+    self._id_field = id_field or metadata['id_field']
+    types = {self._id_field: pa.string()}
+    types.update((n, _COLUMN_TYPES[t])
+                 for n, t in metadata['raw_features'].items()
+                 if n != self._id_field)
+    self._schema = pa.schema(types.items())
     self._batch = dict(min_batch_size=min_batch_size,
                        max_batch_size=max_batch_size)
     self._model_metadata_pcoll = model_metadata_pcoll
 
   def expand(self, rows):
-    id_field = self._id_field
-    handler = KeyedModelHandler(
-        TransformedSklearnModelHandler(self._model_dir, **self._batch))
+    handler = TransformedSklearnModelHandler(
+        self._model_dir, id_field=self._id_field, **self._batch)
     return (rows
-            | 'KeyById' >> beam.Map(lambda row: (row[id_field], row))
+            | 'ToRecordBatch' >> beam.Map(_row_batch, self._schema)
             | 'RunInference' >> RunInference(
                 handler, model_metadata_pcoll=self._model_metadata_pcoll)
-            | 'ToPrediction' >> beam.Map(_to_prediction, id_field))
+            | 'ToPredictions' >> beam.FlatMap(_prediction_rows))

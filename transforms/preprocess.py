@@ -2,7 +2,7 @@
 
 `make_preprocessing_fn(dataset)` turns the per-feature declarations into a
 preprocessing_fn; `AnalyzeAndTransform` runs it over TFXIO RecordBatches,
-writes the transform graph and returns flat transformed rows.
+writes the transform graph and returns flat transformed RecordBatches.
 
 Per-feature treatment (output column `<name>_xf`, see `transformed_name`):
   * numeric z_score      -> float32 (x - mean) / std over the analysed data
@@ -17,7 +17,7 @@ Per-feature treatment (output column `<name>_xf`, see `transformed_name`):
 
 The id, the event time and the label are not inputs of the graph: they are
 tf.Transform passthrough keys (`tft_beam.Context(passthrough_keys=...)`), so
-they travel beside the transformed columns unchanged (the label stays None
+they travel beside the transformed columns unchanged (the label stays null
 where it is missing) and serving never needs them.
 """
 
@@ -27,6 +27,7 @@ from typing import Dict, List, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions
+import numpy as np
 import pyarrow as pa
 import tensorflow as tf
 import tensorflow_transform as tft
@@ -99,7 +100,7 @@ def tensor_adapter_config(dataset) -> tensor_adapter.TensorAdapterConfig:
 
 
 def transformed_arrow_schema(dataset) -> pa.Schema:
-  """Flat schema of the transformed rows (e.g. for Parquet `transformed/`)."""
+  """Flat schema of the transformed batches (and Parquet `transformed/`)."""
   t = dataset.transform
   fields = [pa.field(transformed_name(n), pa.float32())
             for n in t.get('numeric', {})]
@@ -160,40 +161,44 @@ def make_preprocessing_fn(dataset):
                    t.get('categorical', {}).items()})
 
 
-def _flatten_batch(transformed):
-  """(RecordBatch of list columns, unary passthrough) -> flat row dicts."""
+def flatten_transformed(transformed, schema: pa.Schema) -> pa.RecordBatch:
+  """tf.Transform's `output_record_batches=True` element -> flat columns.
+
+  `transformed` is (RecordBatch of list columns, unary passthrough dict of
+  one-row arrays); every list holds one value (or none, e.g. a missing
+  label, which becomes null). Returns a RecordBatch of `schema`'s columns,
+  cast to its types (passthrough ids: UTF-8 bytes -> strings); a unary
+  passthrough value is repeated on every row.
+  """
   batch, unary = transformed
-  columns = {}
-  for name, column in zip(batch.schema.names, batch.columns):
-    # One value per row (or none, e.g. a missing label).
-    values = column.to_pylist()
-    columns[name] = [v[0] if v else None for v in values]
-  for name, column in unary.items():
-    value = column.to_pylist()[0]
-    columns[name] = [value[0] if value else None] * batch.num_rows
-  names = list(columns)
-  for i in range(batch.num_rows):
-    yield {n: columns[n][i] for n in names}
-
-
-def _decode_strings(row, names):
-  for name in names:
-    value = row.get(name)
-    if isinstance(value, bytes):
-      row[name] = value.decode('utf-8')
-  return row
+  names = set(batch.schema.names)
+  broadcast = None
+  columns = []
+  for field in schema:
+    if field.name in names:
+      column = arrow.first_values(batch.column(field.name))
+    elif field.name in unary:
+      if broadcast is None:
+        broadcast = pa.array(np.zeros(batch.num_rows, dtype=np.int64))
+      column = arrow.first_values(unary[field.name]).take(broadcast)
+    else:
+      raise ValueError(f'tf.Transform output has no column {field.name}')
+    if column.type != field.type:
+      column = column.cast(field.type)
+    columns.append(column)
+  return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
 class AnalyzeAndTransform(beam.PTransform):
-  """PCollection[pa.RecordBatch] -> PCollection[dict] of transformed rows.
+  """PCollection[pa.RecordBatch] TFXIO -> PCollection[pa.RecordBatch] flat.
 
   Input: TFXIO RecordBatches with the columns of `input_types(dataset)`
-  (e.g. from `transforms.arrow.RowsToTFXIOBatches(input_types(dataset))`).
+  (e.g. from `transforms.arrow.ToTFXIOBatches(input_types(dataset))`).
   Analyses the whole input, writes the transform graph to `transform_dir`
-  (tft layout: transform_fn/ and transformed_metadata/) and returns one flat
-  dict per input row with the columns of `transformed_arrow_schema(dataset)`:
-  `<feature>_xf` values plus the id (str), event time (int epoch us) and label
-  (int or None), passed through unchanged.
+  (tft layout: transform_fn/ and transformed_metadata/) and returns
+  RecordBatches of `transformed_arrow_schema(dataset)`, one row per input
+  row: `<feature>_xf` values plus the id (string), event time (int64 epoch
+  us) and label (int64, null where missing), passed through unchanged.
 
   Opens its own `tft_beam.Context(temp_dir=...)` with the passthrough keys
   set. temp_dir defaults to the pipeline's --temp_location, else a local
@@ -222,7 +227,5 @@ class AnalyzeAndTransform(beam.PTransform):
               make_preprocessing_fn(dataset), output_record_batches=True))
       _ = transform_fn | 'WriteTransformFn' >> tft_beam.WriteTransformFn(
           self._transform_dir)
-    strings = [dataset.id_field]
-    return (transformed
-            | 'FlattenRows' >> beam.FlatMap(_flatten_batch)
-            | 'DecodeId' >> beam.Map(_decode_strings, strings))
+    return transformed | 'FlattenColumns' >> beam.Map(
+        flatten_transformed, transformed_arrow_schema(dataset))

@@ -1,6 +1,6 @@
 """Feature statistics of the gold (feature) table with TFDV.
 
-`GenerateFeatureStatistics` turns feature rows into one
+`GenerateFeatureStatistics` turns feature RecordBatches into one
 DatasetFeatureStatisticsList; `WriteStatistics` writes it as a single binary
 proto file (`stats.pb`, the TFX StatisticsGen convention) and
 `read_statistics` reads it back, whatever format it was written in.
@@ -16,7 +16,7 @@ from google.protobuf.message import DecodeError
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
 from schemas.dataset import Dataset
-from transforms.arrow import RowsToTFXIOBatches
+from transforms.arrow import ToTFXIOBatches
 
 STATS_FILE = 'stats.pb'
 
@@ -48,10 +48,12 @@ def stats_options(dataset: Dataset, **overrides) -> tfdv.StatsOptions:
 
 
 class GenerateFeatureStatistics(beam.PTransform):
-  """PCollection[dict] -> PCollection[DatasetFeatureStatisticsList].
+  """PCollection[pa.RecordBatch] -> PCollection[DatasetFeatureStatisticsList].
 
-  Input: feature rows; output: exactly one statistics element. Rows carry
-  the keys of `dataset.feature_types()`; None is a missing value.
+  Input: feature batches with the flat columns of
+  `dataset.batch_schema(dataset.feature_types())` (a null is a missing
+  value); output: exactly one statistics element. Each batch becomes TFXIO
+  list columns of at most `batch_size` rows, which TFDV reads directly.
   """
 
   def __init__(self, dataset: Dataset,
@@ -62,12 +64,10 @@ class GenerateFeatureStatistics(beam.PTransform):
     self._options = options or stats_options(dataset)
     self._batch_size = batch_size
 
-  def expand(self, rows):
-    return (rows
-            | 'ToRecordBatches' >> RowsToTFXIOBatches(
-                self._dataset.feature_types(),
-                min_batch_size=min(1000, self._batch_size),
-                max_batch_size=self._batch_size)
+  def expand(self, batches):
+    return (batches
+            | 'ToTFXIOBatches' >> ToTFXIOBatches(
+                self._dataset.feature_types(), max_rows=self._batch_size)
             | 'GenerateStatistics' >> tfdv.GenerateStatistics(self._options))
 
 
