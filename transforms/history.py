@@ -1,161 +1,478 @@
 """Point-in-time history features per entity (e.g. per user).
 
-For a record at event time t, a window of length w covers the same entity's
-records with  t - w <= t_j < t : strictly before t, so records that share
-the exact event time never see each other (ties are excluded in both
-directions), and a record exactly w old is still inside the window.
-Which windows and aggregates exist is declared in the dataset's `history:`
-section; `history_features` computes them for one entity's records and is
-shared by the batch transform and the streaming stateful DoFn.
+The concept. For a record at event time t, a window of length w covers the
+same entity's records with  t - w <= t_j < t : strictly before t, so
+records that share the exact event time never see each other (ties are
+excluded in both directions), and a record exactly w old is still inside
+the window. Which windows and aggregates exist is declared in the dataset's
+`history:` section (`Dataset.history_feature_types()` names them):
 
-Sums of a `cents` field are exact integer sums of cents, so every result is
-independent of the order in which records were added or expired.
+  * count, sum, mean, max of the value field per window (0 / 0.0 if empty);
+    sums of a `cents` field are exact integer sums of cents, so a result
+    never depends on the order in which records were added or expired;
+  * distinct values of a field per window, and "is new": 1 if the record's
+    own value does not occur in the window;
+  * value / mean over a window (1.0 when that mean is not positive);
+  * seconds since the entity's previous record in the longest window
+    (capped at that window: the horizon); the UTC hour of the event.
+
+How it is computed. `history_table` takes an Arrow table of any number of
+entities, sorts it by (entity, event time, id) and turns every window into
+an index range [lo, hi) of that order, found by `searchsorted` on an int64
+key (entity code, dense rank of the event time): exact integer arithmetic,
+so ties and the closed lower bound are exact. Then, all with NumPy on whole
+columns: count = hi - lo; sum = a prefix sum of int64 cents; max = a sparse
+table (range maximum); distinct = rows of [lo, hi) whose previous
+occurrence of the same (entity, value) lies before lo, counted over dyadic
+blocks (a merge-sort tree, one level at a time); "is new" = the last
+occurrence of (entity, value) before hi lies before lo. Results equal the
+record-at-a-time definition bit for bit (tests/test_history.py keeps that
+definition as the reference). A value field without `cents` is summed with
+`math.fsum` row by row: exact, and the one slow path.
+
+Both forms:
+  * batch, `HistoryFeatures`: PCollection[pa.RecordBatch] of records ->
+    PCollection[pa.RecordBatch] of feature rows. Rows are split into shards
+    by a hash of the entity (`transforms.common.split_by_shard`), so the
+    shuffle moves a few (shard, RecordBatch) pairs and every record of an
+    entity meets in one shard; each shard is one `history_table` call.
+  * streaming, `StatefulHistoryFeatures`: PCollection[dict] ->
+    PCollection[dict], a stateful DoFn per entity holding the entity's
+    recent records; each event's features are `history_features` of what
+    arrived before it. With in-order events both forms give equal rows.
 """
 
-import collections
-import datetime
 import math
-from typing import Dict, List, Sequence
+from typing import Any, Dict, Iterator, List, Tuple, Union
 
 import apache_beam as beam
+from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.transforms.timeutil import TimeDomain
+from apache_beam.transforms.userstate import (BagStateSpec,
+                                              ReadModifyWriteStateSpec,
+                                              TimerSpec, on_timer)
+from apache_beam.utils.timestamp import Timestamp
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
+from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches,
+                               split_by_shard)
 
-_MICROS = 1_000_000
-
-
-def _window_names(dataset: Dataset):
-  """Feature names per window, built once (the declaration drives them)."""
-  e, h = dataset.entity_field, dataset.history
-  return {
-      w: {agg: f'{e}_{agg}_{w}' for agg in h.aggregates}
-      for w in h.windows
-  }
+_INT64_LIMIT = 2**63
 
 
-class _Window:
-  """Records of one entity with t - w <= t_j < t, maintained incrementally."""
+# Index arithmetic -------------------------------------------------------------
+class _Windows:
+  """Rows in (entity, time, id) order and their window bounds.
 
-  def __init__(self, seconds: int, tracked: Sequence[str]):
-    self.length = seconds * _MICROS
-    self.lo = 0
-    self.hi = 0
-    self.max_deque = collections.deque()   # indices, values decreasing
-    self.counts = {f: collections.Counter() for f in tracked}
-
-  def advance(self, records, times, values, t):
-    while self.hi < len(records) and times[self.hi] < t:
-      v = values[self.hi]
-      while self.max_deque and values[self.max_deque[-1]] <= v:
-        self.max_deque.pop()
-      self.max_deque.append(self.hi)
-      for f, counter in self.counts.items():
-        counter[records[self.hi][f]] += 1
-      self.hi += 1
-    while self.lo < self.hi and times[self.lo] < t - self.length:
-      if self.max_deque and self.max_deque[0] == self.lo:
-        self.max_deque.popleft()
-      for f, counter in self.counts.items():
-        key = records[self.lo][f]
-        counter[key] -= 1
-        if not counter[key]:
-          del counter[key]
-      self.lo += 1
-
-
-def history_features(records: List[dict], dataset: Dataset) -> List[dict]:
-  """Feature dicts for one entity's records, in the order of `records`.
-
-  `records` may come in any order; each result only uses records strictly
-  earlier in event time, within each declared window.
+  `key` orders the rows by (entity, time) as one int64, non-decreasing over
+  the rows, so the first row of the same entity at or after any time is one
+  `searchsorted` away. It is entity * span + (t - earliest t) when that
+  fits in an int64 (a shard's few months of microseconds do), else entity *
+  (number of distinct times + 1) + dense rank of t.
   """
-  h = dataset.history
-  ts, vf, e = dataset.timestamp_field, h.value, dataset.entity_field
-  cents = dataset.fields[vf].cents
-  order = sorted(range(len(records)),
-                 key=lambda i: (records[i][ts], records[i][dataset.id_field]))
-  ordered = [records[i] for i in order]
-  times = [r[ts] for r in ordered]
-  values = [r[vf] for r in ordered]
-  prefix = [0]
-  if cents:
-    for v in values:
-      prefix.append(prefix[-1] + round(v * 100))
 
-  tracked = {w: set() for w in h.windows}
-  for field, windows in h.distinct.items():
-    for w in windows:
-      tracked[w].add(field)
-  for field, w in h.novelty.items():
-    tracked[w].add(field)
-  windows = {w: _Window(s, sorted(tracked[w])) for w, s in h.windows.items()}
-  names = _window_names(dataset)
-  longest = max(h.windows, key=h.windows.get)
-  ratio_name = f'{e}_{vf}_to_mean_{h.ratio_to_mean}'
+  def __init__(self, table: pa.Table, dataset: Dataset):
+    ts = dataset.timestamp_field
+    times = table.column(ts)
+    if times.null_count:
+      raise ValueError(f'history features need {ts} on every record; '
+                       f'{times.null_count} rows have none')
+    entity = _sorted_codes(table.column(dataset.entity_field))
+    self.order = pc.sort_indices(
+        pa.table({'entity': entity, 'time': times,
+                  'id': table.column(dataset.id_field)}),
+        sort_keys=[('entity', 'ascending'), ('time', 'ascending'),
+                   ('id', 'ascending')]).to_numpy()
+    self.n = len(self.order)
+    self.t = times.to_numpy().astype(np.int64)[self.order]
+    self.entity = entity[self.order]
+    entities = int(self.entity[-1]) + 1
+    self._t0 = int(self.t.min())
+    self._span = int(self.t.max()) - self._t0 + 1
+    self._unique_t = None
+    if entities * self._span < _INT64_LIMIT:
+      self._key = self.entity * self._span + (self.t - self._t0)
+    else:
+      self._unique_t = np.unique(self.t)
+      self._m = len(self._unique_t) + 1
+      if entities * self._m >= _INT64_LIMIT:
+        raise OverflowError('entity x time rank does not fit an int64 key: '
+                            'split the input into more shards')
+      self._key = self.entity * self._m + np.searchsorted(self._unique_t,
+                                                          self.t)
+    # hi: the first row of the same entity with t_j >= t (ties excluded),
+    # i.e. the first row of the run of equal keys.
+    starts = np.zeros(self.n, dtype=np.int64)
+    changed = np.flatnonzero(self._key[1:] != self._key[:-1]) + 1
+    starts[changed] = changed
+    self.hi = np.maximum.accumulate(starts)
 
-  out = [None] * len(records)
-  for k, record in enumerate(ordered):
-    t = times[k]
-    features = {}
-    means = {}
-    for w, window in windows.items():
-      window.advance(ordered, times, values, t)
-      n = window.hi - window.lo
-      if cents:
-        total = (prefix[window.hi] - prefix[window.lo]) / 100
-      else:
-        total = math.fsum(values[window.lo:window.hi])
-      means[w] = total / n if n else 0.0
-      agg = {'count': n, 'sum': total, 'mean': means[w],
-             'max': values[window.max_deque[0]] if n else 0.0}
-      for name_of, name in names[w].items():
-        features[name] = agg[name_of]
-    for field, ws in h.distinct.items():
-      for w in ws:
-        features[f'{e}_distinct_{field}_{w}'] = len(windows[w].counts[field])
-    for field, w in h.novelty.items():
-      features[f'{e}_is_new_{field}_{w}'] = int(
-          record[field] not in windows[w].counts[field])
-    if h.ratio_to_mean:
-      mean = means[h.ratio_to_mean]
-      features[ratio_name] = record[vf] / mean if mean > 0 else 1.0
-    if h.seconds_since_previous:
-      window = windows[longest]
-      features[f'{e}_seconds_since_previous'] = (
-          (t - times[window.hi - 1]) / _MICROS if window.hi > window.lo
-          else float(h.horizon))
-    if 'hour' in h.calendar:
-      features['event_hour'] = datetime.datetime.fromtimestamp(
-          t // _MICROS, datetime.timezone.utc).hour
-    out[order[k]] = features
+  def lower(self, seconds: int) -> np.ndarray:
+    """lo: the first row of the same entity with t_j >= t - w."""
+    since = self.t - seconds * MICROS
+    if self._unique_t is None:
+      query = self.entity * self._span + np.maximum(since - self._t0, 0)
+    else:
+      query = self.entity * self._m + np.searchsorted(self._unique_t, since,
+                                                      side='left')
+    return np.searchsorted(self._key, query, side='left')
+
+
+def _dictionary(column) -> Tuple[np.ndarray, pa.Array]:
+  """(int64 codes, distinct values): codes are equal exactly where the
+  values are equal, as keys of a Python dict (None is a value of its own;
+  0.0 and -0.0 are one value)."""
+  if isinstance(column, pa.ChunkedArray):
+    column = column.combine_chunks()
+  if pa.types.is_floating(column.type):
+    column = pc.add(column, pa.scalar(0.0, column.type))   # -0.0 -> 0.0
+  encoded = pc.dictionary_encode(column, null_encoding='encode')
+  codes = encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+  return codes, encoded.dictionary
+
+
+def _sorted_codes(column) -> np.ndarray:
+  """Codes as `_dictionary`'s, numbered in the values' sorted order (null
+  last): sorting by them sorts by the values."""
+  codes, values = _dictionary(column)
+  rank = np.empty(len(values), dtype=np.int64)
+  rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
+  return rank[codes]
+
+
+def _range_max(values: np.ndarray, lo: np.ndarray, hi: np.ndarray
+               ) -> np.ndarray:
+  """max(values[lo:hi]) per row, 0.0 where the range is empty: a sparse
+  table built one level at a time (level k holds the max of 2^k rows), each
+  row answered at the level of its range length by two overlapping blocks."""
+  length = hi - lo
+  out = np.zeros(len(lo), dtype=np.float64)
+  levels = int(length.max()).bit_length() if len(lo) else 0
+  table = values
+  for k in range(levels):
+    if k:
+      half = 1 << (k - 1)
+      table = np.concatenate([np.maximum(table[:-half], table[half:]),
+                              table[-half:]])
+    rows = np.flatnonzero((length >> k) == 1)   # 2^k <= length < 2^(k+1)
+    if len(rows):
+      out[rows] = np.maximum(table[lo[rows]], table[hi[rows] - (1 << k)])
   return out
 
 
-def _features_of_entity(entity_and_records, dataset: Dataset):
-  _, records = entity_and_records
-  records = list(records)
-  for record, features in zip(records, history_features(records, dataset)):
+def _dyadic_blocks(lo: np.ndarray, hi: np.ndarray
+                   ) -> Iterator[Tuple[int, np.ndarray, np.ndarray]]:
+  """(level b, rows, block starts): [lo, hi) of every row cut into aligned
+  blocks of 2^b rows (at most two per level), as a segment tree would."""
+  start = lo.copy()
+  levels = int((hi - lo).max()).bit_length() if len(lo) else 0
+  for b in range(levels):                    # up: clear low bits of start
+    rows = np.flatnonzero(((start >> b) & 1).astype(bool) &
+                          (start + (1 << b) <= hi))
+    yield b, rows, start[rows]
+    start[rows] += 1 << b
+  for b in reversed(range(levels)):          # down: the rest, largest first
+    rows = np.flatnonzero(start + (1 << b) <= hi)
+    yield b, rows, start[rows]
+    start[rows] += 1 << b
+
+
+def _first_occurrences(prev: np.ndarray, lo: np.ndarray, hi: np.ndarray
+                       ) -> np.ndarray:
+  """#{j in [lo, hi) : prev[j] < lo} per row: the distinct values in
+  [lo, hi) when prev[j] is the previous row with the value of row j.
+
+  Each row's range is cut into dyadic blocks; per level the rows' prev
+  values are sorted within blocks (key block * (n + 1) + prev + 1), so the
+  count in a block is one `searchsorted`. O(n log^2 n) at worst, whatever
+  the window sizes.
+  """
+  n = len(prev)
+  out = np.zeros(len(lo), dtype=np.int64)
+  sorted_by_level = {}
+  for b, rows, starts in _dyadic_blocks(lo, hi):
+    if not len(rows):
+      continue
+    if b == 0:
+      out[rows] += prev[starts] < lo[rows]
+      continue
+    if b not in sorted_by_level:
+      sorted_by_level[b] = np.sort((np.arange(n, dtype=np.int64) >> b) *
+                                   (n + 1) + prev + 1)
+    out[rows] += np.searchsorted(
+        sorted_by_level[b], (starts >> b) * (n + 1) + lo[rows] + 1,
+        side='left') - starts
+  return out
+
+
+class _Occurrences:
+  """Rows of the same (entity, value), for one field, in row order."""
+
+  def __init__(self, w: _Windows, column):
+    codes, _ = _dictionary(column)
+    pair = w.entity * (int(codes.max()) + 1) + codes   # < n * n: no overflow
+    self._by_group = np.argsort(pair, kind='stable')   # rows ascending inside
+    grouped = pair[self._by_group]
+    group_sorted = np.zeros(w.n, dtype=np.int64)
+    np.cumsum(grouped[1:] != grouped[:-1], out=group_sorted[1:])
+    self._group = np.empty(w.n, dtype=np.int64)
+    self._group[self._by_group] = group_sorted
+    self._base = w.n + 1
+    self._key = group_sorted * self._base + self._by_group   # increasing
+    # prev: the previous row of the same (entity, value), -1 if none.
+    self.prev = np.full(w.n, -1, dtype=np.int64)
+    same = group_sorted[1:] == group_sorted[:-1]
+    self.prev[self._by_group[1:][same]] = self._by_group[:-1][same]
+
+  def seen(self, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """True where the row's own (entity, value) occurs in rows [lo, hi)."""
+    pos = np.searchsorted(self._key, self._group * self._base + hi,
+                          side='left') - 1      # last row of the pair < hi
+    last = self._by_group[np.maximum(pos, 0)]
+    return (pos >= 0) & (self._group[last] == self._group) & (last >= lo)
+
+
+# The features -----------------------------------------------------------------
+def _history_columns(table: pa.Table, dataset: Dataset
+                     ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
+  """(order, features): the rows' (entity, time, id) order and each history
+  feature (`history_feature_types()` order) as a NumPy column in that order.
+  """
+  h, e = dataset.history, dataset.entity_field
+  vf = h.value
+  if table.num_rows == 0:
+    types = dataset.history_feature_types()
+    return np.zeros(0, dtype=np.int64), {
+        name: np.zeros(0, dtype=np.int64 if kind == 'int' else np.float64)
+        for name, kind in types.items()}
+  w = _Windows(table, dataset)
+  value_column = table.column(vf).take(w.order)
+  if value_column.null_count:
+    raise ValueError(f'history features need {vf} on every record; '
+                     f'{value_column.null_count} rows have none')
+  values = value_column.to_numpy().astype(np.float64)
+  if dataset.fields[vf].cents:
+    # np.rint rounds half to even, as Python's round(): exact integer cents;
+    # a window's sum converts to float exactly while below 2^53 cents.
+    cents = np.rint(values * 100).astype(np.int64)
+    prefix = np.concatenate([[0], np.cumsum(cents)])
+  else:
+    # Slow path: math.fsum is exact, but it needs a Python loop per row.
+    value_list = value_column.to_pylist()
+
+  features: Dict[str, np.ndarray] = {}
+  lows, means = {}, {}
+  for window, seconds in h.windows.items():
+    lo = lows[window] = w.lower(seconds)
+    count = w.hi - lo
+    if dataset.fields[vf].cents:
+      total = (prefix[w.hi] - prefix[lo]) / 100
+    else:
+      total = np.array([math.fsum(value_list[a:b])
+                        for a, b in zip(lo.tolist(), w.hi.tolist())],
+                       dtype=np.float64)
+    mean = means[window] = np.divide(total, count, where=count > 0,
+                                     out=np.zeros(w.n, dtype=np.float64))
+    agg = {'count': count, 'sum': total, 'mean': mean}
+    if 'max' in h.aggregates:
+      agg['max'] = _range_max(values, lo, w.hi)
+    for name in h.aggregates:
+      features[f'{e}_{name}_{window}'] = agg[name]
+
+  occurrences = {
+      field: _Occurrences(w, table.column(field).take(w.order))
+      for field in list(h.distinct) + list(h.novelty)}
+  for field, windows in h.distinct.items():
+    for window in windows:
+      features[f'{e}_distinct_{field}_{window}'] = _first_occurrences(
+          occurrences[field].prev, lows[window], w.hi)
+  for field, window in h.novelty.items():
+    seen = occurrences[field].seen(lows[window], w.hi)
+    features[f'{e}_is_new_{field}_{window}'] = (~seen).astype(np.int64)
+  if h.ratio_to_mean:
+    mean = means[h.ratio_to_mean]
+    features[f'{e}_{vf}_to_mean_{h.ratio_to_mean}'] = np.divide(
+        values, mean, where=mean > 0, out=np.ones(w.n, dtype=np.float64))
+  if h.seconds_since_previous:
+    lo = lows[max(h.windows, key=h.windows.get)]
+    has = w.hi > lo
+    previous = w.t[np.where(has, w.hi - 1, 0)]
+    features[f'{e}_seconds_since_previous'] = np.where(
+        has, (w.t - previous) / MICROS, float(h.horizon))
+  if 'hour' in h.calendar:
+    features['event_hour'] = (w.t // MICROS) % 86400 // 3600
+  return w.order, features
+
+
+def _as_table(records: Union[pa.Table, pa.RecordBatch], dataset: Dataset
+              ) -> pa.Table:
+  """The record columns (`dataset.batch_schema()`), in order and type."""
+  schema = dataset.batch_schema()
+  if isinstance(records, pa.RecordBatch):
+    records = pa.Table.from_batches([records])
+  missing = [n for n in schema.names if n not in records.column_names]
+  if missing:
+    raise ValueError(f'history features need the record fields; missing: '
+                     f'{", ".join(missing)}')
+  return records.select(schema.names).cast(schema)
+
+
+def history_table(records: Union[pa.Table, pa.RecordBatch],
+                  dataset: Dataset) -> pa.Table:
+  """Records of any number of entities -> the same rows with their history.
+
+  `records` has the record fields (`dataset.batch_schema()`: timestamps as
+  int64 epoch microseconds), rows in any order. The result has the rows
+  sorted by (entity, event time, id), the record columns followed by the
+  history features (`dataset.history_feature_types()`), i.e. the schema
+  `dataset.batch_schema(dataset.feature_types())`.
+  """
+  table = _as_table(records, dataset)
+  order, features = _history_columns(table, dataset)
+  schema = dataset.batch_schema(dataset.feature_types())
+  columns = list(table.take(pa.array(order)).columns)
+  columns += [pa.array(features[name], type=schema.field(name).type)
+              for name in dataset.history_feature_types()]
+  return pa.Table.from_arrays(columns, schema=schema)
+
+
+def history_features(records: List[dict], dataset: Dataset) -> List[dict]:
+  """Feature dicts of `records` (dicts with the record fields, timestamps
+  as int epoch microseconds), in the order of `records`.
+
+  Each result only uses the same entity's records strictly earlier in event
+  time, within each declared window; `records` may come in any order.
+  """
+  if not records:
+    return []
+  table = pa.Table.from_pylist(records, schema=dataset.batch_schema())
+  order, features = _history_columns(table, dataset)
+  names = list(dataset.history_feature_types())
+  out = [None] * len(records)
+  rows = zip(*(features[name].tolist() for name in names))
+  for i, values in zip(order.tolist(), rows):
+    out[i] = dict(zip(names, values))
+  return out
+
+
+# Batch: RecordBatches, sharded by entity --------------------------------------
+def _history_of_shard(shard_and_batches, dataset: Dataset,
+                      max_batch_rows: int) -> Iterator[pa.RecordBatch]:
+  _, batches = shard_and_batches
+  table = history_table(concat_batches(list(batches), dataset.batch_schema()),
+                        dataset)
+  yield from table.combine_chunks().to_batches(max_chunksize=max_batch_rows)
+
+
+class HistoryFeatures(beam.PTransform):
+  """PCollection[pa.RecordBatch] valid records -> PCollection[pa.RecordBatch]
+  feature rows.
+
+  Input batches have the columns of `dataset.batch_schema()` (no others);
+  output batches have `dataset.batch_schema(dataset.feature_types())`: each
+  record plus its point-in-time history features, computed from the records
+  of the same entity strictly before it in event time. Records are split
+  into `num_shards` shards by a hash of the entity; each shard is computed
+  at once and leaves in batches of at most `max_batch_rows` rows. The
+  result does not depend on `num_shards`.
+  """
+
+  def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS,
+               max_batch_rows: int = 65536):
+    super().__init__()
+    if num_shards < 1 or max_batch_rows < 1:
+      raise ValueError(f'num_shards ({num_shards}) and max_batch_rows '
+                       f'({max_batch_rows}) must be positive')
+    self._dataset = dataset
+    self._num_shards, self._max_batch_rows = num_shards, max_batch_rows
+
+  def expand(self, records):
+    return (records
+            | 'SplitRecordsIntoEntityShards' >> beam.FlatMap(
+                split_by_shard, self._dataset.entity_field, self._num_shards)
+            | 'GroupBatchesByShard' >> beam.GroupByKey()
+            | 'ComputeHistoryOfEachShard' >> beam.FlatMap(
+                _history_of_shard, self._dataset, self._max_batch_rows))
+
+
+# Streaming: one stateful DoFn per entity --------------------------------------
+class _HistoryFn(beam.DoFn):
+  """(entity, record) -> record + history features, one per event.
+
+  State: the entity's records of the last `retention` = horizon + allowed
+  lateness (before its newest event). Each event's features are
+  `history_features(history + [event])` at the event: records that arrived
+  before it and are strictly earlier in event time, within each window.
+  A timer clears the state once the watermark is `retention` past the
+  entity's newest event (no on-time event can need it any more).
+  """
+  HISTORY = BagStateSpec('history', PickleCoder())
+  NEWEST = ReadModifyWriteStateSpec('newest', VarIntCoder())
+  EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
+
+  def __init__(self, dataset: Dataset, allowed_lateness: int):
+    self._dataset = dataset
+    self._retention = (dataset.history.horizon + allowed_lateness) * MICROS
+
+  def process(self, element, history=beam.DoFn.StateParam(HISTORY),
+              newest=beam.DoFn.StateParam(NEWEST),
+              expire=beam.DoFn.TimerParam(EXPIRE)):
+    _, record = element
+    ts = self._dataset.timestamp_field
+    t = record[ts]
+    previous = newest.read()
+    latest = t if previous is None else max(t, previous)
+    cutoff = latest - self._retention
+    stored = list(history.read())
+    # Filtering by the cutoff (not by what happens to be stored) keeps the
+    # result independent of when the bag was last compacted.
+    kept = [r for r in stored if r[ts] >= cutoff]
+    features = history_features(kept + [record], self._dataset)[-1]
+    if len(stored) > 2 * len(kept):
+      # Compact once most of the bag is stale: amortised O(1) per event.
+      history.clear()
+      for r in kept:
+        history.add(r)
+    if t >= cutoff:
+      history.add(record)
+    if latest != previous:
+      newest.write(latest)
+      expire.set(Timestamp(micros=latest + self._retention + 1))
     row = dict(record)
     row.update(features)
     yield row
 
+  @on_timer(EXPIRE)
+  def expire_history(self, history=beam.DoFn.StateParam(HISTORY),
+                     newest=beam.DoFn.StateParam(NEWEST)):
+    history.clear()
+    newest.clear()
 
-class HistoryFeatures(beam.PTransform):
+
+class StatefulHistoryFeatures(beam.PTransform):
   """PCollection[dict] valid records -> PCollection[dict] feature rows.
 
-  Each output row is the input record plus its point-in-time history
-  features (`Dataset.history_feature_types()`), computed from the records of
-  the same entity strictly before it in event time.
+  The streaming twin of `HistoryFeatures`: each row is the record plus
+  `Dataset.history_feature_types()`, from the same `history_features`. An
+  event only sees the history that arrived before it: with in-order events
+  (a replay) the rows equal batch rows exactly; an out-of-order event misses
+  the earlier-in-time records that arrive after it, and one more than
+  `allowed_lateness` behind its entity's newest event may also miss records
+  older than its longest window that were already expired.
   """
 
-  def __init__(self, dataset: Dataset):
+  def __init__(self, dataset: Dataset, allowed_lateness: int = 0):
     super().__init__()
-    self._dataset = dataset
+    self._dataset, self._lateness = dataset, allowed_lateness
 
   def expand(self, records):
     entity = self._dataset.entity_field
     return (records
-            | 'KeyByEntity' >> beam.Map(lambda r: (r[entity], r))
-            | 'GroupByEntity' >> beam.GroupByKey()
-            | 'ComputeHistory' >> beam.FlatMap(_features_of_entity,
-                                               self._dataset))
+            | 'KeyByEntity' >> beam.Map(
+                lambda r: (r[entity], r)).with_output_types(
+                    Tuple[str, Dict[str, Any]])
+            | 'ComputeHistoryOfEachEvent' >> beam.ParDo(
+                _HistoryFn(self._dataset, self._lateness)))
