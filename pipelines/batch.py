@@ -13,6 +13,7 @@ with no other flags runs every stage on the committed sample. Stages:
 import logging
 import sys
 import time
+import traceback
 from typing import Dict, List, Optional
 
 import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
@@ -23,18 +24,26 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import io, model_stages, preflight, validation
 from pipelines import summary as summary_lib
-from pipelines.options import (MlPipeOptions, aggregate_window, print_help,
-                               reference_micros)
+from pipelines.options import (BatchOptions, aggregate_window, flags,
+                               print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
-from transforms.parse import (DEAD_LETTER, VALID, CountElements,
-                              ParseAndValidate)
+from transforms.common import DEAD_LETTER, VALID, CountRows
+from transforms.parse import ParseAndValidate
 from transforms.inference import (ModelIntegrityError, read_metadata,
                                   verify_model_dir)
 from transforms.read import InputError, ReadRecords, check_input
+from transforms.sinks import WriteJsonLines, WriteParquet
 from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
                                    WriteStatistics, read_statistics)
+
+SUMMARY_FILE = 'run_summary.json'
+
+
+class RunFailed(RuntimeError):
+  """A stage failed after the run started (exit code 3)."""
+
 
 # Folders of --output_dir, one per output.
 SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION = (
@@ -44,26 +53,31 @@ SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION = (
 
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                    dataset: Optional[Dataset] = None) -> Dict[str, object]:
-  """Ingest + features: returns the PCollections that tests check."""
-  opts = options.view_as(MlPipeOptions)
+  """Ingest + features: returns the PCollections that tests check.
+
+  Every element is a pyarrow.RecordBatch: raw batches from the reader, then
+  valid records, dead-letter rows, feature rows and aggregate rows.
+  """
+  opts = flags(options, BatchOptions)
+  shards = opts.shards
   dataset = dataset or load_dataset(opts.schema)
   out = opts.output_dir
   size, period = aggregate_window(opts, dataset)
 
-  raw = p | 'ReadRecords' >> ReadRecords(opts.input, opts.input_format)
+  raw = p | 'ReadRecords' >> ReadRecords(opts.input, dataset,
+                                         opts.input_format)
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
-      dataset, reference_micros(opts))
+      dataset, reference_micros(opts), shards)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
   features = (valid
-              | 'HistoryFeatures' >> HistoryFeatures(dataset)
-              | 'CountFeatureRows' >> beam.ParDo(
-                  CountElements('feature_rows')))
+              | 'HistoryFeatures' >> HistoryFeatures(dataset, shards)
+              | 'CountFeatureRows' >> beam.ParDo(CountRows('feature_rows')))
 
-  valid | 'WriteSilver' >> io.WriteParquetRows(
+  valid | 'WriteSilver' >> WriteParquet(
       io.join(out, SILVER, dataset.name), dataset.arrow_schema())
-  dead | 'WriteDeadLetters' >> io.WriteJsonLines(
+  dead | 'WriteDeadLetters' >> WriteJsonLines(
       io.join(out, DEAD, 'dead_letter'))
-  features | 'WriteFeatures' >> io.WriteParquetRows(
+  features | 'WriteFeatures' >> WriteParquet(
       io.join(out, FEATURES, dataset.name),
       dataset.arrow_schema(dataset.feature_types()))
 
@@ -78,22 +92,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
             | f'Aggregate[{key}]' >> EntityAggregates(
                 dataset, key, size, period)
             | f'CountAggregates[{key}]' >> beam.ParDo(
-                CountElements(f'aggregate_rows.{key}')))
-    rows | f'WriteAggregates[{key}]' >> io.WriteParquetRows(
-        io.join(out, AGGREGATES, key, key), _aggregate_schema(key))
+                CountRows(f'aggregate_rows.{key}')))
+    rows | f'WriteAggregates[{key}]' >> WriteParquet(
+        io.join(out, AGGREGATES, key, key), dataset.aggregate_schema(key))
     aggregates[key] = rows
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
           'aggregates': aggregates, 'statistics': stats}
-
-
-def _aggregate_schema(key: str):
-  import pyarrow as pa
-  return pa.schema([(key, pa.string()), ('window_start', pa.string()),
-                    ('window_end', pa.string()), ('count', pa.int64()),
-                    ('total_amount', pa.float64()),
-                    ('mean_amount', pa.float64()),
-                    ('fraud_rate', pa.float64())])
 
 
 class _Stages:
@@ -120,8 +125,9 @@ def _run_beam(p: beam.Pipeline) -> Dict[str, int]:
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the batch flow; returns the run summary (also run_summary.json)."""
+  preflight.check_flags(argv)
   options = PipelineOptions(argv)
-  opts = options.view_as(MlPipeOptions)
+  opts = flags(options, BatchOptions)
   preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
   aggregate_window(opts, dataset)
@@ -131,15 +137,50 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   paths = check_input(opts.input, opts.input_format)
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
-  training_stats = None
+  metadata, training_stats = None, None
   if scoring_only:
     metadata = verify_model_dir(opts.model_dir)
     training_stats = _training_statistics(metadata)
   baseline = _baseline(opts.baseline_stats)
-  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION,
-                 model_stages.TRANSFORM, model_stages.PREDICTIONS) + (
-                     () if scoring_only else (model_stages.MODEL,)):
-    io.clear(io.join(out, folder))
+  folders = [io.join(out, f) for f in (
+      SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION,
+      model_stages.TRANSFORM, model_stages.PREDICTIONS, model_stages.MODEL)]
+  if scoring_only and io.is_within(opts.model_dir, io.join(
+      out, model_stages.MODEL)):
+    folders.pop()   # scoring with this folder's own model: keep it
+  io.check_output_dir(out, paths + [opts.model_dir, opts.baseline_stats],
+                      folders)
+  # From here on run_summary.json says how far the run got: 'running'
+  # until it ends ok, is stopped by the gate or fails, and stays 'running'
+  # if the process is killed.
+  io.write_json(io.join(out, SUMMARY_FILE), {'status': 'running'})
+  for folder in folders:
+    io.clear(folder)
+  summary = {}
+  try:
+    return _run_stages(options, opts, dataset, paths, summary, metadata,
+                       training_stats, baseline)
+  except validation.DataValidationError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    # Any failure during the run: the summary and a log say so, the
+    # command line gets one line (main), exit code 3.
+    log = io.join(out, 'run.log')
+    io.write_bytes(log, traceback.format_exc().encode('utf-8'))
+    summary['status'] = 'failed'
+    summary['error'] = f'{type(e).__name__}: {e}'.splitlines()[0]
+    summary['log'] = log
+    io.write_json(io.join(out, SUMMARY_FILE), summary)
+    raise RunFailed(f'the run failed: {summary["error"]} (details in '
+                    f'{log})') from e
+
+
+def _run_stages(options, opts, dataset, paths, summary, metadata,
+                training_stats, baseline):
+  """The five stages; fills `summary` as it goes (so a failure can still
+  report what was done) and returns it."""
+  out = opts.output_dir
+  scoring_only = bool(opts.model_dir)
   features_glob = io.join(out, FEATURES, '*.parquet')
   _stage = _Stages()
 
@@ -147,7 +188,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
   counts = _run_beam(p)
-  summary = summary_lib.ingest_summary(counts)
+  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS):
+    io.mark_complete(io.join(out, folder))
+  summary.update(summary_lib.ingest_summary(counts))
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
@@ -166,10 +209,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
         fail_on_anomalies=opts.fail_on_anomalies,
         environment='SERVING' if scoring_only else 'TRAINING')
   except validation.DataValidationError as e:
+    io.mark_complete(io.join(out, VALIDATION))
     summary['validation'] = _validation_summary(e.checked)
     summary['status'] = 'stopped: ERROR anomalies'
     _finish(summary, outputs, out, _stage)
     raise
+  io.mark_complete(io.join(out, VALIDATION))
   summary['validation'] = _validation_summary(checked)
 
   if scoring_only:
@@ -180,6 +225,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     model_stages.build_transform(p, dataset, features_glob, out)
     _run_beam(p)
     outputs['transform'] = io.join(out, model_stages.TRANSFORM)
+    io.mark_complete(outputs['transform'])
 
     _stage(f'Train: scikit-learn {opts.model_type}')
     metadata = model_stages.train_stage(dataset, out, opts.model_type,
@@ -192,6 +238,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   model_stages.build_score(p, dataset, features_glob, model_dir, out)
   counts = _run_beam(p)
   outputs['predictions'] = io.join(out, model_stages.PREDICTIONS)
+  io.mark_complete(outputs['predictions'])
   summary['model'] = {
       'version': metadata['model_version'],
       'dir': model_dir,
@@ -227,7 +274,7 @@ def _dry_run(options: PipelineOptions, dataset: Dataset):
 def _finish(summary, outputs, out, stages):
   stages(None)
   summary['outputs'] = outputs
-  io.write_json(io.join(out, 'run_summary.json'), summary)
+  io.write_json(io.join(out, SUMMARY_FILE), summary)
   _print_summary(summary, out)
 
 
@@ -295,7 +342,7 @@ def _print_summary(summary, output_dir):
   lines.append('Outputs:')
   lines += [f'  {name:<14} {path}' for name, path in
             summary['outputs'].items()]
-  lines.append(f'  {"summary":<14} {io.join(output_dir, "run_summary.json")}')
+  lines.append(f'  {"summary":<14} {io.join(output_dir, SUMMARY_FILE)}')
   print('\n'.join(lines), flush=True)
 
 
@@ -303,17 +350,20 @@ def main(argv: Optional[List[str]] = None) -> int:
   """Command-line entry: a clear one-line error and exit 2 on bad input."""
   argv = sys.argv[1:] if argv is None else argv
   if '-h' in argv or '--help' in argv:
-    print_help('python -m pipelines.batch')
+    print_help('python -m pipelines.batch', BatchOptions)
     return 0
   try:
     run(argv)
-  except (InputError, SchemaError, ModelIntegrityError,
+  except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except validation.DataValidationError as e:
     print(f'error: {e}', file=sys.stderr)
     return 1
+  except RunFailed as e:
+    print(f'error: {e}', file=sys.stderr)
+    return 3
   return 0
 
 

@@ -1,10 +1,9 @@
-"""Small file helpers that work the same on local paths and gs://."""
+"""Driver-side file helpers that work the same on local paths and gs://:
+JSON files, clearing and checking output folders, success markers."""
 
 import json
 import os
 
-import apache_beam as beam
-import pyarrow as pa
 from apache_beam.io.filesystems import FileSystems
 
 
@@ -46,42 +45,6 @@ def write_bytes(path: str, data: bytes):
 def read_bytes(path: str) -> bytes:
   with FileSystems.open(path) as f:
     return f.read()
-
-
-class WriteJsonLines(beam.PTransform):
-  """PCollection[dict] -> JSON lines files `<prefix>-SSSSS-of-NNNNN.jsonl`."""
-
-  def __init__(self, prefix: str):
-    super().__init__()
-    self._prefix = prefix
-
-  def expand(self, rows):
-    return (rows
-            | 'ToJson' >> beam.Map(json.dumps, sort_keys=True)
-            | 'WriteLines' >> beam.io.WriteToText(
-                self._prefix, file_name_suffix='.jsonl'))
-
-
-class WriteParquetRows(beam.PTransform):
-  """PCollection[dict] -> Parquet files `<prefix>-SSSSS-of-NNNNN.parquet`.
-
-  Rows are gathered into Arrow tables first: WriteToParquet on single rows
-  spends most of its time converting them one by one.
-  """
-
-  def __init__(self, prefix: str, schema):
-    super().__init__()
-    self._prefix, self._schema = prefix, schema
-
-  def expand(self, rows):
-    schema = self._schema
-    return (rows
-            | 'BatchRows' >> beam.BatchElements(min_batch_size=1000,
-                                                max_batch_size=20000)
-            | 'ToTable' >> beam.Map(
-                lambda batch: pa.Table.from_pylist(batch, schema=schema))
-            | 'WriteParquet' >> beam.io.WriteToParquetBatched(
-                self._prefix, schema, file_name_suffix='.parquet'))
 
 
 SUCCESS = '_SUCCESS'

@@ -10,9 +10,10 @@ ends;
         --input_subscription projects/P/subscriptions/S \\
         --output_topic projects/P/topics/T --model_dir gs://B/model
 
-reads JSON records from Pub/Sub until cancelled. Stages (transforms.streaming
-has the details and the lateness rule): parse and validate with the batch
-validator, drop duplicate ids, stateful point-in-time history features,
+reads JSON records from Pub/Sub until cancelled. Stages, each the streaming
+form of the module that also holds its batch form (transforms.read, parse,
+history, aggregates, inference, sinks; aggregates has the lateness rule):
+parse and validate with the batch validator, drop duplicate ids, stateful point-in-time history features,
 windowed entity aggregates with early/on-time/late panes, optional scoring
 (`--model_dir`, or any `scorer` passed to build_pipeline; with
 `--model_watch_pattern`, new models replace it without a restart, see
@@ -40,20 +41,21 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
-from pipelines import io
+from pipelines import io, preflight
 from pipelines.summary import ingest_lines
-from pipelines.options import (MlPipeOptions, aggregate_window,
-                               reference_micros)
+from pipelines.options import (StreamingOptions, aggregate_window, flags,
+                               print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.inference import (ModelIntegrityError, ScoreRecords,
                                   verify_model_dir)
-from transforms.parse import DEAD_LETTER, VALID, CountElements
-from transforms.read import InputError, check_input
-from transforms.streaming import (AGGREGATES, LATE, ReadPubSubRecords,
-                                  ReplayFile, StatefulHistoryFeatures,
-                                  StreamingEntityAggregates,
-                                  StreamingParseAndValidate,
-                                  WriteJsonLinesPanes, WriteJsonToPubSub)
+from transforms.aggregates import (AGGREGATES, LATE,
+                                   StreamingEntityAggregates)
+from transforms.common import DEAD_LETTER, VALID, CountElements
+from transforms.history import StatefulHistoryFeatures
+from transforms.parse import StreamingParseAndValidate
+from transforms.read import (InputError, ReadPubSubRecords, ReplayFile,
+                             check_input)
+from transforms.sinks import WriteJsonLinesPanes, WriteJsonToPubSub
 
 # Everything goes under <output_dir>/streaming/, apart from batch outputs.
 STREAMING = 'streaming'
@@ -78,7 +80,8 @@ def _seconds(flag: str, text: str) -> int:
     raise InputError(f'--{flag}: {e}') from None
 
 
-def settings(opts: MlPipeOptions, dataset: Dataset) -> StreamSettings:
+def settings(opts, dataset: Dataset) -> StreamSettings:
+  """`opts`: the flags of pipelines.streaming (options.flags)."""
   size, period = aggregate_window(opts, dataset)
   values = StreamSettings(
       size, period, _seconds('allowed_lateness', opts.allowed_lateness),
@@ -105,7 +108,7 @@ def _runner_name(options: PipelineOptions) -> str:
   return runner.rsplit('.', 1)[-1].lower()
 
 
-def check_model_watch(opts: MlPipeOptions, options: PipelineOptions):
+def check_model_watch(opts, options: PipelineOptions):
   """Raises InputError when --model_watch_pattern cannot work (see
   model_scorer for why the DirectRunner is refused)."""
   if not opts.model_watch_pattern:
@@ -122,7 +125,7 @@ def check_model_watch(opts: MlPipeOptions, options: PipelineOptions):
                      'scoring would wait for the watch to end, i.e. forever')
 
 
-def model_scorer(opts: MlPipeOptions, dataset: Dataset,
+def model_scorer(opts, dataset: Dataset,
                  p: Optional[beam.Pipeline] = None
                  ) -> Optional[beam.PTransform]:
   """ScoreRecords (RunInference) on --model_dir, or None without it.
@@ -171,7 +174,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   aggregates {key: rows}, late {key: rows}, predictions (or None) and
   records_replayed (the number of records a replay emits, else None).
   """
-  opts = options.view_as(MlPipeOptions)
+  opts = flags(options, StreamingOptions)
   dataset = dataset or load_dataset(opts.schema)
   s = settings(opts, dataset)
 
@@ -277,10 +280,11 @@ def summarize_outputs(root: str, dataset: Dataset,
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the stream until it ends (a replay) or is cancelled (Pub/Sub);
   returns the run summary (also <output_dir>/streaming/run_summary.json)."""
+  preflight.check_flags(argv)
   options = PipelineOptions(argv)
   # Processing-time triggers and timers need the streaming runner mode.
   options.view_as(StandardOptions).streaming = True
-  opts = options.view_as(MlPipeOptions)
+  opts = flags(options, StreamingOptions)
   dataset = load_dataset(opts.schema)
   settings(opts, dataset)
   reference_micros(opts)
@@ -323,9 +327,14 @@ def _print_summary(summary):
 
 def main(argv: Optional[List[str]] = None) -> int:
   """Command-line entry: a clear one-line error and exit 2 on bad input."""
+  argv = sys.argv[1:] if argv is None else argv
+  if '-h' in argv or '--help' in argv:
+    print_help('python -m pipelines.streaming', StreamingOptions)
+    return 0
   try:
     run(argv)
-  except (InputError, SchemaError, ModelIntegrityError) as e:
+  except (InputError, SchemaError, ModelIntegrityError,
+          preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   return 0

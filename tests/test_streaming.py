@@ -5,6 +5,7 @@ import json
 import random
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -15,14 +16,14 @@ from apache_beam.utils.timestamp import Timestamp
 
 from pipelines import streaming as pipeline
 from schemas.dataset import load_dataset, parse_duration
-from transforms.history import HistoryFeatures, history_features
-from transforms.parse import DEAD_LETTER, VALID, micros_to_rfc3339
-from transforms.read import RawRecord
-from transforms.streaming import (AGGREGATES, LATE, ReplayFile,
-                                  StatefulHistoryFeatures,
-                                  StreamingEntityAggregates,
-                                  StreamingParseAndValidate, decode_message,
-                                  replay_order)
+from transforms.aggregates import (AGGREGATES, LATE,
+                                   StreamingEntityAggregates)
+from transforms.common import DEAD_LETTER, VALID, micros_to_rfc3339
+from transforms.history import (HistoryFeatures, StatefulHistoryFeatures,
+                                history_features)
+from transforms.parse import StreamingParseAndValidate
+from transforms.read import (RawRecord, ReplayFile, decode_message,
+                             replay_order)
 
 DATASET = load_dataset()
 SIZE = parse_duration(DATASET.aggregates['window_size'])
@@ -113,7 +114,11 @@ def _history(n_events=2000, n_users=50, seed=11):
 def test_streaming_history_equals_batch_history_in_event_time_order(tmp_path):
   records = _history()
   with TestPipeline() as p:
-    _ = (p | beam.Create(records) | HistoryFeatures(DATASET)
+    batches = [pa.RecordBatch.from_pylist(records[i:i + 250],
+                                          schema=DATASET.batch_schema())
+               for i in range(0, len(records), 250)]
+    _ = (p | beam.Create(batches) | HistoryFeatures(DATASET)
+         | beam.FlatMap(lambda batch: batch.to_pylist())
          | beam.Map(json.dumps, sort_keys=True)
          | beam.io.WriteToText(str(tmp_path / 'batch')))
   batch = [json.loads(line) for path in glob.glob(str(tmp_path / 'batch*'))

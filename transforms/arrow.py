@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.common import table_to_batch
+from transforms.common import compact, slices, table_to_batch
 
 _TFXIO_TYPES = {'string': pa.large_binary(), 'float': pa.float32(),
                 'int': pa.int64(), 'timestamp': pa.int64()}
@@ -72,31 +72,6 @@ def to_tfxio_batch(batch: Union[pa.RecordBatch, pa.Table],
   return pa.RecordBatch.from_arrays(arrays, schema=tfxio_arrow_schema(types))
 
 
-def compact(batch: pa.RecordBatch) -> pa.RecordBatch:
-  """A copy of a (sliced) RecordBatch holding only its own rows' data.
-
-  Beam encodes RecordBatch elements with pickle, and pyarrow (10) pickles
-  a slice with its parent's whole buffers: a 1000-row slice of a
-  million-row batch would cost as much to ship as the million rows.
-  """
-  return pa.RecordBatch.from_arrays(
-      [pa.concat_arrays([column]) for column in batch.columns],
-      schema=batch.schema)
-
-
-def slices(batch: Union[pa.RecordBatch, pa.Table], max_rows: int
-           ) -> Iterator[pa.RecordBatch]:
-  """RecordBatches of at most `max_rows` rows: the batch itself (a table
-  as one batch) if it is small enough, else compact copies of its slices;
-  none for an empty batch."""
-  if isinstance(batch, pa.Table):
-    batch = table_to_batch(batch)
-  if batch.num_rows <= max_rows:
-    if batch.num_rows:
-      yield batch
-    return
-  for start in range(0, batch.num_rows, max_rows):
-    yield compact(batch.slice(start, max_rows))
 
 
 class ToTFXIOBatches(beam.PTransform):

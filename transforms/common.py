@@ -12,7 +12,7 @@ Small on purpose: what more than one concept needs, in one place.
 
 import datetime
 import json
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics
@@ -147,6 +147,33 @@ def table_to_batch(table: pa.Table) -> pa.RecordBatch:
   return pa.RecordBatch.from_arrays(
       [pa.concat_arrays([b.column(i) for b in batches])
        for i in range(table.num_columns)], schema=table.schema)
+
+
+def compact(batch: pa.RecordBatch) -> pa.RecordBatch:
+  """A copy of a (sliced) RecordBatch holding only its own rows' data.
+
+  Beam encodes RecordBatch elements with pickle, and pyarrow (10) pickles
+  a slice with its parent's whole buffers: a 1000-row slice of a
+  million-row batch would cost as much to ship as the million rows.
+  """
+  return pa.RecordBatch.from_arrays(
+      [pa.concat_arrays([column]) for column in batch.columns],
+      schema=batch.schema)
+
+
+def slices(batch: Union[pa.RecordBatch, pa.Table], max_rows: int
+           ) -> Iterator[pa.RecordBatch]:
+  """RecordBatches of at most `max_rows` rows: the batch itself (a table
+  as one batch) if it is small enough, else compact copies of its slices;
+  none for an empty batch."""
+  if isinstance(batch, pa.Table):
+    batch = table_to_batch(batch)
+  if batch.num_rows <= max_rows:
+    if batch.num_rows:
+      yield batch
+    return
+  for start in range(0, batch.num_rows, max_rows):
+    yield compact(batch.slice(start, max_rows))
 
 
 # Dead-letter rows -------------------------------------------------------------

@@ -57,7 +57,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
-from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches,
+from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches, slices,
                                split_by_shard)
 
 _INT64_LIMIT = 2**63
@@ -364,7 +364,7 @@ def _history_of_shard(shard_and_batches, dataset: Dataset,
   _, batches = shard_and_batches
   table = history_table(concat_batches(list(batches), dataset.batch_schema()),
                         dataset)
-  yield from table.combine_chunks().to_batches(max_chunksize=max_batch_rows)
+  yield from slices(table, max_batch_rows)
 
 
 class HistoryFeatures(beam.PTransform):
