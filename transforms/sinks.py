@@ -8,7 +8,9 @@ from typing import Optional
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.transforms import trigger, window
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from transforms.common import json_row
 
@@ -50,18 +52,73 @@ class WriteParquet(beam.PTransform):
                 self._prefix, schema, file_name_suffix='.parquet'))
 
 
-def _json_lines(batch) -> str:
-  return '\n'.join(json.dumps(row, sort_keys=True)
-                   for row in batch.to_pylist())
+# A string JSON can hold between quotes as it is (json.dumps escapes
+# quotes, backslashes, control characters and, by default, non-ASCII).
+_PLAIN = r'^[\x20-\x21\x23-\x5b\x5d-\x7e]*$'
+
+
+def _json_values(column: pa.Array) -> pa.Array:
+  """One column -> the JSON text of each value, as json.dumps writes it
+  (floats may be spelled differently, e.g. 1e-05 as 0.00001, but read back
+  as the same number). Values the column form cannot write (strings that
+  need escapes, NaN, nested types) are written by json.dumps."""
+  t = column.type
+  if pa.types.is_string(t) or pa.types.is_large_string(t):
+    column = column.cast(pa.string())
+    plain = pc.fill_null(pc.match_substring_regex(column, _PLAIN), True)
+    text = pc.binary_join_element_wise('"', column, '"', '')
+  elif pa.types.is_integer(t):
+    plain = pa.repeat(pa.scalar(True), len(column))
+    text = column.cast(pa.string())
+  elif pa.types.is_floating(t):
+    plain = pc.fill_null(pc.is_finite(column), True)
+    text = column.cast(pa.float64()).cast(pa.string())
+    # Arrow writes 1.0 as "1": keep it a float for the reader.
+    whole = pc.invert(pc.match_substring_regex(text, '[.eE]'))
+    text = pc.if_else(whole, pc.binary_join_element_wise(text, '.0', ''),
+                      text)
+  elif pa.types.is_boolean(t):
+    plain = pa.repeat(pa.scalar(True), len(column))
+    text = pc.if_else(column, 'true', 'false')
+  else:
+    plain = pa.repeat(pa.scalar(False), len(column))
+    text = pa.repeat(pa.scalar('', pa.string()), len(column))
+  text = pc.fill_null(text, 'null')
+  rest = np.flatnonzero(~np.asarray(
+      plain.to_numpy(zero_copy_only=False), dtype=bool))
+  if len(rest):
+    values = column.take(pa.array(rest)).to_pylist()
+    dumped = [json.dumps(v, default=str) for v in values]
+    text = text.to_pylist()
+    for i, line in zip(rest, dumped):
+      text[i] = line
+    text = pa.array(text, pa.string())
+  return text
+
+
+def json_lines(batch) -> str:
+  """A RecordBatch -> its rows as JSON lines text (keys sorted, as
+  json.dumps(row, sort_keys=True) writes them), built column by column."""
+  names = sorted(batch.schema.names)
+  if not names or not batch.num_rows:
+    return '\n'.join('{}' for _ in range(batch.num_rows))
+  parts = []
+  for i, name in enumerate(names):
+    parts.append(('{' if i == 0 else ', ') + json.dumps(name) + ': ')
+    parts.append(_json_values(batch.column(name)))
+  parts.append('}')
+  lines = pc.binary_join_element_wise(*parts, '')
+  joined = pc.binary_join(pa.ListArray.from_arrays(
+      pa.array([0, len(lines)], pa.int32()), lines), '\n')
+  return joined[0].as_py()
 
 
 class WriteJsonLines(beam.PTransform):
   """PCollection[pa.RecordBatch] -> JSON lines files
   `<prefix>-SSSSS-of-NNNNN.jsonl`, one object per row, keys sorted.
 
-  JSON has no columnar writer that prints floats as Python does (the
-  shortest repr that reads back exactly), so each batch is turned into
-  text row by row here, at the edge, and written as one block.
+  Each batch is turned into text column by column (`json_lines`) and
+  written as one block.
   """
 
   def __init__(self, prefix: str):
@@ -71,7 +128,7 @@ class WriteJsonLines(beam.PTransform):
   def expand(self, batches):
     return (batches
             | 'SkipEmpty' >> beam.Filter(lambda b: b.num_rows > 0)
-            | 'ToJsonBlock' >> beam.Map(_json_lines)
+            | 'ToJsonBlock' >> beam.Map(json_lines)
             | 'WriteLines' >> beam.io.WriteToText(
                 self._prefix, file_name_suffix='.jsonl'))
 
