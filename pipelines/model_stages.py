@@ -73,7 +73,7 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
       | 'CountScored' >> beam.ParDo(CountRows('feature_rows_scored'))
       | 'Score' >> ScoreBatches(model_dir, id_field=dataset.id_field,
-                                max_batch_size=4096)
+                                max_batch_size=32768)
       | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
   prefix = io.join(output_dir, PREDICTIONS, 'predictions')
   predictions | 'WriteJson' >> WriteJsonLines(prefix)
