@@ -31,8 +31,7 @@ from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
 from transforms.common import DEAD_LETTER, VALID, CountRows
 from transforms.parse import ParseAndValidate
-from transforms.inference import (ModelIntegrityError, read_metadata,
-                                  verify_model_dir)
+from transforms.inference import ModelIntegrityError, verify_model_dir
 from transforms.read import InputError, ReadRecords, check_input
 from transforms.sinks import WriteJsonLines, WriteParquet
 from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
@@ -67,7 +66,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   raw = p | 'ReadRecords' >> ReadRecords(opts.input, dataset,
                                          opts.input_format)
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
-      dataset, reference_micros(opts), shards)
+      dataset, reference_micros(opts), shards, opts.input_format)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
   features = (valid
               | 'HistoryFeatures' >> HistoryFeatures(dataset, shards)

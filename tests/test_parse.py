@@ -401,3 +401,19 @@ def test_of_two_copies_the_earlier_event_wins_as_in_a_stream(tmp_path):
     assert_that(_rows(out[DEAD_LETTER], 'DeadRows') | 'Where' >> beam.Map(
         lambda r: (r['position'], r['error_kind'])),
                 equal_to([(0, 'duplicate')]), label='dead')
+
+
+@pytest.mark.parametrize('fmt', ['jsonl', 'csv', 'avro', 'parquet'])
+def test_a_duplicate_keeps_its_record_text_in_every_format(tmp_path, fmt):
+  """The dead-letter row of a duplicate carries the copy's text, read again
+  from its file (the text is not carried through the shuffle)."""
+  records = [_with(transaction_id=f'tx{i:09d}') for i in range(3)]
+  records.append(_with(transaction_id='tx000000001', amount=99.5))
+  path = _write_all_formats(tmp_path, records)[fmt]
+  with TestPipeline() as p:
+    out = (p | ReadRecords(str(path), DATASET)
+           | ParseAndValidate(DATASET, num_shards=2))
+    assert_that(_rows(out[DEAD_LETTER], 'DeadRows') | 'Text' >> beam.Map(
+        lambda r: (r['position'], r['error_kind'], '99.5' in r['raw'],
+                   'tx000000001' in r['raw'])),
+                equal_to([(3, 'duplicate', True, True)]))

@@ -9,14 +9,14 @@ features are. Both directions are column-wise: offsets and value arrays, no
 Python rows.
 """
 
-from typing import Dict, Iterator, Optional, Union
+from typing import Dict, Optional, Union
 
 import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.common import compact, slices, table_to_batch
+from transforms.common import slices
 
 _TFXIO_TYPES = {'string': pa.large_binary(), 'float': pa.float32(),
                 'int': pa.int64(), 'timestamp': pa.int64()}

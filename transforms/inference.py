@@ -34,7 +34,7 @@ import pyarrow as pa
 import threadpoolctl
 
 from transforms import arrow
-from transforms.common import concat_batches
+from transforms.common import compact, concat_batches, slices
 
 METADATA_FILE = 'metadata.json'
 MODEL_FILE = 'model.joblib'
@@ -323,7 +323,7 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
       return [PredictionResult(batch[0], predictions, version)]
     results, start = [], 0
     for element in batch:
-      results.append(PredictionResult(element, arrow.compact(
+      results.append(PredictionResult(element, compact(
           predictions.slice(start, element.num_rows)), version))
       start += element.num_rows
     return results
@@ -381,7 +381,7 @@ class ScoreBatches(beam.PTransform):
         self._model_dir, id_field=self._id_field, **self._batch)
     return (batches
             | 'SliceBatches' >> beam.FlatMap(
-                arrow.slices, self._batch['max_batch_size'])
+                slices, self._batch['max_batch_size'])
             | 'RunInference' >> RunInference(
                 handler, model_metadata_pcoll=self._model_metadata_pcoll)
             | 'Predictions' >> beam.Map(_predictions))

@@ -42,10 +42,9 @@ from schemas.dataset import Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                NAMESPACE, VALID, CountElements, CountRows,
                                Counters, concat_batches, dead_letter_batch,
-                               dead_letter_row, json_row, micros_to_rfc3339,
-                               split_by_shard, to_micros)
-from transforms.read import (ERROR, ERROR_KIND, META_COLUMNS, POSITION, RAW,
-                             SOURCE, UNDECODED, RawRecord, raw_records)
+                               dead_letter_row, split_by_shard, to_micros)
+from transforms.read import (ERROR, POSITION, SOURCE, UNDECODED, RawRecord,
+                             raw_records, record_texts)
 
 __all__ = ['DEAD_LETTER', 'VALID', 'NAMESPACE', 'CountElements',
            'ERROR_KINDS', 'RecordError', 'RecordValidator', 'BatchValidator',
@@ -65,8 +64,10 @@ EARLIEST, LATEST = '1678-01-01T00:00:00Z', '2261-12-31T00:00:00Z'
 EARLIEST_MICROS = -9_214_560_000_000_000
 LATEST_MICROS = 9_214_560_000_000_000
 
-# Columns kept beside a valid record until duplicates are removed.
-KEEP_META = (SOURCE, POSITION, RAW)
+# Columns kept beside a valid record until duplicates are removed. Not
+# the record's text: carried through the shuffle it doubled the ingest
+# job's memory; the few duplicates' texts are read again from their files.
+KEEP_META = (SOURCE, POSITION)
 
 
 class RecordError(Exception):
@@ -336,8 +337,8 @@ def _regex_or_none(pattern: str) -> Optional[str]:
 class BatchValidator:
   """Raw RecordBatch -> (valid RecordBatch, dead-letter rows).
 
-  The valid batch has `dataset.batch_schema()` columns plus SOURCE,
-  POSITION and RAW (for the dedupe step). Doubtful rows are decided by
+  The valid batch has `dataset.batch_schema()` columns plus SOURCE and
+  POSITION (for the dedupe step). Doubtful rows are decided by
   `RecordValidator`, one at a time.
   """
 
@@ -520,8 +521,7 @@ class BatchValidator:
       except RecordError as e:
         dead.append(_dead_row(raw, e.kind, e.field, e.message))
       else:
-        record.update({SOURCE: raw.source, POSITION: raw.position,
-                       RAW: raw.text})
+        record.update({SOURCE: raw.source, POSITION: raw.position})
         rescued.append(record)
     if rescued:
       valid = pa.RecordBatch.from_arrays(
@@ -577,31 +577,29 @@ def _first_copy_wins(shard_and_batches, dataset: Dataset):
   later = np.flatnonzero(~first)
   sources = table.column(SOURCE).to_pylist()
   positions = table.column(POSITION).to_pylist()
-  raws = table.column(RAW).to_pylist()
-  rows = []
   for i in later:
     f = firsts[i]
-    text = raws[i]
-    if text is None:
-      record = table.slice(int(i), 1).select(schema.names).to_pylist()[0]
-      text = _record_text(record, dataset)
-    rows.append(dead_letter_row(
+    # Keyed by file: the texts are read again from it (_with_record_text).
+    yield beam.pvalue.TaggedOutput(DEAD_LETTER, (sources[i], dead_letter_row(
         sources[i], positions[i], 'duplicate', None,
-        f'id {ids[i]} already read at {sources[f]}:{positions[f]}', text))
-  yield beam.pvalue.TaggedOutput(DEAD_LETTER, dead_letter_batch(rows))
+        f'id {ids[i]} already read at {sources[f]}:{positions[f]}', None)))
 
 
-def _record_text(record: Dict[str, Any], dataset: Dataset) -> str:
-  """The text of a valid record (Avro, Parquet: files without record text)
-  for the dead-letter output, timestamps in RFC 3339."""
-  return json_row({
-      k: (micros_to_rfc3339(v) if v is not None and
-          dataset.fields[k].type == 'timestamp' else v)
-      for k, v in record.items()})
+def _with_record_text(source_and_rows, dataset: Dataset,
+                      input_format: Optional[str]) -> pa.RecordBatch:
+  """(file, dead-letter rows without text) -> a dead-letter batch with
+  each row's record text, read again from the file."""
+  source, rows = source_and_rows
+  rows = sorted(rows, key=lambda r: r['position'])
+  texts = record_texts(source, dataset, [r['position'] for r in rows],
+                       input_format)
+  for row in rows:
+    row['raw'] = texts.get(row['position'])
+  return dead_letter_batch(rows)
 
 
 class DropDuplicatesInReadOrder(beam.PTransform):
-  """PCollection[pa.RecordBatch] valid rows with SOURCE/POSITION/RAW ->
+  """PCollection[pa.RecordBatch] valid rows with SOURCE and POSITION ->
   {'valid': PCollection[pa.RecordBatch] (dataset.batch_schema()),
    'dead_letter': PCollection[pa.RecordBatch] of later copies}.
 
@@ -612,18 +610,26 @@ class DropDuplicatesInReadOrder(beam.PTransform):
   Bounded input only.
   """
 
-  def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS):
+  def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS,
+               input_format: Optional[str] = None):
     super().__init__()
     self._dataset, self._shards = dataset, num_shards
+    self._format = input_format
 
   def expand(self, batches):
     id_field, shards = self._dataset.id_field, self._shards
-    return (batches
-            | 'ShardById' >> beam.FlatMap(split_by_shard, id_field, shards)
-            | 'GroupShards' >> beam.GroupByKey()
-            | 'KeepFirstCopy' >> beam.FlatMap(
-                _first_copy_wins, self._dataset).with_outputs(
-                    DEAD_LETTER, main=VALID))
+    deduped = (batches
+               | 'ShardById' >> beam.FlatMap(split_by_shard, id_field,
+                                             shards)
+               | 'GroupShards' >> beam.GroupByKey()
+               | 'KeepFirstCopy' >> beam.FlatMap(
+                   _first_copy_wins, self._dataset).with_outputs(
+                       DEAD_LETTER, main=VALID))
+    dead = (deduped[DEAD_LETTER]
+            | 'GroupByFile' >> beam.GroupByKey()
+            | 'ReadRecordTexts' >> beam.Map(
+                _with_record_text, self._dataset, self._format))
+    return {VALID: deduped[VALID], DEAD_LETTER: dead}
 
 
 class _CountDeadLetters(beam.DoFn):
@@ -654,18 +660,20 @@ class ParseAndValidate(beam.PTransform):
   """
 
   def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None,
-               num_shards: int = DEFAULT_SHARDS):
+               num_shards: int = DEFAULT_SHARDS,
+               input_format: Optional[str] = None):
     super().__init__()
     self._dataset = dataset
     self._reference = reference_micros
     self._shards = num_shards
+    self._format = input_format
 
   def expand(self, raw_batches):
     parsed = raw_batches | 'ParseAndCheckRules' >> beam.ParDo(
         ValidateBatches(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
     deduped = parsed[VALID] | 'DropDuplicates' >> DropDuplicatesInReadOrder(
-        self._dataset, self._shards)
+        self._dataset, self._shards, self._format)
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
             | 'AllDeadLetters' >> beam.Flatten()
             | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetters()))

@@ -622,6 +622,27 @@ def read_batches(path: str, dataset: Dataset,
                         dataset)
 
 
+def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
+                 explicit_format: Optional[str] = None) -> dict:
+  """{position: the record's text} for a few records of one file, read
+  again (the dead-letter text of a duplicate). Text formats give the line
+  as written; Avro and Parquet the record's values as JSON."""
+  wanted = sorted(set(positions))
+  fmt = format_of(path, explicit_format)
+  if fmt in ('jsonl', 'csv'):
+    _, lines = _range_lines(path, 0, None)
+    skip = 1 if fmt == 'csv' else 0   # the header line
+    return {p: lines.line(p + skip) for p in wanted
+            if p + skip < len(lines)}
+  found = {}
+  for batch in read_batches(path, dataset, explicit_format):
+    first = batch.column(POSITION)[0].as_py() if batch.num_rows else 0
+    rows = [p - first for p in wanted if 0 <= p - first < batch.num_rows]
+    for raw in raw_records(batch, rows):
+      found[raw.position] = raw.text
+  return found
+
+
 def read_file(path: str, dataset: Dataset,
               explicit_format: Optional[str] = None) -> Iterator[RawRecord]:
   """Every record of one file, one RawRecord each (the streaming replay)."""

@@ -3,7 +3,6 @@ lines cut by processing time and Pub/Sub messages from rows (streaming).
 """
 
 import json
-from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
