@@ -320,8 +320,9 @@ def main(argv=None):
                       help='tf.Transform output dir (WriteTransformFn)')
   parser.add_argument('--model_dir', required=True)
   parser.add_argument('--model', choices=MODELS, default='gbt')
-  parser.add_argument('--dataset', default='transactions',
-                      help='dataset declaration (name or YAML path)')
+  parser.add_argument('--schema', default='transactions',
+                      help='dataset declaration: a name in schemas/ or a '
+                      'path to a .yaml (as for pipelines.batch)')
   parser.add_argument('--eval_fraction', type=float, default=0.2)
   parser.add_argument('--statistics', default=None,
                       help='training statistics path, recorded in metadata')
@@ -331,7 +332,7 @@ def main(argv=None):
   try:
     metadata = train(
         read_transformed(args.transformed), transform_dir=args.transform_dir,
-        model_dir=args.model_dir, dataset=load_dataset(args.dataset),
+        model_dir=args.model_dir, dataset=load_dataset(args.schema),
         model=args.model, eval_fraction=args.eval_fraction,
         statistics_path=args.statistics, model_version=args.model_version)
   except TrainingError as e:
