@@ -36,9 +36,10 @@ For every size it
 Results are also written as JSON under bench/.cache/results/
 (`--report <file>` prints their tables again).
 Flags: --skip-multi, --skip-full, --skip-peers, --peers-only (no pipeline
-runs), --keep-going, --seed, --env KEY=VALUE (e.g. OMP_NUM_THREADS=1, set in
-every measured process), --profile (cProfile of a whole score run, in a
-separate output folder; the report goes to the cache's logs/).
+runs), --retrain (train the cached model again), --keep-going, --seed,
+--env KEY=VALUE (e.g. OMP_NUM_THREADS=1, set in every measured process),
+--profile (cProfile of a whole score run, in a separate output folder; the
+report goes to the cache's logs/).
 """
 
 import argparse
@@ -328,11 +329,12 @@ def batch_cmd(data: str, output_dir: str, model_dir: Optional[str] = None,
   return cmd + list(extra)
 
 
-def ensure_model(data: str) -> str:
-  """A model trained on this cache's data (once): train/model."""
+def ensure_model(data: str, retrain: bool = False) -> str:
+  """A model trained on this cache's data (once, or again with
+  `retrain`, e.g. after the model format changed): train/model."""
   train_dir = os.path.join(data, 'train')
   model = os.path.join(train_dir, 'model')
-  if not os.path.exists(os.path.join(model, 'metadata.json')):
+  if retrain or not os.path.exists(os.path.join(model, 'metadata.json')):
     result = run_measured(batch_cmd(data, train_dir),
                           os.path.join(data, 'logs', 'train.log'),
                           'training a model (not measured)')
@@ -651,7 +653,7 @@ def bench_size(seed: int, rows: int, args) -> Dict[str, object]:
   if args.peers_only:
     result['peers'] = peers(data, None, logs)
     return result
-  model = ensure_model(data)
+  model = ensure_model(data, args.retrain)
   score_dir = os.path.join(data, 'run_score')
   result['score'] = run_measured(batch_cmd(data, score_dir, model),
                                  os.path.join(logs, 'score.log'),
@@ -699,6 +701,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--peers-only', action='store_true',
                  help='no pipeline runs: the peers alone (the statistics '
                  'peer then reads the pandas feature table)')
+  p.add_argument('--retrain', action='store_true',
+                 help="train each size's cached model again (after a change "
+                 'to training or the model format)')
   p.add_argument('--profile', action='store_true',
                  help='also cProfile a whole score run')
   p.add_argument('--env', action='append', default=[], metavar='KEY=VALUE',
