@@ -21,6 +21,8 @@ REQUIRED = [
     'google-cloud-storage==2.18.2',
     'PyYAML==6.0.4',
     'threadpoolctl==3.8.0',   # scikit-learn's; imported by the scorer
+    # Models are stored in skops' format: loading one runs no code from it.
+    'skops==0.16.0',
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
     # Python 3.11 and fails building one from source.

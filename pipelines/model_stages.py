@@ -4,14 +4,13 @@ Each Beam stage has a `build_*` function (graph only, for tests and dry
 runs) and a runner function; training runs on the driver between them.
 """
 
-import hashlib
 from typing import Dict, Optional
 
 import apache_beam as beam
 import pyarrow as pa
 
 from pipelines import io
-from pipelines.train import read_transformed, train
+from pipelines.train import data_version, read_transformed, train
 from schemas.dataset import Dataset
 from transforms import arrow, preprocess
 from transforms.common import CountRows, table_to_batch
@@ -80,25 +79,6 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
   predictions | 'WriteParquet' >> WriteParquet(prefix,
                                                dataset.prediction_schema())
   return predictions
-
-
-def data_version(table: pa.Table, dataset: Dataset, model_type: str) -> str:
-  """A model version that depends only on the training data and settings.
-
-  tf.Transform writes a different saved_model on every run even for equal
-  data, and its float reductions may differ in the last bit with bundle
-  order, so the version hashes the feature rows (sorted by id), the
-  declaration and the model type instead.
-  """
-  table = table.sort_by(dataset.id_field)
-  sink = pa.BufferOutputStream()
-  with pa.ipc.new_stream(sink, table.schema) as writer:
-    writer.write_table(table)
-  digest = hashlib.sha256(sink.getvalue().to_pybytes())
-  with open(dataset.path, 'rb') as f:
-    digest.update(f.read())
-  digest.update(model_type.encode())
-  return 'v' + digest.hexdigest()[:16]
 
 
 def train_stage(dataset: Dataset, output_dir: str, model_type: str,

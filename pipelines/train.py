@@ -21,7 +21,7 @@ Models (deterministic, random_state=0):
   logreg  LogisticRegression on one-hot vocabulary and bucket indices plus
           the z-scored numeric columns.
 
-Writes model_dir/: model.joblib, transform_fn/ (copy of the tft output dir:
+Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
 transform_fn/ and transformed_metadata/), metadata.json (see `train`).
 """
 
@@ -29,7 +29,9 @@ from pipelines import quiet  # pylint: disable=unused-import  # noqa: F401
 
 import argparse
 import datetime
+import hashlib
 import io
+import os
 import json
 import logging
 import sys
@@ -206,6 +208,25 @@ def _copy_transform(transform_dir: str, model_dir: str):
 
 
 # Training -------------------------------------------------------------------
+def data_version(table: pa.Table, dataset, model_type: str) -> str:
+  """A model version that depends only on the training data and settings.
+
+  tf.Transform writes a different saved_model on every run even for equal
+  data, and its float reductions may differ in the last bit with bundle
+  order, so the version hashes the feature rows (sorted by id), the
+  declaration and the model type instead.
+  """
+  table = table.sort_by(dataset.id_field)
+  sink = pa.BufferOutputStream()
+  with pa.ipc.new_stream(sink, table.schema) as writer:
+    writer.write_table(table)
+  digest = hashlib.sha256(sink.getvalue().to_pybytes())
+  with open(dataset.path, 'rb') as f:
+    digest.update(f.read())
+  digest.update(model_type.encode())
+  return 'v' + digest.hexdigest()[:16]
+
+
 def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                             Iterable[dict]], *, transform_dir: str,
           model_dir: str, dataset=None, model: str = 'gbt',
@@ -216,11 +237,9 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
   transformed: a table, RecordBatches or rows with the columns of
     `preprocess.transformed_arrow_schema(dataset)`; unlabelled rows dropped.
   model_version: recorded as given (e.g. a run timestamp from the caller);
-    by default 'v' + 16 hex digits of the sha256 over the sorted
-    (path, sha256) pairs of every file written (model.joblib, transform_fn/),
-    so equal content gives an equal version and no clock is read.
+    by default `data_version` of the training rows, so equal data and
+    settings give an equal version and no clock is read.
   """
-  import joblib
   dataset = dataset or load_dataset()
   if model not in MODELS:
     raise ValueError(f'unknown model {model!r}; use one of {", ".join(MODELS)}')
@@ -276,15 +295,13 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                        scores(estimator, eval_rows), threshold),
   }
 
-  buffer = io.BytesIO()
-  joblib.dump(estimator, buffer)
   _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
-               buffer.getvalue())
+               inference.dumps_estimator(estimator))
   _copy_transform(transform_dir, model_dir)
   files = inference.file_digests(model_dir)
 
   metadata = {
-      'model_version': model_version or inference.content_version(files),
+      'model_version': model_version or data_version(table, dataset, model),
       'model_type': model,
       'estimator': type(estimator).__name__,
       'dataset': dataset.name,
@@ -307,6 +324,11 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'transform_dir': inference.TRANSFORM_DIR,
       'files': files,
   }
+  # The operator's key signs the files' digest (see inference).
+  key = os.environ.get(inference.SIGNING_KEY_ENV)
+  if key:
+    metadata['signature'] = inference.signature(
+        inference.content_version(files), key)
   _write_bytes(inference.join_path(model_dir, inference.METADATA_FILE),
                json.dumps(metadata, indent=2, sort_keys=True).encode('utf-8'))
   return metadata

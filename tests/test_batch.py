@@ -98,12 +98,12 @@ def test_tampered_model_is_refused_with_exit_2(sample_run, tmp_path, capsys):
       target.mkdir(parents=True, exist_ok=True)
     else:
       target.write_bytes(open(path, 'rb').read())
-  with open(model / 'model.joblib', 'ab') as f:
+  with open(model / 'model.skops', 'ab') as f:
     f.write(b'tampered')
   code = batch.main(['--output_dir', str(tmp_path / 'out'),
                      '--model_dir', str(model)])
   assert code == 2
-  assert 'model.joblib' in capsys.readouterr().err
+  assert 'model.skops' in capsys.readouterr().err
 
 
 @pytest.mark.parametrize('argv,message', [

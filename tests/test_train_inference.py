@@ -7,6 +7,8 @@ One module-scoped fixture runs the tf.Transform pipeline (writing Parquet
 from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
 
 import json
+import hashlib
+import pickle
 import os
 import shutil
 
@@ -156,15 +158,17 @@ def test_transformed_rows_pass_id_time_and_label_through(trained):
 def test_model_dir_layout_and_metadata(trained):
   model_dir, metadata = trained['model_dir'], trained['metadata']
   files = inference.list_files(model_dir)
-  assert 'model.joblib' in files and 'metadata.json' in files
+  assert 'model.skops' in files and 'metadata.json' in files
   assert 'transform_fn/transform_fn/saved_model.pb' in files
   assert 'transform_fn/transformed_metadata/schema.pbtxt' in files
   on_disk = json.loads((trained['root'] / 'model' / 'metadata.json')
                        .read_text())
   assert on_disk == metadata
   assert set(metadata['files']) == set(files) - {'metadata.json'}
-  assert metadata['model_version'] == inference.content_version(
-      metadata['files'])
+  # The version names the training data and settings, not the files
+  # (skops files differ byte for byte between equal fits).
+  assert metadata['model_version'] == train_lib.data_version(
+      trained['table'], DATASET, 'gbt')
   assert metadata['features'] == preprocess.transformed_feature_names(DATASET)
   assert 0.0 < metadata['threshold'] < 1.0
   tr = metadata['training']
@@ -273,7 +277,7 @@ def _copy_model(trained, tmp_path):
 
 
 @pytest.mark.parametrize('relative', [
-    'model.joblib', 'transform_fn/transform_fn/assets/merchant_category'])
+    'model.skops', 'transform_fn/transform_fn/assets/merchant_category'])
 def test_tampered_file_refused(trained, tmp_path, relative):
   model_dir = _copy_model(trained, tmp_path)
   inference.TransformedSklearnModelHandler(model_dir).load_model()  # intact
@@ -290,8 +294,88 @@ def test_missing_and_unlisted_files_refused(trained, tmp_path):
   with pytest.raises(inference.ModelIntegrityError, match='extra.txt'):
     inference.verify_model_dir(model_dir)
   os.remove(os.path.join(model_dir, 'extra.txt'))
-  os.remove(os.path.join(model_dir, 'model.joblib'))
-  with pytest.raises(inference.ModelIntegrityError, match='model.joblib'):
+  os.remove(os.path.join(model_dir, 'model.skops'))
+  with pytest.raises(inference.ModelIntegrityError, match='model.skops'):
+    inference.verify_model_dir(model_dir)
+
+
+def _rewrite(model_dir, relative, data):
+  """Replaces a file and its recorded sha256, as anyone who can write the
+  folder could: the hashes alone are no defence against that."""
+  with open(os.path.join(model_dir, relative), 'wb') as f:
+    f.write(data)
+  path = os.path.join(model_dir, inference.METADATA_FILE)
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata['files'][relative] = hashlib.sha256(data).hexdigest()
+  with open(path, 'w') as f:
+    json.dump(metadata, f)
+
+
+class Payload:
+  """What an attacker would put in a model file: it runs code when
+  unpickled (it writes a file next to the model)."""
+
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (open, (self.marker, 'w'))
+
+
+def test_a_pickle_in_place_of_the_model_is_not_loaded(trained, tmp_path):
+  model_dir = _copy_model(trained, tmp_path)
+  marker = str(tmp_path / 'pwned')
+  _rewrite(model_dir, 'model.skops', pickle.dumps(Payload(marker)))
+  with pytest.raises(inference.ModelIntegrityError, match='not a skops'):
+    inference.TransformedSklearnModelHandler(model_dir).load_model()
+  assert not os.path.exists(marker)
+
+
+def test_a_model_file_with_an_untrusted_type_is_refused(trained, tmp_path):
+  import skops.io as sio
+  model_dir = _copy_model(trained, tmp_path)
+  _rewrite(model_dir, 'model.skops', sio.dumps(Payload(str(tmp_path / 'x'))))
+  with pytest.raises(inference.ModelIntegrityError, match='untrusted type'):
+    inference.TransformedSklearnModelHandler(model_dir).load_model()
+  assert not os.path.exists(tmp_path / 'x')
+
+
+@pytest.mark.parametrize('key,value', [
+    ('model_file', '../elsewhere/model.skops'),
+    ('model_file', '/etc/passwd'),
+    ('transform_dir', '../../transform_fn')])
+def test_paths_that_leave_the_model_folder_are_refused(trained, tmp_path,
+                                                       key, value):
+  model_dir = _copy_model(trained, tmp_path)
+  path = os.path.join(model_dir, inference.METADATA_FILE)
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata[key] = value
+  with open(path, 'w') as f:
+    json.dump(metadata, f)
+  with pytest.raises(inference.ModelIntegrityError, match='leaves the model'):
+    inference.verify_model_dir(model_dir)
+
+
+def test_with_a_signing_key_only_signed_models_load(trained, tmp_path,
+                                                     monkeypatch):
+  model_dir = _copy_model(trained, tmp_path)
+  monkeypatch.setenv(inference.SIGNING_KEY_ENV, 'operator secret')
+  with pytest.raises(inference.ModelIntegrityError, match='not signed'):
+    inference.verify_model_dir(model_dir)   # trained without the key
+  digest = inference.content_version(
+      inference.read_metadata(model_dir)['files'])
+  path = os.path.join(model_dir, inference.METADATA_FILE)
+  with open(path) as f:
+    metadata = json.load(f)
+  metadata['signature'] = inference.signature(digest, 'operator secret')
+  with open(path, 'w') as f:
+    json.dump(metadata, f)
+  assert inference.verify_model_dir(model_dir)['digest'] == digest
+  # Replacing a file and its hash (as in _rewrite) breaks the signature.
+  _rewrite(model_dir, 'model.skops', b'other bytes')
+  with pytest.raises(inference.ModelIntegrityError, match='not signed'):
     inference.verify_model_dir(model_dir)
 
 

@@ -2,7 +2,8 @@
 RunInference.
 
 A model directory (written by pipelines.train) holds:
-  model.joblib     the fitted scikit-learn estimator
+  model.skops      the fitted scikit-learn estimator (skops format: loads
+                   without running code from the file)
   transform_fn/    the tf.Transform output dir (transform_fn/,
                    transformed_metadata/) the model was trained on
   metadata.json    version, raw input types, feature order, threshold,
@@ -19,8 +20,9 @@ ModelMetadata (model refresh).
 
 import dataclasses
 import hashlib
-import io
+import hmac
 import json
+import os
 from typing import (Any, Dict, Iterable, List, Mapping, Optional,
                     Sequence)
 
@@ -37,7 +39,20 @@ from transforms import arrow
 from transforms.common import compact, concat_batches, slices
 
 METADATA_FILE = 'metadata.json'
-MODEL_FILE = 'model.joblib'
+MODEL_FILE = 'model.skops'
+# Types and functions a model file may name beyond skops' own safe set
+# (scikit-learn estimators, NumPy, SciPy): HistGradientBoosting's tree
+# predictors, and the functools.partial of check_array it keeps for
+# categorical features. skops lists the function a partial wraps on its
+# own, so partial(os.system, ...) would still be refused as posix.system.
+# A file naming anything else is refused before anything is built.
+TRUSTED_TYPES = (
+    'functools.partial',
+    'sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor',
+    'sklearn.utils.validation.check_array')
+# With this variable set, a model directory must carry an HMAC-SHA256 of
+# its files' digest made with the same key (pipelines.train signs).
+SIGNING_KEY_ENV = 'MLPIPE_MODEL_KEY'
 TRANSFORM_DIR = 'transform_fn'
 
 
@@ -100,11 +115,31 @@ def read_metadata(model_dir: str) -> Dict[str, Any]:
     return json.loads(f.read().decode('utf-8'))
 
 
-def verify_model_dir(model_dir: str) -> Dict[str, Any]:
-  """Checks every file's sha256 against metadata.json; returns the metadata.
+def signature(digest: str, key: str) -> str:
+  """HMAC-SHA256 of a model's files digest with the operator's key."""
+  return hmac.new(key.encode('utf-8'), digest.encode('utf-8'),
+                  hashlib.sha256).hexdigest()
 
-  Raises ModelIntegrityError naming the first file that is missing, not
-  listed, or whose content changed.
+
+def _inside(relative) -> bool:
+  """A path that stays inside the model folder: relative, no '..'."""
+  if not isinstance(relative, str) or not relative:
+    return False
+  parts = relative.replace('\\', '/').split('/')
+  return not (relative.startswith(('/', '\\')) or '://' in relative or
+              ':' in parts[0] or '..' in parts)
+
+
+def verify_model_dir(model_dir: str) -> Dict[str, Any]:
+  """Checks a model directory before anything in it is loaded; returns its
+  metadata with 'digest' (content_version of the files as found).
+
+  Raises ModelIntegrityError on the first problem: a file missing, not
+  listed, or whose sha256 changed; a path in metadata.json that leaves the
+  folder; and, when SIGNING_KEY_ENV is set, a missing or wrong signature.
+  The hashes alone only catch accidents (whoever can write the folder can
+  rewrite them); the signature and the model file's safe format are what
+  make a folder from elsewhere safe to load.
   """
   try:
     metadata = read_metadata(model_dir)
@@ -112,8 +147,16 @@ def verify_model_dir(model_dir: str) -> Dict[str, Any]:
     raise ModelIntegrityError(
         f'{model_dir}: cannot read {METADATA_FILE}: {e}') from None
   expected = metadata.get('files')
-  if not expected:
+  if not expected or not isinstance(expected, dict):
     raise ModelIntegrityError(f'{model_dir}: {METADATA_FILE} lists no files')
+  for key in ('model_file', 'transform_dir'):
+    if key in metadata and not _inside(metadata[key]):
+      raise ModelIntegrityError(
+          f'{model_dir}: {key} {metadata[key]!r} leaves the model folder')
+  outside = sorted(rel for rel in expected if not _inside(rel))
+  if outside:
+    raise ModelIntegrityError(
+        f'{model_dir}: {outside[0]!r} leaves the model folder')
   found = {rel: path for rel, path in list_files(model_dir).items()
            if rel != METADATA_FILE}
   missing = sorted(set(expected) - set(found))
@@ -128,7 +171,37 @@ def verify_model_dir(model_dir: str) -> Dict[str, Any]:
     if actual != expected[rel]:
       raise ModelIntegrityError(
           f'{model_dir}: {rel} has sha256 {actual}, expected {expected[rel]}')
-  return metadata
+  digest = content_version(expected)
+  key = os.environ.get(SIGNING_KEY_ENV)
+  if key and not hmac.compare_digest(
+      str(metadata.get('signature', '')), signature(digest, key)):
+    raise ModelIntegrityError(
+        f'{model_dir}: not signed with the key in ${SIGNING_KEY_ENV}')
+  return dict(metadata, digest=digest)
+
+
+def dumps_estimator(estimator) -> bytes:
+  """A fitted estimator in skops' format, which loads without running
+  code from the file (unlike pickle or joblib)."""
+  import skops.io as sio  # pylint: disable=g-import-not-at-top
+  return sio.dumps(estimator)
+
+
+
+def loads_estimator(data: bytes, where: str):
+  """The estimator of a skops file, refusing any type outside skops' safe
+  set and TRUSTED_TYPES (and any file that is not skops, e.g. a pickle)."""
+  import skops.io as sio  # pylint: disable=g-import-not-at-top
+  try:
+    untrusted = sio.get_untrusted_types(data=data)
+  except Exception as e:  # pylint: disable=broad-except
+    # Not a skops file at all (a pickle, say): nothing of it is loaded.
+    raise ModelIntegrityError(f'{where}: not a skops model file '
+                              f'({type(e).__name__})') from None
+  refused = sorted(set(untrusted) - set(TRUSTED_TYPES))
+  if refused:
+    raise ModelIntegrityError(f'{where}: holds untrusted type {refused[0]}')
+  return sio.loads(data, trusted=list(TRUSTED_TYPES))
 
 
 # Features -------------------------------------------------------------------
@@ -280,7 +353,6 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     self._id_field = id_field
 
   def load_model(self) -> LoadedModel:
-    import joblib
     import tensorflow_transform as tft
     metadata = verify_model_dir(self._model_dir)
     transform_dir = metadata.get('transform_dir', TRANSFORM_DIR)
@@ -288,7 +360,8 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     layer = tft.TFTransformOutput(
         join_path(self._model_dir, transform_dir)).transform_features_layer()
     with FileSystems.open(join_path(self._model_dir, model_file)) as f:
-      estimator = joblib.load(io.BytesIO(f.read()))
+      estimator = loads_estimator(f.read(),
+                                  join_path(self._model_dir, model_file))
     return LoadedModel(estimator, layer, metadata)
 
   def run_inference(self, batch: Sequence[pa.RecordBatch],
