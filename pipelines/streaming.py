@@ -285,6 +285,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   # Processing-time triggers and timers need the streaming runner mode.
   options.view_as(StandardOptions).streaming = True
   opts = flags(options, StreamingOptions)
+  preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
   settings(opts, dataset)
   reference_micros(opts)
@@ -299,6 +300,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
   root = io.join(opts.output_dir, STREAMING)
+  inputs = [] if opts.input_subscription or opts.input_topic else (
+      check_input(opts.input, opts.input_format))
+  io.check_output_dir(opts.output_dir, inputs + [opts.model_dir], [root])
   io.clear(root)
 
   print(f'== Streaming: {source}', file=sys.stderr, flush=True)
@@ -333,7 +337,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 0
   try:
     run(argv)
-  except (InputError, SchemaError, ModelIntegrityError,
+  except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
