@@ -35,9 +35,12 @@ def quiet_logging(level=logging.WARNING):
   for handler in logging.getLogger().handlers:
     handler.addFilter(_DropNoise())
   logging.getLogger().addFilter(_DropNoise())
-  for name in ('tensorflow', 'absl', 'apache_beam.runners',
-               'apache_beam.io.gcp'):
+  for name in ('tensorflow', 'absl', 'apache_beam.io.gcp'):
     logging.getLogger(name).setLevel(logging.ERROR)
+  # A failing bundle is logged by the runner with its traceback before the
+  # exception reaches the entry point, which prints one line and writes the
+  # traceback to the run's log: the runner's own copy is noise.
+  logging.getLogger('apache_beam.runners').setLevel(logging.CRITICAL)
 
 
 quiet_logging()
