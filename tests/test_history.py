@@ -9,18 +9,13 @@ import math
 import apache_beam as beam
 import pyarrow as pa
 import pytest
-from apache_beam.options.pipeline_options import (PipelineOptions,
-                                                  StandardOptions)
 from apache_beam.testing.test_pipeline import TestPipeline
-from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import assert_that, equal_to
-from apache_beam.transforms.window import TimestampedValue
-from apache_beam.utils.timestamp import Timestamp
 from hypothesis import given, settings, strategies as st
 
 from schemas.dataset import load_dataset
-from transforms.history import (HistoryFeatures, StatefulHistoryFeatures,
-                                history_features, history_table)
+from transforms.history import (HistoryFeatures, history_features,
+                                history_table)
 
 DATASET = load_dataset()
 HOUR = 3600 * 1_000_000
@@ -404,48 +399,3 @@ def test_ratio_to_mean_needs_a_positive_mean():
   assert ratio[5] == 1.0
   # tx1 has no history (ratio 1.0); tx2: 0.01 / 0.01; tx3: -0.01 / 0.01.
   assert ratio[:3] == [1.0, 1.0, -1.0]
-
-
-# Streaming ------------------------------------------------------------------
-def _at(record):
-  return TimestampedValue(record, Timestamp(micros=record['event_time']))
-
-
-def test_streaming_history_sees_only_what_arrived_before_and_expires():
-  minute = 60 * 1_000_000
-  tx1 = _record(1, T0, 10.0)
-  tx2 = _record(2, T0 + 30 * minute, 20.0)
-  tx3 = _record(3, T0 + 10 * minute, 40.0)        # arrives after tx2
-  tx4 = _record(4, T0 + 50 * minute, 5.0)
-  tx5 = _record(5, T0 + 50 * minute, 7.0, country='FR')   # ties tx4
-  tx6 = _record(6, T0 + 55 * minute, 1.0)         # arrives 8 days later
-  stream = (TestStream()
-            .add_elements([_at(tx1), _at(tx2)])
-            .add_elements([_at(tx3)])
-            .advance_watermark_to(Timestamp(micros=T0 + 40 * minute))
-            .add_elements([_at(tx4), _at(tx5)])
-            # Past the newest event + 7 d horizon + 1 h lateness: expired.
-            .advance_watermark_to(Timestamp(micros=T0 + 8 * 24 * HOUR +
-                                            2 * HOUR))
-            .add_elements([_at(tx6)])
-            .advance_watermark_to_infinity())
-  options = PipelineOptions()
-  options.view_as(StandardOptions).streaming = True
-  with TestPipeline(options=options) as p:
-    rows = (p | stream
-            | StatefulHistoryFeatures(DATASET, allowed_lateness=3600)
-            | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_1h'],
-                                  r['user_id_sum_1h'],
-                                  r['user_id_is_new_country_7d'])))
-    assert_that(rows, equal_to([
-        ('tx000000001', 0, 0.0, 1),
-        # tx2 never sees tx3: tx3 (earlier in event time) arrived after it.
-        ('tx000000002', 1, 10.0, 0),
-        # tx3 sees tx1 only: tx2 is later in event time.
-        ('tx000000003', 1, 10.0, 0),
-        # tx4 and tx5 tie: each sees tx1, tx2, tx3 but not the other.
-        ('tx000000004', 3, 70.0, 0),
-        ('tx000000005', 3, 70.0, 1),
-        # tx6 is 8 days late: the entity's history was cleared by the timer.
-        ('tx000000006', 0, 0.0, 1),
-    ]))
