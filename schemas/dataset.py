@@ -174,10 +174,7 @@ class Dataset:
 
   def prediction_schema(self):
     """Rows of the predictions table."""
-    import pyarrow as pa
-    return pa.schema([(self.id_field, pa.string()), ('score', pa.float64()),
-                      ('predicted_label', pa.int64()),
-                      ('model_version', pa.string())])
+    return prediction_schema(self.id_field)
 
   def avro_schema(self) -> Dict[str, Any]:
     """Avro record schema for raw records (timestamps as RFC 3339 strings).
@@ -260,6 +257,15 @@ class Dataset:
     if self.label_field:
       spec[self.label_field] = tf.io.FixedLenFeature([], tf.int64)
     return spec
+
+
+def prediction_schema(id_field: str):
+  """Rows of a predictions table whose record id is `id_field` (the model
+  handler knows the id field from the model, not the declaration)."""
+  import pyarrow as pa
+  return pa.schema([(id_field, pa.string()), ('score', pa.float64()),
+                    ('predicted_label', pa.int64()),
+                    ('model_version', pa.string())])
 
 
 def _camel(name: str) -> str:

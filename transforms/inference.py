@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import threadpoolctl
 
+from schemas.dataset import prediction_schema
 from transforms import arrow
 from transforms.common import compact, concat_batches, slices
 
@@ -268,13 +269,6 @@ def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
     out[name] = tf.constant(values, dtype=tf.string if ftype == 'string'
                             else None)
   return out
-
-
-def prediction_schema(id_field: str) -> pa.Schema:
-  """Columns of a predictions RecordBatch (as Dataset.prediction_schema)."""
-  return pa.schema([(id_field, pa.string()), ('score', pa.float64()),
-                    ('predicted_label', pa.int64()),
-                    ('model_version', pa.string())])
 
 
 def _columns(batch: pa.RecordBatch, types: Mapping[str, pa.DataType]
