@@ -417,3 +417,24 @@ def test_a_duplicate_keeps_its_record_text_in_every_format(tmp_path, fmt):
         lambda r: (r['position'], r['error_kind'], '99.5' in r['raw'],
                    'tx000000001' in r['raw'])),
                 equal_to([(3, 'duplicate', True, True)]))
+
+
+def test_csv_quoted_field_may_span_lines(tmp_path):
+  """A quoted value with a newline (and a blank line) in it is one record,
+  not a truncated valid record plus an invented malformed one."""
+  names = list(GOOD) + ['note']
+  row = [str(GOOD[k]) for k in GOOD]
+  path = tmp_path / 'notes.csv'
+  path.write_text(','.join(names) + '\n' +
+                  ','.join(row + ['"first line\n\nthird, with a comma"']) +
+                  '\n' + ','.join(
+                      [('tx000000002' if k == 'transaction_id' else str(v))
+                       for k, v in GOOD.items()] + ['plain']) + '\n')
+  batches = list(read_batches(str(path), DATASET))
+  valid, dead = _batched(batches)
+  assert dead == []
+  assert sorted(r['transaction_id'] for r in valid) == [
+      'tx000000001', 'tx000000002']
+  raws = [r for b in batches for r in raw_records(b)]
+  assert [r.position for r in raws] == [0, 1]
+  assert raws[0].text.endswith('"first line\n\nthird, with a comma"')

@@ -289,9 +289,17 @@ def _range_lines(path: str, start: int, end: Optional[int]
                  ) -> Tuple[int, _Lines]:
   """(records before the range, the record lines starting in [start,
   end)). end None: to the end of the file."""
+  before, data = _range_bytes(path, start, end)
+  return before, _lines(data)
+
+
+def _range_bytes(path: str, start: int, end: Optional[int]
+                 ) -> Tuple[int, bytes]:
+  """(records before the range, the bytes of the lines starting in
+  [start, end))."""
   with _open(path) as f:
     if end is None:
-      return 0, _lines(_without_bom(f.read()))
+      return 0, _without_bom(f.read())
     before = 0
     if start > 0:
       f.seek(start - 1)
@@ -301,7 +309,7 @@ def _range_lines(path: str, start: int, end: Optional[int]
         newline = data.find(b'\n')
         if newline < 0:
           # No line starts in this range: it belongs to the one before.
-          return 0, _lines(b'')
+          return 0, b''
         data = data[newline + 1:]
         before_bytes = start + newline + 1
       else:
@@ -323,7 +331,7 @@ def _range_lines(path: str, start: int, end: Optional[int]
           break
         rest.append(chunk)
       data += b''.join(rest)
-    return before, _lines(data)
+    return before, data
 
 
 def _decode_lines(lines: _Lines, a: int, b: int, decode_block, decode_line
@@ -451,9 +459,47 @@ def _jsonl_batches(path: str, start: int, end: Optional[int],
 # CSV ----------------------------------------------------------------------------
 def _csv_row(line: str):
   try:
-    return next(csv.reader([line])), None
+    return next(csv.reader(io.StringIO(line, newline=''))), None
   except csv.Error as e:
     return None, f'not valid CSV: {e}'
+  except StopIteration:
+    return [], None
+
+
+def _csv_records(data: bytes) -> Optional[_Lines]:
+  """The records of CSV bytes when a quoted field spans lines, else None
+  (then every line is a record). A record goes on over the next line while
+  it holds an odd number of quotes; a blank line inside it is kept, a
+  '\r' before a line end is dropped."""
+  if b'"' not in data:
+    return None
+  text = data.decode('utf-8', errors='replace')
+  physical = text.split('\n')
+  if all(line.count('"') % 2 == 0 for line in physical):
+    return None
+  records, pending, odd = [], [], False
+  for line in physical:
+    line = line[:-1] if line.endswith('\r') else line
+    if not pending and not line.strip():
+      continue
+    pending.append(line)
+    odd ^= line.count('"') % 2 == 1
+    if not odd:
+      records.append('\n'.join(pending))
+      pending = []
+  if pending:
+    records.append('\n'.join(pending))
+  return _lines_of(records)
+
+
+def _lines_of(records: List[str]) -> _Lines:
+  """_Lines over given records (which may hold newlines), '\n' between."""
+  encoded = [r.encode('utf-8') for r in records]
+  lengths = np.array([len(e) + 1 for e in encoded], np.int64)
+  ends = np.cumsum(lengths)
+  starts = ends - lengths
+  return _Lines(b'\n'.join(encoded) + b'\n',
+                pa.array(records, pa.large_string()), starts, ends)
 
 
 def _csv_block(data: bytes, rows: int, width: int) -> pa.Table:
@@ -463,7 +509,7 @@ def _csv_block(data: bytes, rows: int, width: int) -> pa.Table:
       io.BytesIO(data),
       read_options=pcsv.ReadOptions(column_names=names, use_threads=False,
                                     block_size=max(len(data), 1 << 20)),
-      parse_options=pcsv.ParseOptions(newlines_in_values=False),
+      parse_options=pcsv.ParseOptions(newlines_in_values=True),
       convert_options=pcsv.ConvertOptions(
           column_types={n: pa.string() for n in names}))
   if table.num_rows != rows:
@@ -473,7 +519,8 @@ def _csv_block(data: bytes, rows: int, width: int) -> pa.Table:
 
 def _csv_batches(path: str, start: int, end: Optional[int],
                  dataset: Dataset) -> Iterator[pa.RecordBatch]:
-  before, lines = _range_lines(path, start, end)
+  before, data = _range_bytes(path, start, end)
+  lines = _csv_records(data) or _lines(data)
   if start == 0 or end is None:
     if not len(lines):
       return
@@ -630,7 +677,8 @@ def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
   wanted = sorted(set(positions))
   fmt = format_of(path, explicit_format)
   if fmt in ('jsonl', 'csv'):
-    _, lines = _range_lines(path, 0, None)
+    _, data = _range_bytes(path, 0, None)
+    lines = (fmt == 'csv' and _csv_records(data)) or _lines(data)
     skip = 1 if fmt == 'csv' else 0   # the header line
     return {p: lines.line(p + skip) for p in wanted
             if p + skip < len(lines)}
