@@ -18,7 +18,7 @@ from transforms.common import DEAD_LETTER, VALID
 from transforms.parse import (BatchValidator, ParseAndValidate, RecordError,
                               RecordValidator, rfc3339_to_micros)
 from transforms.read import (InputError, RawRecord, ReadRecords, check_input,
-                             raw_records, read_batches)
+                             decode_message, raw_records, read_batches)
 
 DATASET = load_dataset()
 GOOD = {'transaction_id': 'tx000000001', 'user_id': 'u00001',
@@ -438,3 +438,21 @@ def test_csv_quoted_field_may_span_lines(tmp_path):
   raws = [r for b in batches for r in raw_records(b)]
   assert [r.position for r in raws] == [0, 1]
   assert raws[0].text.endswith('"first line\n\nthird, with a comma"')
+
+
+def test_bytes_that_are_not_utf8_are_kept_as_read(tmp_path):
+  """A line with bytes that are not UTF-8 is malformed (never a record with
+  U+FFFD silently in a value), and its bytes survive in base64."""
+  import base64
+  bad = json.dumps(_with(transaction_id='tx000000002')).encode().replace(
+      b'grocery', b'groc\xffery')
+  path = tmp_path / 'latin.jsonl'
+  path.write_bytes(json.dumps(GOOD).encode() + b'\n' + bad + b'\n')
+  valid, dead = _batched(read_batches(str(path), DATASET))
+  assert [r['transaction_id'] for r in valid] == ['tx000000001']
+  [(_, position, kind, _, message, raw)] = dead
+  assert (position, kind) == (1, 'malformed')
+  assert base64.b64decode(message.rsplit(' ', 1)[1]) == bad
+  assert '\ufffd' in raw
+  streamed = decode_message(bad, 'pubsub:t')
+  assert base64.b64decode(streamed.error.rsplit(' ', 1)[1]) == bad

@@ -28,6 +28,7 @@ Streaming. `read_file` gives the same records one RawRecord at a time (the
 replay source), `decode_message` one Pub/Sub message.
 """
 
+import base64
 import contextlib
 import csv
 import dataclasses
@@ -204,7 +205,8 @@ def raw_records(batch: pa.RecordBatch, rows: Optional[Sequence[int]] = None
 
 
 # Lines --------------------------------------------------------------------------
-class _Lines(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class _Lines:
   """The record lines of a run of bytes: line i is text[i], stored at
   data[starts[i]:ends[i]] (ends[i] past its newline). Blank lines are not
   records and are left out; so are the '\r' and '\n' that end a line."""
@@ -212,6 +214,9 @@ class _Lines(NamedTuple):
   text: pa.Array           # large_string, one per record line
   starts: np.ndarray
   ends: np.ndarray
+  # Record lines that were not UTF-8 -> their bytes as read (the text has
+  # U+FFFD in their place).
+  not_utf8: Optional[dict] = None
 
   def __len__(self):
     return len(self.starts)
@@ -226,7 +231,8 @@ class _Lines(NamedTuple):
 
 def _lines(data: bytes) -> _Lines:
   """Splits at '\n' with NumPy and makes every line an Arrow string without
-  copying (bad UTF-8 is replaced first, as a text reader would)."""
+  copying. Lines that are not UTF-8 are kept as read in `not_utf8` (their
+  records become dead letters), with U+FFFD in the text."""
   buffer = np.frombuffer(data, np.uint8)
   newlines = np.flatnonzero(buffer == 10)
   offsets = np.concatenate([[0], newlines + 1]).astype(np.int64)
@@ -238,12 +244,53 @@ def _lines(data: bytes) -> _Lines:
   try:
     text.validate(full=True)
   except pa.ArrowInvalid:
-    return _lines(data.decode('utf-8', errors='replace').encode('utf-8'))
+    return _replaced_lines(data, offsets)
   text = pc.utf8_rtrim(text, characters='\r\n')
   record = _np_true(pc.not_equal(pc.utf8_trim_whitespace(text), ''))
   keep = np.flatnonzero(record)
   return _Lines(data, text.take(pa.array(keep)), offsets[:-1][keep],
                 offsets[1:][keep])
+
+
+def _replaced_lines(data: bytes, offsets: np.ndarray) -> _Lines:
+  """_lines of bytes that are not all UTF-8: the lines that are not are
+  found one by one and kept as read; the rest is read with U+FFFD in their
+  place (a replacement never swallows a newline, so lines line up)."""
+  bad = []
+  for i in range(len(offsets) - 1):
+    try:
+      data[offsets[i]:offsets[i + 1]].decode('utf-8')
+    except UnicodeDecodeError:
+      bad.append(i)
+  lines = _lines(data.decode('utf-8', errors='replace').encode('utf-8'))
+  # Physical line -> record line: a bad line is never blank, and the
+  # replaced bytes have the same newlines.
+  starts = np.concatenate([[0], np.flatnonzero(
+      np.frombuffer(lines.data, np.uint8) == 10) + 1])
+  record_of = {int(s): i for i, s in enumerate(lines.starts)}
+  replaced_starts = starts[bad]
+  not_utf8 = {record_of[int(s)]: data[offsets[i]:offsets[i + 1]].rstrip(
+      b'\r\n') for i, s in zip(bad, replaced_starts) if int(s) in record_of}
+  return dataclasses.replace(lines, not_utf8=not_utf8)
+
+
+_NOT_UTF8 = 'not valid UTF-8 (U+FFFD in raw); the bytes as read, base64: '
+
+
+def _mark_not_utf8(batch: pa.RecordBatch, lines: _Lines, a: int, b: int
+                   ) -> pa.RecordBatch:
+  """Sets ERROR on the rows of lines [a, b) that were not UTF-8: such a
+  record is malformed, and its bytes are kept in the message (base64)."""
+  rows = {i - a: lines.not_utf8[i] for i in lines.not_utf8 if a <= i < b}
+  if not rows:
+    return batch
+  errors = batch.column(ERROR).to_pylist()
+  for row, raw in rows.items():
+    errors[row] = _NOT_UTF8 + base64.b64encode(raw).decode('ascii')
+  index = batch.schema.get_field_index(ERROR)
+  arrays = list(batch.columns)
+  arrays[index] = pa.array(errors, pa.string())
+  return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
 
 
 def _np_true(mask) -> np.ndarray:
@@ -391,9 +438,10 @@ def _line_batches(lines: _Lines, first_line: int, schema: pa.Schema,
   for a in range(first_line, len(lines), BATCH_ROWS):
     b = min(a + BATCH_ROWS, len(lines))
     segments = _decode_lines(lines, a, b, decode_block, decode_line)
-    yield _assemble(segments, schema, source,
-                    first_position + a - first_line, lines.text.slice(a, b - a),
-                    line_values)
+    batch = _assemble(segments, schema, source,
+                      first_position + a - first_line,
+                      lines.text.slice(a, b - a), line_values)
+    yield _mark_not_utf8(batch, lines, a, b) if lines.not_utf8 else batch
 
 
 # JSON lines ---------------------------------------------------------------------
@@ -733,6 +781,11 @@ def decode_message(data: bytes, source: str) -> RawRecord:
   texts are those of the JSON lines reader.
   """
   text = data.decode('utf-8', errors='replace').strip()
+  try:
+    data.decode('utf-8')
+  except UnicodeDecodeError:
+    return RawRecord(source, -1, text, None, _NOT_UTF8 + base64.b64encode(
+        data).decode('ascii'))
   problem = _json_line_problem(text)
   if problem:
     return RawRecord(source, -1, text, None, problem)
