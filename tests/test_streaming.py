@@ -21,9 +21,9 @@ from transforms.aggregates import (AGGREGATES, LATE,
 from transforms.common import DEAD_LETTER, VALID, micros_to_rfc3339
 from transforms.history import (HistoryFeatures, StatefulHistoryFeatures,
                                 history_features)
-from transforms.parse import StreamingParseAndValidate
-from transforms.read import (RawRecord, ReplayFile, decode_message,
-                             replay_order)
+from transforms.parse import ParseAndValidate, StreamingParseAndValidate
+from transforms.read import (RawRecord, ReadRecords, ReplayFile,
+                             decode_message, replay_order)
 
 DATASET = load_dataset()
 SIZE = parse_duration(DATASET.aggregates['window_size'])
@@ -263,6 +263,25 @@ def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
                 equal_to([('malformed', -1, 'not valid JSON: Expec'),
                           ('duplicate', 2, 'id tx000000001 alread')]),
                 label='dead')
+
+
+def test_batch_and_a_replay_keep_the_same_copy_of_a_duplicate(tmp_path):
+  """One rule for both: the copy with the earliest event time wins. The
+  later copy in the file is the earlier event here."""
+  path = tmp_path / 'dup.jsonl'
+  late, early = _record(1, T0 + 2 * HOUR, 1.0), _record(1, T0, 2.0)
+  path.write_text(_json_line(late) + '\n' + _json_line(early) + '\n')
+  with TestPipeline() as p:
+    batch = (p | ReadRecords(str(path), DATASET)
+             | ParseAndValidate(DATASET))
+    assert_that(batch[VALID] | beam.FlatMap(lambda b: b.to_pylist())
+                | 'BatchAmount' >> beam.Map(lambda r: r['amount']),
+                equal_to([2.0]))
+  with _streaming() as p:
+    stream = (p | ReplayFile(str(path), DATASET)
+              | StreamingParseAndValidate(DATASET))
+    assert_that(stream[VALID] | 'StreamAmount' >> beam.Map(
+        lambda r: r['amount']), equal_to([2.0]))
 
 
 # Replay ---------------------------------------------------------------------
