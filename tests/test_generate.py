@@ -35,7 +35,8 @@ def _validate(record):
 
 def _read_back(path, fmt=None):
   """(valid records, {position: error kind}) as the parser would split them,
-  duplicates resolved first-wins like ParseAndValidate."""
+  duplicates resolved in file order (the generated copies share their
+  event time, so ParseAndValidate keeps the same one)."""
   valid, errors, seen = [], {}, set()
   for raw in read_file(path, VALIDATOR.dataset, fmt):
     try:
