@@ -127,6 +127,9 @@ def test_a_failure_during_the_run_is_exit_3_one_line_and_a_log(tmp_path):
       hashlib.sha256(b'not a saved model').hexdigest())
   (model / 'metadata.json').write_text(json.dumps(metadata))
   out = tmp_path / 'scored'
+  # An older run's model in the folder must not survive a scoring run.
+  (out / 'model').mkdir(parents=True)
+  (out / 'model' / 'metadata.json').write_text('{}')
   result = _run('--model_dir', str(model), '--output_dir', str(out))
   assert result.returncode == 3
   err = [l for l in result.stderr.splitlines() if l.startswith('error:')]
@@ -137,6 +140,7 @@ def test_a_failure_during_the_run_is_exit_3_one_line_and_a_log(tmp_path):
   assert 'Traceback' in (out / 'run.log').read_text()
   assert os.path.exists(out / 'features' / '_SUCCESS')
   assert not os.path.exists(out / 'predictions' / '_SUCCESS')
+  assert not os.path.exists(out / 'model')
 
 
 def _features(out):
