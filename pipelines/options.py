@@ -32,39 +32,35 @@ class RecordOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
-    _add_record_args(parser)
-
-
-def _add_record_args(parser):
-  parser.add_argument(
-      '--input', default=DEFAULT_INPUT,
-      help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
-      '.parquet, optionally .gz). Default: the committed sample.')
-  parser.add_argument(
-      '--input_format', default=None,
-      choices=['jsonl', 'csv', 'avro', 'parquet'],
-      help='Record format, when file extensions do not tell.')
-  parser.add_argument(
-      '--schema', default='transactions',
-      help='Dataset declaration: a name in schemas/ or a path to a .yaml.')
-  parser.add_argument(
-      '--output_dir', default=DEFAULT_OUTPUT,
-      help='Where every output of the run goes (local or gs://).')
-  parser.add_argument(
-      '--window_size', default=None,
-      help='Entity aggregate window length, e.g. 24h (default: schema).')
-  parser.add_argument(
-      '--window_period', default=None,
-      help='Sliding period, e.g. 1h; equal to the size means fixed '
-      'windows (default: schema).')
-  parser.add_argument(
-      '--reference_time', default=None,
-      help='RFC 3339 "now" for the freshness check (default: none, so no '
-      'record is stale and runs stay deterministic).')
-  parser.add_argument(
-      '--model_dir', default=None,
-      help='Score with this existing model directory instead of '
-      'training a new model.')
+    parser.add_argument(
+        '--input', default=DEFAULT_INPUT,
+        help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
+        '.parquet, optionally .gz). Default: the committed sample.')
+    parser.add_argument(
+        '--input_format', default=None,
+        choices=['jsonl', 'csv', 'avro', 'parquet'],
+        help='Record format, when file extensions do not tell.')
+    parser.add_argument(
+        '--schema', default='transactions',
+        help='Dataset declaration: a name in schemas/ or a path to a .yaml.')
+    parser.add_argument(
+        '--output_dir', default=DEFAULT_OUTPUT,
+        help='Where every output of the run goes (local or gs://).')
+    parser.add_argument(
+        '--window_size', default=None,
+        help='Entity aggregate window length, e.g. 24h (default: schema).')
+    parser.add_argument(
+        '--window_period', default=None,
+        help='Sliding period, e.g. 1h; equal to the size means fixed '
+        'windows (default: schema).')
+    parser.add_argument(
+        '--reference_time', default=None,
+        help='RFC 3339 "now" for the freshness check (default: none, so no '
+        'record is stale and runs stay deterministic).')
+    parser.add_argument(
+        '--model_dir', default=None,
+        help='Score with this existing model directory instead of '
+        'training a new model.')
 
 
 class BatchOptions(PipelineOptions):

@@ -10,7 +10,6 @@ import sys
 import time
 
 import pyarrow.parquet as pq
-import pytest
 from hypothesis import assume, given, settings, strategies as st
 
 from pipelines import batch
