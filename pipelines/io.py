@@ -55,10 +55,6 @@ def mark_complete(folder: str):
   write_bytes(join(folder, SUCCESS), b'')
 
 
-def is_complete(folder: str) -> bool:
-  return FileSystems.exists(join(folder, SUCCESS))
-
-
 def _resolved(path: str) -> str:
   if '://' in path:
     return path.rstrip('/') + '/'

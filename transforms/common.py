@@ -90,6 +90,13 @@ class CountElements(beam.DoFn):
     yield element
 
 
+def true_rows(mask) -> np.ndarray:
+  """A boolean Arrow array -> NumPy bool array, null as False."""
+  import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+  return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False),
+                    dtype=bool)
+
+
 # Shards -----------------------------------------------------------------------
 def shard_of(keys: pa.Array, num_shards: int) -> np.ndarray:
   """Shard index (int64 in [0, num_shards)) of each key; the same key gives

@@ -42,7 +42,8 @@ from schemas.dataset import Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                NAMESPACE, VALID, CountElements, CountRows,
                                Counters, concat_batches, dead_letter_batch,
-                               dead_letter_row, split_by_shard, to_micros)
+                               dead_letter_row, split_by_shard, to_micros,
+                               true_rows)
 from transforms.read import (ERROR, POSITION, SOURCE, UNDECODED, RawRecord,
                              raw_records, record_texts)
 
@@ -256,12 +257,6 @@ _RFC3339 = (r'^(?P<base>[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:'
 _EXACT = 2.0 ** 53
 
 
-def _np_bool(array) -> np.ndarray:
-  """A boolean Arrow array -> NumPy, null as False."""
-  return np.asarray(pc.fill_null(array, False).to_numpy(zero_copy_only=False),
-                    dtype=bool)
-
-
 def _is_string(t) -> bool:
   return pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -280,13 +275,13 @@ def _parse_rfc3339(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
   impossible dates) is left to the per-record parser. The regular
   expressions come first because strptime alone is laxer than Python's
   fromisoformat (it takes one-digit months)."""
-  zulu = _np_bool(pc.match_substring_regex(column, _ZULU))
+  zulu = true_rows(pc.match_substring_regex(column, _ZULU))
   base = pc.strptime(column, format='%Y-%m-%dT%H:%M:%SZ', unit='us',
                      error_is_null=True)
-  parsed = zulu & _np_bool(base.is_valid())
+  parsed = zulu & true_rows(base.is_valid())
   micros = pc.fill_null(base.cast(pa.int64()), 0).to_numpy(
       zero_copy_only=False).astype(np.int64)
-  rest = np.flatnonzero(~parsed & _np_bool(column.is_valid()))
+  rest = np.flatnonzero(~parsed & true_rows(column.is_valid()))
   if len(rest):
     other, other_parsed = _parse_rfc3339_offsets(column.take(pa.array(rest)))
     micros[rest] = other
@@ -296,10 +291,10 @@ def _parse_rfc3339(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
 
 def _parse_rfc3339_offsets(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
   parts = pc.extract_regex(column, _RFC3339)
-  parsed = _np_bool(parts.is_valid())
+  parsed = true_rows(parts.is_valid())
   base = pc.strptime(parts.field('base'), format='%Y-%m-%dT%H:%M:%S',
                      unit='us', error_is_null=True)
-  parsed &= _np_bool(base.is_valid())
+  parsed &= true_rows(base.is_valid())
   micros = pc.fill_null(base.cast(pa.int64()), 0).to_numpy(
       zero_copy_only=False).astype(np.int64)
   frac = pc.utf8_rpad(parts.field('frac'), width=6, padding='0')
@@ -316,7 +311,7 @@ def _parse_rfc3339_offsets(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
 
   oh, om = number('oh'), number('om')
   parsed &= (oh <= 23) & (om <= 59)
-  sign = np.where(_np_bool(pc.equal(parts.field('sign'), '-')), -1, 1)
+  sign = np.where(true_rows(pc.equal(parts.field('sign'), '-')), -1, 1)
   micros = micros - sign * (oh * 3600 + om * 60) * MICROS
   return micros, parsed
 
@@ -365,10 +360,10 @@ class BatchValidator:
     t = column.type
     if pa.types.is_null(t):
       return pa.nulls(n, target), np.full(n, field.required)
-    present = _np_bool(column.is_valid())
+    present = true_rows(column.is_valid())
     doubt = np.zeros(n, bool)
     if _is_string(t):
-      blank = _np_bool(pc.equal(pc.utf8_trim_whitespace(column), ''))
+      blank = true_rows(pc.equal(pc.utf8_trim_whitespace(column), ''))
       present &= ~blank
       # A blank value is missing: fine when optional, decided per record
       # (missing_required) when required.
@@ -381,7 +376,7 @@ class BatchValidator:
     elif field.type in ('float', 'int'):
       if pa.types.is_floating(t):
         values = column.cast(pa.float64())
-        finite = _np_bool(pc.is_finite(values))
+        finite = true_rows(pc.is_finite(values))
         doubt |= present & ~finite
         if field.type == 'int':
           number = pc.fill_null(values, 0.0).to_numpy(zero_copy_only=False)
@@ -398,7 +393,7 @@ class BatchValidator:
           values = pa.array(number.astype(np.float64), mask=~present)
       elif _is_string(t):
         pattern = _NUMBER if field.type == 'float' else _INTEGER
-        ok = _np_bool(pc.match_substring_regex(column, pattern))
+        ok = true_rows(pc.match_substring_regex(column, pattern))
         doubt |= present & ~ok
         clean = pc.if_else(pa.array(ok), column, '0')
         values = pc.cast(clean, pa.float64())
@@ -433,22 +428,22 @@ class BatchValidator:
   def _rule_doubts(self, field: Field, values: pa.Array) -> np.ndarray:
     doubt = np.zeros(len(values), bool)
     if field.min is not None:
-      doubt |= _np_bool(pc.less(values, field.min))
+      doubt |= true_rows(pc.less(values, field.min))
     if field.max is not None:
-      doubt |= _np_bool(pc.greater(values, field.max))
+      doubt |= true_rows(pc.greater(values, field.max))
     if field.allowed is not None:
       try:
         allowed = pa.array(list(field.allowed), values.type)
       except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         return ~doubt   # values of another type: decided per record
-      doubt |= ~_np_bool(pc.is_in(values, value_set=allowed))
+      doubt |= ~true_rows(pc.is_in(values, value_set=allowed))
     if field.max_length is not None:
-      doubt |= _np_bool(pc.greater(pc.utf8_length(values), field.max_length))
+      doubt |= true_rows(pc.greater(pc.utf8_length(values), field.max_length))
     if field.name in self._patterns:
       pattern = self._patterns[field.name]
       if pattern is None:
         return ~doubt
-      doubt |= ~_np_bool(pc.match_substring_regex(values, pattern))
+      doubt |= ~true_rows(pc.match_substring_regex(values, pattern))
     return doubt
 
   def _cross_field_doubts(self, columns: Dict[str, pa.Array], n: int
@@ -465,7 +460,7 @@ class BatchValidator:
             value_set = pa.array(list(condition[key]), column.type)
           except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
             return np.ones(n, bool)
-          member = _np_bool(pc.is_in(column, value_set=value_set))
+          member = true_rows(pc.is_in(column, value_set=value_set))
           selected &= member if keep else ~member
       for name, bounds in rule.require.items():
         column = columns[name]
@@ -474,7 +469,7 @@ class BatchValidator:
                         ('min_exclusive', pc.less_equal),
                         ('max_exclusive', pc.greater_equal)):
           if key in bounds:
-            broken |= _np_bool(op(column, bounds[key]))
+            broken |= true_rows(op(column, bounds[key]))
         doubt |= selected & broken
     return doubt
 
@@ -496,9 +491,9 @@ class BatchValidator:
     n = batch.num_rows
     doubt = np.zeros(n, bool)
     if ERROR in batch.schema.names:
-      doubt |= _np_bool(batch.column(ERROR).is_valid())
+      doubt |= true_rows(batch.column(ERROR).is_valid())
     if UNDECODED in batch.schema.names:
-      doubt |= _np_bool(batch.column(UNDECODED))
+      doubt |= true_rows(batch.column(UNDECODED))
     columns = {}
     for name, field in self.dataset.fields.items():
       columns[name], field_doubt = self._column(batch, field)

@@ -53,7 +53,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
-from transforms.common import MICROS, json_row
+from transforms.common import MICROS, json_row, true_rows
 
 FORMATS = ('jsonl', 'csv', 'avro', 'parquet')
 _EXTENSIONS = {'.jsonl': 'jsonl', '.json': 'jsonl', '.ndjson': 'jsonl',
@@ -246,7 +246,7 @@ def _lines(data: bytes) -> _Lines:
   except pa.ArrowInvalid:
     return _replaced_lines(data, offsets)
   text = pc.utf8_rtrim(text, characters='\r\n')
-  record = _np_true(pc.not_equal(pc.utf8_trim_whitespace(text), ''))
+  record = true_rows(pc.not_equal(pc.utf8_trim_whitespace(text), ''))
   keep = np.flatnonzero(record)
   return _Lines(data, text.take(pa.array(keep)), offsets[:-1][keep],
                 offsets[1:][keep])
@@ -291,11 +291,6 @@ def _mark_not_utf8(batch: pa.RecordBatch, lines: _Lines, a: int, b: int
   arrays = list(batch.columns)
   arrays[index] = pa.array(errors, pa.string())
   return pa.RecordBatch.from_arrays(arrays, schema=batch.schema)
-
-
-def _np_true(mask) -> np.ndarray:
-  return np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False),
-                    dtype=bool)
 
 
 def _count_lines(data: bytes) -> int:
