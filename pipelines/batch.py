@@ -29,6 +29,8 @@ from pipelines.options import (BatchOptions, aggregate_window, flags,
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
+from transforms.side_tables import (JoinSideTables, load_side_table,
+                                    side_table_paths)
 from transforms.common import DEAD_LETTER, VALID, CountRows
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
@@ -38,6 +40,9 @@ from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
                                    WriteStatistics, read_statistics)
 
 SUMMARY_FILE = 'run_summary.json'
+# Model metrics copied into the run summary (those the task has).
+SUMMARY_METRICS = ('roc_auc', 'pr_auc', 'precision', 'recall', 'log_loss',
+                   'accuracy', 'rmse', 'mae', 'r2')
 
 
 class RunFailed(RuntimeError):
@@ -68,9 +73,15 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
       dataset, reference_micros(opts), shards, opts.input_format)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
-  features = (valid
-              | 'HistoryFeatures' >> HistoryFeatures(dataset, shards)
-              | 'CountFeatureRows' >> beam.ParDo(CountRows('feature_rows')))
+  features = valid
+  if dataset.side_tables:
+    features = features | 'JoinSideTables' >> JoinSideTables(
+        dataset, side_table_paths(opts, dataset))
+  if dataset.histories:
+    features = features | 'HistoryFeatures' >> HistoryFeatures(dataset,
+                                                                shards)
+  features = features | 'CountFeatureRows' >> beam.ParDo(
+      CountRows('feature_rows'))
 
   valid | 'WriteSilver' >> WriteParquet(
       io.join(out, SILVER, dataset.name), dataset.arrow_schema())
@@ -86,7 +97,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
       io.join(out, STATISTICS, STATS_FILE))
 
   aggregates = {}
-  for key in dataset.aggregates.get('keys', [dataset.entity_field]):
+  for key in dataset.aggregate_keys:
     rows = (valid
             | f'Aggregate[{key}]' >> EntityAggregates(
                 dataset, key, size, period)
@@ -134,6 +145,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
   paths = check_input(opts.input, opts.input_format)
+  for name, path in side_table_paths(opts, dataset).items():
+    load_side_table(dataset, name, path)   # a bad table stops us here
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
   metadata, training_stats = None, None
@@ -193,7 +206,7 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
-      for k in dataset.aggregates.get('keys', [dataset.entity_field])}
+      for k in dataset.aggregate_keys}
   outputs = {name: io.join(out, name)
              for name in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS)}
   stats_path = io.join(out, STATISTICS, STATS_FILE)
@@ -215,6 +228,15 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     raise
   io.mark_complete(io.join(out, VALIDATION))
   summary['validation'] = _validation_summary(checked)
+
+  if not scoring_only and dataset.label is None:
+    print(f'No label declared in {dataset.name}: the run stops after '
+          'statistics and validation (nothing to train or score).',
+          file=sys.stderr, flush=True)
+    summary['status'] = 'ok'
+    summary['stopped_after'] = 'validation: no label declared'
+    _finish(summary, outputs, out, _stage)
+    return summary
 
   if scoring_only:
     model_dir = opts.model_dir
@@ -242,9 +264,10 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
       'version': metadata['model_version'],
       'dir': model_dir,
       'type': metadata['model_type'],
-      'threshold': metadata['threshold'],
-      'metrics': {split: {k: m[k] for k in ('roc_auc', 'pr_auc', 'precision',
-                                            'recall') if k in m}
+      'task': metadata.get('task', 'binary'),
+      'threshold': metadata.get('threshold'),
+      'split': metadata.get('training', {}).get('split'),
+      'metrics': {split: {k: m[k] for k in SUMMARY_METRICS if k in m}
                   for split, m in metadata['metrics'].items()},
       'trained_in_this_run': not scoring_only,
   }
@@ -310,6 +333,11 @@ def _validation_summary(checked):
   }
 
 
+_METRIC_NAMES = {'roc_auc': 'ROC AUC', 'pr_auc': 'PR AUC',
+                 'log_loss': 'log loss', 'accuracy': 'accuracy',
+                 'rmse': 'RMSE', 'mae': 'MAE', 'r2': 'R2'}
+
+
 def _print_summary(summary, output_dir):
   lines = summary_lib.ingest_lines(summary) + [
       f'Feature rows:          {summary["feature_rows"]}',
@@ -333,9 +361,11 @@ def _print_summary(summary, output_dir):
   model = summary.get('model')
   if model:
     metrics = model['metrics'].get('eval', {})
+    shown = ', '.join(f'{_METRIC_NAMES[k]} {metrics[k]:.3f}'
+                      for k in SUMMARY_METRICS[:2] + SUMMARY_METRICS[4:]
+                      if metrics.get(k) is not None)
     lines.append(f'Model:                 {model["version"]} ({model["type"]}'
-                 + (f', eval ROC AUC {metrics["roc_auc"]:.3f}, PR AUC '
-                    f'{metrics["pr_auc"]:.3f}' if 'roc_auc' in metrics else '')
+                 f' {model["task"]}' + (f', eval {shown}' if shown else '')
                  + ')')
     lines.append(f'Predictions written:   {summary["predictions_written"]}')
   lines.append('Outputs:')

@@ -53,6 +53,7 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
   transformed = (
       p
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
+      | 'LabelAsLearned' >> beam.Map(preprocess.with_label_index, dataset)
       | 'ToTFXIOBatches' >> arrow.ToTFXIOBatches(
           preprocess.input_types(dataset))
       | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(

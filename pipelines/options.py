@@ -54,6 +54,11 @@ class RecordOptions(PipelineOptions):
         help='Sliding period, e.g. 1h; equal to the size means fixed '
         'windows (default: schema).')
     parser.add_argument(
+        '--side_table', default=None, action='append',
+        help='NAME=PATH: read the declared side table NAME (e.g. '
+        'items=data/sample/items.csv) from PATH instead of the path in the '
+        'declaration. Repeat for several tables.')
+    parser.add_argument(
         '--reference_time', default=None,
         help='RFC 3339 "now" for the freshness check (default: none, so no '
         'record is stale and runs stay deterministic).')
@@ -77,7 +82,7 @@ class BatchOptions(PipelineOptions):
         '--baseline_stats', default=None,
         help='Statistics (stats.pb) to compare against for drift.')
     parser.add_argument(
-        '--model_type', default='gbt', choices=['gbt', 'logreg'],
+        '--model_type', default='gbt', choices=['gbt', 'logreg', 'linear'],
         help='Classifier trained by the train stage.')
     parser.add_argument(
         '--shards', default=DEFAULT_SHARDS, type=int,

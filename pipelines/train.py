@@ -1,4 +1,4 @@
-"""Trains a scikit-learn fraud model on tf.Transform output.
+"""Trains a scikit-learn model on tf.Transform output, for the label's task.
 
   python -m pipelines.train --transformed out/transformed \\
       --transform_dir out/transform --model_dir out/model [--model logreg]
@@ -9,8 +9,14 @@ batch pipeline writes to `transformed/`. Rows without a label are dropped.
 
 Split by time: rows sorted by (event time, id); the earliest
 1 - eval_fraction (default 80%) train the model, the latest 20% evaluate it.
+A dataset without a timestamp is split at random instead, stratified by
+class and seeded (`stratified_split`); the metadata says which split.
 
-Threshold: chosen on the training split only. The model is first fitted on
+Tasks (the label's declaration): binary (ROC/PR AUC, precision and recall
+at the threshold, Brier, reliability), multiclass (macro one-vs-rest ROC
+AUC, log loss, accuracy), regression (RMSE, MAE, R2).
+
+Threshold (binary): chosen on the training split only. The model is first fitted on
 the earliest 80% of the training split; the threshold maximising F1 on the
 remaining (later) 20% of the training split is kept; the final model is then
 refitted on the whole training split. Evaluation metrics never influence it.
@@ -47,7 +53,7 @@ from transforms import inference
 from transforms import preprocess
 from transforms.sinks import conform
 
-MODELS = ('gbt', 'logreg')
+MODELS = ('gbt', 'logreg', 'linear')
 RANDOM_STATE = 0
 RELIABILITY_BINS = 10
 # Subdirectories of a tft output dir that make up the transform graph.
@@ -100,29 +106,87 @@ def time_split(table: pa.Table, timestamp_field: str, id_field: str,
   return table.slice(0, n_train), table.slice(n_train)
 
 
+def stratified_split(table: pa.Table, id_field: str, label_field: str,
+                     eval_fraction: float = 0.2, seed: int = RANDOM_STATE,
+                     stratify: bool = True):
+  """(train rows, eval rows) for rows with no time order: within each
+  class (all rows for regression, stratify=False), the rows are ordered by
+  a seeded hash of their id and the last eval_fraction go to eval. The
+  split depends on the ids and the seed only, not on the row order."""
+  import pandas as pd
+  ids = table.column(id_field).to_numpy(zero_copy_only=False)
+  key = pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False,
+                           hash_key=f'mlpipe-split{seed:04d}'[:16])
+  strata = (table.column(label_field).to_numpy(zero_copy_only=False)
+            if stratify else np.zeros(table.num_rows))
+  eval_rows = np.zeros(table.num_rows, bool)
+  for stratum in np.unique(strata):
+    rows = np.flatnonzero(strata == stratum)
+    rows = rows[np.lexsort((ids[rows].astype(str), key[rows]))]
+    n_eval = int(round(len(rows) * eval_fraction))
+    eval_rows[rows[len(rows) - n_eval:]] = True
+  ordered = lambda t: t.sort_by([(id_field, 'ascending')])
+  return (ordered(table.filter(pa.array(~eval_rows))),
+          ordered(table.filter(pa.array(eval_rows))))
+
+
+def split(table: pa.Table, dataset, eval_fraction: float):
+  """The dataset's train/eval split: by time when it has a timestamp, else
+  seeded stratified random (`stratified_split`)."""
+  if dataset.timestamp_field:
+    return time_split(table, dataset.timestamp_field, dataset.id_field,
+                      eval_fraction)
+  return stratified_split(table, dataset.id_field, dataset.label_field,
+                          eval_fraction,
+                          stratify=dataset.task != 'regression')
+
+
+def split_name(dataset) -> str:
+  if dataset.timestamp_field:
+    return 'time: the latest rows evaluate'
+  return (f'stratified random by class, seed {RANDOM_STATE}'
+          if dataset.task != 'regression' else
+          f'random, seed {RANDOM_STATE}')
+
+
 # Models and metrics ---------------------------------------------------------
 def make_estimator(kind: str, features: Sequence[str],
-                   categorical: Sequence[str], ordinal_discrete: Sequence[str]):
-  """An unfitted estimator; `categorical`/`ordinal_discrete` name columns."""
+                   categorical: Sequence[str], ordinal_discrete: Sequence[str],
+                   task: str = 'binary'):
+  """An unfitted estimator; `categorical`/`ordinal_discrete` name columns.
+  gbt is a histogram gradient-boosted classifier or regressor; logreg a
+  logistic regression (classification); linear a ridge regression
+  (regression); both linear models one-hot the discrete columns."""
+  regression = task == 'regression'
+  if kind not in MODELS:
+    raise ValueError(f'unknown model {kind!r}; use one of '
+                     f'{", ".join(MODELS)}')
+  if kind == 'logreg' and regression:
+    raise TrainingError('--model_type logreg is a classifier and the label '
+                        'is a regression target: use gbt or linear')
+  if kind == 'linear' and not regression:
+    raise TrainingError('--model_type linear is for regression: use gbt or '
+                        'logreg for a class label')
   if kind == 'gbt':
-    from sklearn.ensemble import HistGradientBoostingClassifier
+    from sklearn.ensemble import (HistGradientBoostingClassifier,
+                                  HistGradientBoostingRegressor)
     mask = [f in set(categorical) for f in features]
-    return HistGradientBoostingClassifier(
-        categorical_features=mask if any(mask) else None,
-        random_state=RANDOM_STATE)
-  if kind == 'logreg':
-    from sklearn.compose import ColumnTransformer
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import OneHotEncoder
-    discrete = set(categorical) | set(ordinal_discrete)
-    columns = [i for i, f in enumerate(features) if f in discrete]
-    encode = ColumnTransformer(
-        [('onehot', OneHotEncoder(handle_unknown='ignore'), columns)],
-        remainder='passthrough')
-    return Pipeline([('encode', encode), ('model', LogisticRegression(
-        max_iter=1000, random_state=RANDOM_STATE))])
-  raise ValueError(f'unknown model {kind!r}; use one of {", ".join(MODELS)}')
+    model = (HistGradientBoostingRegressor if regression else
+             HistGradientBoostingClassifier)
+    return model(categorical_features=mask if any(mask) else None,
+                 random_state=RANDOM_STATE)
+  from sklearn.compose import ColumnTransformer
+  from sklearn.linear_model import LogisticRegression, Ridge
+  from sklearn.pipeline import Pipeline
+  from sklearn.preprocessing import OneHotEncoder
+  discrete = set(categorical) | set(ordinal_discrete)
+  columns = [i for i, f in enumerate(features) if f in discrete]
+  encode = ColumnTransformer(
+      [('onehot', OneHotEncoder(handle_unknown='ignore'), columns)],
+      remainder='passthrough')
+  model = (Ridge(alpha=1.0) if regression else
+           LogisticRegression(max_iter=1000, random_state=RANDOM_STATE))
+  return Pipeline([('encode', encode), ('model', model)])
 
 
 def max_f1_threshold(labels: np.ndarray, scores: np.ndarray) -> Dict[str, Any]:
@@ -172,6 +236,43 @@ def evaluate(labels: np.ndarray, scores: np.ndarray, threshold: float
   }
 
 
+def evaluate_multiclass(labels: np.ndarray, proba: np.ndarray,
+                        classes: np.ndarray, n_classes: int
+                        ) -> Dict[str, Any]:
+  """Macro one-vs-rest ROC AUC, log loss and accuracy; `proba` has a
+  column per class of `classes` (the classes the model saw)."""
+  from sklearn.metrics import accuracy_score, log_loss, roc_auc_score
+  full = np.zeros((len(labels), n_classes))
+  full[:, classes] = proba
+  present = np.unique(labels)
+  auc = None
+  if len(present) == n_classes:
+    auc = float(roc_auc_score(labels, full, multi_class='ovr',
+                              average='macro', labels=list(range(n_classes))))
+  return {
+      'rows': int(len(labels)),
+      'roc_auc': auc,   # macro one-vs-rest; None unless every class occurs
+      'log_loss': float(log_loss(labels, full,
+                                 labels=list(range(n_classes)))),
+      'accuracy': float(accuracy_score(labels, classes[np.argmax(proba, 1)])),
+      'class_counts': {int(c): int((labels == c).sum()) for c in present},
+  }
+
+
+def evaluate_regression(targets: np.ndarray, predictions: np.ndarray
+                        ) -> Dict[str, Any]:
+  """RMSE, MAE and R2 (scikit-learn's definitions)."""
+  from sklearn.metrics import (mean_absolute_error, mean_squared_error,
+                               r2_score)
+  return {
+      'rows': int(len(targets)),
+      'rmse': float(np.sqrt(mean_squared_error(targets, predictions))),
+      'mae': float(mean_absolute_error(targets, predictions)),
+      'r2': float(r2_score(targets, predictions)) if len(targets) > 1
+            else None,
+  }
+
+
 def _iso(epoch_us: int) -> str:
   return datetime.datetime.fromtimestamp(
       epoch_us / 1e6, tz=datetime.timezone.utc).isoformat()
@@ -184,8 +285,10 @@ def _time_range(table: pa.Table, field: str) -> Dict[str, Any]:
   return {'min_us': lo, 'max_us': hi, 'min': _iso(lo), 'max': _iso(hi)}
 
 
-def _labels(table: pa.Table, field: str) -> np.ndarray:
-  return table.column(field).to_numpy().astype(np.int64)
+def _labels(table: pa.Table, field: str, task: str = 'binary'
+            ) -> np.ndarray:
+  values = table.column(field).to_numpy()
+  return values.astype(np.float64 if task == 'regression' else np.int64)
 
 
 # Model directory ------------------------------------------------------------
@@ -249,51 +352,60 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                          dataset.id_field)
   if not label:
     raise TrainingError(f'dataset {dataset.name} declares no label')
+  task = dataset.task
   table = _as_table(transformed, dataset)
   table = table.filter(table.column(label).is_valid())
   features = preprocess.transformed_feature_names(dataset)
   categorical = preprocess.categorical_feature_names(dataset)
   buckets = [preprocess.transformed_name(n)
              for n in dataset.transform.get('bucketize', {})]
+  make_estimator(model, features, categorical, buckets, task)  # fail early
 
-  train_rows, eval_rows = time_split(table, ts, id_field, eval_fraction)
-  fit_rows, pick_rows = time_split(train_rows, ts, id_field, 0.2)
+  train_rows, eval_rows = split(table, dataset, eval_fraction)
+  fit_rows, pick_rows = split(train_rows, dataset, 0.2)
   for name, part in (('train', train_rows), ('eval', eval_rows),
                      ('threshold', pick_rows), ('fit', fit_rows)):
     if part.num_rows == 0:
       raise TrainingError(f'too few labelled rows ({table.num_rows}) for a '
                           f'{name} split')
-  if len(np.unique(_labels(fit_rows, label))) < 2:
+  if task != 'regression' and len(np.unique(_labels(fit_rows, label))) < 2:
     raise TrainingError('the earliest training rows hold a single class')
 
-  def fit(rows):
-    estimator = make_estimator(model, features, categorical, buckets)
-    matrix = inference.feature_matrix(
+  def matrix(rows):
+    return inference.feature_matrix(
         {n: rows.column(n) for n in features}, features)
-    return estimator.fit(matrix, _labels(rows, label))
+
+  def fit(rows):
+    estimator = make_estimator(model, features, categorical, buckets, task)
+    return estimator.fit(matrix(rows), _labels(rows, label, task))
 
   def scores(estimator, rows):
-    matrix = inference.feature_matrix(
-        {n: rows.column(n) for n in features}, features)
-    return estimator.predict_proba(matrix)[:, 1]
+    return estimator.predict_proba(matrix(rows))[:, 1]
 
-  # Threshold from the later part of the training split, then refit on all.
-  pick_labels = _labels(pick_rows, label)
-  if pick_labels.sum() > 0:
-    selection = max_f1_threshold(pick_labels,
-                                 scores(fit(fit_rows), pick_rows))
-    selection['method'] = 'max_f1_on_latest_20pct_of_train'
-  else:
-    selection = {'threshold': 0.5, 'method': 'default_0.5_no_positives'}
-  threshold = selection['threshold']
+  threshold, selection = None, None
+  if task == 'binary':
+    # Threshold from the later part of the training split, then refit.
+    pick_labels = _labels(pick_rows, label)
+    if pick_labels.sum() > 0:
+      selection = max_f1_threshold(pick_labels,
+                                   scores(fit(fit_rows), pick_rows))
+      selection['method'] = 'max_f1_on_latest_20pct_of_train'
+    else:
+      selection = {'threshold': 0.5, 'method': 'default_0.5_no_positives'}
+    threshold = selection['threshold']
   estimator = fit(train_rows)
 
-  metrics = {
-      'train': evaluate(_labels(train_rows, label),
-                        scores(estimator, train_rows), threshold),
-      'eval': evaluate(_labels(eval_rows, label),
-                       scores(estimator, eval_rows), threshold),
-  }
+  def metrics_of(rows):
+    labels = _labels(rows, label, task)
+    if task == 'binary':
+      return evaluate(labels, scores(estimator, rows), threshold)
+    if task == 'multiclass':
+      return evaluate_multiclass(labels, estimator.predict_proba(matrix(rows)),
+                                 np.asarray(estimator.classes_),
+                                 len(dataset.label.class_names))
+    return evaluate_regression(labels, estimator.predict(matrix(rows)))
+
+  metrics = {'train': metrics_of(train_rows), 'eval': metrics_of(eval_rows)}
 
   _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
                inference.dumps_estimator(estimator))
@@ -305,8 +417,13 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'model_type': model,
       'estimator': type(estimator).__name__,
       'dataset': dataset.name,
+      'task': task,
+      'classes': ([str(c) for c in dataset.label.class_names]
+                  if task != 'regression' else None),
       'id_field': id_field, 'timestamp_field': ts, 'label_field': label,
+      'id_type': dataset.fields[id_field].type,
       'raw_features': preprocess.raw_input_types(dataset),
+      'optional_features': preprocess.optional_inputs(dataset),
       'features': features,
       'categorical_features': categorical,
       'threshold': threshold,
@@ -314,8 +431,9 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'metrics': metrics,
       'training': {
           'rows': {'train': train_rows.num_rows, 'eval': eval_rows.num_rows},
-          'train_time_range': _time_range(train_rows, ts),
-          'eval_time_range': _time_range(eval_rows, ts),
+          'split': split_name(dataset),
+          'train_time_range': _time_range(train_rows, ts) if ts else None,
+          'eval_time_range': _time_range(eval_rows, ts) if ts else None,
           'eval_fraction': eval_fraction,
           'random_state': RANDOM_STATE,
       },
@@ -341,7 +459,9 @@ def main(argv=None):
   parser.add_argument('--transform_dir', required=True,
                       help='tf.Transform output dir (WriteTransformFn)')
   parser.add_argument('--model_dir', required=True)
-  parser.add_argument('--model', choices=MODELS, default='gbt')
+  parser.add_argument('--model', choices=MODELS, default='gbt',
+                      help='gbt (any task), logreg (classes) or linear '
+                      '(regression)')
   parser.add_argument('--schema', default='transactions',
                       help='dataset declaration: a name in schemas/ or a '
                       'path to a .yaml (as for pipelines.batch)')
@@ -362,10 +482,10 @@ def main(argv=None):
     return 2
   ev = metadata['metrics']['eval']
   print(json.dumps({'model_version': metadata['model_version'],
+                    'task': metadata['task'],
                     'threshold': metadata['threshold'],
-                    'eval': {k: ev[k] for k in ('rows', 'positives', 'roc_auc',
-                                                'pr_auc', 'precision',
-                                                'recall', 'brier')}},
+                    'eval': {k: v for k, v in ev.items()
+                             if not isinstance(v, (list, dict))}},
                    indent=2))
   return 0
 

@@ -370,7 +370,8 @@ def run(stats: statistics_pb2.DatasetFeatureStatisticsList, dataset: Dataset,
   paths['html'] = stats_report.write_html(
       FileSystems.join(out_dir, REPORT_HTML), stats, found, comparisons,
       title=f'{dataset.name}: feature statistics',
-      timestamp_features=[dataset.timestamp_field])
+      timestamp_features=[dataset.timestamp_field] if dataset.timestamp_field
+      else [])
   result['paths'] = paths
   try:
     gate(found, fail_on_anomalies)

@@ -48,10 +48,10 @@ TX4 = _record(4, 20, 5.00, user='u00002') # 00:20
 BATCHES = _batches([TX1, TX4], [TX2], [TX3])
 
 
-def _row(user, start, end, count, total, fraud_rate):
+def _row(user, start, end, count, total, is_fraud_rate):
   return {'user_id': user, 'window_start': start, 'window_end': end,
           'count': count, 'total_amount': total,
-          'mean_amount': total / count, 'fraud_rate': fraud_rate}
+          'mean_amount': total / count, 'is_fraud_rate': is_fraud_rate}
 
 
 def rows_equal(expected, key_field='user_id'):
@@ -159,7 +159,7 @@ def _reference_row(element, w=beam.DoFn.WindowParam):
   yield {'user_id': key, 'window_start': micros_to_rfc3339(w.start.micros),
          'window_end': micros_to_rfc3339(w.end.micros), 'count': count,
          'total_amount': total, 'mean_amount': total / count,
-         'fraud_rate': positives / labelled if labelled else None}
+         'is_fraud_rate': positives / labelled if labelled else None}
 
 
 def _per_record_reference(batches, windowfn):
@@ -239,7 +239,7 @@ def test_sum_partials_stays_bounded_and_sums_per_key():
   def partial(i):
     # Partial i: key u0000{i % 3}, count 1, i cents, labelled, positive if odd.
     return pa.RecordBatch.from_pylist(
-        [{'user_id': f'u0000{i % 3}', 'count': 1, 'cents': i,
+        [{'user_id': f'u0000{i % 3}', 'count': 1, 'sum_amount': i,
           'labelled': 1, 'positives': i % 2}], schema=schema)
 
   acc = combine.create_accumulator()
@@ -255,7 +255,7 @@ def test_sum_partials_stays_bounded_and_sums_per_key():
   # cents are their sums, positives their odd ones.
   expected = [
       {'user_id': f'u0000{k}', 'count': 101,
-       'cents': sum(range(k, 303, 3)), 'labelled': 101,
+       'sum_amount': sum(range(k, 303, 3)), 'labelled': 101,
        'positives': sum(i % 2 for i in range(k, 303, 3))} for k in range(3)]
   assert combine.extract_output(merged).to_pylist() == expected
   assert combine.extract_output(combine.create_accumulator()).num_rows == 0

@@ -49,7 +49,7 @@ def models(tmp_path_factory):
   """Trains model dirs A and B; returns their dirs, serving rows and the
   score each model gives each row (computed outside any pipeline)."""
   root = tmp_path_factory.mktemp('refresh')
-  rows = synthetic_rows(n=400, fraud_rate=0.2, seed=3)
+  rows = synthetic_rows(n=400, is_fraud_rate=0.2, seed=3)
   transform_dir = str(root / 'transform')
   # FnApiRunner: the default DirectRunner first looks for Prism (slower).
   with beam.Pipeline('FnApiRunner') as p:

@@ -37,21 +37,67 @@ def test_adding_a_field_is_one_change(tmp_path):
 
 
 @pytest.mark.parametrize('change,message', [
-    (lambda raw: raw['fields']['amount'].update(type='money'), 'type'),
-    (lambda raw: raw['roles'].update(entity='nobody'), 'role entity'),
+    (lambda raw: raw['fields']['amount'].update(type='money'),
+     r"fields.amount.type: 'money' is not a type; use one of"),
+    (lambda raw: raw['roles'].update(entity='nobody'),
+     r"roles.entity: 'nobody' is not a declared field"),
+    (lambda raw: raw['roles'].update(timestamp='amount'),
+     r'roles.timestamp: amount has type float; give that field type: '
+     r'timestamp'),
+    (lambda raw: raw['roles'].pop('timestamp'),
+     r'roles.entity: an entity needs a timestamp role'),
     (lambda raw: raw['history']['distinct'].update(country=['3d']),
-     'undeclared window 3d'),
+     r"history.distinct.country: undeclared window '3d'; use one of 1h"),
+    (lambda raw: raw['history'].update(windows={}),
+     r'history.windows: no windows'),
+    (lambda raw: raw['history'].update(aggregates=['median']),
+     r"history.aggregates: unknown aggregate 'median'"),
     (lambda raw: raw['transform']['numeric'].update(ghost='z_score'),
-     'ghost is not a field'),
-    (lambda raw: raw.update(fields=list(raw['fields'])), 'must be a mapping'),
+     r"transform.numeric.ghost: 'ghost' is not a field or history feature"),
+    (lambda raw: raw['transform']['numeric'].update(amount='cube'),
+     r"transform.numeric.amount.scale: unknown scale 'cube'"),
+    (lambda raw: raw['transform']['numeric'].update(merchant_category='none'),
+     r'transform.numeric.merchant_category: merchant_category is a string; '
+     r'list it under categorical'),
+    (lambda raw: raw.update(fields=list(raw['fields'])),
+     r'fields: missing or empty'),
     (lambda raw: raw['fields']['amount'].update(min='low'),
-     'min must be a number'),
+     r"fields.amount.min: must be a number, got 'low'"),
     (lambda raw: raw['fields']['user_id'].update(pattern='^u[0-9'),
-     'bad pattern'),
+     r'fields.user_id.pattern: bad regular expression'),
     (lambda raw: raw['fields']['currency'].update(allowed='USD'),
-     'allowed must be a list'),
+     r'fields.currency.allowed: must be a list'),
     (lambda raw: raw['fields'].update(amount='float'),
-     'options must be a mapping'),
+     r'fields.amount: options must be a mapping'),
+    (lambda raw: raw['fields']['amount'].update(colour='red'),
+     r'fields.amount.colour: unknown key; use one of type'),
+    (lambda raw: raw.update(histroy=raw['history']),
+     r'histroy: unknown key; use one of name'),
+    (lambda raw: raw['fields']['event_time'].update(zone='Mars/Olympus'),
+     r"fields.event_time.zone: unknown time zone 'Mars/Olympus'"),
+    (lambda raw: raw['fields']['amount'].update(zone='UTC'),
+     r'fields.amount.zone: only a timestamp field takes it'),
+    (lambda raw: raw.update(label={'classes': {'No': 0, 'Yes': 1}}),
+     r'label.classes.No: is not a int value of is_fraud'),
+    (lambda raw: raw.update(label={'classes': {0: 0, 1: 2}}),
+     r'label.classes: class indices \[0, 2\] are not 0..n-1'),
+    (lambda raw: raw.update(label={'task': 'ranking'}),
+     r"label.task: 'ranking' is not a task"),
+    (lambda raw: raw.update(label={'classes': 'yes-no'}),
+     r"label.classes: 'yes-no' is not a mapping of raw value -> class index"),
+    (lambda raw: raw['fields']['amount'].update(required=False),
+     r'history.value: amount is optional; the history value must be '
+     r'required'),
+    (lambda raw: raw['fields'].update(tip={'type': 'float'}) or
+     raw['transform']['numeric'].update(tip='z_score'),
+     r'transform.numeric.tip: tip is optional and may be missing; declare '
+     r'impute'),
+    (lambda raw: raw['transform']['bucketize'].update(amount=0),
+     r'transform.bucketize.amount.buckets: must be a positive integer'),
+    (lambda raw: raw['aggregates'].update(keys=['ghost']),
+     r"aggregates.keys: 'ghost' is not a string or int field"),
+    (lambda raw: raw['freshness'].update(max_age='soon'),
+     r"freshness.max_age: bad duration 'soon'"),
 ])
 def test_inconsistent_declarations_are_refused(tmp_path, change, message):
   with open(os.path.join(SCHEMA_DIR, 'transactions.yaml')) as f:
@@ -59,8 +105,11 @@ def test_inconsistent_declarations_are_refused(tmp_path, change, message):
   change(raw)
   path = tmp_path / 'bad.yaml'
   path.write_text(yaml.safe_dump(raw))
-  with pytest.raises(SchemaError, match=message):
+  with pytest.raises(SchemaError, match=message) as raised:
     load_dataset(str(path))
+  # One line, naming the file first.
+  assert str(raised.value).startswith('bad.yaml: ')
+  assert '\n' not in str(raised.value)
 
 
 def test_unreadable_schema(tmp_path):

@@ -144,12 +144,12 @@ def _window(start_minute, end_minute):
                         Timestamp(micros=T0 + end_minute * MIN))
 
 
-def _agg(user, start_minute, count, total, pane, index, fraud_rate=0.0):
+def _agg(user, start_minute, count, total, pane, index, is_fraud_rate=0.0):
   return {'user_id': user,
           'window_start': micros_to_rfc3339(T0 + start_minute * MIN),
           'window_end': micros_to_rfc3339(T0 + (start_minute + 60) * MIN),
           'count': count, 'total_amount': total, 'mean_amount': total / count,
-          'fraud_rate': fraud_rate, 'pane': pane, 'pane_index': index}
+          'is_fraud_rate': is_fraud_rate, 'pane': pane, 'pane_index': index}
 
 
 def _minute(i, minute, amount, user='u00001'):

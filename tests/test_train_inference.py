@@ -97,9 +97,9 @@ def feature_row(i, fraud=False, rng=None, **overrides):
   return row
 
 
-def synthetic_rows(n=1200, fraud_rate=0.1, seed=0):
+def synthetic_rows(n=1200, is_fraud_rate=0.1, seed=0):
   rng = np.random.RandomState(seed)
-  return [feature_row(i, fraud=rng.rand() < fraud_rate, rng=rng)
+  return [feature_row(i, fraud=rng.rand() < is_fraud_rate, rng=rng)
           for i in range(n)]
 
 

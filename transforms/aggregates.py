@@ -14,9 +14,11 @@ Two forms, one row shape (`aggregate_columns`, the columns of
     record, so that early, on-time and late panes and the lateness rule
     below work per event.
 
-Both give the same values for the same records: amounts are summed as exact
-integer cents (round half to even), total_amount = cents / 100,
-mean_amount = total_amount / count, fraud_rate = positives / labelled
+Both give the same values for the same records, for each value field v the
+declaration lists (`aggregates.values`, default the history value):
+total_<v> = the sum (of exact integer cents, round half to even, when v is
+declared `cents`; else of floats, added in a fixed order) and mean_<v> =
+total_<v> / count; for a binary label, <label>_rate = positives / labelled
 (None without labelled records).
 
 Lateness (streaming), in one place. Let L be the allowed lateness and, for
@@ -68,9 +70,8 @@ from transforms.common import (MICROS, Counters, concat_batches,
 AGGREGATES = 'aggregates'
 LATE = 'late'
 
-# The partial sums of a (key, slot) or (key, window): columns after the key.
-SUMS = ('count', 'cents', 'labelled', 'positives')
-
+# The partial sums of a (key, slot) or (key, window), after the key: see
+# `sum_types`.
 # A combine accumulator is compacted (its partials summed into one) once it
 # holds this many: memory stays bounded by the distinct keys of a window.
 COMPACT_AT = 64
@@ -84,43 +85,63 @@ def window_fn(size: int, period: Optional[int] = None) -> window.WindowFn:
   return window.SlidingWindows(size, period)
 
 
-def aggregate_columns(key_field: str, keys: pa.Array, w: window.BoundedWindow,
-                      count: Sequence[int], cents: Sequence[int],
-                      labelled: Sequence[int], positives: Sequence[int]
+def sum_types(dataset: Dataset) -> Dict[str, pa.DataType]:
+  """The partial sums, name -> type: count; sum_<v> of each declared value
+  field (int64 cents when the field is `cents`, else float64); labelled and
+  positives for a binary label."""
+  out = {'count': pa.int64()}
+  for value in dataset.aggregate_values:
+    out[f'sum_{value}'] = (pa.int64() if dataset.fields[value].cents
+                           else pa.float64())
+  if dataset.task == 'binary':
+    out['labelled'] = pa.int64()
+    out['positives'] = pa.int64()
+  return out
+
+
+def aggregate_columns(dataset: Dataset, key_field: str, keys: pa.Array,
+                      w: window.BoundedWindow, sums: Dict[str, Any]
                       ) -> Dict[str, pa.Array]:
   """Column name -> values of the aggregate rows of window `w`, one row per
-  key: the one place the row shape is written, for both forms.
+  key, from the partial sums (`sum_types`) of each key: the one place the
+  row shape is written, for both forms.
 
   Same values as Python scalar arithmetic: int64 -> float64 is exact below
   2**53, and IEEE division is correctly rounded, like Python's.
   """
-  count = np.asarray(count, dtype=np.int64)
-  cents = np.asarray(cents, dtype=np.int64)
-  labelled = np.asarray(labelled, dtype=np.int64)
-  positives = np.asarray(positives, dtype=np.int64)
+  count = np.asarray(sums['count'], dtype=np.int64)
   rows = len(count)
-  total = cents / 100
-  has_labels = labelled > 0
-  fraud_rate = np.divide(positives, labelled, out=np.zeros(rows),
-                         where=has_labels)
-  return {
+  columns = {
       key_field: keys,
       'window_start': pa.array([micros_to_rfc3339(w.start.micros)] * rows,
                                pa.string()),
       'window_end': pa.array([micros_to_rfc3339(w.end.micros)] * rows,
                              pa.string()),
       'count': pa.array(count),
-      'total_amount': pa.array(total),
-      'mean_amount': pa.array(total / count),
-      'fraud_rate': pa.array(fraud_rate, mask=~has_labels),
   }
+  for value in dataset.aggregate_values:
+    total = np.asarray(sums[f'sum_{value}'])
+    if dataset.fields[value].cents:
+      total = total.astype(np.int64) / 100
+    total = total.astype(np.float64)
+    columns[f'total_{value}'] = pa.array(total)
+    columns[f'mean_{value}'] = pa.array(total / count)
+  if dataset.task == 'binary':
+    labelled = np.asarray(sums['labelled'], dtype=np.int64)
+    positives = np.asarray(sums['positives'], dtype=np.int64)
+    has_labels = labelled > 0
+    rate = np.divide(positives, labelled, out=np.zeros(rows),
+                     where=has_labels)
+    columns[f'{dataset.label_field}_rate'] = pa.array(rate, mask=~has_labels)
+  return columns
 
 
 # Batch: RecordBatches --------------------------------------------------------
 def partial_schema(dataset: Dataset, key_field: str) -> pa.Schema:
-  """Columns of a partial: the key and the int64 SUMS."""
+  """Columns of a partial: the key and the sums (`sum_types`)."""
   key_type = dataset.batch_schema().field(key_field).type
-  return pa.schema([(key_field, key_type)] + [(s, pa.int64()) for s in SUMS])
+  return pa.schema([(key_field, key_type)] +
+                   list(sum_types(dataset).items()))
 
 
 def partial_sums(batch: pa.RecordBatch, dataset: Dataset, key_field: str,
@@ -128,34 +149,40 @@ def partial_sums(batch: pa.RecordBatch, dataset: Dataset, key_field: str,
   """(slot start, partial sums per key) for every slot of `slot` micros
   that holds a record of `batch`; a slot starts at t - t % slot.
 
-  Cents are np.rint(amount * 100): round half to even, as Python's round.
-  A record is labelled when its label is not null, positive when it is 1.
+  Cents are np.rint(value * 100): round half to even, as Python's round.
+  A record is labelled when its label is not null, positive when its class
+  index is 1.
   """
   if batch.num_rows == 0:
     return
   t = batch.column(dataset.timestamp_field).to_numpy()
-  amount = batch.column(dataset.history.value).to_numpy(zero_copy_only=False)
-  label = dataset.label_field
-  if label and batch.schema.get_field_index(label) >= 0:
-    labels = batch.column(label)
-    labelled = labels.is_valid().to_numpy(zero_copy_only=False)
-    positives = pc.fill_null(pc.equal(labels, 1), False).to_numpy(
-        zero_copy_only=False)
-  else:
-    labelled = positives = np.zeros(batch.num_rows, dtype=bool)
-  records = pa.table({
-      key_field: batch.column(key_field),
-      '_slot': t - t % slot,       # NumPy's % is a floor modulo, like Beam's
-      'count': np.ones(batch.num_rows, dtype=np.int64),
-      'cents': np.rint(amount * 100).astype(np.int64),
-      'labelled': labelled.astype(np.int64),
-      'positives': positives.astype(np.int64)})
+  types = sum_types(dataset)
+  columns = {key_field: batch.column(key_field),
+             '_slot': t - t % slot,    # NumPy's % is a floor modulo, like Beam's
+             'count': np.ones(batch.num_rows, dtype=np.int64)}
+  for value in dataset.aggregate_values:
+    values = batch.column(value).to_numpy(zero_copy_only=False).astype(
+        np.float64)
+    columns[f'sum_{value}'] = (np.rint(values * 100).astype(np.int64)
+                               if dataset.fields[value].cents else values)
+  if 'labelled' in types:
+    label = dataset.label_field
+    if batch.schema.get_field_index(label) >= 0:
+      index = dataset.label_index(batch.column(label))
+      labelled = index.is_valid().to_numpy(zero_copy_only=False)
+      positives = pc.fill_null(pc.equal(index, 1), False).to_numpy(
+          zero_copy_only=False)
+    else:
+      labelled = positives = np.zeros(batch.num_rows, dtype=bool)
+    columns['labelled'] = labelled.astype(np.int64)
+    columns['positives'] = positives.astype(np.int64)
+  records = pa.table(columns)
   summed = (records.group_by([key_field, '_slot'])
-            .aggregate([(s, 'sum') for s in SUMS])
+            .aggregate([(s, 'sum') for s in types])
             .sort_by([('_slot', 'ascending'), (key_field, 'ascending')]))
   partials = table_to_batch(pa.table(
-      [summed[key_field]] + [summed[f'{s}_sum'] for s in SUMS],
-      names=[key_field, *SUMS]))
+      [summed[key_field]] + [summed[f'{s}_sum'] for s in types],
+      names=[key_field, *types]))
   slots = summed['_slot'].to_numpy()
   starts = np.concatenate([[0], np.flatnonzero(np.diff(slots)) + 1])
   ends = np.concatenate([starts[1:], [len(slots)]])
@@ -168,11 +195,15 @@ def sum_partials(partials: List[pa.RecordBatch],
                  schema: pa.Schema) -> pa.RecordBatch:
   """Partials (any number, keys repeating) -> one partial, a row per key,
   sorted by key."""
-  key = schema.names[0]
-  summed = concat_batches(partials, schema).group_by(key).aggregate(
-      [(s, 'sum') for s in SUMS])
+  key, sums = schema.names[0], schema.names[1:]
+  # Sorted first: float sums then add in one order, whatever order the
+  # partials arrived in (the same output on every run).
+  table = concat_batches(partials, schema).sort_by(
+      [(n, 'ascending') for n in schema.names])
+  summed = table.group_by(key).aggregate(
+      [(s, 'sum') for s in sums])
   return table_to_batch(pa.table(
-      [summed[key]] + [summed[f'{s}_sum'] for s in SUMS],
+      [summed[key]] + [summed[f'{s}_sum'] for s in sums],
       schema=schema).sort_by(key))
 
 
@@ -224,14 +255,15 @@ def _stamped_partials(batch: pa.RecordBatch, dataset: Dataset, key_field: str,
 class _PartialsToRows(beam.DoFn):
   """(table key, summed partial) in a window -> RecordBatch of its rows."""
 
-  def __init__(self, key_field: str, schema: pa.Schema):
-    self._key_field, self._schema = key_field, schema
+  def __init__(self, dataset: Dataset, key_field: str):
+    self._dataset, self._key_field = dataset, key_field
+    self._schema = dataset.aggregate_schema(key_field)
 
   def process(self, element, w=beam.DoFn.WindowParam):
     _, sums = element
     columns = aggregate_columns(
-        self._key_field, sums.column(self._key_field), w,
-        *(sums.column(s).to_numpy() for s in SUMS))
+        self._dataset, self._key_field, sums.column(self._key_field), w,
+        {s: sums.column(s).to_numpy() for s in sums.schema.names[1:]})
     yield pa.RecordBatch.from_arrays(
         [columns[f.name] for f in self._schema], schema=self._schema)
 
@@ -241,8 +273,9 @@ class EntityAggregates(beam.PTransform):
   PCollection[pa.RecordBatch] aggregate rows
   (`Dataset.aggregate_schema(key_field)`), one batch per window.
 
-  Rows: key, window_start, window_end (RFC 3339), count, total_amount,
-  mean_amount, fraud_rate (null without labels), one per key and event-time
+  Rows: key, window_start, window_end (RFC 3339), count, total_<v> and
+  mean_<v> per value field, <label>_rate (binary label; null without
+  labels): `Dataset.aggregate_schema(key_field)`, one per key and event-time
   window. Windows are sliding (`size`, every `period` seconds) or fixed
   when `period` equals `size` or is None.
 
@@ -279,24 +312,31 @@ class EntityAggregates(beam.PTransform):
         | 'WindowBySlotStart' >> beam.WindowInto(self.windowing())
         | 'SumPartialsPerWindow' >> beam.CombinePerKey(
             SumPartials(partial_schema(dataset, key)))
-        | 'ToRows' >> beam.ParDo(
-            _PartialsToRows(key, dataset.aggregate_schema(key)))
+        | 'ToRows' >> beam.ParDo(_PartialsToRows(dataset, key))
         | 'BackToGlobalWindow' >> beam.WindowInto(window.GlobalWindows()))
 
 
 # Streaming: one dict per record ----------------------------------------------
-class AggregateAmounts(beam.CombineFn):
-  """(amount, label or None) -> (count, total in cents, labelled, positives),
-  per record: the streaming form's combine."""
+class AggregateValues(beam.CombineFn):
+  """A record's (values of the declared value fields, label class index or
+  None) -> the partial sums of `sum_types`, as a tuple in its order, per
+  record: the streaming form's combine."""
+
+  def __init__(self, dataset: Dataset):
+    self._cents = [dataset.fields[v].cents for v in dataset.aggregate_values]
+    self._binary = dataset.task == 'binary'
 
   def create_accumulator(self):
-    return (0, 0, 0, 0)     # count, total in cents, labelled, positives
+    return (0,) * (1 + len(self._cents) + 2 * self._binary)
 
   def add_input(self, acc, element):
-    amount, label = element
-    count, cents, labelled, positives = acc
-    return (count + 1, cents + round(amount * 100),
-            labelled + (label is not None), positives + (label == 1))
+    values, label = element
+    out = [acc[0] + 1]
+    for i, (value, cents) in enumerate(zip(values, self._cents)):
+      out.append(acc[1 + i] + (round(value * 100) if cents else value))
+    if self._binary:
+      out += [acc[-2] + (label is not None), acc[-1] + (label == 1)]
+    return tuple(out)
 
   def merge_accumulators(self, accumulators):
     return tuple(sum(parts) for parts in zip(*accumulators))
@@ -306,16 +346,28 @@ class AggregateAmounts(beam.CombineFn):
 
 
 class AggregateRow(beam.DoFn):
-  """(key, AggregateAmounts output) in a window -> the aggregate row dict."""
+  """(key, AggregateValues output) in a window -> the aggregate row dict."""
 
-  def __init__(self, key_field: str):
-    self._key_field = key_field
+  def __init__(self, dataset: Dataset, key_field: str):
+    self._dataset, self._key_field = dataset, key_field
+    self._names = list(sum_types(dataset))
 
   def process(self, element, w=beam.DoFn.WindowParam):
-    key, (count, cents, labelled, positives) = element
-    columns = aggregate_columns(self._key_field, pa.array([key]), w,
-                                [count], [cents], [labelled], [positives])
+    key, sums = element
+    columns = aggregate_columns(
+        self._dataset, self._key_field, pa.array([key]), w,
+        {name: [value] for name, value in zip(self._names, sums)})
     yield {name: values[0].as_py() for name, values in columns.items()}
+
+
+def _values_and_label(record: Dict[str, Any], dataset: Dataset):
+  """A record -> (its aggregate values, its label's class index or None)."""
+  values = tuple(record[v] for v in dataset.aggregate_values)
+  label = None
+  if dataset.task == 'binary':
+    raw = record.get(dataset.label_field)
+    label = None if raw is None else dataset.label.classes.get(raw)
+  return values, label
 
 
 def late_row(record: Dict[str, Any], dataset: Dataset, key_field: str,
@@ -442,9 +494,7 @@ class StreamingEntityAggregates(beam.PTransform):
     return window_fn(self._size, self._period)
 
   def expand(self, records):
-    key = self._key_field
-    value = self._dataset.history.value
-    label = self._dataset.label_field
+    key, dataset = self._key_field, self._dataset
     routed = (
         records
         | 'KeyByField' >> beam.Map(lambda r: (r[key], r)).with_output_types(
@@ -462,8 +512,8 @@ class StreamingEntityAggregates(beam.PTransform):
             accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
             allowed_lateness=Duration(seconds=self._lateness))
         | 'KeyAndValue' >> beam.Map(
-            lambda kv: (kv[0], (kv[1][value],
-                                kv[1].get(label) if label else None)))
-        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(AggregateAmounts())
-        | 'ToRow' >> beam.ParDo(_ToPaneRow(key)))
+            lambda kv: (kv[0], _values_and_label(kv[1], dataset)))
+        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(
+            AggregateValues(dataset))
+        | 'ToRow' >> beam.ParDo(_ToPaneRow(dataset, key)))
     return {AGGREGATES: rows, LATE: routed[LATE]}

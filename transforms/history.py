@@ -43,7 +43,7 @@ Both forms:
 """
 
 import math
-from typing import Any, Dict, Iterator, List, Tuple, Union
+from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder, VarIntCoder
@@ -56,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.dataset import Dataset
+from schemas.dataset import Dataset, HistorySpec
 from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches, slices,
                                split_by_shard)
 
@@ -74,13 +74,13 @@ class _Windows:
   (number of distinct times + 1) + dense rank of t.
   """
 
-  def __init__(self, table: pa.Table, dataset: Dataset):
+  def __init__(self, table: pa.Table, dataset: Dataset, spec: HistorySpec):
     ts = dataset.timestamp_field
     times = table.column(ts)
     if times.null_count:
       raise ValueError(f'history features need {ts} on every record; '
                        f'{times.null_count} rows have none')
-    entity = _sorted_codes(table.column(dataset.entity_field))
+    entity = _sorted_codes(table.column(spec.entity))
     self.order = pc.sort_indices(
         pa.table({'entity': entity, 'time': times,
                   'id': table.column(dataset.id_field)}),
@@ -236,25 +236,28 @@ class _Occurrences:
 
 
 # The features -----------------------------------------------------------------
-def _history_columns(table: pa.Table, dataset: Dataset
+def _history_columns(table: pa.Table, dataset: Dataset, spec: HistorySpec
                      ) -> Tuple[np.ndarray, Dict[str, np.ndarray]]:
-  """(order, features): the rows' (entity, time, id) order and each history
-  feature (`history_feature_types()` order) as a NumPy column in that order.
-  """
-  h, e = dataset.history, dataset.entity_field
+  """(order, features): the rows' (entity, time, id) order and each of
+  `spec`'s features (`spec.feature_types()` order) as a NumPy column in
+  that order."""
+  h, e = spec, spec.entity
   vf = h.value
   if table.num_rows == 0:
-    types = dataset.history_feature_types()
     return np.zeros(0, dtype=np.int64), {
         name: np.zeros(0, dtype=np.int64 if kind == 'int' else np.float64)
-        for name, kind in types.items()}
-  w = _Windows(table, dataset)
-  value_column = table.column(vf).take(w.order)
-  if value_column.null_count:
-    raise ValueError(f'history features need {vf} on every record; '
-                     f'{value_column.null_count} rows have none')
-  values = value_column.to_numpy().astype(np.float64)
-  if dataset.fields[vf].cents:
+        for name, kind in h.feature_types().items()}
+  w = _Windows(table, dataset, spec)
+  exact = vf is None or dataset.fields[vf].cents
+  if vf is not None:
+    value_column = table.column(vf).take(w.order)
+    if value_column.null_count:
+      raise ValueError(f'history features need {vf} on every record; '
+                       f'{value_column.null_count} rows have none')
+    values = value_column.to_numpy().astype(np.float64)
+  else:
+    values = np.zeros(w.n)
+  if exact:
     # np.rint rounds half to even, as Python's round(): exact integer cents;
     # a window's sum converts to float exactly while below 2^53 cents.
     cents = np.rint(values * 100).astype(np.int64)
@@ -262,13 +265,22 @@ def _history_columns(table: pa.Table, dataset: Dataset
   else:
     # Slow path: math.fsum is exact, but it needs a Python loop per row.
     value_list = value_column.to_pylist()
+  # Rates: the share of the window's records whose field has a value.
+  hits = {}
+  for field, named in h.rates.items():
+    column = table.column(field).take(w.order)
+    for name, members in named.items():
+      member = pc.is_in(column, value_set=pa.array(list(members),
+                                                   column.type))
+      hits[(field, name)] = np.concatenate([[0], np.cumsum(
+          pc.fill_null(member, False).to_numpy(zero_copy_only=False))])
 
   features: Dict[str, np.ndarray] = {}
   lows, means = {}, {}
   for window, seconds in h.windows.items():
     lo = lows[window] = w.lower(seconds)
     count = w.hi - lo
-    if dataset.fields[vf].cents:
+    if exact:
       total = (prefix[w.hi] - prefix[lo]) / 100
     else:
       total = np.array([math.fsum(value_list[a:b])
@@ -281,6 +293,10 @@ def _history_columns(table: pa.Table, dataset: Dataset
       agg['max'] = _range_max(values, lo, w.hi)
     for name in h.aggregates:
       features[f'{e}_{name}_{window}'] = agg[name]
+    for (field, name), prefix_hits in hits.items():
+      features[f'{e}_{field}_{name}_rate_{window}'] = np.divide(
+          prefix_hits[w.hi] - prefix_hits[lo], count, where=count > 0,
+          out=np.zeros(w.n, dtype=np.float64))
 
   occurrences = {
       field: _Occurrences(w, table.column(field).take(w.order))
@@ -309,7 +325,9 @@ def _history_columns(table: pa.Table, dataset: Dataset
 
 def _as_table(records: Union[pa.Table, pa.RecordBatch], dataset: Dataset
               ) -> pa.Table:
-  """The record columns (`dataset.batch_schema()`), in order and type."""
+  """The records with the record fields (`dataset.batch_schema()`) in
+  their types, and any further columns (side-table columns, an earlier
+  entity's features) as they are."""
   schema = dataset.batch_schema()
   if isinstance(records, pa.RecordBatch):
     records = pa.Table.from_batches([records])
@@ -317,40 +335,54 @@ def _as_table(records: Union[pa.Table, pa.RecordBatch], dataset: Dataset
   if missing:
     raise ValueError(f'history features need the record fields; missing: '
                      f'{", ".join(missing)}')
-  return records.select(schema.names).cast(schema)
+  columns = [records.column(f.name).cast(f.type) if f.name in schema.names
+             and records.schema.field(f.name).type != schema.field(
+                 f.name).type else records.column(f.name)
+             for f in records.schema]
+  return pa.Table.from_arrays(columns, names=records.column_names)
 
 
 def history_table(records: Union[pa.Table, pa.RecordBatch],
-                  dataset: Dataset) -> pa.Table:
-  """Records of any number of entities -> the same rows with their history.
+                  dataset: Dataset, spec: Optional[HistorySpec] = None
+                  ) -> pa.Table:
+  """Records of any number of entities -> the same rows with the history
+  features of `spec` (default: every declared entity's, one after another).
 
   `records` has the record fields (`dataset.batch_schema()`: timestamps as
-  int64 epoch microseconds), rows in any order. The result has the rows
-  sorted by (entity, event time, id), the record columns followed by the
-  history features (`dataset.history_feature_types()`), i.e. the schema
+  int64 epoch microseconds), rows in any order, and may carry further
+  columns. The result has the rows sorted by (entity, event time, id) of
+  the (last) spec, the input columns followed by the spec's features: for
+  the record fields alone and every spec, the schema
   `dataset.batch_schema(dataset.feature_types())`.
   """
   table = _as_table(records, dataset)
-  order, features = _history_columns(table, dataset)
-  schema = dataset.batch_schema(dataset.feature_types())
-  columns = list(table.take(pa.array(order)).columns)
-  columns += [pa.array(features[name], type=schema.field(name).type)
-              for name in dataset.history_feature_types()]
-  return pa.Table.from_arrays(columns, schema=schema)
+  for one in ([spec] if spec is not None else dataset.histories):
+    order, features = _history_columns(table, dataset, one)
+    types = one.feature_types()
+    schema = dataset.batch_schema(types)
+    columns = list(table.take(pa.array(order)).columns)
+    columns += [pa.array(features[name], type=schema.field(name).type)
+                for name in types]
+    table = pa.Table.from_arrays(columns,
+                                 names=table.column_names + list(types))
+  return table
 
 
-def history_features(records: List[dict], dataset: Dataset) -> List[dict]:
+def history_features(records: List[dict], dataset: Dataset,
+                     spec: Optional[HistorySpec] = None) -> List[dict]:
   """Feature dicts of `records` (dicts with the record fields, timestamps
-  as int epoch microseconds), in the order of `records`.
+  as int epoch microseconds), in the order of `records`: `spec`'s features
+  (default: the first declared entity's).
 
   Each result only uses the same entity's records strictly earlier in event
   time, within each declared window; `records` may come in any order.
   """
   if not records:
     return []
+  spec = spec or dataset.history
   table = pa.Table.from_pylist(records, schema=dataset.batch_schema())
-  order, features = _history_columns(table, dataset)
-  names = list(dataset.history_feature_types())
+  order, features = _history_columns(table, dataset, spec)
+  names = list(spec.feature_types())
   out = [None] * len(records)
   rows = zip(*(features[name].tolist() for name in names))
   for i, values in zip(order.tolist(), rows):
@@ -360,10 +392,14 @@ def history_features(records: List[dict], dataset: Dataset) -> List[dict]:
 
 # Batch: RecordBatches, sharded by entity --------------------------------------
 def _history_of_shard(shard_and_batches, dataset: Dataset,
-                      max_batch_rows: int) -> Iterator[pa.RecordBatch]:
+                      spec: HistorySpec, max_batch_rows: int
+                      ) -> Iterator[pa.RecordBatch]:
   _, batches = shard_and_batches
-  table = history_table(concat_batches(list(batches), dataset.batch_schema()),
-                        dataset)
+  batches = list(batches)
+  if not batches:
+    return
+  table = history_table(concat_batches(batches, batches[0].schema), dataset,
+                        spec)
   yield from slices(table, max_batch_rows)
 
 
@@ -390,12 +426,17 @@ class HistoryFeatures(beam.PTransform):
     self._num_shards, self._max_batch_rows = num_shards, max_batch_rows
 
   def expand(self, records):
-    return (records
-            | 'SplitRecordsIntoEntityShards' >> beam.FlatMap(
-                split_by_shard, self._dataset.entity_field, self._num_shards)
-            | 'GroupBatchesByShard' >> beam.GroupByKey()
-            | 'ComputeHistoryOfEachShard' >> beam.FlatMap(
-                _history_of_shard, self._dataset, self._max_batch_rows))
+    # One shuffle per declared entity (e.g. user, then item): each shard
+    # holds every record of its entities.
+    for spec in self._dataset.histories:
+      records = (
+          records
+          | f'SplitRecordsIntoShards[{spec.entity}]' >> beam.FlatMap(
+              split_by_shard, spec.entity, self._num_shards)
+          | f'GroupBatchesByShard[{spec.entity}]' >> beam.GroupByKey()
+          | f'ComputeHistoryOfEachShard[{spec.entity}]' >> beam.FlatMap(
+              _history_of_shard, self._dataset, spec, self._max_batch_rows))
+    return records
 
 
 # Streaming: one stateful DoFn per entity --------------------------------------

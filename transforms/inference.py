@@ -245,17 +245,23 @@ _NUMPY_TYPES = {'float': np.float32, 'int': np.int64, 'timestamp': np.int64}
 
 
 def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
-                        pad: int = 0) -> Dict[str, Any]:
+                        pad: int = 0, optional: Sequence[str] = ()
+                        ) -> Dict[str, Any]:
   """Flat feature columns (pa.RecordBatch or pa.Table) -> {feature: tf
   tensor [rows + pad]} for the transform graph, column by column: strings
   as UTF-8 bytes, floats as float32, ints as int64, then `pad` copies of
-  the first row. A null is an error."""
+  the first row. An `optional` feature is a tf.SparseTensor [rows + pad, 1]
+  holding its present values (the graph imputes the others); a null in
+  any other feature is an error."""
   import tensorflow as tf
   out = {}
   for name, ftype in raw_types.items():
     if name not in batch.schema.names:
       raise ValueError(f'feature {name} is missing in the batch to score')
     column = arrow.flat_column(batch.column(name))
+    if name in optional:
+      out[name] = _sparse_tensor(column, ftype, pad)
+      continue
     if column.null_count:
       raise ValueError(f'feature {name} is missing in {column.null_count} '
                        'row(s) to score')
@@ -269,6 +275,27 @@ def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
     out[name] = tf.constant(values, dtype=tf.string if ftype == 'string'
                             else None)
   return out
+
+
+def _sparse_tensor(column: pa.Array, ftype: str, pad: int):
+  import tensorflow as tf
+  rows = len(column)
+  present = column.is_valid().to_numpy(zero_copy_only=False)
+  if pad and rows:
+    present = np.concatenate([present, np.repeat(present[:1], pad)])
+    column = pa.concat_arrays([column, column.take(
+        pa.array(np.zeros(pad, np.int64)))])
+  values = column.drop_null()
+  if ftype == 'string':
+    values = values.cast(pa.binary()).to_numpy(zero_copy_only=False)
+  else:
+    values = values.to_numpy(zero_copy_only=False).astype(_NUMPY_TYPES[ftype])
+  where = np.flatnonzero(present).astype(np.int64)
+  return tf.SparseTensor(
+      indices=np.stack([where, np.zeros_like(where)], axis=1).reshape(-1, 2),
+      values=tf.constant(values, dtype=tf.string if ftype == 'string'
+                         else None),
+      dense_shape=[len(present), 1])
 
 
 def _columns(batch: pa.RecordBatch, types: Mapping[str, pa.DataType]
@@ -315,7 +342,8 @@ def transformed_matrix(model: LoadedModel, batch) -> np.ndarray:
   metadata = model.metadata
   rows = batch.num_rows
   transformed = model.transform_layer(raw_feature_tensors(
-      batch, metadata['raw_features'], pad=-rows % PAD_ROWS))
+      batch, metadata['raw_features'], pad=-rows % PAD_ROWS,
+      optional=metadata.get('optional_features', ())))
   return feature_matrix(
       {name: np.asarray(transformed[name])[:rows]
        for name in metadata['features']}, metadata['features'])
@@ -366,26 +394,10 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
       return []
     metadata = model.metadata
     id_field = self._id_field or metadata['id_field']
-    raw_types = metadata['raw_features']
-    types = {id_field: pa.string()}
-    types.update((n, _COLUMN_TYPES[t]) for n, t in raw_types.items()
-                 if n != id_field)
-    table = concat_batches([_columns(b, types) for b in batch])
-    if table.num_rows:
-      x = transformed_matrix(model, table)
-      # One OpenMP thread: Beam already runs bundles in parallel, and
-      # scikit-learn's per-call thread pool start-up cost more than the
-      # prediction itself on small batches (bench/RESULTS.md).
-      with threadpoolctl.threadpool_limits(limits=1):
-        scores = model.estimator.predict_proba(x)[:, 1].astype(np.float64)
-    else:
-      scores = np.zeros(0, dtype=np.float64)
+    table = concat_batches([_columns(b, input_types(metadata, id_field))
+                            for b in batch])
+    predictions = predict_table(model, table, id_field)
     version = metadata['model_version']
-    predictions = pa.RecordBatch.from_arrays(
-        [table.column(id_field).combine_chunks(), pa.array(scores),
-         pa.array((scores >= float(metadata['threshold'])).astype(np.int64)),
-         pa.repeat(pa.scalar(version, pa.string()), len(scores))],
-        schema=prediction_schema(id_field))
     if len(batch) == 1:
       return [PredictionResult(batch[0], predictions, version)]
     results, start = [], 0
@@ -411,6 +423,54 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
 
   def get_metrics_namespace(self) -> str:
     return 'TransformedSklearnModelHandler'
+
+
+def input_types(metadata: Mapping[str, Any], id_field: str
+                ) -> Dict[str, pa.DataType]:
+  """The columns a model scores: its id and raw features, typed."""
+  types = {id_field: _COLUMN_TYPES[metadata.get('id_type', 'string')]}
+  types.update((n, _COLUMN_TYPES[t])
+               for n, t in metadata['raw_features'].items() if n != id_field)
+  return types
+
+
+def predict_table(model: LoadedModel, table, id_field: str
+                  ) -> pa.RecordBatch:
+  """Rows of raw features -> prediction rows of the model's task
+  (`prediction_schema`), in order."""
+  metadata = model.metadata
+  task = metadata.get('task', 'binary')
+  n = table.num_rows
+  estimator = model.estimator
+  # One OpenMP thread: Beam already runs bundles in parallel, and
+  # scikit-learn's per-call thread pool start-up cost more than the
+  # prediction itself on small batches (bench/RESULTS.md).
+  with threadpoolctl.threadpool_limits(limits=1):
+    x = transformed_matrix(model, table) if n else None
+    if task == 'regression':
+      values = (estimator.predict(x).astype(np.float64) if n
+                else np.zeros(0))
+      columns = [pa.array(values)]
+    elif task == 'multiclass':
+      classes = np.asarray(estimator.classes_, dtype=np.int64)
+      proba = (estimator.predict_proba(x) if n
+               else np.zeros((0, len(classes))))
+      best = np.argmax(proba, axis=1)
+      index = classes[best]
+      names = pa.array(metadata['classes'], pa.string())
+      columns = [pa.array(proba[np.arange(n), best].astype(np.float64)),
+                 pa.array(index), names.take(pa.array(index))]
+    else:
+      scores = (estimator.predict_proba(x)[:, 1].astype(np.float64) if n
+                else np.zeros(0))
+      columns = [pa.array(scores), pa.array(
+          (scores >= float(metadata['threshold'])).astype(np.int64))]
+  version = metadata['model_version']
+  return pa.RecordBatch.from_arrays(
+      [table.column(id_field).combine_chunks()] + columns +
+      [pa.repeat(pa.scalar(version, pa.string()), n)],
+      schema=prediction_schema(id_field, metadata.get('id_type', 'string'),
+                               task))
 
 
 def _predictions(result: PredictionResult) -> pa.RecordBatch:
@@ -491,11 +551,8 @@ class ScoreRecords(beam.PTransform):
     metadata = read_metadata(model_dir)
     self._model_dir = model_dir
     self._id_field = id_field or metadata['id_field']
-    types = {self._id_field: pa.string()}
-    types.update((n, _COLUMN_TYPES[t])
-                 for n, t in metadata['raw_features'].items()
-                 if n != self._id_field)
-    self._schema = pa.schema(types.items())
+    self._schema = pa.schema(input_types(metadata,
+                                         self._id_field).items())
     self._batch = dict(min_batch_size=min_batch_size,
                        max_batch_size=max_batch_size)
     self._model_metadata_pcoll = model_metadata_pcoll

@@ -24,6 +24,7 @@ Every record read leaves through exactly one of the two outputs.
 
 import datetime
 import math
+import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -38,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.dataset import Dataset, Field
+from schemas.dataset import RECORD_ID, Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                NAMESPACE, VALID, CountElements, CountRows,
                                Counters, concat_batches, dead_letter_batch,
@@ -46,6 +47,7 @@ from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                true_rows)
 from transforms.read import (ERROR, POSITION, SOURCE, UNDECODED, RawRecord,
                              raw_records, record_texts)
+from transforms import timestamps
 
 __all__ = ['DEAD_LETTER', 'VALID', 'NAMESPACE', 'CountElements',
            'ERROR_KINDS', 'RecordError', 'RecordValidator', 'BatchValidator',
@@ -139,28 +141,60 @@ def _coerce(field: Field, value):
                         'the 64-bit integer range')
     return number
   # timestamp
-  if isinstance(value, datetime.datetime):
-    parsed = value
-  elif isinstance(value, str):
-    text = value.strip()
-    if text.endswith(('Z', 'z')):
-      text = text[:-1] + '+00:00'
-    try:
-      parsed = datetime.datetime.fromisoformat(text)
-    except ValueError:
-      raise RecordError('type_error', name, f'{name}: {value!r} is not an '
-                        'RFC 3339 timestamp') from None
-  else:
-    raise RecordError('type_error', name, f'{name}: expected an RFC 3339 '
-                      f'timestamp, got {type(value).__name__}')
-  if parsed.tzinfo is None:
-    raise RecordError('type_error', name, f'{name}: {value!r} has no time '
-                      'zone; use Z or an offset')
-  micros = to_micros(parsed)
+  try:
+    if isinstance(value, datetime.datetime):
+      micros = (to_micros(value) if value.tzinfo is not None else
+                timestamps.localize(value, field) if field.zone else None)
+      if micros is None:
+        raise timestamps.TimestampError(
+            f'{name}: {value!r} has no time zone; use Z or an offset')
+    elif isinstance(value, str):
+      micros = timestamps.parse_value(field, value)
+    else:
+      raise timestamps.TimestampError(
+          f'{name}: expected a timestamp, got {type(value).__name__}')
+  except timestamps.TimestampError as e:
+    raise RecordError('type_error', name, str(e)) from None
+  _check_time_range(name, micros, value)
+  return micros
+
+
+def _check_time_range(name: str, micros: int, value):
   if not EARLIEST_MICROS <= micros <= LATEST_MICROS:
     raise RecordError('out_of_range', name, f'{name}: {value!r} is outside '
                       f'{EARLIEST} .. {LATEST}')
-  return micros
+
+
+def record_id(source: Optional[str], position: Optional[int]) -> str:
+  """The id of a record of a dataset that declares none: where it was
+  read, '<file name>:<position>' (the name only, so that a copy of the
+  input elsewhere gives the same ids)."""
+  return f'{os.path.basename(source or "")}:{position}'
+
+
+def _derive(dataset: Dataset, record: Dict[str, Any], raw: RawRecord):
+  """Fills the derived fields of a typed record (in place)."""
+  for name, field in dataset.fields.items():
+    if not field.derived:
+      continue
+    if name == RECORD_ID:
+      record[name] = record_id(raw.source, raw.position)
+      continue
+    date = record.get(field.compose['date'])
+    hour_field = field.compose.get('hour')
+    hour = record.get(hour_field) if hour_field else None
+    if date is None or (hour_field and hour is None):
+      if field.required:
+        raise RecordError('missing_required', name, f'{name} is required '
+                          'but its date or hour is missing')
+      record[name] = None
+      continue
+    try:
+      micros = timestamps.compose_value(field, date, hour)
+    except timestamps.TimestampError as e:
+      raise RecordError('type_error', name, str(e)) from None
+    _check_time_range(name, micros, f'{date} {hour}')
+    record[name] = micros
 
 
 def _check(field: Field, value, patterns: Dict[str, Any]):
@@ -214,7 +248,7 @@ class RecordValidator:
     if raw.error is not None:
       raise RecordError(raw.error_kind or 'malformed', None, raw.error)
     record = {}
-    for name, field in self.dataset.fields.items():
+    for name, field in self.dataset.input_fields.items():
       value = raw.values.get(name)
       if _missing(value):
         if field.required:
@@ -225,13 +259,14 @@ class RecordValidator:
       value = _coerce(field, value)
       _check(field, value, self._patterns)
       record[name] = value
+    _derive(self.dataset, record, raw)
     for rule in self.dataset.rules:
       if all(_selects(cond, record[f]) for f, cond in rule.when.items()):
         for f, bounds in rule.require.items():
           if not _satisfies(bounds, record[f]):
             raise RecordError('rule_violation', f,
                               f'rule {rule.name}: {f}={record[f]!r}')
-    if self._reference is not None:
+    if self._reference is not None and self.dataset.timestamp_field:
       self._check_freshness(record)
     return record
 
@@ -405,7 +440,16 @@ class BatchValidator:
         return pa.nulls(n, target), doubt | present
     else:  # timestamp
       if _is_string(t):
-        micros, parsed = _parse_rfc3339(column.cast(pa.string()))
+        text = column.cast(pa.string())
+        if field.format:
+          micros, parsed = timestamps.parse_local_column(text, field, present)
+        else:
+          micros, parsed = _parse_rfc3339(text)
+          if field.zone:
+            local, sure = timestamps.parse_local_column(
+                text, field, present & ~parsed)
+            micros = np.where(sure, local, micros)
+            parsed |= sure
         doubt |= present & ~parsed
         values = pa.array(micros, pa.int64())
       elif (pa.types.is_timestamp(t) and t.tz is not None and
@@ -473,6 +517,34 @@ class BatchValidator:
         doubt |= selected & broken
     return doubt
 
+  def _derived_columns(self, batch: pa.RecordBatch,
+                       columns: Dict[str, pa.Array], n: int) -> np.ndarray:
+    """Adds the derived fields to `columns`; returns the rows to doubt."""
+    doubt = np.zeros(n, bool)
+    for name, field in self.dataset.fields.items():
+      if not field.derived:
+        continue
+      if name == RECORD_ID:
+        source = (batch.column(SOURCE) if SOURCE in batch.schema.names
+                  else pa.nulls(n, pa.string()))
+        position = (batch.column(POSITION) if POSITION in batch.schema.names
+                    else pa.nulls(n, pa.int64()))
+        columns[name] = pc.binary_join_element_wise(
+            pc.replace_substring_regex(pc.fill_null(source, ''), '^.*/', ''),
+            pc.cast(position, pa.string()), ':')
+        continue
+      date = columns[field.compose['date']]
+      hour_field = field.compose.get('hour')
+      hours = columns[hour_field] if hour_field else None
+      present = true_rows(date.is_valid())
+      if hours is not None:
+        present &= true_rows(hours.is_valid())
+      micros, sure = timestamps.compose_column(field, date, hours)
+      sure &= (micros >= EARLIEST_MICROS) & (micros <= LATEST_MICROS)
+      doubt |= (present & ~sure) | (~present & field.required)
+      columns[name] = pa.array(micros, pa.int64(), mask=~(present & sure))
+    return doubt
+
   def _freshness_doubts(self, times: pa.Array) -> np.ndarray:
     limits = self.dataset.freshness
     if self._reference is None or not limits:
@@ -495,11 +567,13 @@ class BatchValidator:
     if UNDECODED in batch.schema.names:
       doubt |= true_rows(batch.column(UNDECODED))
     columns = {}
-    for name, field in self.dataset.fields.items():
+    for name, field in self.dataset.input_fields.items():
       columns[name], field_doubt = self._column(batch, field)
       doubt |= field_doubt
+    doubt |= self._derived_columns(batch, columns, n)
     doubt |= self._cross_field_doubts(columns, n)
-    doubt |= self._freshness_doubts(columns[self.dataset.timestamp_field])
+    if self.dataset.timestamp_field:
+      doubt |= self._freshness_doubts(columns[self.dataset.timestamp_field])
 
     keep = pa.array(~doubt)
     arrays = [columns[name] for name in self._schema.names]
@@ -627,6 +701,12 @@ class DropDuplicatesInReadOrder(beam.PTransform):
     return {VALID: deduped[VALID], DEAD_LETTER: dead}
 
 
+def _record_columns(batch: pa.RecordBatch, schema: pa.Schema
+                    ) -> pa.RecordBatch:
+  return pa.RecordBatch.from_arrays([batch.column(n) for n in schema.names],
+                                    schema=schema)
+
+
 class _CountDeadLetters(beam.DoFn):
 
   def setup(self):
@@ -667,8 +747,15 @@ class ParseAndValidate(beam.PTransform):
     parsed = raw_batches | 'ParseAndCheckRules' >> beam.ParDo(
         ValidateBatches(self._dataset, self._reference)).with_outputs(
             DEAD_LETTER, main=VALID)
-    deduped = parsed[VALID] | 'DropDuplicates' >> DropDuplicatesInReadOrder(
-        self._dataset, self._shards, self._format)
+    if self._dataset.has_id:
+      deduped = parsed[VALID] | 'DropDuplicates' >> DropDuplicatesInReadOrder(
+          self._dataset, self._shards, self._format)
+    else:
+      # Ids are where records were read: no two records share one.
+      deduped = {VALID: parsed[VALID] | 'DropReadPositions' >> beam.Map(
+          _record_columns, self._dataset.batch_schema()),
+                 DEAD_LETTER: parsed[DEAD_LETTER].pipeline | 'NoDuplicates'
+                 >> beam.Create([])}
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
             | 'AllDeadLetters' >> beam.Flatten()
             | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetters()))

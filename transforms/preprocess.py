@@ -14,6 +14,13 @@ Per-feature treatment (output column `<name>_xf`, see `transformed_name`):
   * bucketize: n         -> int64 quantile bucket in [0, n)
   * categorical          -> int64 vocabulary index (most frequent first);
     unseen values go to one of `oov_buckets` indices after the vocabulary.
+  * an optional input (it may be missing) is fed as a sparse tensor and
+    filled with its declared `impute` (mean of the analysed values, zero or
+    a number) before the above; `indicator: true` adds `<name>_missing_xf`
+    (1 where it was missing). A missing category is the value '' (or -1).
+
+The label enters as what the model learns (`with_label_index`: a class
+index, or a number for regression).
 
 The id, the event time and the label are not inputs of the graph: they are
 tf.Transform passthrough keys (`tft_beam.Context(passthrough_keys=...)`), so
@@ -23,7 +30,7 @@ where it is missing) and serving never needs them.
 
 import functools
 import tempfile
-from typing import Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import GoogleCloudOptions
@@ -36,9 +43,9 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.tfxio import tensor_adapter
 from tfx_bsl.tfxio import tensor_representation_util
 
+from schemas.dataset import MISSING_SUFFIX, SCALES
 from transforms import arrow
 
-SCALES = ('z_score', 'log_z_score', 'none')
 _TF_TYPES = {'string': tf.string, 'float': tf.float32, 'int': tf.int64}
 
 
@@ -47,9 +54,22 @@ def transformed_name(name: str) -> str:
   return f'{name}_xf'
 
 
+def indicator_name(name: str) -> str:
+  """Output column saying where raw feature `name` was missing (1)."""
+  return transformed_name(name + MISSING_SUFFIX)
+
+
+def _indicators(dataset) -> List[str]:
+  t = dataset.transform
+  return [n for section in ('numeric', 'bucketize')
+          for n, opts in t.get(section, {}).items() if opts['indicator']]
+
+
 def transformed_feature_names(dataset) -> List[str]:
-  """Transformed model inputs, in `dataset.model_features()` order."""
-  return [transformed_name(n) for n in dataset.model_features()]
+  """Transformed model inputs: `dataset.model_features()` order, then the
+  missing-value indicators."""
+  return ([transformed_name(n) for n in dataset.model_features()] +
+          [indicator_name(n) for n in _indicators(dataset)])
 
 
 def categorical_feature_names(dataset) -> List[str]:
@@ -64,12 +84,26 @@ def raw_input_types(dataset) -> Dict[str, str]:
   return {n: types[n] for n in dataset.model_features()}
 
 
+def optional_inputs(dataset) -> List[str]:
+  """Raw model inputs that may be missing (fed as sparse tensors)."""
+  optional = set(dataset.optional_columns())
+  return [n for n in dataset.model_features() if n in optional]
+
+
 def passthrough_keys(dataset) -> List[str]:
-  """Columns carried beside the graph: id, event time, label (if any)."""
-  keys = [dataset.id_field, dataset.timestamp_field]
+  """Columns carried beside the graph: id, event time and label (those
+  the dataset has)."""
+  keys = [dataset.id_field]
+  if dataset.timestamp_field:
+    keys.append(dataset.timestamp_field)
   if dataset.label_field:
     keys.append(dataset.label_field)
   return keys
+
+
+def label_type(dataset) -> str:
+  """What the model learns: a class index ('int') or a number ('float')."""
+  return 'float' if dataset.task == 'regression' else 'int'
 
 
 def input_types(dataset) -> Dict[str, str]:
@@ -77,12 +111,27 @@ def input_types(dataset) -> Dict[str, str]:
   types = dataset.feature_types()
   out = raw_input_types(dataset)
   out.update({k: types[k] for k in passthrough_keys(dataset)})
+  if dataset.label_field:
+    out[dataset.label_field] = label_type(dataset)
   return out
 
 
-def raw_feature_spec(dataset) -> Dict[str, tf.io.FixedLenFeature]:
-  """Feature spec of the graph's inputs: the model features only."""
-  return {n: tf.io.FixedLenFeature([], _TF_TYPES[t])
+def with_label_index(batch: pa.RecordBatch, dataset) -> pa.RecordBatch:
+  """Feature rows -> the same rows with the label as the model learns it
+  (`Dataset.label_index`: class index or number), column-wise."""
+  label = dataset.label_field
+  if not label or label not in batch.schema.names:
+    return batch
+  i = batch.schema.get_field_index(label)
+  return batch.set_column(i, label, dataset.label_index(batch.column(i)))
+
+
+def raw_feature_spec(dataset) -> Dict[str, Any]:
+  """Feature spec of the graph's inputs: the model features only; an
+  optional one is a VarLenFeature (a missing value is an empty list)."""
+  optional = set(optional_inputs(dataset))
+  return {n: (tf.io.VarLenFeature(_TF_TYPES[t]) if n in optional else
+              tf.io.FixedLenFeature([], _TF_TYPES[t]))
           for n, t in raw_input_types(dataset).items()}
 
 
@@ -102,15 +151,22 @@ def tensor_adapter_config(dataset) -> tensor_adapter.TensorAdapterConfig:
 def transformed_arrow_schema(dataset) -> pa.Schema:
   """Flat schema of the transformed batches (and Parquet `transformed/`)."""
   t = dataset.transform
+  id_types = {'string': pa.string(), 'int': pa.int64()}
   fields = [pa.field(transformed_name(n), pa.float32())
             for n in t.get('numeric', {})]
   fields += [pa.field(transformed_name(n), pa.int64())
              for n in list(t.get('bucketize', {})) +
              list(t.get('categorical', {}))]
-  fields += [pa.field(dataset.id_field, pa.string()),
-             pa.field(dataset.timestamp_field, pa.int64())]
+  fields += [pa.field(indicator_name(n), pa.int64())
+             for n in _indicators(dataset)]
+  fields.append(pa.field(dataset.id_field,
+                         id_types[dataset.fields[dataset.id_field].type]))
+  if dataset.timestamp_field:
+    fields.append(pa.field(dataset.timestamp_field, pa.int64()))
   if dataset.label_field:
-    fields.append(pa.field(dataset.label_field, pa.int64()))
+    fields.append(pa.field(dataset.label_field,
+                           pa.float64() if dataset.task == 'regression'
+                           else pa.int64()))
   return pa.schema(fields)
 
 
@@ -118,27 +174,62 @@ def _signed_log1p(x):
   return tf.sign(x) * tf.math.log1p(tf.abs(x))
 
 
+def _dense(x, impute: Optional[Any], name: str):
+  """(dense tensor, missing indicator or None): a sparse (optional) input
+  filled with its declared imputation, the mean of the analysed values,
+  zero or a number; a dense input as it is."""
+  if not isinstance(x, tf.SparseTensor):
+    return x, None
+  x = tf.sparse.reorder(x)
+  values = tf.cast(x.values, tf.float32)
+  if impute == 'mean':
+    fill = tft.mean(values, name=f'impute_mean_{name}')
+  else:
+    fill = tf.constant(0.0 if impute in (None, 'zero') else float(impute))
+  shape = tf.stack([x.dense_shape[0], tf.constant(1, tf.int64)])
+  present = tf.sparse.to_dense(tf.SparseTensor(
+      x.indices, tf.ones_like(values), shape))[:, 0]
+  dense = tf.sparse.to_dense(tf.SparseTensor(x.indices, values, shape))[:, 0]
+  dense = dense + (1.0 - present) * fill
+  missing = tf.cast(1.0 - present, tf.int64)
+  return dense, missing
+
+
 def preprocessing_fn(inputs: Mapping[str, tf.Tensor], *,
-                     numeric: Mapping[str, str],
-                     bucketize: Mapping[str, int],
+                     numeric: Mapping[str, Mapping[str, Any]],
+                     bucketize: Mapping[str, Mapping[str, Any]],
                      categorical: Mapping[str, Mapping[str, int]]
                      ) -> Dict[str, tf.Tensor]:
   """Raw feature tensors -> transformed tensors; settings keyed by feature."""
   out = {}
-  for name, scale in numeric.items():
-    x = tf.cast(inputs[name], tf.float32)
-    if scale == 'log_z_score':
+  for name, opts in numeric.items():
+    x, missing = _dense(inputs[name], opts.get('impute'), name)
+    x = tf.cast(x, tf.float32)
+    if opts['scale'] == 'log_z_score':
       x = _signed_log1p(x)
-    if scale in ('z_score', 'log_z_score'):
+    if opts['scale'] in ('z_score', 'log_z_score'):
       x = tft.scale_to_z_score(x, name=f'z_{name}')
     out[transformed_name(name)] = x
-  for name, num_buckets in bucketize.items():
-    x = tf.cast(inputs[name], tf.float32)
+    if opts.get('indicator'):
+      out[indicator_name(name)] = missing
+  for name, opts in bucketize.items():
+    x, missing = _dense(inputs[name], opts.get('impute'), name)
     out[transformed_name(name)] = tft.bucketize(
-        x, num_buckets=int(num_buckets), name=f'bucketize_{name}')
+        tf.cast(x, tf.float32), num_buckets=int(opts['buckets']),
+        name=f'bucketize_{name}')
+    if opts.get('indicator'):
+      out[indicator_name(name)] = missing
   for name, opts in categorical.items():
+    x = inputs[name]
+    if isinstance(x, tf.SparseTensor):
+      # A missing category is a value of its own ('' or -1).
+      default = '' if x.dtype == tf.string else -1
+      x = tf.sparse.to_dense(tf.SparseTensor(
+          x.indices, x.values,
+          tf.stack([x.dense_shape[0], tf.constant(1, tf.int64)])),
+          default_value=default)[:, 0]
     out[transformed_name(name)] = tft.compute_and_apply_vocabulary(
-        inputs[name], num_oov_buckets=int((opts or {}).get('oov_buckets', 0)),
+        x, num_oov_buckets=int(opts.get('oov_buckets', 0)),
         vocab_filename=name, name=f'vocab_{name}')
   return out
 
@@ -149,16 +240,10 @@ def make_preprocessing_fn(dataset):
   A functools.partial of a top-level function, so it pickles.
   """
   t = dataset.transform
-  numeric = dict(t.get('numeric', {}))
-  for name, scale in numeric.items():
-    if scale not in SCALES:
-      raise ValueError(f'transform.numeric.{name}: unknown scale {scale!r}; '
-                       f'use one of {", ".join(SCALES)}')
   return functools.partial(
-      preprocessing_fn, numeric=numeric,
-      bucketize={k: int(v) for k, v in t.get('bucketize', {}).items()},
-      categorical={k: dict(v or {}) for k, v in
-                   t.get('categorical', {}).items()})
+      preprocessing_fn, numeric=dict(t.get('numeric', {})),
+      bucketize=dict(t.get('bucketize', {})),
+      categorical=dict(t.get('categorical', {})))
 
 
 def flatten_transformed(transformed, schema: pa.Schema) -> pa.RecordBatch:
