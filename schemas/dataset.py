@@ -252,6 +252,14 @@ class Dataset:
       out += [n for n in table['fields'] if n != table['key']]
     return out
 
+  def with_transform(self, transform: Dict[str, Any]) -> 'Dataset':
+    """This dataset with another `transform:` section (as written in a
+    declaration), checked and normalised as `load_dataset` does."""
+    normal = _load_transform(_Checker(os.path.basename(self.path)),
+                             {'transform': transform}, self.feature_types(),
+                             self.optional_columns())
+    return dataclasses.replace(self, transform=normal)
+
   # Labels -----------------------------------------------------------------
   def label_index(self, column):
     """Label column (pyarrow, declared type) -> what the model learns:

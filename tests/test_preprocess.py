@@ -23,7 +23,7 @@ from transforms import arrow
 from transforms import inference
 from transforms import preprocess
 
-SMALL = dataclasses.replace(load_dataset(), transform={
+SMALL = load_dataset().with_transform({
     'numeric': {'amount': 'log_z_score', 'user_id_count_24h': 'z_score',
                 'user_id_is_new_country_7d': 'none'},
     'bucketize': {'event_hour': 2},
@@ -171,10 +171,10 @@ def test_preprocessing_fn_pickles_and_checks_scales():
   fn = preprocess.make_preprocessing_fn(SMALL)
   again = pickle.loads(pickle.dumps(fn))
   assert again.keywords == fn.keywords
-  assert fn.keywords['bucketize'] == {'event_hour': 2}
-  bad = dataclasses.replace(SMALL, transform={'numeric': {'amount': 'log'}})
+  assert fn.keywords['bucketize'] == {
+      'event_hour': {'buckets': 2, 'indicator': False}}
   with pytest.raises(ValueError, match='amount'):
-    preprocess.make_preprocessing_fn(bad)
+    SMALL.with_transform({'numeric': {'amount': 'log'}})
 
 
 def test_to_tfxio_batch_nulls_are_null_lists():

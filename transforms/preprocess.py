@@ -123,7 +123,9 @@ def with_label_index(batch: pa.RecordBatch, dataset) -> pa.RecordBatch:
   if not label or label not in batch.schema.names:
     return batch
   i = batch.schema.get_field_index(label)
-  return batch.set_column(i, label, dataset.label_index(batch.column(i)))
+  columns = list(batch.columns)
+  columns[i] = dataset.label_index(columns[i])
+  return pa.RecordBatch.from_arrays(columns, names=batch.schema.names)
 
 
 def raw_feature_spec(dataset) -> Dict[str, Any]:
