@@ -602,6 +602,9 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
     c.fail('label.classes', f'{name} needs its classes',
            'e.g. classes: {No: 0, Yes: 1} (raw value -> class index)')
   for value in classes:
+    if isinstance(value, bool):
+      c.fail(f'label.classes.{value}', 'is how YAML reads an unquoted '
+             'Yes/No/on/off', "quote the class: 'Yes': 1")
     ok = isinstance(value, str) if field.type == 'string' else (
         isinstance(value, int) and not isinstance(value, bool))
     if not ok:
