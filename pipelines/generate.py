@@ -699,7 +699,7 @@ def run(argv: Optional[Sequence[str]] = None) -> int:
   peek.add_argument('--schema')
   if peek.parse_known_args(argv)[0].schema == 'interactions':
     # Imported here: it imports this module's writers.
-    from pipelines import generate_interactions  # pylint: disable=g-import-not-at-top
+    from pipelines import generate_interactions
     return generate_interactions.run(argv)
   parser = _parser()
   args = parser.parse_args(argv)
