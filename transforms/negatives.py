@@ -68,11 +68,12 @@ STRATEGIES = ('uniform', 'popularity')
 WEIGHT = 'weight'
 NEGATIVE_OF = 'negative_of'
 NEGATIVE_RANK = 'negative_rank'
-# Rejection rounds before the exhaustive draw; each draws CANDIDATES(k)
-# items per positive still short. With a user who has seen a fraction f of
-# the weighted catalogue, a positive stays short after all rounds with
-# probability about P(Binomial(ROUNDS * candidates, 1 - f) < k): only
-# users who have seen most of the catalogue reach the exhaustive draw.
+# Rejection rounds before the exhaustive draw; each draws
+# candidates_per_round(k) items per positive still short. If its user has
+# seen a fraction f of the weighted catalogue, a positive stays short after
+# all rounds with probability about P(Binomial(ROUNDS * candidates, 1 - f)
+# < k): only users who have seen most of the catalogue reach the
+# exhaustive draw.
 ROUNDS = 6
 # Attempt numbers of the exhaustive draw start here (past any round's).
 _EXHAUSTIVE_ATTEMPT = np.uint64(1 << 40)
@@ -262,8 +263,8 @@ def _exhaustive(seen, p_user, p_time, base, drawable, weights, chosen, count,
     need = k - count[part]
     pick = (np.take_along_axis(eligible, top, axis=1)
             & (np.arange(top.shape[1])[None, :] < need[:, None]))
-    pr, pc_ = np.nonzero(pick)
-    chosen[part[pr], count[part][pr] + pc_] = top[pr, pc_]
+    pr, col = np.nonzero(pick)
+    chosen[part[pr], count[part][pr] + col] = top[pr, col]
     count[part] += pick.sum(axis=1)
 
 
