@@ -662,9 +662,16 @@ class _Parser(argparse.ArgumentParser):
     self.exit(2, f'{self.prog}: error: {message}\n')
 
 
+SCHEMAS = ('transactions', 'interactions')
+
+
 def _parser():
   p = _Parser(prog='pipelines.generate',
               description=__doc__.split('\n\n', maxsplit=1)[0])
+  p.add_argument('--schema', choices=SCHEMAS, default='transactions',
+                 help='Dataset: transactions (default) or interactions '
+                 '(pipelines.generate_interactions: adds --items and '
+                 '--items_output).')
   p.add_argument('--output', required=True,
                  help='File to write (.jsonl/.csv, optionally .gz; .avro; '
                  '.parquet).')
@@ -686,6 +693,14 @@ def _parser():
 
 def run(argv: Optional[Sequence[str]] = None) -> int:
   """Parses flags, generates and writes. Returns the exit status."""
+  argv = sys.argv[1:] if argv is None else list(argv)
+  # Peek at --schema only: the interactions generator has flags of its own.
+  peek = argparse.ArgumentParser(add_help=False)
+  peek.add_argument('--schema')
+  if peek.parse_known_args(argv)[0].schema == 'interactions':
+    # Imported here: it imports this module's writers.
+    from pipelines import generate_interactions
+    return generate_interactions.run(argv)
   parser = _parser()
   args = parser.parse_args(argv)
   began = time.monotonic()  # only for the summary line, never the data
