@@ -114,10 +114,10 @@ def stratified_split(table: pa.Table, id_field: str, label_field: str,
   a seeded hash of their id and the last eval_fraction go to eval. The
   split depends on the ids and the seed only, not on the row order."""
   import pandas as pd
-  ids = table.column(id_field).to_numpy(zero_copy_only=False)
+  ids = table.column(id_field).to_numpy()
   key = pd.util.hash_array(np.asarray(ids, dtype=object), categorize=False,
                            hash_key=f'mlpipe-split{seed:04d}'[:16])
-  strata = (table.column(label_field).to_numpy(zero_copy_only=False)
+  strata = (table.column(label_field).to_numpy()
             if stratify else np.zeros(table.num_rows))
   eval_rows = np.zeros(table.num_rows, bool)
   for stratum in np.unique(strata):

@@ -177,7 +177,7 @@ def bikes_run(tmp_path_factory):
   tmp = tmp_path_factory.mktemp('bikes')
   rng = np.random.default_rng(5)
   rows, instant = [], 1
-  for day in range(1, 11):
+  for day in range(1, 15):
     for hr in range(24):
       for station in (7, 11):
         temp = 10 + 8 * np.sin(hr / 24 * 2 * np.pi) + rng.normal()
@@ -313,8 +313,8 @@ def test_multiclass_predictions_and_metrics_equal_scikit_learns(survey_run):
                                       'predicted_class', 'model_version']
   names = np.array(metadata['classes'])
   index = predictions.column('predicted_label').to_numpy()
-  assert (names[index] == predictions.column(
-      'predicted_class').to_numpy(zero_copy_only=False)).all()
+  assert (names[index] == np.array(predictions.column(
+      'predicted_class').to_pylist())).all()
 
 
 def test_without_a_label_the_run_stops_after_validation(tmp_path, capsys):

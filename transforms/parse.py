@@ -629,9 +629,9 @@ def _first_copy_wins(shard_and_batches, dataset: Dataset):
   if table.num_rows == 0:
     return
   id_field, schema = dataset.id_field, dataset.batch_schema()
-  table = table.sort_by([(id_field, 'ascending'),
-                         (dataset.timestamp_field, 'ascending'),
-                         (SOURCE, 'ascending'), (POSITION, 'ascending')])
+  keys = [id_field] + ([dataset.timestamp_field] if dataset.timestamp_field
+                        else []) + [SOURCE, POSITION]
+  table = table.sort_by([(key, 'ascending') for key in keys])
   ids = table.column(id_field).to_numpy()
   first = np.ones(len(ids), bool)
   first[1:] = ids[1:] != ids[:-1]
