@@ -29,8 +29,9 @@ from pipelines.options import (BatchOptions, aggregate_window, flags,
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
 from transforms.history import HistoryFeatures
+from transforms.examples import TrainingExamples, examples_types
 from transforms.side_tables import (JoinSideTables, load_side_table,
-                                    side_table_paths)
+                                    load_side_tables, side_table_paths)
 from transforms.common import DEAD_LETTER, VALID, CountRows
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
@@ -50,9 +51,9 @@ class RunFailed(RuntimeError):
 
 
 # Folders of --output_dir, one per output.
-SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION = (
+SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION, TRAINING = (
     'silver', 'dead_letter', 'features', 'aggregates', 'statistics',
-    'validation')
+    'validation', 'training')
 
 
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
@@ -73,10 +74,10 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
       dataset, reference_micros(opts), shards, opts.input_format)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
+  tables = load_side_tables(dataset, side_table_paths(opts, dataset))
   features = valid
-  if dataset.side_tables:
-    features = features | 'JoinSideTables' >> JoinSideTables(
-        dataset, side_table_paths(opts, dataset))
+  if tables:
+    features = features | 'JoinSideTables' >> JoinSideTables(dataset, tables)
   if dataset.histories:
     features = features | 'HistoryFeatures' >> HistoryFeatures(dataset,
                                                                 shards)
@@ -90,6 +91,14 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   features | 'WriteFeatures' >> WriteParquet(
       io.join(out, FEATURES, dataset.name),
       dataset.arrow_schema(dataset.feature_types()))
+
+  examples = None
+  if dataset.negatives:
+    examples = features | 'TrainingExamples' >> TrainingExamples(
+        dataset, tables, shards)
+    examples | 'WriteTrainingExamples' >> WriteParquet(
+        io.join(out, TRAINING, dataset.name),
+        dataset.arrow_schema(examples_types(dataset)))
 
   stats = (features
            | 'FeatureStatistics' >> GenerateFeatureStatistics(dataset))
@@ -108,7 +117,8 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     aggregates[key] = rows
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
-          'aggregates': aggregates, 'statistics': stats}
+          'aggregates': aggregates, 'statistics': stats,
+          'training_examples': examples}
 
 
 class _Stages:
@@ -155,7 +165,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     training_stats = _training_statistics(metadata)
   baseline = _baseline(opts.baseline_stats)
   folders = [io.join(out, f) for f in (
-      SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION,
+      SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION, TRAINING,
       model_stages.TRANSFORM, model_stages.PREDICTIONS, model_stages.MODEL)]
   if scoring_only and io.is_within(opts.model_dir, io.join(
       out, model_stages.MODEL)):
@@ -200,15 +210,21 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
   counts = _run_beam(p)
-  for folder in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS):
+  written = (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS) + (
+      (TRAINING,) if dataset.negatives else ())
+  for folder in written:
     io.mark_complete(io.join(out, folder))
   summary.update(summary_lib.ingest_summary(counts))
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
       for k in dataset.aggregate_keys}
-  outputs = {name: io.join(out, name)
-             for name in (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS)}
+  outputs = {name: io.join(out, name) for name in written}
+  if dataset.negatives:
+    summary['training_examples'] = {
+        'positives': counts.get('training_positives', 0),
+        'negatives': counts.get('training_negatives', 0),
+        'negatives_short': counts.get('negatives_short', 0)}
   stats_path = io.join(out, STATISTICS, STATS_FILE)
 
   _stage('Validate: TFDV anomalies' + (', drift' if baseline else '') +
@@ -243,7 +259,9 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   else:
     _stage('Transform: tf.Transform analyse and transform')
     p = beam.Pipeline(options=options)
-    model_stages.build_transform(p, dataset, features_glob, out)
+    model_stages.build_transform(
+        p, dataset, io.join(out, TRAINING, '*.parquet') if dataset.negatives
+        else features_glob, out, label_learned=bool(dataset.negatives))
     _run_beam(p)
     outputs['transform'] = io.join(out, model_stages.TRANSFORM)
     io.mark_complete(outputs['transform'])
@@ -341,6 +359,9 @@ _METRIC_NAMES = {'roc_auc': 'ROC AUC', 'pr_auc': 'PR AUC',
 def _print_summary(summary, output_dir):
   lines = summary_lib.ingest_lines(summary) + [
       f'Feature rows:          {summary["feature_rows"]}',
+  ] + ([f'Training examples:     {summary["training_examples"]["positives"]} '
+        f'positives, {summary["training_examples"]["negatives"]} sampled '
+        'negatives'] if 'training_examples' in summary else []) + [
       'Aggregate rows:        ' + ', '.join(
           f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),
   ]

@@ -48,12 +48,16 @@ class ReadFeatureRows(beam.PTransform):
 
 
 def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
-                    output_dir: str):
-  """Features -> transform graph + transformed batches (Parquet)."""
+                    output_dir: str, label_learned: bool = False):
+  """Features -> transform graph + transformed batches (Parquet).
+  `label_learned`: the rows' label is already the class index (training
+  examples), else it is mapped here."""
+  rows = p | 'ReadFeatures' >> ReadFeatureRows(features_glob)
+  if not label_learned:
+    rows = rows | 'LabelAsLearned' >> beam.Map(preprocess.with_label_index,
+                                                dataset)
   transformed = (
-      p
-      | 'ReadFeatures' >> ReadFeatureRows(features_glob)
-      | 'LabelAsLearned' >> beam.Map(preprocess.with_label_index, dataset)
+      rows
       | 'ToTFXIOBatches' >> arrow.ToTFXIOBatches(
           preprocess.input_types(dataset))
       | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(

@@ -22,7 +22,8 @@ class _DropNoise(logging.Filter):
   """Drops known harmless start-up warnings from the root logger."""
   _NOISE = ('crcmod package not found', 'Unable to import IPython',
             'TFDV visualization APIs', 'tensorflow_decision_forests',
-            'Resource module is not available')
+            'Resource module is not available',
+            "node's cache key varies on repeated tracing")
 
   def filter(self, record):
     message = record.getMessage()
@@ -37,6 +38,8 @@ def quiet_logging(level=logging.WARNING):
   logging.getLogger().addFilter(_DropNoise())
   for name in ('tensorflow', 'absl', 'apache_beam.io.gcp'):
     logging.getLogger(name).setLevel(logging.ERROR)
+    # absl resets its logger's level when it initialises: filter too.
+    logging.getLogger(name).addFilter(_DropNoise())
   # A failing bundle is logged by the runner with its traceback before the
   # exception reaches the entry point, which prints one line and writes the
   # traceback to the run's log: the runner's own copy is noise.

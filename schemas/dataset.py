@@ -871,7 +871,8 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
   if freshness and 'timestamp' not in roles:
     c.fail('freshness', 'needs roles.timestamp')
   negatives = dict(c.mapping(raw.get('negatives'), 'negatives'))
-  _check_negatives(c, negatives, fields, label, side_tables)
+  _check_negatives(c, negatives, fields, roles, label, side_tables,
+                   histories, transform)
   min_examples = raw.get('min_examples', 0)
   if not isinstance(min_examples, int) or min_examples < 0:
     c.fail('min_examples', 'must be a non-negative integer')
@@ -913,11 +914,20 @@ def _load_side_tables(c: _Checker, raw, fields) -> Dict[str, Any]:
   return out
 
 
-def _check_negatives(c: _Checker, negatives, fields, label, side_tables):
+def _check_negatives(c: _Checker, negatives, fields, roles, label,
+                     side_tables, histories, transform):
   """negatives: {item: field, k: int, strategy: uniform|popularity, seed,
-  catalogue: side table}: k sampled negatives per positive for training."""
+  catalogue: side table}: k sampled negatives per positive for training
+  (transforms.examples)."""
   if not negatives:
     return
+  if 'entity' not in roles or 'timestamp' not in roles:
+    c.fail('negatives', 'needs roles.entity (the user) and roles.timestamp')
+  id_field = fields.get(roles.get('id'))
+  if id_field is not None and id_field.type == 'int' and (
+      id_field.min is None or id_field.min < 0):
+    c.fail(f'fields.{id_field.name}', 'negatives number their ids below 0',
+           'declare min: 0 on the int id')
   c.known_keys(negatives, ('item', 'k', 'strategy', 'seed', 'catalogue'),
                'negatives')
   if label is None or label.task != 'binary':
@@ -933,5 +943,27 @@ def _check_negatives(c: _Checker, negatives, fields, label, side_tables):
   if not isinstance(negatives.setdefault('seed', 0), int):
     c.fail('negatives.seed', 'must be an integer')
   catalogue = negatives.get('catalogue')
-  if catalogue is not None and catalogue not in side_tables:
-    c.fail('negatives.catalogue', f'{catalogue!r} is not a side table')
+  if catalogue is not None and (catalogue not in side_tables or
+                                side_tables[catalogue]['key'] !=
+                                negatives['item']):
+    c.fail('negatives.catalogue', f'{catalogue!r} is not a side table '
+           f'keyed by {negatives["item"]}')
+  # A negative never happened: only what can be known of a (user, item,
+  # time) may feed the model.
+  known = set()
+  for spec in histories:
+    if spec.entity == negatives['item'] and (spec.novelty or
+                                             spec.ratio_to_mean):
+      c.fail(f'history ({spec.entity})', 'novelty and ratio_to_mean need '
+             "the record's own value, which a sampled negative lacks",
+             'remove them from the item history')
+    if spec.entity in (roles['entity'], negatives['item']):
+      known.update(spec.feature_types())
+  for table in side_tables.values():
+    if table['key'] == negatives['item']:
+      known.update(table['fields'])
+  for name in transform_names(transform):
+    if name not in known:
+      c.fail(f'transform: {name}', 'is a field of the interaction itself, '
+             'unknown for a sampled negative', 'use user or item history '
+             'features and item side-table columns')

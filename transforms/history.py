@@ -80,13 +80,15 @@ class _Windows:
     if times.null_count:
       raise ValueError(f'history features need {ts} on every record; '
                        f'{times.null_count} rows have none')
-    entity = _sorted_codes(table.column(spec.entity))
+    entity, self.entity_values = _sorted_codes(table.column(spec.entity),
+                                               with_values=True)
     self.order = pc.sort_indices(
         pa.table({'entity': entity, 'time': times,
                   'id': table.column(dataset.id_field)}),
         sort_keys=[('entity', 'ascending'), ('time', 'ascending'),
                    ('id', 'ascending')]).to_numpy()
     self.n = len(self.order)
+    self.dataset = dataset
     self.t = times.to_numpy().astype(np.int64)[self.order]
     self.entity = entity[self.order]
     entities = int(self.entity[-1]) + 1
@@ -112,13 +114,27 @@ class _Windows:
 
   def lower(self, seconds: int) -> np.ndarray:
     """lo: the first row of the same entity with t_j >= t - w."""
-    since = self.t - seconds * MICROS
+    return self.first_at(self.entity, self.t - seconds * MICROS)
+
+  def first_at(self, entity: np.ndarray, since: np.ndarray) -> np.ndarray:
+    """The first row of `entity` (a code of this table) with t_j >= since
+    (one past the entity's rows when none is)."""
     if self._unique_t is None:
-      query = self.entity * self._span + np.maximum(since - self._t0, 0)
+      # Clipped: before the first time is the entity's first row, after the
+      # last one past its rows (the next entity's first key).
+      query = entity * self._span + np.clip(since - self._t0, 0, self._span)
     else:
-      query = self.entity * self._m + np.searchsorted(self._unique_t, since,
-                                                      side='left')
+      query = entity * self._m + np.searchsorted(self._unique_t, since,
+                                                 side='left')
     return np.searchsorted(self._key, query, side='left')
+
+  def codes_of(self, column) -> np.ndarray:
+    """Entity values of other rows -> this table's codes (-1: unknown)."""
+    if isinstance(column, pa.ChunkedArray):
+      column = column.combine_chunks()
+    found = pc.index_in(column, value_set=self.entity_values)
+    return pc.fill_null(found, -1).to_numpy(zero_copy_only=False).astype(
+        np.int64)
 
 
 def _dictionary(column) -> Tuple[np.ndarray, pa.Array]:
@@ -134,12 +150,16 @@ def _dictionary(column) -> Tuple[np.ndarray, pa.Array]:
   return codes, encoded.dictionary
 
 
-def _sorted_codes(column) -> np.ndarray:
+def _sorted_codes(column, with_values: bool = False):
   """Codes as `_dictionary`'s, numbered in the values' sorted order (null
-  last): sorting by them sorts by the values."""
+  last): sorting by them sorts by the values. With `with_values`, also the
+  distinct values in code order."""
   codes, values = _dictionary(column)
+  order = pc.sort_indices(values).to_numpy()
   rank = np.empty(len(values), dtype=np.int64)
-  rank[pc.sort_indices(values).to_numpy()] = np.arange(len(values))
+  rank[order] = np.arange(len(values))
+  if with_values:
+    return rank[codes], values.take(pa.array(order))
   return rank[codes]
 
 
@@ -241,14 +261,53 @@ def _history_columns(table: pa.Table, dataset: Dataset, spec: HistorySpec
   """(order, features): the rows' (entity, time, id) order and each of
   `spec`'s features (`spec.feature_types()` order) as a NumPy column in
   that order."""
+  if table.num_rows == 0:
+    return np.zeros(0, dtype=np.int64), _empty_features(spec)
+  w = _Windows(table, dataset, spec)
+  lows = {window: w.lower(seconds) for window, seconds in spec.windows.items()}
+  return w.order, _features(table, w, spec, w.hi, lows, w.t, own=True)
+
+
+def _empty_features(spec: HistorySpec) -> Dict[str, np.ndarray]:
+  return {name: np.zeros(0, dtype=np.int64 if kind == 'int' else np.float64)
+          for name, kind in spec.feature_types().items()}
+
+
+def history_at(events: pa.Table, entities, times: np.ndarray,
+               dataset: Dataset, spec: HistorySpec) -> Dict[str, np.ndarray]:
+  """`spec`'s features at query points (entity value, event time) that are
+  not events themselves, from `events` (records with the record fields):
+  exactly the features a record of that entity at that time would have
+  (windows over the entity's events strictly before the time). E.g. an
+  item's history at the time a sampled negative shows it to a user.
+  Features that need the query's own value (novelty, ratio_to_mean) are
+  refused by the declaration check for such specs."""
+  times = np.asarray(times, dtype=np.int64)
+  if events.num_rows == 0 or not len(times):
+    empty = _empty_features(spec)
+    return {name: np.zeros(len(times), dtype=column.dtype)
+            for name, column in empty.items()}
+  events = _as_table(events, dataset)
+  w = _Windows(events, dataset, spec)
+  codes = w.codes_of(entities)
+  known = codes >= 0
+  hi = np.where(known, w.first_at(np.maximum(codes, 0), times), 0)
+  lows = {window: np.where(known, w.first_at(np.maximum(codes, 0),
+                                             times - seconds * MICROS), 0)
+          for window, seconds in spec.windows.items()}
+  return _features(events, w, spec, hi, lows, times, own=False)
+
+
+def _features(table: pa.Table, w: '_Windows', spec: HistorySpec,
+              hi: np.ndarray, lows: Dict[str, np.ndarray], t: np.ndarray,
+              own: bool) -> Dict[str, np.ndarray]:
+  """The features of rows whose window over `table`'s sorted rows is
+  [lows[window], hi): the table's own rows (own=True, in sorted order) or
+  query points at times `t`."""
   h, e = spec, spec.entity
   vf = h.value
-  if table.num_rows == 0:
-    return np.zeros(0, dtype=np.int64), {
-        name: np.zeros(0, dtype=np.int64 if kind == 'int' else np.float64)
-        for name, kind in h.feature_types().items()}
-  w = _Windows(table, dataset, spec)
-  exact = vf is None or dataset.fields[vf].cents
+  n = len(hi)
+  exact = vf is None or w.dataset.fields[vf].cents
   if vf is not None:
     value_column = table.column(vf).take(w.order)
     if value_column.null_count:
@@ -268,7 +327,7 @@ def _history_columns(table: pa.Table, dataset: Dataset, spec: HistorySpec
   # Rates: the share of the window's records whose field has a value.
   hits = {}
   for field, named in h.rates.items():
-    column = table.column(field).take(w.order)
+    column = table.column(field).take(w.order).combine_chunks()
     for name, members in named.items():
       member = pc.is_in(column, value_set=pa.array(list(members),
                                                    column.type))
@@ -276,27 +335,27 @@ def _history_columns(table: pa.Table, dataset: Dataset, spec: HistorySpec
           pc.fill_null(member, False).to_numpy(zero_copy_only=False))])
 
   features: Dict[str, np.ndarray] = {}
-  lows, means = {}, {}
-  for window, seconds in h.windows.items():
-    lo = lows[window] = w.lower(seconds)
-    count = w.hi - lo
+  means = {}
+  for window in h.windows:
+    lo = lows[window]
+    count = hi - lo
     if exact:
-      total = (prefix[w.hi] - prefix[lo]) / 100
+      total = (prefix[hi] - prefix[lo]) / 100
     else:
       total = np.array([math.fsum(value_list[a:b])
-                        for a, b in zip(lo.tolist(), w.hi.tolist())],
+                        for a, b in zip(lo.tolist(), hi.tolist())],
                        dtype=np.float64)
     mean = means[window] = np.divide(total, count, where=count > 0,
-                                     out=np.zeros(w.n, dtype=np.float64))
+                                     out=np.zeros(n, dtype=np.float64))
     agg = {'count': count, 'sum': total, 'mean': mean}
     if 'max' in h.aggregates:
-      agg['max'] = _range_max(values, lo, w.hi)
+      agg['max'] = _range_max(values, lo, hi)
     for name in h.aggregates:
       features[f'{e}_{name}_{window}'] = agg[name]
     for (field, name), prefix_hits in hits.items():
       features[f'{e}_{field}_{name}_rate_{window}'] = np.divide(
-          prefix_hits[w.hi] - prefix_hits[lo], count, where=count > 0,
-          out=np.zeros(w.n, dtype=np.float64))
+          prefix_hits[hi] - prefix_hits[lo], count, where=count > 0,
+          out=np.zeros(n, dtype=np.float64))
 
   occurrences = {
       field: _Occurrences(w, table.column(field).take(w.order))
@@ -304,23 +363,24 @@ def _history_columns(table: pa.Table, dataset: Dataset, spec: HistorySpec
   for field, windows in h.distinct.items():
     for window in windows:
       features[f'{e}_distinct_{field}_{window}'] = _first_occurrences(
-          occurrences[field].prev, lows[window], w.hi)
-  for field, window in h.novelty.items():
-    seen = occurrences[field].seen(lows[window], w.hi)
-    features[f'{e}_is_new_{field}_{window}'] = (~seen).astype(np.int64)
-  if h.ratio_to_mean:
-    mean = means[h.ratio_to_mean]
-    features[f'{e}_{vf}_to_mean_{h.ratio_to_mean}'] = np.divide(
-        values, mean, where=mean > 0, out=np.ones(w.n, dtype=np.float64))
+          occurrences[field].prev, lows[window], hi)
+  if own:
+    for field, window in h.novelty.items():
+      seen = occurrences[field].seen(lows[window], hi)
+      features[f'{e}_is_new_{field}_{window}'] = (~seen).astype(np.int64)
+    if h.ratio_to_mean:
+      mean = means[h.ratio_to_mean]
+      features[f'{e}_{vf}_to_mean_{h.ratio_to_mean}'] = np.divide(
+          values, mean, where=mean > 0, out=np.ones(n, dtype=np.float64))
   if h.seconds_since_previous:
     lo = lows[max(h.windows, key=h.windows.get)]
-    has = w.hi > lo
-    previous = w.t[np.where(has, w.hi - 1, 0)]
+    has = hi > lo
+    previous = w.t[np.where(has, hi - 1, 0)]
     features[f'{e}_seconds_since_previous'] = np.where(
-        has, (w.t - previous) / MICROS, float(h.horizon))
+        has, (t - previous) / MICROS, float(h.horizon))
   if 'hour' in h.calendar:
-    features['event_hour'] = (w.t // MICROS) % 86400 // 3600
-  return w.order, features
+    features['event_hour'] = (t // MICROS) % 86400 // 3600
+  return features
 
 
 def _as_table(records: Union[pa.Table, pa.RecordBatch], dataset: Dataset

@@ -98,18 +98,24 @@ def join_side_table(batch: pa.RecordBatch, table: pa.Table, key: str
   return pa.RecordBatch.from_arrays(arrays, names=names)
 
 
+def load_side_tables(dataset: Dataset, paths: Dict[str, str]
+                     ) -> Dict[str, pa.Table]:
+  """Every side table by name, read and validated (`load_side_table`)."""
+  return {name: load_side_table(dataset, name, path)
+          for name, path in paths.items()}
+
+
 class JoinSideTables(beam.PTransform):
   """PCollection[pa.RecordBatch] records -> PCollection[pa.RecordBatch]
-  records plus every declared side table's columns (in declaration order),
-  each matched on its key. The tables are read and validated when the
-  transform is built (`paths`: name -> path), so a bad table stops the run
-  before it starts."""
+  records plus every side table's columns (in declaration order), each
+  matched on its key. `tables`: name -> the table, read and validated
+  before the pipeline is built (`load_side_tables`), so a bad table stops
+  the run before it starts."""
 
-  def __init__(self, dataset: Dataset, paths: Dict[str, str]):
+  def __init__(self, dataset: Dataset, tables: Dict[str, pa.Table]):
     super().__init__()
-    self._tables = [(dataset.side_tables[name]['key'],
-                     load_side_table(dataset, name, path))
-                    for name, path in paths.items()]
+    self._tables = [(dataset.side_tables[name]['key'], table)
+                    for name, table in tables.items()]
 
   def expand(self, batches):
     tables = self._tables
