@@ -108,6 +108,18 @@ def _runner_name(options: PipelineOptions) -> str:
   return runner.rsplit('.', 1)[-1].lower()
 
 
+def check_streamable(dataset: Dataset):
+  """Raises InputError for a declaration the stream cannot follow yet:
+  events need a time, and the stateful history keeps one entity."""
+  if not dataset.timestamp_field:
+    raise InputError(f'{dataset.name}: a stream needs roles.timestamp (the '
+                     'event time)')
+  if len(dataset.histories) > 1 or dataset.side_tables:
+    raise InputError(f'{dataset.name}: the streaming job keeps history for '
+                     'one entity and joins no side tables yet; run it with '
+                     'pipelines.batch')
+
+
 def check_model_watch(opts, options: PipelineOptions):
   """Raises InputError when --model_watch_pattern cannot work (see
   model_scorer for why the DirectRunner is refused)."""
@@ -189,14 +201,15 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   parsed = raw | 'ParseAndValidate' >> StreamingParseAndValidate(
       dataset, s.dedupe_horizon, reference_micros(opts))
   valid = parsed[VALID]
-  features = (valid
-              | 'HistoryFeatures' >> StatefulHistoryFeatures(
-                  dataset, s.allowed_lateness)
-              | 'CountFeatureRows' >> beam.ParDo(
-                  CountElements('feature_rows')))
+  features = valid
+  if dataset.histories:
+    features = features | 'HistoryFeatures' >> StatefulHistoryFeatures(
+        dataset, s.allowed_lateness)
+  features = features | 'CountFeatureRows' >> beam.ParDo(
+      CountElements('feature_rows'))
 
   aggregates, late = {}, {}
-  for key in dataset.aggregates.get('keys', [dataset.entity_field]):
+  for key in dataset.aggregate_keys:
     out = valid | f'Aggregate[{key}]' >> StreamingEntityAggregates(
         dataset, key, s.window_size, s.window_period, s.allowed_lateness,
         s.early_firing)
@@ -262,7 +275,7 @@ def summarize_outputs(root: str, dataset: Dataset,
   late = kinds.pop(LATE, 0)
   valid = len(_rows(io.join(root, FEATURES)))
   dead_lettered = sum(kinds.values())
-  keys = dataset.aggregates.get('keys', [dataset.entity_field])
+  keys = dataset.aggregate_keys
   return {
       'records_read': records_replayed,
       'records_valid': valid,
@@ -287,6 +300,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   opts = flags(options, StreamingOptions)
   preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
+  check_streamable(dataset)
   settings(opts, dataset)
   reference_micros(opts)
   if opts.input_subscription and opts.input_topic:

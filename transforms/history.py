@@ -395,8 +395,8 @@ def _as_table(records: Union[pa.Table, pa.RecordBatch], dataset: Dataset
   if missing:
     raise ValueError(f'history features need the record fields; missing: '
                      f'{", ".join(missing)}')
-  columns = [records.column(f.name).cast(f.type) if f.name in schema.names
-             and records.schema.field(f.name).type != schema.field(
+  columns = [records.column(f.name).cast(schema.field(f.name).type)
+             if f.name in schema.names and f.type != schema.field(
                  f.name).type else records.column(f.name)
              for f in records.schema]
   return pa.Table.from_arrays(columns, names=records.column_names)
