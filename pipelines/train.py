@@ -56,6 +56,7 @@ from transforms.sinks import conform
 MODELS = ('gbt', 'logreg', 'linear')
 RANDOM_STATE = 0
 RELIABILITY_BINS = 10
+SCORE_BINS = 20
 # Subdirectories of a tft output dir that make up the transform graph.
 _TFT_PARTS = ('transform_fn', 'transformed_metadata')
 
@@ -406,6 +407,13 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
     return evaluate_regression(labels, estimator.predict(matrix(rows)))
 
   metrics = {'train': metrics_of(train_rows), 'eval': metrics_of(eval_rows)}
+  score_distribution = None
+  if task == 'binary':
+    # The eval split's scores, binned: the reference that monitoring
+    # compares later scores against (score drift).
+    counts, edges = np.histogram(scores(estimator, eval_rows),
+                                 bins=SCORE_BINS, range=(0.0, 1.0))
+    score_distribution = {'edges': edges.tolist(), 'counts': counts.tolist()}
 
   _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
                inference.dumps_estimator(estimator))
@@ -428,6 +436,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'categorical_features': categorical,
       'threshold': threshold,
       'threshold_selection': selection,
+      'eval_score_distribution': score_distribution,
       'metrics': metrics,
       'training': {
           'rows': {'train': train_rows.num_rows, 'eval': eval_rows.num_rows},
