@@ -33,7 +33,8 @@ from transforms.history import HistoryFeatures
 from transforms.examples import TrainingExamples, examples_types
 from transforms.side_tables import (JoinSideTables, load_side_table,
                                     load_side_tables, side_table_paths)
-from transforms.common import DEAD_LETTER, VALID, CountRows
+from transforms.common import (DEAD_LETTER, VALID, CountRows,
+                               micros_to_rfc3339)
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
 from transforms.read import InputError, ReadRecords, check_input
@@ -285,7 +286,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
-  model_stages.build_score(p, dataset, features_glob, model_dir, out)
+  model_stages.build_score(p, dataset, features_glob, model_dir, out,
+                           scored_at=_scored_at(opts))
   counts = _run_beam(p)
   outputs['predictions'] = io.join(out, model_stages.PREDICTIONS)
   io.mark_complete(outputs['predictions'])
@@ -306,6 +308,14 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _scored_at(opts) -> Optional[str]:
+  """The run's reference time in RFC 3339: when its predictions were made
+  (from the flag, not the clock, so reruns stay identical)."""
+  if not opts.reference_time:
+    return None
+  return micros_to_rfc3339(reference_micros(opts))
 
 
 def _register(opts, model_dir: str, metadata) -> Dict[str, object]:

@@ -69,7 +69,8 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
 
 
 def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
-                model_dir: str, output_dir: str):
+                model_dir: str, output_dir: str,
+                scored_at: Optional[str] = None):
   """Features -> predictions (JSON lines and Parquet); returns the
   PCollection[pa.RecordBatch] of predictions."""
   predictions = (
@@ -77,6 +78,7 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
       | 'CountScored' >> beam.ParDo(CountRows('feature_rows_scored'))
       | 'Score' >> ScoreBatches(model_dir, id_field=dataset.id_field,
+                                scored_at=scored_at,
                                 max_batch_size=32768)
       | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
   prefix = io.join(output_dir, PREDICTIONS, 'predictions')
