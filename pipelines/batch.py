@@ -159,6 +159,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   paths = check_input(opts.input, opts.input_format)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
+  try:
+    model_stages.model_types(opts.model_type)
+  except ValueError as e:
+    raise InputError(str(e)) from None
   out = opts.output_dir
   if opts.registry and not opts.model_dir and not opts.train:
     opts.model_dir = Registry(opts.registry).champion_dir()
@@ -172,7 +176,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   baseline = _baseline(opts.baseline_stats)
   folders = [io.join(out, f) for f in (
       SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION, TRAINING,
-      model_stages.TRANSFORM, model_stages.PREDICTIONS, model_stages.MODEL)]
+      model_stages.TRANSFORM, model_stages.PREDICTIONS,
+      model_stages.CANDIDATES, model_stages.MODEL)]
   if scoring_only and io.is_within(opts.model_dir, io.join(
       out, model_stages.MODEL)):
     folders.pop()   # scoring with this folder's own model: keep it
@@ -302,6 +307,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
                   for split, m in metadata['metrics'].items()},
       'trained_in_this_run': not scoring_only,
   }
+  if metadata.get('compared'):
+    summary['model']['compared'] = metadata['compared']
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
 

@@ -998,17 +998,19 @@ def _load_risk(c: _Checker, raw, label) -> Dict[str, Any]:
   if len(bands) < 2:
     c.fail('risk.bands', 'needs at least two bands',
            'e.g. {low: 0.0, medium: 0.3, high: 0.7}')
-  edges = list(bands.values())
   for name, edge in bands.items():
     if isinstance(edge, bool) or not isinstance(edge, (int, float)) or not (
         0 <= edge < 1):
       c.fail(f'risk.bands.{name}', f'{edge!r} is not a score edge in [0, 1)')
+  # Ordered by edge, not by how the mapping happens to be written.
+  bands = dict(sorted(bands.items(), key=lambda item: item[1]))
+  edges = list(bands.values())
   if edges[0] != 0:
-    c.fail('risk.bands', 'the first band must start at 0',
+    c.fail('risk.bands', 'the lowest band must start at 0',
            'every score then falls in exactly one band')
-  if any(b <= a for a, b in zip(edges, edges[1:])):
-    c.fail('risk.bands', 'edges must increase', 'list the bands from the '
-           'lowest score up')
+  if len(set(edges)) != len(edges):
+    c.fail('risk.bands', 'two bands start at the same score',
+           'give each band its own lower edge')
   confidence = risk.get('confidence', 'band_margin')
   if confidence not in CONFIDENCE:
     c.fail('risk.confidence', f'{confidence!r}',

@@ -34,6 +34,15 @@ def test_band_margin_confidence():
   np.testing.assert_allclose(confidence, [1.0, 1.0, 0.0, 0.05, 1.0])
 
 
+def test_bands_are_ordered_by_edge_not_by_writing(tmp_path):
+  import yaml
+  with open(DATASET.path) as f:
+    raw = yaml.safe_load(f)
+  path = tmp_path / 'sorted.yaml'
+  path.write_text(yaml.safe_dump(raw, sort_keys=True))   # critical first
+  assert load_dataset(str(path)).risk == RISK
+
+
 def test_probability_confidence():
   category, confidence = risk_bands(
       np.array([0.05, 0.5, 0.9]), dict(RISK, confidence='probability'))
@@ -41,8 +50,8 @@ def test_probability_confidence():
 
 
 @pytest.mark.parametrize('bands,message', [
-    ({'low': 0.1, 'high': 0.5}, 'the first band must start at 0'),
-    ({'low': 0.0, 'high': 0.5, 'mid': 0.3}, 'edges must increase'),
+    ({'low': 0.1, 'high': 0.5}, 'the lowest band must start at 0'),
+    ({'low': 0.0, 'high': 0.5, 'mid': 0.5}, 'two bands start at the same'),
     ({'low': 0.0, 'high': 1.5}, "risk.bands.high: 1.5 is not a score edge"),
     ({'low': 0.0}, 'needs at least two bands'),
 ])
