@@ -42,8 +42,10 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
 from pipelines import io, preflight
+from pipelines.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.summary import ingest_lines
-from pipelines.options import (StreamingOptions, aggregate_window, flags,
+from pipelines.options import (RecordOptions, StreamingOptions,
+                               aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.inference import (ModelIntegrityError, ScoreRecords,
@@ -313,6 +315,16 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   else:
     source = f'{len(check_input(opts.input, opts.input_format))} file(s) ' \
              f'from {opts.input} (replay)'
+  if opts.registry and not opts.model_dir:
+    # Score with the champion; on a runner with streaming side inputs,
+    # follow its changes (each promotion writes a pointer file).
+    opts.model_dir = Registry(opts.registry).champion_dir()
+    options.view_as(RecordOptions).model_dir = opts.model_dir
+    if (not opts.model_watch_pattern and
+        _runner_name(options) not in _DIRECT_RUNNERS):
+      opts.model_watch_pattern = io.join(opts.registry, PROMOTIONS, '*.json')
+      options.view_as(StreamingOptions).model_watch_pattern = (
+          opts.model_watch_pattern)
   check_model_watch(opts, options)
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
@@ -355,6 +367,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     run(argv)
   except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
+          RegistryError,
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -220,7 +220,7 @@ def test_bikes_ids_and_keys_keep_their_int_type(bikes_run):
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.schema.field('instant').type == pa.int64()
   assert predictions.column_names == ['instant', 'prediction',
-                                      'model_version']
+                                      'model_version', 'scored_at']
 
 
 def test_bikes_history_of_the_declared_value(bikes_run):
@@ -310,7 +310,8 @@ def test_multiclass_predictions_and_metrics_equal_scikit_learns(survey_run):
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.num_rows == summary['records_valid']
   assert predictions.column_names == ['household', 'score', 'predicted_label',
-                                      'predicted_class', 'model_version']
+                                      'predicted_class', 'model_version',
+                                      'scored_at']
   names = np.array(metadata['classes'])
   index = predictions.column('predicted_label').to_numpy()
   assert (names[index] == np.array(predictions.column(

@@ -135,3 +135,35 @@ def test_no_train_without_a_champion_is_one_line(tmp_path, capsys):
                      str(tmp_path / 'empty'), '--no-train'])
   assert code == 2
   assert 'has no champion model yet' in capsys.readouterr().err
+
+
+def test_a_champion_pointer_names_the_model_dir(tmp_path):
+  from transforms.inference import ModelIntegrityError, model_dir_of
+  r = Registry(str(tmp_path / 'reg'))
+  r.register(_model(tmp_path, 'v1', 0.9), 'first')
+  pointer = tmp_path / 'reg' / 'promotions' / '000001.json'
+  assert model_dir_of(str(pointer)) == r.champion_dir()
+  assert model_dir_of(str(tmp_path / 'm' / 'metadata.json')) == str(
+      tmp_path / 'm')
+  bad = tmp_path / 'bad.json'
+  bad.write_text('[1, 2]')
+  with pytest.raises(ModelIntegrityError, match='not a champion pointer'):
+    model_dir_of(str(bad))
+
+
+def test_streaming_scores_with_the_champion(trained, tmp_path):
+  from pipelines import streaming
+  tmp, root, paths, _ = trained
+  with open(paths[0]) as f:
+    head = [next(f) for _ in range(120)]
+  small = tmp_path / 'head.jsonl'
+  small.write_text(''.join(head))
+  out = tmp_path / 'stream'
+  summary = streaming.run(['--input', str(small), '--output_dir', str(out),
+                           '--registry', root, '--replay_batch', '60'])
+  champion = Registry(root).champion()['version']
+  rows = [json.loads(line) for path in (out / 'streaming' /
+                                        'predictions').glob('*.jsonl')
+          for line in path.read_text().splitlines()]
+  assert len(rows) == summary['records_valid'] > 100
+  assert {r['model_version'] for r in rows} == {champion}

@@ -101,14 +101,26 @@ def content_version(digests: Mapping[str, str]) -> str:
 
 
 def model_dir_of(model_path: str) -> str:
-  """A model directory or the path of its metadata.json -> the directory.
+  """A model directory, the path of its metadata.json, or a registry's
+  champion pointer (promotions/<n>.json: {"version", "dir"}) -> the model
+  directory.
 
-  Model watchers (WatchFilePattern on <dir>/metadata.json) name the file;
-  everything else names the directory.
+  Model watchers (WatchFilePattern on <dir>/metadata.json, or on a
+  registry's promotions/*.json) name a file; everything else names the
+  directory. A pointer is data: only its "dir" string is read.
   """
   path = model_path.rstrip('/\\')
   head, tail = FileSystems.split(path)
-  return head if tail == METADATA_FILE else path
+  if tail == METADATA_FILE:
+    return head
+  if tail.endswith('.json'):
+    with FileSystems.open(path) as f:
+      pointer = json.loads(f.read().decode('utf-8'))
+    if not isinstance(pointer, dict) or not isinstance(pointer.get('dir'),
+                                                       str):
+      raise ModelIntegrityError(f'{path} is not a champion pointer')
+    return pointer['dir']
+  return path
 
 
 def read_metadata(model_dir: str) -> Dict[str, Any]:
