@@ -24,6 +24,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import io, model_stages, preflight, validation
 from pipelines import summary as summary_lib
+from pipelines.registry import Registry, RegistryError
 from pipelines.options import (BatchOptions, aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset
@@ -158,6 +159,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   out = opts.output_dir
+  if opts.registry and not opts.model_dir and not opts.train:
+    opts.model_dir = Registry(opts.registry).champion_dir()
+  if not opts.train and not opts.model_dir:
+    raise InputError('--no-train needs a model: --model_dir or --registry')
   scoring_only = bool(opts.model_dir)
   metadata, training_stats = None, None
   if scoring_only:
@@ -271,6 +276,12 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
                                         stats_path)
     model_dir = io.join(out, model_stages.MODEL)
     outputs['model'] = model_dir
+    if opts.registry:
+      summary['registry'] = _register(opts, model_dir, metadata)
+      champion = Registry(opts.registry).champion_dir()
+      if summary['registry']['champion'] != metadata['model_version']:
+        # The new model waits as a candidate; the champion scores.
+        model_dir, metadata = champion, verify_model_dir(champion)
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
@@ -295,6 +306,18 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _register(opts, model_dir: str, metadata) -> Dict[str, object]:
+  """Registers the run's model; returns what the summary says of it."""
+  registry = Registry(opts.registry)
+  times = metadata.get('training', {}).get('eval_time_range') or {}
+  entry = registry.register(
+      model_dir, f'trained by pipelines.batch on {opts.input}',
+      at=opts.reference_time or times.get('max'))
+  return {'root': opts.registry, 'registered': entry['version'],
+          'status': entry['status'],
+          'champion': registry.champion()['version']}
 
 
 def _dry_run(options: PipelineOptions, dataset: Dataset):
@@ -389,6 +412,11 @@ def _print_summary(summary, output_dir):
                  f' {model["task"]}' + (f', eval {shown}' if shown else '')
                  + ')')
     lines.append(f'Predictions written:   {summary["predictions_written"]}')
+    registry = summary.get('registry')
+    if registry:
+      lines.append(f'Registry:              {registry["registered"]} '
+                   f'registered as {registry["status"]}; champion '
+                   f'{registry["champion"]} scored')
   lines.append('Outputs:')
   lines += [f'  {name:<14} {path}' for name, path in
             summary['outputs'].items()]
@@ -405,7 +433,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     run(argv)
   except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
-          preflight.PreflightError) as e:
+          preflight.PreflightError, RegistryError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except validation.DataValidationError as e:

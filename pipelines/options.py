@@ -63,6 +63,11 @@ class RecordOptions(PipelineOptions):
         help='RFC 3339 "now" for the freshness check (default: none, so no '
         'record is stale and runs stay deterministic).')
     parser.add_argument(
+        '--registry', default=None,
+        help='Model registry folder (local or gs://, see pipelines.registry): '
+        'a training run registers its model there (the first becomes the '
+        'champion) and predictions come from the champion.')
+    parser.add_argument(
         '--model_dir', default=None,
         help='Score with this existing model directory instead of '
         'training a new model.')
@@ -84,6 +89,10 @@ class BatchOptions(PipelineOptions):
     parser.add_argument(
         '--model_type', default='gbt', choices=['gbt', 'logreg', 'linear'],
         help='Classifier trained by the train stage.')
+    parser.add_argument(
+        '--train', default=True, action=argparse.BooleanOptionalAction,
+        help='Train a model (default). --no-train with --registry scores '
+        'with the registry\'s champion.')
     parser.add_argument(
         '--shards', default=DEFAULT_SHARDS, type=int,
         help='Shards of the keyed shuffles (duplicates by id, history by '

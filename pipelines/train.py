@@ -312,6 +312,18 @@ def _copy_transform(transform_dir: str, model_dir: str):
 
 
 # Training -------------------------------------------------------------------
+def _ipc_bytes(table: pa.Table) -> bytes:
+  sink = pa.BufferOutputStream()
+  with pa.ipc.new_stream(sink, table.schema) as writer:
+    writer.write_table(table)
+  return sink.getvalue().to_pybytes()
+
+
+def _file_sha256(path: str) -> str:
+  with open(path, 'rb') as f:
+    return hashlib.sha256(f.read()).hexdigest()
+
+
 def data_version(table: pa.Table, dataset, model_type: str) -> str:
   """A model version that depends only on the training data and settings.
 
@@ -320,11 +332,7 @@ def data_version(table: pa.Table, dataset, model_type: str) -> str:
   order, so the version hashes the feature rows (sorted by id), the
   declaration and the model type instead.
   """
-  table = table.sort_by(dataset.id_field)
-  sink = pa.BufferOutputStream()
-  with pa.ipc.new_stream(sink, table.schema) as writer:
-    writer.write_table(table)
-  digest = hashlib.sha256(sink.getvalue().to_pybytes())
+  digest = hashlib.sha256(_ipc_bytes(table.sort_by(dataset.id_field)))
   with open(dataset.path, 'rb') as f:
     digest.update(f.read())
   digest.update(model_type.encode())
@@ -426,6 +434,9 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'estimator': type(estimator).__name__,
       'dataset': dataset.name,
       'task': task,
+      'data_hash': hashlib.sha256(_ipc_bytes(table.sort_by(id_field))
+                                  ).hexdigest(),
+      'declaration_hash': _file_sha256(dataset.path),
       'classes': ([str(c) for c in dataset.label.class_names]
                   if task != 'regression' else None),
       'id_field': id_field, 'timestamp_field': ts, 'label_field': label,
@@ -479,6 +490,8 @@ def main(argv=None):
                       help='training statistics path, recorded in metadata')
   parser.add_argument('--model_version', default=None,
                       help='version to record (default: content hash)')
+  parser.add_argument('--registry', default=None,
+                      help='register the model there (pipelines.registry)')
   args = parser.parse_args(argv)
   try:
     metadata = train(
@@ -489,6 +502,13 @@ def main(argv=None):
   except TrainingError as e:
     logging.error('%s', e)
     return 2
+  if args.registry:
+    from pipelines.registry import Registry
+    times = metadata['training'].get('eval_time_range') or {}
+    entry = Registry(args.registry).register(
+        args.model_dir, 'trained by pipelines.train', at=times.get('max'))
+    print(f'registered {entry["version"]} as {entry["status"]} in '
+          f'{args.registry}', file=sys.stderr)
   ev = metadata['metrics']['eval']
   print(json.dumps({'model_version': metadata['model_version'],
                     'task': metadata['task'],

@@ -229,22 +229,35 @@ def test_entry_point_reports_bad_format_without_traceback(tmp_path):
 
 
 # The committed sample ------------------------------------------------------
-def _documented_argv():
+def _documented_commands():
   with open(SAMPLE_README, encoding='utf-8') as f:
     commands = re.findall(r'^python -m pipelines\.generate (.+)$', f.read(),
                           flags=re.M)
-  assert len(commands) == 1, 'README must show exactly one command'
-  return shlex.split(commands[0])
+  return [shlex.split(c) for c in commands]
 
 
-def test_sample_is_what_the_documented_command_generates(tmp_path):
-  argv = _documented_argv()
+def test_every_sample_is_documented():
+  outputs = sorted(argv[argv.index('--output') + 1]
+                   for argv in _documented_commands())
+  assert outputs == ['data/sample/interactions.jsonl',
+                     'data/sample/transactions.jsonl']
+
+
+@pytest.mark.parametrize('index', [0, 1])
+def test_sample_is_what_the_documented_command_generates(tmp_path, index):
+  argv = _documented_commands()[index]
   at = argv.index('--output')
-  assert argv[at + 1] == 'data/sample/transactions.jsonl'
-  argv[at + 1] = str(tmp_path / 'transactions.jsonl')
+  committed = os.path.join(os.path.dirname(SAMPLE_README),
+                           os.path.basename(argv[at + 1]))
+  argv[at + 1] = str(tmp_path / os.path.basename(committed))
   assert generate.run(argv) == 0
-  with open(SAMPLE, 'rb') as committed, open(argv[at + 1], 'rb') as fresh:
-    assert committed.read() == fresh.read()
+  written = [committed]
+  if '--schema' in argv:     # interactions: the items table beside it
+    written.append(os.path.join(os.path.dirname(committed), 'items.csv'))
+  for path in written:
+    with open(path, 'rb') as old, open(
+        tmp_path / os.path.basename(path), 'rb') as fresh:
+      assert old.read() == fresh.read(), path
 
 
 def test_sample_is_small_and_has_broken_records():
