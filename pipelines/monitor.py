@@ -45,6 +45,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines import io
+from pipelines.registry import Registry, RegistryError
 from pipelines.train import evaluate
 from schemas.dataset import RECORD_ID, Dataset, SchemaError, load_dataset
 from transforms.inference import ModelIntegrityError, verify_model_dir
@@ -91,8 +92,12 @@ def read_predictions(pattern: str, id_field: str) -> Tuple[pa.Table, int]:
   for path in paths:
     if not path.endswith('.parquet'):
       raise MonitorError(f'--predictions: {path} is not a .parquet file')
-    with FileSystems.open(path) as f:
-      table = pq.read_table(_io.BytesIO(f.read()))
+    try:
+      with FileSystems.open(path) as f:
+        table = pq.read_table(_io.BytesIO(f.read()))
+    except (OSError, pa.ArrowInvalid) as e:
+      raise MonitorError(f'--predictions: cannot read {path}: '
+                         f'{str(e).splitlines()[0]}') from None
     missing = [c for c in (id_field, 'score', 'model_version')
                if c not in table.column_names]
     if missing:
@@ -365,15 +370,11 @@ def model_of(version: Optional[str], registry: Optional[str],
   """(verified metadata, model dir) of the model that made predictions of
   `version`: the registry's entry of that version, or --model_dir."""
   if registry:
-    from pipelines.registry import Registry, RegistryError
     try:
-      entry = (Registry(registry).get(version) if version else
-               Registry(registry).champion())
-    except (RegistryError, KeyError) as e:
-      raise MonitorError(f'--registry {registry}: {e}') from None
-    if not entry:
-      raise MonitorError(f'--registry {registry} has no champion')
-    model_dir = entry['dir']
+      model_dir = (Registry(registry).model_dir(version) if version else
+                   Registry(registry).champion_dir())
+    except RegistryError as e:
+      raise MonitorError(f'--registry: {e}') from None
   metadata = verify_model_dir(model_dir)
   if version and metadata['model_version'] != version:
     raise MonitorError(f'the predictions come from model {version}, '
@@ -456,7 +457,7 @@ def summary_lines(out: Dict[str, Any]) -> List[str]:
   c, m, drift = out['counts'], out['metrics'], out['score_drift']
   lines = [
       f'Model:                 {out["model"]["version"]} (threshold '
-      f'{out["model"]["threshold"]:.4f})',
+      f'{out["model"]["threshold"]:.4g})',
       f'Predictions:           {c["predictions"]} ({c["prediction_duplicates"]}'
       f' duplicate rows), {c["predictions_without_label"]} without a label',
       f'Labels:                {c["labels"]} ({c["label_duplicates"]} '
