@@ -62,7 +62,7 @@ PSI_FLOOR = 1e-4
 # Base of the logarithm in the Jensen-Shannon distance: 2, so the distance
 # lies in [0, 1].
 JS_BASE = 2
-_LABEL, _TIME = 'label', 'time'
+LABEL, TIME = 'label', 'time'  # columns of read_labels' table
 
 
 class MonitorError(ValueError):
@@ -167,18 +167,18 @@ def read_labels(pattern: str, dataset: Dataset,
       if valid.num_rows:
         parts.append(pa.table({
             'id': valid.column(cut.id_field),
-            _LABEL: dataset.label_index(valid.column(dataset.label_field)),
-            _TIME: (valid.column(ts) if ts else
+            LABEL: dataset.label_index(valid.column(dataset.label_field)),
+            TIME: (valid.column(ts) if ts else
                     pa.nulls(valid.num_rows, pa.int64()))}))
   id_type = cut.batch_schema().field(cut.id_field).type
   table = (pa.concat_tables(parts) if parts else pa.table(
-      {'id': pa.array([], id_type), _LABEL: pa.array([], pa.int64()),
-       _TIME: pa.array([], pa.int64())}))
+      {'id': pa.array([], id_type), LABEL: pa.array([], pa.int64()),
+       TIME: pa.array([], pa.int64())}))
   return table, dict(sorted(rejected.items())), len(paths)
 
 
 # Join -----------------------------------------------------------------------
-def _first_copies(ids: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
+def first_copies(ids: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
   """(mask of each id's first row, index of each row's first copy)."""
   first = pc.index_in(ids, value_set=ids).to_numpy(
       zero_copy_only=False).astype(np.int64)
@@ -191,7 +191,7 @@ def join(predictions: pa.Table, labels: pa.Table, id_field: str
   joined rows (label, score, time: NumPy, in label order), every
   prediction's score and the counts."""
   pred_ids = predictions.column(id_field).combine_chunks()
-  pred_first, _ = _first_copies(pred_ids)
+  pred_first, _ = first_copies(pred_ids)
   scores = predictions.column('score').to_numpy().astype(np.float64)
   pred_ids = pred_ids.filter(pa.array(pred_first))
   scores = scores[pred_first]
@@ -203,9 +203,9 @@ def join(predictions: pa.Table, labels: pa.Table, id_field: str
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
       raise MonitorError(f'label ids ({label_ids.type}) and prediction ids '
                          f'({pred_ids.type}) have different types') from None
-  values = labels.column(_LABEL).to_numpy().astype(np.int64)
-  times = labels.column(_TIME).combine_chunks()
-  label_first, first_of = _first_copies(label_ids)
+  values = labels.column(LABEL).to_numpy().astype(np.int64)
+  times = labels.column(TIME).combine_chunks()
+  label_first, first_of = first_copies(label_ids)
   conflicts = int(np.sum(~label_first & (values != values[first_of])))
   keep = pa.array(label_first)
   label_ids, times = label_ids.filter(keep), times.filter(keep)
