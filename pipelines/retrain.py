@@ -423,6 +423,10 @@ def decide(args) -> Dict[str, Any]:
       registry.model_dir(entry['version']), champion, entry, policy)
   decision['comparison'] = comparison
   metric = policy['metric']
+  if comparison['after'] is None:
+    reasons.append('the rows cannot be told apart from either model\'s '
+                   'training rows (no event time): the comparison may '
+                   'favour the model that learned them')
   if not comparison['enough']:
     reasons.append(
         f'too few labelled rows to compare after both models\' training '
