@@ -33,7 +33,8 @@ from transforms.history import HistoryFeatures
 from transforms.examples import TrainingExamples, examples_types
 from transforms.side_tables import (JoinSideTables, load_side_table,
                                     load_side_tables, side_table_paths)
-from transforms.common import DEAD_LETTER, VALID, CountRows
+from transforms.common import (DEAD_LETTER, VALID, CountRows,
+                               micros_to_rfc3339)
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
 from transforms.read import InputError, ReadRecords, check_input
@@ -158,6 +159,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   paths = check_input(opts.input, opts.input_format)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
+  try:
+    model_stages.model_types(opts.model_type)
+  except ValueError as e:
+    raise InputError(str(e)) from None
   out = opts.output_dir
   if opts.registry and not opts.model_dir and not opts.train:
     opts.model_dir = Registry(opts.registry).champion_dir()
@@ -171,7 +176,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   baseline = _baseline(opts.baseline_stats)
   folders = [io.join(out, f) for f in (
       SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION, TRAINING,
-      model_stages.TRANSFORM, model_stages.PREDICTIONS, model_stages.MODEL)]
+      model_stages.TRANSFORM, model_stages.PREDICTIONS,
+      model_stages.CANDIDATES, model_stages.MODEL)]
   if scoring_only and io.is_within(opts.model_dir, io.join(
       out, model_stages.MODEL)):
     folders.pop()   # scoring with this folder's own model: keep it
@@ -285,7 +291,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
-  model_stages.build_score(p, dataset, features_glob, model_dir, out)
+  model_stages.build_score(p, dataset, features_glob, model_dir, out,
+                           scored_at=_scored_at(opts))
   counts = _run_beam(p)
   outputs['predictions'] = io.join(out, model_stages.PREDICTIONS)
   io.mark_complete(outputs['predictions'])
@@ -300,12 +307,22 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
                   for split, m in metadata['metrics'].items()},
       'trained_in_this_run': not scoring_only,
   }
+  if metadata.get('compared'):
+    summary['model']['compared'] = metadata['compared']
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
 
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _scored_at(opts) -> Optional[str]:
+  """The run's reference time in RFC 3339: when its predictions were made
+  (from the flag, not the clock, so reruns stay identical)."""
+  if not opts.reference_time:
+    return None
+  return micros_to_rfc3339(reference_micros(opts))
 
 
 def _register(opts, model_dir: str, metadata) -> Dict[str, object]:

@@ -12,14 +12,14 @@ import pyarrow as pa
 from pipelines import io
 from pipelines.train import data_version, read_transformed, train
 from schemas.dataset import Dataset
-from transforms import arrow, preprocess
+from transforms import arrow, inference, preprocess
 from transforms.common import CountRows, table_to_batch
 from transforms.inference import ScoreBatches
 from transforms.sinks import WriteJsonLines, WriteParquet
 
-TRANSFORM, TRANSFORM_FN, TRANSFORMED, MODEL, PREDICTIONS = (
+TRANSFORM, TRANSFORM_FN, TRANSFORMED, MODEL, PREDICTIONS, CANDIDATES = (
     'transform', 'transform/transform_fn', 'transform/transformed', 'model',
-    'predictions')
+    'predictions', 'model_candidates')
 
 
 def _feature_batch(table: pa.Table) -> pa.RecordBatch:
@@ -69,7 +69,8 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
 
 
 def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
-                model_dir: str, output_dir: str):
+                model_dir: str, output_dir: str,
+                scored_at: Optional[str] = None):
   """Features -> predictions (JSON lines and Parquet); returns the
   PCollection[pa.RecordBatch] of predictions."""
   predictions = (
@@ -77,6 +78,7 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
       | 'CountScored' >> beam.ParDo(CountRows('feature_rows_scored'))
       | 'Score' >> ScoreBatches(model_dir, id_field=dataset.id_field,
+                                scored_at=scored_at,
                                 max_batch_size=32768)
       | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
   prefix = io.join(output_dir, PREDICTIONS, 'predictions')
@@ -86,14 +88,67 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
   return predictions
 
 
+# The eval metric that picks the best of several model types, per task,
+# and whether higher is better.
+SELECTION_METRIC = {'binary': ('roc_auc', True),
+                    'multiclass': ('log_loss', False),
+                    'regression': ('rmse', False)}
+
+
+def model_types(text: str):
+  """'gbt,logreg' -> ['gbt', 'logreg'] (ValueError on an unknown type)."""
+  from pipelines.train import MODELS
+  kinds = [k.strip() for k in text.split(',') if k.strip()]
+  unknown = [k for k in kinds if k not in MODELS]
+  if not kinds or unknown or len(set(kinds)) != len(kinds):
+    raise ValueError(f'--model_type {text!r}: give one or more of '
+                     f'{", ".join(MODELS)}, comma-separated, each once')
+  return kinds
+
+
 def train_stage(dataset: Dataset, output_dir: str, model_type: str,
                 statistics_path: Optional[str]) -> Dict[str, object]:
-  """Trains on the transformed rows; returns the model's metadata."""
+  """Trains each model type of `model_type` ('gbt' or 'gbt,logreg') on the
+  same transformed rows and split; the best by the task's eval metric
+  (SELECTION_METRIC) becomes model/, with the others' eval metrics beside
+  it in its metadata ('compared'). Returns the chosen model's metadata."""
   table = read_transformed(io.join(output_dir, TRANSFORMED))
   features = read_transformed(io.join(output_dir, 'features'))
   model_dir = io.join(output_dir, MODEL)
   io.clear(model_dir)
-  return train(table, transform_dir=io.join(output_dir, TRANSFORM_FN),
-               model_dir=model_dir, dataset=dataset, model=model_type,
-               statistics_path=statistics_path,
-               model_version=data_version(features, dataset, model_type))
+  kinds = model_types(model_type)
+  if len(kinds) == 1:
+    return train(table, transform_dir=io.join(output_dir, TRANSFORM_FN),
+                 model_dir=model_dir, dataset=dataset, model=kinds[0],
+                 statistics_path=statistics_path,
+                 model_version=data_version(features, dataset, kinds[0]))
+  candidates = {}
+  for kind in kinds:
+    folder = io.join(output_dir, CANDIDATES, kind)
+    io.clear(folder)
+    candidates[kind] = (folder, train(
+        table, transform_dir=io.join(output_dir, TRANSFORM_FN),
+        model_dir=folder, dataset=dataset, model=kind,
+        statistics_path=statistics_path,
+        model_version=data_version(features, dataset, kind)))
+  metric, higher = SELECTION_METRIC[dataset.task]
+
+  def quality(kind):
+    value = candidates[kind][1]['metrics']['eval'].get(metric)
+    if value is None:
+      return float('-inf')
+    return value if higher else -value
+  best = max(kinds, key=lambda k: (quality(k), -kinds.index(k)))
+  folder, metadata = candidates[best]
+  for rel, path in inference.list_files(folder).items():
+    io.write_bytes(inference.join_path(model_dir, rel), io.read_bytes(path))
+  metadata['compared'] = {
+      'metric': metric, 'chosen': best,
+      'eval': {kind: {k: v for k, v in meta['metrics']['eval'].items()
+                      if not isinstance(v, (list, dict))}
+               for kind, (_, meta) in candidates.items()}}
+  # metadata.json is outside the files' digests and signature: adding the
+  # comparison leaves the model verifiable.
+  io.write_json(inference.join_path(model_dir, inference.METADATA_FILE),
+                metadata)
+  return metadata

@@ -50,7 +50,8 @@ from transforms.inference import (ModelIntegrityError, ScoreRecords,
                                   verify_model_dir)
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
-from transforms.common import DEAD_LETTER, VALID, CountElements
+from transforms.common import (DEAD_LETTER, VALID, CountElements,
+                               micros_to_rfc3339)
 from transforms.history import StatefulHistoryFeatures
 from transforms.parse import StreamingParseAndValidate
 from transforms.read import (InputError, ReadPubSubRecords, ReplayFile,
@@ -171,7 +172,9 @@ def model_scorer(opts, dataset: Dataset,
         file_pattern=opts.model_watch_pattern,
         interval=opts.model_watch_interval)
   return ScoreRecords(opts.model_dir, id_field=dataset.id_field,
-                      model_metadata_pcoll=models)
+                      model_metadata_pcoll=models,
+                      scored_at=micros_to_rfc3339(reference_micros(opts))
+                      if opts.reference_time else None)
 
 
 def build_pipeline(p: beam.Pipeline, options: PipelineOptions,

@@ -448,6 +448,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'threshold': threshold,
       'threshold_selection': selection,
       'eval_score_distribution': score_distribution,
+      'risk': dataset.risk or None,
       'metrics': metrics,
       'training': {
           'rows': {'train': train_rows.num_rows, 'eval': eval_rows.num_rows},

@@ -42,7 +42,7 @@ _DURATION = re.compile(r'^(\d+)([smhd])$')
 _UNIT_SECONDS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 _SECTIONS = ('name', 'description', 'roles', 'label', 'fields', 'rules',
              'min_examples', 'freshness', 'history', 'aggregates',
-             'transform', 'drift', 'side_tables', 'negatives')
+             'transform', 'drift', 'side_tables', 'negatives', 'risk')
 _FIELD_OPTIONS = ('type', 'required', 'min', 'max', 'allowed', 'pattern',
                   'max_length', 'domain', 'cents', 'format', 'zone', 'from')
 _HISTORY_KEYS = ('entity', 'value', 'windows', 'aggregates', 'distinct',
@@ -174,6 +174,8 @@ class Dataset:
   label: Optional[LabelSpec] = None
   side_tables: Dict[str, Any] = dataclasses.field(default_factory=dict)
   negatives: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  # {'bands': [(name, lower score edge), ...], 'confidence': method}
+  risk: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # Roles ------------------------------------------------------------------
   @property
@@ -314,7 +316,7 @@ class Dataset:
   def prediction_schema(self):
     """Rows of the predictions table."""
     return prediction_schema(self.id_field, self.fields[self.id_field].type,
-                             self.task or 'binary')
+                             self.task or 'binary', bool(self.risk))
 
   def avro_schema(self) -> Dict[str, Any]:
     """Avro record schema for raw records (timestamps as strings).
@@ -390,14 +392,16 @@ class Dataset:
 
 
 def prediction_schema(id_field: str, id_type: str = 'string',
-                      task: str = 'binary'):
+                      task: str = 'binary', risk: bool = False):
   """Rows of a predictions table whose record id is `id_field` of type
   `id_type` (the model handler knows both from the model's metadata):
-    binary      id, score = P(positive class), predicted_label (0/1)
+    binary      id, score = P(positive class), predicted_label (0/1), and
+                with declared risk bands risk_category and confidence
     multiclass  id, score = P(predicted class), predicted_label (class
                 index), predicted_class (the class's declared value)
     regression  id, prediction
-  each followed by model_version."""
+  each followed by model_version and scored_at (the run's reference time,
+  RFC 3339, null without one)."""
   import pyarrow as pa
   id_types = {'string': pa.string(), 'int': pa.int64()}
   columns = [(id_field, id_types[id_type])]
@@ -407,7 +411,9 @@ def prediction_schema(id_field: str, id_type: str = 'string',
     columns += [('score', pa.float64()), ('predicted_label', pa.int64())]
   if task == 'multiclass':
     columns.append(('predicted_class', pa.string()))
-  columns.append(('model_version', pa.string()))
+  if risk and task == 'binary':
+    columns += [('risk_category', pa.string()), ('confidence', pa.float64())]
+  columns += [('model_version', pa.string()), ('scored_at', pa.string())]
   return pa.schema(columns)
 
 
@@ -873,6 +879,7 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
   negatives = dict(c.mapping(raw.get('negatives'), 'negatives'))
   _check_negatives(c, negatives, fields, roles, label, side_tables,
                    histories, transform)
+  risk = _load_risk(c, raw, label)
   min_examples = raw.get('min_examples', 0)
   if not isinstance(min_examples, int) or min_examples < 0:
     c.fail('min_examples', 'must be a non-negative integer')
@@ -883,7 +890,7 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
       aggregates=aggregates, transform=transform, drift=drift,
       path=os.path.abspath(path), min_examples=min_examples,
       freshness=freshness, label=label, side_tables=side_tables,
-      negatives=negatives)
+      negatives=negatives, risk=risk)
 
 
 def transform_names(transform: Dict[str, Any]) -> List[str]:
@@ -967,3 +974,46 @@ def _check_negatives(c: _Checker, negatives, fields, roles, label,
       c.fail(f'transform: {name}', 'is a field of the interaction itself, '
              'unknown for a sampled negative', 'use user or item history '
              'features and item side-table columns')
+
+
+CONFIDENCE = ('band_margin', 'probability')
+
+
+def _load_risk(c: _Checker, raw, label) -> Dict[str, Any]:
+  """risk: {bands: {name: lower score edge, ...}, confidence: method}.
+
+  Bands cut [0, 1] by their lower edges (ascending, the first 0): a score
+  is in the last band whose edge it reaches, so every score is in exactly
+  one band. Confidence: band_margin (1 in the middle of the band, 0 at its
+  edges: how far the score is from another category) or probability
+  (max(score, 1 - score): the model's certainty in its predicted label).
+  """
+  risk = dict(c.mapping(raw.get('risk'), 'risk'))
+  if not risk:
+    return {}
+  c.known_keys(risk, ('bands', 'confidence'), 'risk')
+  if label is None or label.task != 'binary':
+    c.fail('risk', 'risk bands cut a binary score', 'declare a binary label')
+  bands = c.mapping(risk.get('bands'), 'risk.bands')
+  if len(bands) < 2:
+    c.fail('risk.bands', 'needs at least two bands',
+           'e.g. {low: 0.0, medium: 0.3, high: 0.7}')
+  for name, edge in bands.items():
+    if isinstance(edge, bool) or not isinstance(edge, (int, float)) or not (
+        0 <= edge < 1):
+      c.fail(f'risk.bands.{name}', f'{edge!r} is not a score edge in [0, 1)')
+  # Ordered by edge, not by how the mapping happens to be written.
+  bands = dict(sorted(bands.items(), key=lambda item: item[1]))
+  edges = list(bands.values())
+  if edges[0] != 0:
+    c.fail('risk.bands', 'the lowest band must start at 0',
+           'every score then falls in exactly one band')
+  if len(set(edges)) != len(edges):
+    c.fail('risk.bands', 'two bands start at the same score',
+           'give each band its own lower edge')
+  confidence = risk.get('confidence', 'band_margin')
+  if confidence not in CONFIDENCE:
+    c.fail('risk.confidence', f'{confidence!r}',
+           f'use one of {", ".join(CONFIDENCE)}')
+  return {'bands': [[str(n), float(e)] for n, e in bands.items()],
+          'confidence': confidence}

@@ -23,7 +23,7 @@ import hashlib
 import hmac
 import json
 import os
-from typing import (Any, Dict, Iterable, List, Mapping, Optional,
+from typing import (Any, Dict, Iterable, List, Mapping, Optional, Tuple,
                     Sequence)
 
 import apache_beam as beam
@@ -367,12 +367,13 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 1024,
-               **kwargs):
+               scored_at: Optional[str] = None, **kwargs):
     super().__init__(min_batch_size=min_batch_size,
                      max_batch_size=max_batch_size,
                      element_size_fn=_num_rows, **kwargs)
     self._model_dir = model_dir
     self._id_field = id_field
+    self._scored_at = scored_at
 
   def load_model(self) -> LoadedModel:
     import tensorflow_transform as tft
@@ -396,7 +397,7 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     id_field = self._id_field or metadata['id_field']
     table = concat_batches([_columns(b, input_types(metadata, id_field))
                             for b in batch])
-    predictions = predict_table(model, table, id_field)
+    predictions = predict_table(model, table, id_field, self._scored_at)
     version = metadata['model_version']
     if len(batch) == 1:
       return [PredictionResult(batch[0], predictions, version)]
@@ -434,8 +435,28 @@ def input_types(metadata: Mapping[str, Any], id_field: str
   return types
 
 
-def predict_table(model: LoadedModel, table, id_field: str
-                  ) -> pa.RecordBatch:
+def risk_bands(scores: np.ndarray, risk: Mapping[str, Any]
+               ) -> Tuple[pa.Array, np.ndarray]:
+  """Scores in [0, 1] -> (risk category, confidence), as the declaration's
+  `risk:` section defines them (schemas.dataset._load_risk): the band is
+  the last whose lower edge the score reaches; band_margin confidence is
+  the distance to the band's nearer edge over half its width."""
+  names = pa.array([name for name, _ in risk['bands']], pa.string())
+  edges = np.array([edge for _, edge in risk['bands']], dtype=np.float64)
+  band = np.clip(np.searchsorted(edges, scores, side='right') - 1, 0,
+                 len(edges) - 1)
+  if risk.get('confidence', 'band_margin') == 'probability':
+    confidence = np.maximum(scores, 1.0 - scores)
+  else:
+    lower = edges[band]
+    upper = np.append(edges[1:], 1.0)[band]
+    confidence = np.clip(np.minimum(scores - lower, upper - scores) /
+                         ((upper - lower) / 2), 0.0, 1.0)
+  return names.take(pa.array(band, pa.int64())), confidence
+
+
+def predict_table(model: LoadedModel, table, id_field: str,
+                  scored_at: Optional[str] = None) -> pa.RecordBatch:
   """Rows of raw features -> prediction rows of the model's task
   (`prediction_schema`), in order."""
   metadata = model.metadata
@@ -465,12 +486,16 @@ def predict_table(model: LoadedModel, table, id_field: str
                 else np.zeros(0))
       columns = [pa.array(scores), pa.array(
           (scores >= float(metadata['threshold'])).astype(np.int64))]
+      if metadata.get('risk'):
+        category, confidence = risk_bands(scores, metadata['risk'])
+        columns += [category, pa.array(confidence)]
   version = metadata['model_version']
   return pa.RecordBatch.from_arrays(
       [table.column(id_field).combine_chunks()] + columns +
-      [pa.repeat(pa.scalar(version, pa.string()), n)],
+      [pa.repeat(pa.scalar(version, pa.string()), n),
+       pa.repeat(pa.scalar(scored_at, pa.string()), n)],
       schema=prediction_schema(id_field, metadata.get('id_type', 'string'),
-                               task))
+                               task, bool(metadata.get('risk'))))
 
 
 def _predictions(result: PredictionResult) -> pa.RecordBatch:
@@ -495,8 +520,10 @@ class ScoreBatches(beam.PTransform):
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 4096,
-               model_metadata_pcoll: Optional[beam.PCollection] = None):
+               model_metadata_pcoll: Optional[beam.PCollection] = None,
+               scored_at: Optional[str] = None):
     super().__init__()
+    self._scored_at = scored_at
     self._model_dir = model_dir
     self._id_field = id_field or read_metadata(model_dir)['id_field']
     self._batch = dict(min_batch_size=min_batch_size,
@@ -505,7 +532,8 @@ class ScoreBatches(beam.PTransform):
 
   def expand(self, batches):
     handler = TransformedSklearnModelHandler(
-        self._model_dir, id_field=self._id_field, **self._batch)
+        self._model_dir, id_field=self._id_field, scored_at=self._scored_at,
+        **self._batch)
     return (batches
             | 'SliceBatches' >> beam.FlatMap(
                 slices, self._batch['max_batch_size'])
@@ -525,8 +553,9 @@ def _prediction_rows(result: PredictionResult) -> List[Dict[str, Any]]:
 class ScoreRecords(beam.PTransform):
   """PCollection[dict] feature rows -> PCollection[dict] predictions.
 
-  Output: {<id_field>: id, 'score': float, 'predicted_label': int,
-  'model_version': str}, one per input row; model_version is that of the
+  Output: the `prediction_schema` row as a dict ({<id_field>: id, 'score':
+  float, 'predicted_label': int, ..., 'model_version': str, 'scored_at'}),
+  one per input row; model_version is that of the
   model that scored the row. Each row becomes a one-row RecordBatch of the
   id and the raw features of model_dir's metadata.json (read at
   construction, with the id field it defaults to), and RunInference scores
@@ -546,8 +575,10 @@ class ScoreRecords(beam.PTransform):
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 1024,
-               model_metadata_pcoll: Optional[beam.PCollection] = None):
+               model_metadata_pcoll: Optional[beam.PCollection] = None,
+               scored_at: Optional[str] = None):
     super().__init__()
+    self._scored_at = scored_at
     metadata = read_metadata(model_dir)
     self._model_dir = model_dir
     self._id_field = id_field or metadata['id_field']
@@ -559,7 +590,8 @@ class ScoreRecords(beam.PTransform):
 
   def expand(self, rows):
     handler = TransformedSklearnModelHandler(
-        self._model_dir, id_field=self._id_field, **self._batch)
+        self._model_dir, id_field=self._id_field, scored_at=self._scored_at,
+        **self._batch)
     return (rows
             | 'ToRecordBatch' >> beam.Map(_row_batch, self._schema)
             | 'RunInference' >> RunInference(
