@@ -23,7 +23,7 @@ from sklearn.metrics import (average_precision_score, confusion_matrix,
 
 from pipelines import monitor
 from pipelines.registry import Registry
-from schemas.dataset import prediction_schema
+from schemas.dataset import load_dataset
 
 N = 400
 VERSION = 'v0123456789abcdef'
@@ -82,13 +82,16 @@ def _write_model(folder, version, reference_scores):
 def inputs(truth, tmp_path_factory):
   labels, scores, times = truth
   root = tmp_path_factory.mktemp('monitor')
-  schema = prediction_schema('transaction_id')
+  schema = load_dataset().prediction_schema()
 
   def predictions(rows, score):
-    return pa.table({'transaction_id': [_id(i) for i in rows],
-                     'score': score,
-                     'predicted_label': (score >= THRESHOLD).astype(int),
-                     'model_version': [VERSION] * len(rows)}, schema=schema)
+    columns = {'transaction_id': [_id(i) for i in rows], 'score': score,
+               'predicted_label': (score >= THRESHOLD).astype(int),
+               'model_version': [VERSION] * len(rows),
+               'scored_at': ['2026-09-06T00:00:00Z'] * len(rows)}
+    # Columns monitoring does not read (risk bands) stay null.
+    return pa.table({f.name: columns.get(f.name, pa.nulls(len(rows), f.type))
+                     for f in schema}, schema=schema)
 
   os.makedirs(root / 'predictions')
   first, second = np.arange(0, 200), np.arange(200, N)
