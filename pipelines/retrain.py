@@ -50,7 +50,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines import io, monitor
+from pipelines import io, monitor, preflight
 from pipelines.registry import CHAMPION, Registry, RegistryError
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms import arrow
@@ -530,6 +530,12 @@ def parser() -> argparse.ArgumentParser:
 
 def parse(argv: List[str]) -> argparse.Namespace:
   args, beam_args = parser().parse_known_args(argv)
+  try:
+    # What is left goes to the challenger's batch run: Beam's flags and
+    # the batch job's; a misspelt flag stops here, not silently later.
+    preflight.check_flags(beam_args)
+  except preflight.PreflightError as e:
+    raise RetrainError(str(e)) from None
   args.beam_args = beam_args
   return args
 

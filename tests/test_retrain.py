@@ -206,7 +206,7 @@ def test_a_bad_policy_is_one_line_and_exit_2(world, tmp_path, capsys, policy,
   assert len(err) == 1 and message in err[0], err
 
 
-def test_a_registry_without_champion_or_a_run_dir_without_run_is_exit_2(
+def test_no_champion_no_run_or_a_misspelt_flag_is_exit_2(
     world, tmp_path, capsys):
   assert retrain.main(_argv(world, str(tmp_path / 'empty'), 'clean',
                             tmp_path / 'o')) == 2
@@ -215,5 +215,8 @@ def test_a_registry_without_champion_or_a_run_dir_without_run_is_exit_2(
   argv[argv.index('--run_dir') + 1] = str(tmp_path)
   assert retrain.main(argv) == 2
   assert 'not the output of a batch run' in capsys.readouterr().err
+  assert retrain.main(_argv(world, world['registry'], 'clean',
+                            tmp_path / 'o', '--lables', 'x.jsonl')) == 2
+  assert 'unknown flag --lables' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(world['registry'],
                                          'decisions.jsonl'))
