@@ -133,6 +133,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   reference_micros(opts)
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
+  preflight.check_services(options)
   paths = check_input(opts.input, opts.input_format)
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
