@@ -377,6 +377,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except
+    # A job that fails on the runner (a Java error on Flink, say): one line,
+    # not a stack trace, as the run's last word.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: the run failed: {type(e).__name__}: {first}',
+          file=sys.stderr)
+    return 3
   return 0
 
 
