@@ -10,7 +10,17 @@ ends;
         --input_subscription projects/P/subscriptions/S \\
         --output_topic projects/P/topics/T --model_dir gs://B/model
 
-reads JSON records from Pub/Sub until cancelled. Stages, each the streaming
+reads JSON records from Pub/Sub until cancelled; and
+
+    python -m pipelines.streaming --runner FlinkRunner \\
+        --flink_master localhost:8081 --environment_type LOOPBACK \\
+        --flink_job_server_jar runners/.jars/beam-flink-job-server.jar \\
+        --bootstrap_servers 127.0.0.1:9092 --input_topic transactions \\
+        --output_topic predictions --dead_letter_topic dead_letter \\
+        --model_dir /tmp/out/model --output_dir /tmp/stream
+
+reads Kafka (transforms.kafka, cross-language KafkaIO) until cancelled, or
+until --max_num_records records. Stages, each the streaming
 form of the module that also holds its batch form (transforms.read, parse,
 history, aggregates, inference, sinks; aggregates has the lateness rule):
 parse and validate with the batch validator, drop duplicate ids, stateful point-in-time history features,
@@ -21,7 +31,8 @@ model_scorer), and sinks:
 JSON lines under <output_dir>/streaming/ ({features, predictions,
 aggregates/<key>, dead_letter}/<name>-<pane>.jsonl, a file per output every
 --file_every of processing time and at the end) and Pub/Sub topics
-(--output_topic, --dead_letter_topic). Counters (namespace mlpipe):
+(--output_topic, --dead_letter_topic), or Kafka topics with
+--bootstrap_servers. Counters (namespace mlpipe):
 records_read, records_valid, records_dead_lettered, records_late,
 feature_rows, feature_rows_scored, predictions_written (run_summary.json of
 a replay counts the output files instead: see summarize_outputs).
@@ -55,6 +66,8 @@ from transforms.aggregates import (AGGREGATES, LATE,
 from transforms.common import (DEAD_LETTER, VALID, CountElements,
                                micros_to_rfc3339)
 from transforms.history import StatefulHistoryFeatures
+from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
+                              kafka_expansion_service)
 from transforms.parse import StreamingParseAndValidate
 from transforms.read import (InputError, ReadPubSubRecords, ReplayFile,
                              check_input)
@@ -196,7 +209,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   s = settings(opts, dataset)
 
   replay = None
-  if opts.input_subscription or opts.input_topic:
+  kafka = (kafka_expansion_service(opts.kafka_expansion_jar)
+           if opts.bootstrap_servers else None)
+  if kafka:
+    raw = p | 'ReadKafka' >> ReadKafkaRecords(
+        opts.bootstrap_servers, opts.input_topic, kafka,
+        opts.max_num_records)
+  elif opts.input_subscription or opts.input_topic:
     raw = p | 'ReadPubSub' >> ReadPubSubRecords(
         opts.input_subscription, opts.input_topic, opts.timestamp_attribute)
   else:
@@ -245,10 +264,16 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   for name, (rows, folder) in files.items():
     rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
         folder, name, s.file_every)
-  if opts.output_topic:
-    (predictions if predictions is not None else features) | (
-        'Publish' >> WriteJsonToPubSub(opts.output_topic))
-  if opts.dead_letter_topic:
+  published = predictions if predictions is not None else features
+  if kafka and opts.output_topic:
+    published | 'PublishToKafka' >> WriteJsonToKafka(
+        opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field)
+  elif opts.output_topic:
+    published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
+  if kafka and opts.dead_letter_topic:
+    dead | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
+        opts.bootstrap_servers, opts.dead_letter_topic, kafka)
+  elif opts.dead_letter_topic:
     dead | 'PublishDeadLetters' >> WriteJsonToPubSub(opts.dead_letter_topic)
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
@@ -304,13 +329,22 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   options.view_as(StandardOptions).streaming = True
   opts = flags(options, StreamingOptions)
   preflight.check_runner(options)
+  preflight.check_services(options)
   dataset = load_dataset(opts.schema)
   check_streamable(dataset)
   settings(opts, dataset)
   reference_micros(opts)
   if opts.input_subscription and opts.input_topic:
     raise InputError('give --input_subscription or --input_topic, not both')
-  if opts.input_subscription or opts.input_topic:
+  streamed = bool(opts.input_subscription or opts.input_topic)
+  if opts.bootstrap_servers:
+    if _runner_name(options) in _DIRECT_RUNNERS:
+      raise InputError('--bootstrap_servers needs a runner that runs '
+                       'Java transforms (FlinkRunner): the Python '
+                       'DirectRunner cannot run KafkaIO')
+    preflight.check_kafka(opts)
+    source = f'Kafka topic {opts.input_topic} at {opts.bootstrap_servers}'
+  elif streamed:
     source = opts.input_subscription or opts.input_topic
   else:
     source = f'{len(check_input(opts.input, opts.input_format))} file(s) ' \
@@ -329,8 +363,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
   root = io.join(opts.output_dir, STREAMING)
-  inputs = [] if opts.input_subscription or opts.input_topic else (
-      check_input(opts.input, opts.input_format))
+  inputs = [] if streamed else check_input(opts.input, opts.input_format)
   io.check_output_dir(opts.output_dir, inputs + [opts.model_dir], [root])
   io.clear(root)
 
@@ -339,7 +372,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   built = build_pipeline(p, options, dataset)
   p.run().wait_until_finish()
 
-  summary = summarize_outputs(root, dataset, built['records_replayed'])
+  read = built['records_replayed']
+  if opts.bootstrap_servers and opts.max_num_records:
+    read = opts.max_num_records
+  summary = summarize_outputs(root, dataset, read)
   summary['output_dir'] = root
   io.write_json(io.join(root, 'run_summary.json'), summary)
   _print_summary(summary)
@@ -371,6 +407,13 @@ def main(argv: Optional[List[str]] = None) -> int:
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except
+    # A job that fails on the runner (a Java error on Flink, say): one line,
+    # not a stack trace, as the run's last word.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: the run failed: {type(e).__name__}: {first}',
+          file=sys.stderr)
+    return 3
   return 0
 
 
