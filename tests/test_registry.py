@@ -8,6 +8,7 @@ import os
 import pytest
 
 from pipelines import batch, generate, registry as registry_lib
+from transforms import inference
 from pipelines.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
                                 RegistryError)
 
@@ -99,8 +100,10 @@ def trained(tmp_path_factory):
                          str(seed)]) == 0
     paths.append(str(path))
   root = str(tmp / 'registry')
+  # The second run compares two model types and registers the better.
   summaries = [batch.run(['--input', p, '--output_dir', str(tmp / f'out{i}'),
-                          '--registry', root])
+                          '--registry', root] + (
+                              ['--model_type', 'gbt,logreg'] if i else []))
                for i, p in enumerate(paths)]
   return tmp, root, paths, summaries
 
@@ -167,3 +170,33 @@ def test_streaming_scores_with_the_champion(trained, tmp_path):
           for line in path.read_text().splitlines()]
   assert len(rows) == summary['records_valid'] > 100
   assert {r['model_version'] for r in rows} == {champion}
+
+
+def test_the_best_model_type_is_kept_with_the_others_beside_it(trained):
+  tmp, root, _, (_, second) = trained
+  out = tmp / 'out1'
+  metadata = inference.read_metadata(str(out / 'model'))
+  table = metadata['compared']
+  assert table['metric'] == 'roc_auc'
+  assert set(table['eval']) == {'gbt', 'logreg'}
+  aucs = {k: v['roc_auc'] for k, v in table['eval'].items()}
+  assert table['chosen'] == max(aucs, key=aucs.get)
+  assert metadata['model_type'] == table['chosen']
+  assert metadata['metrics']['eval']['roc_auc'] == aucs[table['chosen']]
+  # Both were evaluated on the same rows.
+  rows = {json.dumps(inference.read_metadata(
+      str(out / 'model_candidates' / k))['training']['rows'])
+          for k in ('gbt', 'logreg')}
+  assert len(rows) == 1
+  # Still a verifiable model, registered with the comparison.
+  inference.verify_model_dir(str(out / 'model'))
+  entry = Registry(root).get(second['registry']['registered'])
+  assert entry['model_type'] == table['chosen']
+  assert entry['compared'] == table
+
+
+def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
+  assert batch.main(['--output_dir', str(tmp_path), '--model_type',
+                     'gbt,forest']) == 2
+  assert "--model_type 'gbt,forest': give one or more of" in \
+      capsys.readouterr().err
