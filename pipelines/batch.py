@@ -37,6 +37,7 @@ from transforms.common import (DEAD_LETTER, VALID, CountRows,
                                micros_to_rfc3339)
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
+from transforms import online_store
 from transforms.read import InputError, ReadRecords, check_input
 from transforms.sinks import WriteJsonLines, WriteParquet
 from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
@@ -157,6 +158,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
   preflight.check_services(options)
+  if opts.online_store:
+    online_store.preflight(opts.online_store)
   paths = check_input(opts.input, opts.input_format)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
@@ -312,6 +315,11 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     summary['model']['compared'] = metadata['compared']
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
+  if opts.online_store:
+    _stage('Materialise: entity states into the online store')
+    summary['online_store'] = online_store.materialise(
+        options, dataset, features_glob, opts.online_store,
+        metadata['model_version'], opts.shards)
 
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
@@ -417,6 +425,11 @@ def _print_summary(summary, output_dir):
       if checked[kind] is not None:
         lines.append(f'{kind.capitalize() + ":":<23}'
                      f'{", ".join(checked[kind]) or "none over threshold"}')
+  store = summary.get('online_store')
+  if store:
+    lines.append(f'Online store:          {store["entities_written"]} '
+                 f'entities written, {store["writes_failed"]} failed '
+                 f'({store["retries"]} retries) to {store["url"]}')
   if summary.get('status', 'ok') != 'ok':
     lines.append(f'Run {summary["status"]}: nothing downstream of '
                  'validation was written')

@@ -72,6 +72,12 @@ class RecordOptions(PipelineOptions):
         '--model_dir', default=None,
         help='Score with this existing model directory instead of '
         'training a new model.')
+    parser.add_argument(
+        '--online_store', default=None,
+        help='redis://host:port/db: keep each entity\'s recent records and '
+        'latest features there for the scoring service (pipelines.serve); '
+        'batch writes the state as of the end of its input, streaming '
+        'updates it per event.')
 
 
 class BatchOptions(PipelineOptions):

@@ -66,6 +66,7 @@ from transforms.aggregates import (AGGREGATES, LATE,
 from transforms.common import (DEAD_LETTER, VALID, CountElements,
                                micros_to_rfc3339)
 from transforms.history import StatefulHistoryFeatures
+from transforms import online_store
 from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
                               kafka_expansion_service)
 from transforms.parse import StreamingParseAndValidate
@@ -229,6 +230,9 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   if dataset.histories:
     features = features | 'HistoryFeatures' >> StatefulHistoryFeatures(
         dataset, s.allowed_lateness)
+  if opts.online_store:
+    features = features | 'UpdateOnlineStore' >> online_store.UpdateOnlineStore(
+        dataset, opts.online_store, online_store.model_version_of(opts.model_dir))
   features = features | 'CountFeatureRows' >> beam.ParDo(
       CountElements('feature_rows'))
 
@@ -332,6 +336,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   preflight.check_services(options)
   dataset = load_dataset(opts.schema)
   check_streamable(dataset)
+  if opts.online_store:
+    online_store.preflight(opts.online_store)
   settings(opts, dataset)
   reference_micros(opts)
   if opts.input_subscription and opts.input_topic:
