@@ -23,6 +23,13 @@ REQUIRED = [
     'threadpoolctl==3.8.0',   # scikit-learn's; imported by the scorer
     # Models are stored in skops' format: loading one runs no code from it.
     'skops==0.16.0',
+    # The online store and the scoring service (pipelines.serve): redis-py,
+    # Starlette (a small ASGI toolkit with a test client) on uvicorn, and
+    # Prometheus metrics (the same pin as the run report's).
+    'redis==8.1.0',
+    'starlette==1.10.0',
+    'uvicorn==0.54.0',
+    'prometheus-client==0.26.0',
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
     # Python 3.11 and fails building one from source.
@@ -42,6 +49,8 @@ TESTS = [
     'gcp-storage-emulator==2026.7.19',
     # Produces and reads Kafka records in the Kafka-on-Flink tests and bench.
     'kafka-python==3.0.12',
+    # Starlette's TestClient and the scoring-service tests and bench.
+    'httpx==0.28.1',
 ]
 
 setup(

@@ -1,0 +1,317 @@
+"""The scoring service against the batch job: parity, bad input, faults.
+
+One batch run (module scope) on 2,000 generated records with
+--online_store trains a model, writes the feature rows and predictions and
+materialises every user's state into a throwaway redis-server. The service
+(pipelines.serve, through Starlette's test client, and once as the real
+process) must then give each record the batch job's features and score.
+"""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+
+import httpx
+import pyarrow.parquet as pq
+import pytest
+import redis
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from pipelines import batch, generate, serve
+from schemas.dataset import load_dataset
+from transforms import online_store
+from transforms.history import history_features
+from transforms.parse import RecordValidator, rfc3339_to_micros
+from transforms.read import decode_message
+from tests.redis_server import RedisServer, free_port
+
+with warnings.catch_warnings():   # Starlette's note that httpx2 exists
+  warnings.simplefilter('ignore')
+  from starlette.testclient import TestClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATASET = load_dataset()
+KEYS = online_store.Keys(DATASET, DATASET.history)
+FEATURES = list(DATASET.history.feature_types())
+
+
+def _rows(pattern):
+  return [r for f in sorted(glob.glob(pattern))
+          for r in pq.read_table(f).to_pylist()]
+
+
+def _order(record):
+  return (rfc3339_to_micros(record['event_time']), record['transaction_id'])
+
+
+@pytest.fixture(scope='module')
+def run(tmp_path_factory):
+  tmp = tmp_path_factory.mktemp('serve')
+  server = RedisServer(tmp / 'redis').start()
+  path = tmp / 'tx.jsonl'
+  assert generate.run(['--output', str(path), '--rows', '2000', '--users',
+                       '150', '--seed', '3']) == 0
+  out = tmp / 'out'
+  summary = batch.run(['--input', str(path), '--output_dir', str(out),
+                       '--online_store', server.url(0)])
+  records = sorted((json.loads(line) for line in open(path)), key=_order)
+  features = {r['transaction_id']: r for r in _rows(
+      str(out / 'features' / '*.parquet'))}
+  predictions = {r['transaction_id']: r for r in _rows(
+      str(out / 'predictions' / '*.parquet'))}
+  try:
+    yield dict(tmp=tmp, server=server, summary=summary, records=records,
+               features=features, predictions=predictions,
+               model_dir=str(out / 'model'), path=str(path))
+  finally:
+    server.stop()
+
+
+def _client(run, db=0, **flags):
+  argv = ['--model_dir', run['model_dir'], '--online_store',
+          run['server'].url(db)]
+  for k, v in flags.items():
+    argv += [f'--{k}', str(v)]
+  args = serve.parse_flags(argv)
+  return TestClient(serve.make_app(serve.build_scorer(args),
+                                   args.online_store))
+
+
+def _state(client: redis.Redis, user):
+  times, records, latest = KEYS.of(user)
+  return (sorted(client.zrange(times, 0, -1, withscores=True)),
+          client.hgetall(records), client.hgetall(latest))
+
+
+def _assert_as_in_batch(run, record, body):
+  """The response's features equal the batch feature row of the record,
+  value for value, and its score and band the batch prediction."""
+  rid = record['transaction_id']
+  row, prediction = run['features'][rid], run['predictions'][rid]
+  assert body['features'] == {name: row[name] for name in FEATURES}, rid
+  for key in ('score', 'predicted_label', 'risk_category', 'confidence',
+              'model_version'):
+    assert body[key] == prediction[key], (rid, key)
+
+
+def test_the_batch_run_materialises_every_user(run):
+  """Each user's state is its records within 7 days of its newest (worked
+  out here from the input in plain Python) and its newest feature row."""
+  store = run['summary']['online_store']
+  users = {r['user_id'] for r in run['records']}
+  assert store['entities_written'] == len(users)
+  assert store['records_written'] > 0
+  assert (store['writes_failed'], store['retries']) == (0, 0)
+  assert store['model_version'] == run['summary']['model']['version']
+  client = redis.Redis.from_url(run['server'].url(0))
+  horizon = DATASET.history.horizon * 1_000_000
+  for user in users:
+    mine = [r for r in run['records'] if r['user_id'] == user]
+    newest = max(mine, key=_order)
+    cutoff = _order(newest)[0] - horizon
+    kept = {r['transaction_id'] for r in mine if _order(r)[0] >= cutoff}
+    times, records, latest = _state(client, user)
+    assert {m.decode() for m, _ in times} == kept
+    assert {k.decode() for k in records} == kept
+    assert latest[b'id'].decode() == newest['transaction_id']
+    assert online_store.decode(latest[b'features']) == {
+        n: run['features'][newest['transaction_id']][n] for n in FEATURES}
+    assert latest[b'model_version'].decode() == store['model_version']
+  assert store['records_written'] == sum(
+      client.zcard(KEYS.of(u)[0]) for u in users)
+
+
+def test_each_users_newest_record_scores_as_in_batch(run):
+  """The store holds all of a newest record's history: the service's
+  features and score equal the batch job's for every user."""
+  client = _client(run)
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record        # records are in time order
+  assert len(newest) > 100
+  for record in newest.values():
+    response = client.post('/score', content=json.dumps(record))
+    assert response.status_code == 200, response.text
+    _assert_as_in_batch(run, record, response.json())
+
+
+def test_replayed_records_score_as_in_batch_and_converge(run, tmp_path):
+  """State as of just before a cut time (the batch materialisation of the
+  earlier feature rows), then every later record scored in event-time
+  order with ?update=true: each equals its batch row and prediction, and
+  the store ends as the batch job left its own."""
+  cut = _order(run['records'][1500])[0]
+  earlier = [r for r in run['records'] if _order(r)[0] < cut]
+  later = [r for r in run['records'] if _order(r)[0] >= cut]
+  assert len(later) >= 400
+  import pyarrow as pa   # the earlier rows, as the batch job's Parquet
+  table = pq.read_table(sorted(glob.glob(os.path.join(
+      os.path.dirname(run['model_dir']), 'features', '*.parquet'))))
+  ids = pa.array([r['transaction_id'] for r in earlier])
+  pq.write_table(table.filter(pa.compute.is_in(
+      table.column('transaction_id'), value_set=ids)),
+      str(tmp_path / 'earlier.parquet'))
+  written = online_store.materialise(
+      PipelineOptions([]), DATASET, str(tmp_path / '*.parquet'),
+      run['server'].url(1), run['summary']['model']['version'], 4)
+  assert written['writes_failed'] == 0
+  client = _client(run, db=1)
+  for record in later:
+    response = client.post('/score?update=true', content=json.dumps(record))
+    assert response.status_code == 200, response.text
+    assert response.json()['updated'] is True
+    _assert_as_in_batch(run, record, response.json())
+  batch_store = redis.Redis.from_url(run['server'].url(0))
+  served_store = redis.Redis.from_url(run['server'].url(1))
+  for user in {r['user_id'] for r in run['records']}:
+    assert _state(served_store, user) == _state(batch_store, user), user
+
+
+def test_an_unknown_user_has_an_empty_history(run):
+  """A user the store has never seen scores like a user's first record in
+  batch: the same fields under a new user id get that row's features."""
+  first = {}
+  for record in run['records']:
+    first.setdefault(record['user_id'], record)
+  record = next(iter(first.values()))
+  stranger = dict(record, user_id='u99999', transaction_id='tx999999999')
+  response = _client(run).post('/score', content=json.dumps(stranger))
+  assert response.status_code == 200, response.text
+  body = response.json()
+  assert body['history_records'] == {'user_id': 0}
+  assert body['features']['user_id_count_7d'] == 0
+  assert body['features'] == {
+      n: run['features'][record['transaction_id']][n] for n in FEATURES}
+
+
+@pytest.mark.parametrize('body, kind, field', [
+    (b'{"transaction_id": ', 'malformed', None),
+    (b'[1, 2]', 'malformed', None),
+    ({'amount': None}, 'missing_required', 'amount'),
+    ({'amount': 'ten'}, 'type_error', 'amount'),
+    ({'user_id': 'bob'}, 'pattern_mismatch', 'user_id'),
+    ({'amount': -5.0}, 'rule_violation', 'amount'),
+    ({'currency': 'JPY'}, 'not_allowed', 'currency'),
+])
+def test_a_bad_record_gets_400_with_its_dead_letter_kind(run, body, kind,
+                                                         field):
+  if isinstance(body, dict):
+    body = json.dumps(dict(run['records'][0], **body)).encode()
+  response = _client(run).post('/score', content=body)
+  assert response.status_code == 400
+  expected = None
+  try:   # the very rule the batch and streaming paths apply
+    RecordValidator(DATASET).validate(decode_message(body, 'request'))
+  except Exception as e:  # pylint: disable=broad-except
+    expected = e
+  assert response.json() == {'error_kind': kind, 'field': field,
+                             'message': expected.message}
+
+
+def test_health_and_metrics(run):
+  client = _client(run)
+  health = client.get('/healthz')
+  assert health.status_code == 200
+  assert health.json()['model_version'] == run['summary']['model']['version']
+  client.post('/score', content=json.dumps(run['records'][0]))
+  client.post('/score', content=b'not json')
+  text = client.get('/metrics').text
+  assert 'mlpipe_serve_requests_total{code="200",route="/score"} 1.0' in text
+  assert 'mlpipe_serve_requests_total{code="400",route="/score"} 1.0' in text
+  assert 'mlpipe_serve_bad_records_total{kind="malformed"} 1.0' in text
+  assert 'mlpipe_serve_score_seconds_count 2.0' in text
+
+
+def test_a_slow_store_is_a_503_and_then_recovers(run):
+  """A store that does not answer within --store_timeout_ms (all clients
+  paused) gets a 503 naming the timeout, never a hang; once it answers
+  again the same service scores."""
+  client = _client(run, store_timeout_ms=100)
+  record = json.dumps(run['records'][-1])
+  # Every client is paused for 3 s (no client can end a pause early):
+  # the two requests below are sent at once, well inside it.
+  redis.Redis.from_url(run['server'].url(0)).execute_command(
+      'CLIENT', 'PAUSE', 3000, 'ALL')
+  response = client.post('/score', content=record)
+  health = client.get('/healthz')
+  assert response.status_code == 503
+  assert 'unavailable' in response.json()['error']
+  assert 'Timeout' in response.json()['error']
+  assert health.status_code == 503
+  deadline = time.monotonic() + 60     # bounded wait for the pause to end
+  while client.post('/score', content=record).status_code != 200:
+    assert time.monotonic() < deadline, 'the service did not recover'
+    time.sleep(0.2)
+
+
+def _wait_for(url, deadline):
+  while time.monotonic() < deadline:
+    try:
+      return httpx.get(url, timeout=2)
+    except httpx.TransportError:
+      time.sleep(0.1)
+  raise AssertionError(f'{url} did not answer')
+
+
+def test_the_service_process_survives_redis_going_away(run, tmp_path):
+  """The real command: 200, then Redis stopped -> 503 with a clear
+  message (connection refused), then Redis back on its port -> 200."""
+  fault = RedisServer(tmp_path / 'redis').start()
+  port = free_port()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.serve', '--model_dir',
+       run['model_dir'], '--online_store', fault.url(), '--port', str(port)],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  base = f'http://127.0.0.1:{port}'
+  record = json.dumps(run['records'][-1])
+  try:
+    assert _wait_for(f'{base}/healthz',
+                     time.monotonic() + 120).status_code == 200
+    assert httpx.post(f'{base}/score', content=record,
+                      timeout=10).status_code == 200
+    fault.stop()
+    down = httpx.post(f'{base}/score', content=record, timeout=10)
+    assert down.status_code == 503
+    assert down.json()['error'].startswith(
+        f'online store {fault.url()} unavailable: ConnectionError')
+    assert httpx.get(f'{base}/healthz', timeout=10).status_code == 503
+    fault.start()
+    up = httpx.post(f'{base}/score?update=true', content=record, timeout=10)
+    assert up.status_code == 200, up.text
+    assert up.json()['updated'] is True
+  finally:
+    process.terminate()
+    process.wait(timeout=30)
+    fault.stop()
+
+
+def test_start_up_errors_are_one_line_and_exit_2(run, capsys):
+  nobody = f'redis://127.0.0.1:{free_port()}/0'
+  cases = [
+      (['--online_store', run['server'].url(0)],
+       'one of the arguments --registry --model_dir is required'),
+      (['--model_dir', run['model_dir']],
+       'the following arguments are required: --online_store'),
+      (['--model_dir', run['model_dir'], '--online_store',
+        'http://127.0.0.1:1'], 'give a redis:// URL'),
+      (['--model_dir', run['model_dir'], '--online_store', nobody],
+       f'--online_store {nobody} does not answer: ConnectionError'),
+      (['--registry', str(run['tmp'] / 'no-registry'), '--online_store',
+        run['server'].url(0)], 'has no champion model yet'),
+  ]
+  for argv, message in cases:
+    assert serve.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, (argv, err)
+  # The batch job checks the store before anything starts, too.
+  assert batch.main(['--output_dir', str(run['tmp'] / 'never'),
+                     '--online_store', nobody]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1
+  assert err.startswith(f'error: --online_store {nobody} does not answer: '
+                        'ConnectionError')
+  assert not (run['tmp'] / 'never').exists()
