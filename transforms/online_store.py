@@ -396,8 +396,13 @@ def materialise(options, dataset: Dataset, features_glob: str, url: str,
   what the run summary says of it (counts from the job's counters)."""
   from pipelines import summary as summary_lib  # pylint: disable=g-import-not-at-top
   from pipelines.model_stages import ReadFeatureRows  # pylint: disable=g-import-not-at-top
-  client = connect(url)
-  write_meta(client, dataset, DEFAULT_MAX_RECORDS)
+  import redis  # pylint: disable=g-import-not-at-top
+  client = connect(url, 2.0)
+  try:
+    write_meta(client, dataset, DEFAULT_MAX_RECORDS)
+    meta_written = True
+  except redis.RedisError:
+    meta_written = False      # said in the summary; the states still go
   client.close()
   p = beam.Pipeline(options=options)
   (p
@@ -412,7 +417,8 @@ def materialise(options, dataset: Dataset, features_glob: str, url: str,
           'records_written': counts.get('online_store_records_written', 0),
           'retries': counts.get('online_store_retries', 0),
           'writes_failed': counts.get('online_store_entities_failed', 0),
-          'records_failed': counts.get('online_store_records_failed', 0)}
+          'records_failed': counts.get('online_store_records_failed', 0),
+          'meta_written': meta_written}
 
 
 # Streaming: one merge per event -----------------------------------------------
