@@ -92,6 +92,14 @@ class Scorer:
       used[spec.entity] = len(history)
     return features, used
 
+  def warm_up(self):
+    """Scores one made-up row (empty strings, zeros) before serving, so
+    the first request does not pay for tracing the transform graph."""
+    defaults = {pa.string(): '', pa.float64(): 0.0, pa.int64(): 0}
+    row = {f.name: defaults.get(f.type) for f in self.schema}
+    predict_table(self.model, pa.Table.from_pylist([row], schema=self.schema),
+                  self.id_field)
+
   def score(self, body: bytes, update: bool = False) -> Dict[str, Any]:
     record = self.validator.validate(decode_message(body, SOURCE))
     found, counts = self.features(record)
@@ -257,7 +265,9 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
     raise UsageError(f'{model_dir}: the model needs {missing[0]}, which '
                      f'{dataset.name} does not make')
   store = online_store.OnlineStore(client, dataset, args.max_records)
-  return Scorer(dataset, model, store)
+  scorer = Scorer(dataset, model, store)
+  scorer.warm_up()
+  return scorer
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -272,7 +272,7 @@ def test_the_service_process_survives_redis_going_away(run, tmp_path):
     assert _wait_for(f'{base}/healthz',
                      time.monotonic() + 120).status_code == 200
     assert httpx.post(f'{base}/score', content=record,
-                      timeout=10).status_code == 200
+                      timeout=60).status_code == 200
     fault.stop()
     down = httpx.post(f'{base}/score', content=record, timeout=10)
     assert down.status_code == 503
