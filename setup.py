@@ -23,6 +23,10 @@ REQUIRED = [
     'threadpoolctl==3.8.0',   # scikit-learn's; imported by the scorer
     # Models are stored in skops' format: loading one runs no code from it.
     'skops==0.16.0',
+    # The run report's plots (ROC, PR, calibration, scores), SVG backend.
+    'matplotlib==3.11.2',
+    # metrics.prom (text exposition) and the streaming job's /metrics.
+    'prometheus-client==0.26.0',
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
     # Python 3.11 and fails building one from source.
@@ -40,6 +44,8 @@ TESTS = [
     'hypothesis==6.170.17',
     # A local GCS server for the gs:// tests (127.0.0.1 only).
     'gcp-storage-emulator==2026.7.19',
+    # Drives headless Chromium over the DevTools protocol (report test).
+    'websocket-client==1.9.2',
 ]
 
 setup(

@@ -235,10 +235,15 @@ class SummaryCollector:
     return families(summary)
 
 
-def exposition_text(summary: Dict[str, Any]) -> str:
+def exposition_text_of(collector) -> str:
+  """The Prometheus text exposition of one collector."""
   registry = CollectorRegistry(auto_describe=False)
-  registry.register(SummaryCollector(summary))
+  registry.register(collector)
   return exposition.generate_latest(registry).decode('utf-8')
+
+
+def exposition_text(summary: Dict[str, Any]) -> str:
+  return exposition_text_of(SummaryCollector(summary))
 
 
 def write_metrics(summary: Dict[str, Any], path: str) -> str:
