@@ -237,7 +237,7 @@ def pr_svg(curves, base_rate: Optional[float]) -> str:
                label=f'base rate {base_rate:.3f}')
   ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel='recall', ylabel='precision',
          title='Precision-recall curve (eval split)')
-  ax.legend(loc='upper right', frameon=False)
+  ax.legend(loc='lower left', frameon=False)
   return svg_of(fig, 'pr')
 
 
@@ -259,7 +259,7 @@ def calibration_svg(bins: List[Dict[str, Any]], title: str, name: str
                alpha=0.8, label='score bins (area: rows)', zorder=3)
   ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel='mean predicted score',
          ylabel='observed positive rate', title=title)
-  ax.legend(loc='upper left', frameon=False)
+  ax.legend(loc='lower right', frameon=False)
   return svg_of(fig, name)
 
 
@@ -375,6 +375,8 @@ ul.ex li { margin:0 0 6px; min-width:0; }
 td { overflow-wrap:anywhere; }
 h3.h3 { font-family:inherit; font-size:14px; margin:18px 0 8px; }
 .card.wide { max-width:780px; }
+.fbody > div { min-width:0; }
+.feature .quant { display:block; overflow-x:auto; max-width:100%; }
 .kpi.health b { color:var(--ok); } .kpi.health.low b { color:var(--err); }
 .kpi.health.mid b { color:var(--warn); }
 """
@@ -410,10 +412,18 @@ def _summary_section(s: Dict[str, Any], dataset: str) -> str:
           f'<div class="cards">{cards}</div></section>')
 
 
+# The batch job's stages in run order (run_summary.json sorts its keys).
+STAGE_ORDER = ('Ingest and features', 'Validate', 'Transform', 'Train',
+               'Predict')
+
+
 def _stages_section(s) -> str:
   stages = s.get('stage_seconds') or {}
   if not stages:
     return ''
+  rank = {name: i for i, name in enumerate(STAGE_ORDER)}
+  stages = dict(sorted(stages.items(),
+                       key=lambda kv: (rank.get(kv[0], len(rank)), kv[0])))
   total = sum(stages.values()) or 1.0
   rows = [[_e(name), f'{seconds:.1f}', _bar(seconds / total)]
           for name, seconds in stages.items()]
