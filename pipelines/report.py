@@ -27,7 +27,7 @@ import os
 import re
 import sys
 import types
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
@@ -40,8 +40,6 @@ MONITORING_REPORT = ('monitoring', 'report.json')
 EXAMPLES_PER_KIND = 3
 RAW_CHARS = 160
 HISTORY_ROWS = 12
-
-_SEVERITIES = ('ERROR', 'WARNING', 'INFO')
 
 
 def report_path(output_dir: str) -> str:

@@ -15,7 +15,7 @@ deleted and its line removed, except:
   * a folder already gone: the line removed.
 """
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Set
 
 from apache_beam.io.filesystems import FileSystems
 

@@ -1,7 +1,6 @@
 """metrics.prom: parsed with prometheus_client's parser, equal to the run
 summary; the health score; the streaming job's endpoint."""
 
-import json
 import socket
 import urllib.request
 
