@@ -44,6 +44,8 @@ TESTS = [
     'hypothesis==6.170.17',
     # A local GCS server for the gs:// tests (127.0.0.1 only).
     'gcp-storage-emulator==2026.7.19',
+    # Produces and reads Kafka records in the Kafka-on-Flink tests and bench.
+    'kafka-python==3.0.12',
     # Drives headless Chromium over the DevTools protocol (report test).
     'websocket-client==1.9.2',
 ]

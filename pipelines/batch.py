@@ -159,6 +159,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   reference_micros(opts)
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
+  preflight.check_services(options)
   paths = check_input(opts.input, opts.input_format)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here

@@ -15,6 +15,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from schemas.dataset import Dataset, SchemaError, parse_duration
 from transforms.parse import rfc3339_to_micros
 from transforms.common import DEFAULT_SHARDS
+from transforms.kafka import DEFAULT_EXPANSION_JAR
 from transforms.read import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -125,18 +126,33 @@ class StreamingOptions(PipelineOptions):
     parser.add_argument(
         '--input_topic', default=None,
         help='Pub/Sub topic to read JSON records from (a temporary '
-        'subscription is created); --input_subscription is preferred.')
+        'subscription is created; --input_subscription is preferred), or '
+        'with --bootstrap_servers the Kafka topic.')
+    parser.add_argument(
+        '--bootstrap_servers', default=None,
+        help='Kafka brokers (host:port,...): --input_topic, --output_topic '
+        'and --dead_letter_topic then name Kafka topics, read and written '
+        'with Beam\'s cross-language KafkaIO (a portable runner: Flink).')
+    parser.add_argument(
+        '--kafka_expansion_jar', default=DEFAULT_EXPANSION_JAR,
+        help='Local jar of the Java expansion service for KafkaIO '
+        '(runners/fetch_jars.sh builds the default); nothing is downloaded.')
+    parser.add_argument(
+        '--max_num_records', default=None, type=int,
+        help='Kafka: stop after this many records (a bounded run, for tests '
+        'and benchmarks). Default: read until cancelled.')
     parser.add_argument(
         '--timestamp_attribute', default=None,
         help='Pub/Sub message attribute holding the event time, so the '
         'watermark follows event time instead of publish time.')
     parser.add_argument(
         '--output_topic', default=None,
-        help='Pub/Sub topic for predictions (feature rows without a model).')
+        help='Pub/Sub (or with --bootstrap_servers Kafka) topic for '
+        'predictions (feature rows without a model).')
     parser.add_argument(
         '--dead_letter_topic', default=None,
-        help='Pub/Sub topic for dead-letter rows (parse errors, duplicates, '
-        'late events).')
+        help='Pub/Sub (or with --bootstrap_servers Kafka) topic for '
+        'dead-letter rows (parse errors, duplicates, late events).')
     parser.add_argument(
         '--replay_speed', default=None, type=float,
         help='Replay: seconds of event time per second of the runner\'s '

@@ -22,12 +22,21 @@ Where the Python workers run decides which paths work:
 Remote workers need shared storage (gs://) for --input, --output_dir and
 --model_dir, and this project's code (--setup_file, --extra_package or an
 SDK container image that has it installed).
+
+    check_services(options)   # the services the run needs answer
+    check_kafka(opts)         # streaming from Kafka: jar and broker
+
+are the checks that do touch the network, once each and briefly: the Flink
+REST endpoint of --flink_master answers, the Kafka brokers accept a
+connection; and the local jars they need (runners/fetch_jars.sh) exist.
 """
 
 import os
 import re
 import shutil
 import socket
+import urllib.request
+import zipfile
 from typing import Dict, Optional
 from urllib.parse import urlparse
 
@@ -351,3 +360,94 @@ def check_runner(options: PipelineOptions) -> None:
   if not is_dry_run(options):
     _check_credentials(flags, runner)
 
+
+
+# --- services (network) ------------------------------------------------------
+_FETCH = 'runners/fetch_jars.sh fetches it'
+DEFAULT_JOB_SERVER_JAR = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runners',
+    '.jars', 'beam-flink-job-server.jar')
+
+
+def check_local_jar(flag: str, jar: str) -> None:
+  """The jar exists, and so does every jar its manifest's Class-Path names
+  (the launchers of runners/fetch_jars.sh are manifests over runners/.jars/
+  beam/: without them `java -jar` fails late with a Java stack trace)."""
+  if not os.path.isfile(jar):
+    raise PreflightError(f'--{flag} {jar} does not exist ({_FETCH})')
+  try:
+    with zipfile.ZipFile(jar) as z:
+      manifest = z.read('META-INF/MANIFEST.MF').decode('utf-8', 'replace')
+  except (zipfile.BadZipFile, KeyError, OSError):
+    return  # not a launcher: java reports what it finds
+  text = manifest.replace('\r\n', '\n').replace('\n ', '')
+  for line in text.splitlines():
+    if line.startswith('Class-Path:'):
+      for entry in line[len('Class-Path:'):].split():
+        path = os.path.join(os.path.dirname(jar), entry)
+        if not os.path.exists(path):
+          raise PreflightError(f'--{flag} {jar} names {entry}, which does '
+                               f'not exist ({_FETCH} again)')
+
+
+def _answers(host: str, port: int, timeout: float = 3.0) -> bool:
+  try:
+    socket.create_connection((host, port), timeout).close()
+    return True
+  except OSError:
+    return False
+
+
+def check_services(options: PipelineOptions) -> None:
+  """FlinkRunner: a job server jar that is here (Beam would otherwise try to
+  download one from Maven Central when the job starts) and, for a cluster
+  (--flink_master host:port), a Flink REST endpoint that answers."""
+  if runner_name(options) != 'flinkrunner':
+    return
+  flags = _flags(options)
+  if flags.get('job_endpoint'):
+    return
+  master = flags.get('flink_master') or '[auto]'
+  jar = flags.get('flink_job_server_jar')
+  if not jar and not flags.get('flink_submit_uber_jar'):
+    raise PreflightError(
+        'FlinkRunner needs --flink_job_server_jar (a local Beam Flink job '
+        f'server jar; {_FETCH}: {DEFAULT_JOB_SERVER_JAR})')
+  if jar and is_local_path(jar):
+    check_local_jar('flink_job_server_jar',
+                    jar[len('file://'):] if jar.startswith('file://') else jar)
+  if master in _MAGIC_FLINK_MASTERS:
+    return
+  url = master if _SCHEME.match(master) else 'http://' + master
+  try:
+    with urllib.request.urlopen(url.rstrip('/') + '/overview',
+                                timeout=5) as response:
+      response.read()
+  except (OSError, ValueError) as e:
+    reason = getattr(e, 'reason', None) or e
+    raise PreflightError(
+        f'--flink_master {master}: no Flink REST endpoint answers ({reason}); '
+        'start the local cluster with runners/flink_cluster.sh start, or use '
+        '--flink_master [local]') from None
+
+
+def check_kafka(opts) -> None:
+  """Streaming from Kafka (--bootstrap_servers): a topic to read, the local
+  expansion service jar, and a broker that accepts connections."""
+  if not opts.input_topic:
+    raise PreflightError('--bootstrap_servers needs --input_topic (the '
+                         'Kafka topic to read)')
+  if opts.max_num_records is not None and opts.max_num_records <= 0:
+    raise PreflightError(f'--max_num_records must be positive, got '
+                         f'{opts.max_num_records}')
+  check_local_jar('kafka_expansion_jar', opts.kafka_expansion_jar)
+  for server in opts.bootstrap_servers.split(','):
+    host, _, port = server.strip().rpartition(':')
+    if not host or not port.isdigit():
+      raise PreflightError(f'--bootstrap_servers {opts.bootstrap_servers}: '
+                           f'{server!r} is not host:port')
+    if _answers(host.strip('[]'), int(port)):
+      return
+  raise PreflightError(
+      f'--bootstrap_servers {opts.bootstrap_servers}: no Kafka broker '
+      'answers (start one with runners/kafka_broker.sh start)')

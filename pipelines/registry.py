@@ -27,6 +27,8 @@ object upload), so a crash leaves the old index or the new one, never half
 of one; a model directory is copied before the index names it.
 """
 
+import pipelines.quiet  # noqa: F401  (first: silences start-up noise)
+
 import argparse
 import hashlib
 import json

@@ -10,7 +10,17 @@ ends;
         --input_subscription projects/P/subscriptions/S \\
         --output_topic projects/P/topics/T --model_dir gs://B/model
 
-reads JSON records from Pub/Sub until cancelled. Stages, each the streaming
+reads JSON records from Pub/Sub until cancelled; and
+
+    python -m pipelines.streaming --runner FlinkRunner \\
+        --flink_master localhost:8081 --environment_type LOOPBACK \\
+        --flink_job_server_jar runners/.jars/beam-flink-job-server.jar \\
+        --bootstrap_servers 127.0.0.1:9092 --input_topic transactions \\
+        --output_topic predictions --dead_letter_topic dead_letter \\
+        --model_dir /tmp/out/model --output_dir /tmp/stream
+
+reads Kafka (transforms.kafka, cross-language KafkaIO) until cancelled, or
+until --max_num_records records. Stages, each the streaming
 form of the module that also holds its batch form (transforms.read, parse,
 history, aggregates, inference, sinks; aggregates has the lateness rule):
 parse and validate with the batch validator, drop duplicate ids, stateful point-in-time history features,
@@ -21,7 +31,8 @@ model_scorer), and sinks:
 JSON lines under <output_dir>/streaming/ ({features, predictions,
 aggregates/<key>, dead_letter}/<name>-<pane>.jsonl, a file per output every
 --file_every of processing time and at the end) and Pub/Sub topics
-(--output_topic, --dead_letter_topic). Counters (namespace mlpipe):
+(--output_topic, --dead_letter_topic), or Kafka topics with
+--bootstrap_servers. Counters (namespace mlpipe):
 records_read, records_valid, records_dead_lettered, records_late,
 feature_rows, feature_rows_scored, predictions_written (run_summary.json of
 a replay counts the output files instead: see summarize_outputs).
@@ -42,8 +53,10 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
 from pipelines import io, metrics, preflight
+from pipelines.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.summary import ingest_lines
-from pipelines.options import (StreamingOptions, aggregate_window, flags,
+from pipelines.options import (RecordOptions, StreamingOptions,
+                               aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
 from transforms.inference import (ModelIntegrityError, ScoreRecords,
@@ -53,6 +66,8 @@ from transforms.aggregates import (AGGREGATES, LATE,
 from transforms.common import (DEAD_LETTER, VALID, CountElements,
                                micros_to_rfc3339)
 from transforms.history import StatefulHistoryFeatures
+from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
+                              kafka_expansion_service)
 from transforms.parse import StreamingParseAndValidate
 from transforms.read import (InputError, ReadPubSubRecords, ReplayFile,
                              check_input)
@@ -194,7 +209,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   s = settings(opts, dataset)
 
   replay = None
-  if opts.input_subscription or opts.input_topic:
+  kafka = (kafka_expansion_service(opts.kafka_expansion_jar)
+           if opts.bootstrap_servers else None)
+  if kafka:
+    raw = p | 'ReadKafka' >> ReadKafkaRecords(
+        opts.bootstrap_servers, opts.input_topic, kafka,
+        opts.max_num_records)
+  elif opts.input_subscription or opts.input_topic:
     raw = p | 'ReadPubSub' >> ReadPubSubRecords(
         opts.input_subscription, opts.input_topic, opts.timestamp_attribute)
   else:
@@ -243,10 +264,16 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   for name, (rows, folder) in files.items():
     rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
         folder, name, s.file_every)
-  if opts.output_topic:
-    (predictions if predictions is not None else features) | (
-        'Publish' >> WriteJsonToPubSub(opts.output_topic))
-  if opts.dead_letter_topic:
+  published = predictions if predictions is not None else features
+  if kafka and opts.output_topic:
+    published | 'PublishToKafka' >> WriteJsonToKafka(
+        opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field)
+  elif opts.output_topic:
+    published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
+  if kafka and opts.dead_letter_topic:
+    dead | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
+        opts.bootstrap_servers, opts.dead_letter_topic, kafka)
+  elif opts.dead_letter_topic:
     dead | 'PublishDeadLetters' >> WriteJsonToPubSub(opts.dead_letter_topic)
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
@@ -302,23 +329,41 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   options.view_as(StandardOptions).streaming = True
   opts = flags(options, StreamingOptions)
   preflight.check_runner(options)
+  preflight.check_services(options)
   dataset = load_dataset(opts.schema)
   check_streamable(dataset)
   settings(opts, dataset)
   reference_micros(opts)
   if opts.input_subscription and opts.input_topic:
     raise InputError('give --input_subscription or --input_topic, not both')
-  if opts.input_subscription or opts.input_topic:
+  streamed = bool(opts.input_subscription or opts.input_topic)
+  if opts.bootstrap_servers:
+    if _runner_name(options) in _DIRECT_RUNNERS:
+      raise InputError('--bootstrap_servers needs a runner that runs '
+                       'Java transforms (FlinkRunner): the Python '
+                       'DirectRunner cannot run KafkaIO')
+    preflight.check_kafka(opts)
+    source = f'Kafka topic {opts.input_topic} at {opts.bootstrap_servers}'
+  elif streamed:
     source = opts.input_subscription or opts.input_topic
   else:
     source = f'{len(check_input(opts.input, opts.input_format))} file(s) ' \
              f'from {opts.input} (replay)'
+  if opts.registry and not opts.model_dir:
+    # Score with the champion; on a runner with streaming side inputs,
+    # follow its changes (each promotion writes a pointer file).
+    opts.model_dir = Registry(opts.registry).champion_dir()
+    options.view_as(RecordOptions).model_dir = opts.model_dir
+    if (not opts.model_watch_pattern and
+        _runner_name(options) not in _DIRECT_RUNNERS):
+      opts.model_watch_pattern = io.join(opts.registry, PROMOTIONS, '*.json')
+      options.view_as(StreamingOptions).model_watch_pattern = (
+          opts.model_watch_pattern)
   check_model_watch(opts, options)
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
   root = io.join(opts.output_dir, STREAMING)
-  inputs = [] if opts.input_subscription or opts.input_topic else (
-      check_input(opts.input, opts.input_format))
+  inputs = [] if streamed else check_input(opts.input, opts.input_format)
   io.check_output_dir(opts.output_dir, inputs + [opts.model_dir], [root])
   io.clear(root)
 
@@ -331,7 +376,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
       else None
   result.wait_until_finish()
 
-  summary = summarize_outputs(root, dataset, built['records_replayed'])
+  read = built['records_replayed']
+  if opts.bootstrap_servers and opts.max_num_records:
+    read = opts.max_num_records
+  summary = summarize_outputs(root, dataset, read)
   summary['output_dir'] = root
   io.write_json(io.join(root, 'run_summary.json'), summary)
   metrics.write_metrics(dict(summary, status='ok'),
@@ -363,9 +411,17 @@ def main(argv: Optional[List[str]] = None) -> int:
   try:
     run(argv)
   except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
+          RegistryError,
           preflight.PreflightError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
+  except Exception as e:  # pylint: disable=broad-except
+    # A job that fails on the runner (a Java error on Flink, say): one line,
+    # not a stack trace, as the run's last word.
+    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+    print(f'error: the run failed: {type(e).__name__}: {first}',
+          file=sys.stderr)
+    return 3
   return 0
 
 

@@ -12,8 +12,9 @@
 #                  worker pool address), when set
 #   PARALLELISM    --parallelism (default 2)
 #   FLINK_VERSION  --flink_version (1.17-1.20, default: Beam's newest)
-#   FLINK_JOB_SERVER_JAR  a local beam-runners-flink-<v>-job-server jar, for
-#                  machines that cannot download it from Maven Central
+#   FLINK_JOB_SERVER_JAR  the job server jar (default: the launcher that
+#                  runners/fetch_jars.sh builds, runners/.jars/
+#                  beam-flink-job-server.jar)
 #   JOB_ENDPOINT   a running Beam Flink job server (host:8099) instead
 #
 #   runners/flink.sh --input 'data/in/*.jsonl' --output_dir /tmp/out
@@ -36,8 +37,14 @@ fi
 if [[ -n "${FLINK_VERSION:-}" ]]; then
   args+=(--flink_version "$FLINK_VERSION")
 fi
-if [[ -n "${FLINK_JOB_SERVER_JAR:-}" ]]; then
-  args+=(--flink_job_server_jar "$FLINK_JOB_SERVER_JAR")
+# The launcher runners/fetch_jars.sh builds, unless another jar or a running
+# job server is given (nothing is downloaded at run time).
+jar="${FLINK_JOB_SERVER_JAR:-}"
+if [[ -z "$jar" && -z "${JOB_ENDPOINT:-}" ]]; then
+  jar="$ROOT/runners/.jars/beam-flink-job-server.jar"
+fi
+if [[ -n "$jar" ]]; then
+  args+=(--flink_job_server_jar "$jar")
 fi
 if [[ -n "${JOB_ENDPOINT:-}" ]]; then
   args+=(--job_endpoint "$JOB_ENDPOINT")

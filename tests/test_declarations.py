@@ -104,6 +104,19 @@ def _parquet(pattern):
   return pa.concat_tables([pq.read_table(p) for p in paths])
 
 
+def _eval_split(out, dataset, metadata, label):
+  """(the run's estimator, its eval split's feature matrix and labels),
+  rebuilt from the run's outputs as a user would."""
+  table = train.read_transformed(f'{out}/transform/transformed')
+  _, eval_rows = train.split(table, dataset, 0.2)
+  with open(f'{out}/model/model.skops', 'rb') as f:
+    estimator = inference.loads_estimator(f.read(), 'model')
+  x = inference.feature_matrix({n: eval_rows.column(n)
+                                for n in metadata['features']},
+                               metadata['features'])
+  return estimator, x, eval_rows.column(label).to_numpy()
+
+
 def _run(tmp_path, schema, data, *flags):
   out = tmp_path / 'out'
   summary = batch.run(['--schema', schema, '--input', data, '--output_dir',
@@ -220,7 +233,7 @@ def test_bikes_ids_and_keys_keep_their_int_type(bikes_run):
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.schema.field('instant').type == pa.int64()
   assert predictions.column_names == ['instant', 'prediction',
-                                      'model_version']
+                                      'model_version', 'scored_at']
 
 
 def test_bikes_history_of_the_declared_value(bikes_run):
@@ -243,14 +256,7 @@ def test_regression_metrics_equal_scikit_learns(bikes_run):
   dataset = load_dataset(str(glob.glob(f'{os.path.dirname(out)}/*.yaml')[0]))
   metadata = inference.read_metadata(f'{out}/model')
   assert metadata['task'] == 'regression'
-  table = train.read_transformed(f'{out}/transform/transformed')
-  _, eval_rows = train.split(table, dataset, 0.2)
-  with open(f'{out}/model/model.skops', 'rb') as f:
-    estimator = inference.loads_estimator(f.read(), 'model')
-  x = inference.feature_matrix({n: eval_rows.column(n)
-                                for n in metadata['features']},
-                               metadata['features'])
-  y = eval_rows.column('cnt').to_numpy()
+  estimator, x, y = _eval_split(out, dataset, metadata, 'cnt')
   predicted = estimator.predict(x)
   ev = metadata['metrics']['eval']
   assert ev['rmse'] == pytest.approx(
@@ -293,14 +299,7 @@ def test_multiclass_predictions_and_metrics_equal_scikit_learns(survey_run):
   metadata = inference.read_metadata(f'{out}/model')
   assert metadata['task'] == 'multiclass'
   assert metadata['classes'] == ['low', 'medium', 'high']
-  table = train.read_transformed(f'{out}/transform/transformed')
-  _, eval_rows = train.split(table, dataset, 0.2)
-  with open(f'{out}/model/model.skops', 'rb') as f:
-    estimator = inference.loads_estimator(f.read(), 'model')
-  x = inference.feature_matrix({n: eval_rows.column(n)
-                                for n in metadata['features']},
-                               metadata['features'])
-  y = eval_rows.column('risk').to_numpy()
+  estimator, x, y = _eval_split(out, dataset, metadata, 'risk')
   proba = estimator.predict_proba(x)
   ev = metadata['metrics']['eval']
   assert ev['roc_auc'] == pytest.approx(roc_auc_score(
@@ -310,7 +309,8 @@ def test_multiclass_predictions_and_metrics_equal_scikit_learns(survey_run):
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.num_rows == summary['records_valid']
   assert predictions.column_names == ['household', 'score', 'predicted_label',
-                                      'predicted_class', 'model_version']
+                                      'predicted_class', 'model_version',
+                                      'scored_at']
   names = np.array(metadata['classes'])
   index = predictions.column('predicted_label').to_numpy()
   assert (names[index] == np.array(predictions.column(

@@ -8,6 +8,7 @@ import os
 import pytest
 
 from pipelines import batch, generate, registry as registry_lib
+from transforms import inference
 from pipelines.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
                                 RegistryError)
 
@@ -99,8 +100,10 @@ def trained(tmp_path_factory):
                          str(seed)]) == 0
     paths.append(str(path))
   root = str(tmp / 'registry')
+  # The second run compares two model types and registers the better.
   summaries = [batch.run(['--input', p, '--output_dir', str(tmp / f'out{i}'),
-                          '--registry', root])
+                          '--registry', root] + (
+                              ['--model_type', 'gbt,logreg'] if i else []))
                for i, p in enumerate(paths)]
   return tmp, root, paths, summaries
 
@@ -135,3 +138,65 @@ def test_no_train_without_a_champion_is_one_line(tmp_path, capsys):
                      str(tmp_path / 'empty'), '--no-train'])
   assert code == 2
   assert 'has no champion model yet' in capsys.readouterr().err
+
+
+def test_a_champion_pointer_names_the_model_dir(tmp_path):
+  from transforms.inference import ModelIntegrityError, model_dir_of
+  r = Registry(str(tmp_path / 'reg'))
+  r.register(_model(tmp_path, 'v1', 0.9), 'first')
+  pointer = tmp_path / 'reg' / 'promotions' / '000001.json'
+  assert model_dir_of(str(pointer)) == r.champion_dir()
+  assert model_dir_of(str(tmp_path / 'm' / 'metadata.json')) == str(
+      tmp_path / 'm')
+  bad = tmp_path / 'bad.json'
+  bad.write_text('[1, 2]')
+  with pytest.raises(ModelIntegrityError, match='not a champion pointer'):
+    model_dir_of(str(bad))
+
+
+def test_streaming_scores_with_the_champion(trained, tmp_path):
+  from pipelines import streaming
+  tmp, root, paths, _ = trained
+  with open(paths[0]) as f:
+    head = [next(f) for _ in range(120)]
+  small = tmp_path / 'head.jsonl'
+  small.write_text(''.join(head))
+  out = tmp_path / 'stream'
+  summary = streaming.run(['--input', str(small), '--output_dir', str(out),
+                           '--registry', root, '--replay_batch', '60'])
+  champion = Registry(root).champion()['version']
+  rows = [json.loads(line) for path in (out / 'streaming' /
+                                        'predictions').glob('*.jsonl')
+          for line in path.read_text().splitlines()]
+  assert len(rows) == summary['records_valid'] > 100
+  assert {r['model_version'] for r in rows} == {champion}
+
+
+def test_the_best_model_type_is_kept_with_the_others_beside_it(trained):
+  tmp, root, _, (_, second) = trained
+  out = tmp / 'out1'
+  metadata = inference.read_metadata(str(out / 'model'))
+  table = metadata['compared']
+  assert table['metric'] == 'roc_auc'
+  assert set(table['eval']) == {'gbt', 'logreg'}
+  aucs = {k: v['roc_auc'] for k, v in table['eval'].items()}
+  assert table['chosen'] == max(aucs, key=aucs.get)
+  assert metadata['model_type'] == table['chosen']
+  assert metadata['metrics']['eval']['roc_auc'] == aucs[table['chosen']]
+  # Both were evaluated on the same rows.
+  rows = {json.dumps(inference.read_metadata(
+      str(out / 'model_candidates' / k))['training']['rows'])
+          for k in ('gbt', 'logreg')}
+  assert len(rows) == 1
+  # Still a verifiable model, registered with the comparison.
+  inference.verify_model_dir(str(out / 'model'))
+  entry = Registry(root).get(second['registry']['registered'])
+  assert entry['model_type'] == table['chosen']
+  assert entry['compared'] == table
+
+
+def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
+  assert batch.main(['--output_dir', str(tmp_path), '--model_type',
+                     'gbt,forest']) == 2
+  assert "--model_type 'gbt,forest': give one or more of" in \
+      capsys.readouterr().err

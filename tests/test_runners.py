@@ -7,8 +7,11 @@
   * gs:// input and outputs on a local GCS emulator (tests/gcs_emulator.py);
   * pipelines.preflight rejects runner setups that cannot work, one clear
     line each;
-  * FlinkRunner up to its job server (no Flink here): options resolve, the
-    launcher passes flags through, a missing job server jar fails fast.
+  * FlinkRunner up to its job server: options resolve, the launcher passes
+    flags through, a missing job server jar fails fast;
+  * FlinkRunner for real: the batch flow on a local Flink session cluster
+    (tests/services.py, LOOPBACK workers, parallelism 2) gives the
+    DirectRunner's outputs.
 """
 
 import json
@@ -31,9 +34,10 @@ from apache_beam.portability.api import beam_runner_api_pb2
 
 from pipelines import batch, io, preflight
 from pipelines.preflight import PreflightError, check_runner, is_dry_run
+from tests.services import flink_flags
 from tests.test_parse import GOOD
 
-pytest_plugins = ['tests.gcs_emulator']
+pytest_plugins = ['tests.gcs_emulator', 'tests.services']
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUNNERS = os.path.join(REPO, 'runners')
@@ -167,6 +171,17 @@ def test_portable_runner_loopback_matches_direct(input_file, direct_run,
   out = str(tmp_path / 'portable')
   summary = _run(input_file, out, '--runner', 'PortableRunner',
                  '--job_endpoint', 'embed', '--environment_type', 'LOOPBACK')
+  _assert_same_summary(summary, reference)
+  _assert_same_outputs(out, reference_out)
+
+
+def test_flink_session_cluster_matches_direct(input_file, direct_run,
+                                             flink_cluster, tmp_path):
+  """Every stage (ingest, transform, predict) as jobs on the local Flink
+  session cluster: the same counts, feature rows and predictions."""
+  reference, reference_out = direct_run
+  out = str(tmp_path / 'flink')
+  summary = _run(input_file, out, *flink_flags(flink_cluster))
   _assert_same_summary(summary, reference)
   _assert_same_outputs(out, reference_out)
 

@@ -390,7 +390,9 @@ def test_score_records_one_prediction_per_input(trained):
     assert ids == sorted(r['transaction_id'] for r in rows)
     for p in predictions:
       assert set(p) == {'transaction_id', 'score', 'predicted_label',
-                        'model_version'}
+                        'risk_category', 'confidence', 'model_version',
+                        'scored_at'}
+      assert p['scored_at'] is None      # no --reference_time
       assert p['model_version'] == version
       assert 0.0 <= p['score'] <= 1.0
       assert p['predicted_label'] == int(p['score'] >= threshold)

@@ -339,7 +339,9 @@ class AggregateValues(beam.CombineFn):
     return tuple(out)
 
   def merge_accumulators(self, accumulators):
-    return tuple(sum(parts) for parts in zip(*accumulators))
+    # From the zero accumulator: Flink may merge none (an empty pane).
+    return tuple(sum(parts) for parts in zip(self.create_accumulator(),
+                                             *accumulators))
 
   def extract_output(self, acc):
     return acc

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
-from transforms.common import (DEFAULT_SHARDS, Counters, concat_batches,
+from transforms.common import (DEFAULT_SHARDS, CountRows, concat_batches,
                                split_by_shard)
 from transforms.history import history_at
 from transforms.negatives import NEGATIVE_OF, NEGATIVE_RANK, NegativeSampling
@@ -148,19 +148,6 @@ def _add_item_side(element, dataset: Dataset, tables: Dict[str, pa.Table],
   yield _conform(batch, schema)
 
 
-class _Count(beam.DoFn):
-
-  def __init__(self, name: str):
-    self._name = name
-
-  def setup(self):
-    self._counters = Counters()
-
-  def process(self, batch):
-    self._counters.inc(self._name, batch.num_rows)
-    yield batch
-
-
 class TrainingExamples(beam.PTransform):
   """PCollection[pa.RecordBatch] feature rows (`Dataset.feature_types()`)
   -> PCollection[pa.RecordBatch] training examples (`examples_schema`):
@@ -183,7 +170,7 @@ class TrainingExamples(beam.PTransform):
     positives = (features
                  | 'Positives' >> beam.FlatMap(_positives, d, schema)
                  | 'CountPositives' >> beam.ParDo(
-                     _Count('training_positives')))
+                     CountRows('training_positives')))
     name = neg.get('catalogue')
     if name:
       table = self._tables[name]
@@ -211,5 +198,5 @@ class TrainingExamples(beam.PTransform):
         | 'MeetByItem' >> beam.CoGroupByKey()
         | 'AddItemSide' >> beam.FlatMap(_add_item_side, d, self._tables,
                                         schema, neg['k'])
-        | 'CountNegatives' >> beam.ParDo(_Count('training_negatives')))
+        | 'CountNegatives' >> beam.ParDo(CountRows('training_negatives')))
     return (positives, negatives) | 'AllExamples' >> beam.Flatten()

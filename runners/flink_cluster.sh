@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# A local Flink 1.19 session cluster on 127.0.0.1 from the jars that
+# runners/fetch_jars.sh fetched: one JobManager (REST at 127.0.0.1:8081) and
+# one TaskManager with 2 slots, parallelism 2.
+#
+#   runners/flink_cluster.sh start    # waits until the TaskManager registered
+#   runners/flink_cluster.sh status
+#   runners/flink_cluster.sh stop
+#
+# FLINK_REST_PORT (default 8081), FLINK_SLOTS (default 2) and
+# FLINK_TM_MEMORY (default 3072m) change the defaults; MLPIPE_RUN (default
+# runners/.run) holds the configuration, logs and process ids.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+JARS="${MLPIPE_JARS:-$ROOT/runners/.jars}"
+STATE="${MLPIPE_RUN:-$ROOT/runners/.run}/flink"
+PORT="${FLINK_REST_PORT:-8081}"
+SLOTS="${FLINK_SLOTS:-2}"
+CP="$JARS/flink/*"
+
+die() { echo "flink: $*" >&2; exit 2; }
+running() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+registered() {  # the TaskManagers the JobManager knows of
+  python3 - "$PORT" <<'PY' 2>/dev/null
+import json, sys, urllib.request
+with urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/overview', timeout=2) as r:
+    print(json.load(r)['taskmanagers'])
+PY
+}
+
+start() {
+  [[ -f "$JARS/flink/.fetched" ]] || die "no Flink jars in $JARS/flink: run runners/fetch_jars.sh"
+  if running jobmanager; then echo "flink: already running (REST at 127.0.0.1:$PORT)"; return; fi
+  rm -rf "$STATE"; mkdir -p "$STATE/conf" "$STATE/tmp"
+  cat > "$STATE/conf/flink-conf.yaml" <<CONF
+jobmanager.rpc.address: 127.0.0.1
+jobmanager.bind-host: 127.0.0.1
+jobmanager.rpc.port: ${FLINK_RPC_PORT:-6123}
+rest.address: 127.0.0.1
+rest.bind-address: 127.0.0.1
+rest.port: $PORT
+blob.server.port: 0
+taskmanager.host: 127.0.0.1
+taskmanager.bind-host: 127.0.0.1
+taskmanager.numberOfTaskSlots: $SLOTS
+parallelism.default: 2
+jobmanager.memory.process.size: 1024m
+taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-3072m}
+# Beam's graphs have many shuffles: Flink's default network share is short.
+taskmanager.memory.network.min: 512m
+taskmanager.memory.network.max: 512m
+# Each blocking (batch) partition takes this many buffers (Flink's default
+# 512); a job with dozens of shuffles would run out with it.
+taskmanager.network.sort-shuffle.min-buffers: 64
+io.tmp.dirs: $STATE/tmp
+web.submit.enable: false
+CONF
+  # What Flink's own jobmanager.sh / taskmanager.sh do: BashJavaUtils turns
+  # the memory settings into JVM flags and explicit -D settings.
+  local utils tm_jvm tm_dyn jm_jvm jm_dyn
+  utils=$(java -cp "$CP" org.apache.flink.runtime.util.bash.BashJavaUtils \
+          GET_TM_RESOURCE_PARAMS --configDir "$STATE/conf" 2>"$STATE/utils.log" \
+          | sed -n 's/^BASH_JAVA_UTILS_EXEC_RESULT://p') || true
+  tm_jvm=$(sed -n 1p <<<"$utils"); tm_dyn=$(sed -n 2p <<<"$utils")
+  utils=$(java -cp "$CP" org.apache.flink.runtime.util.bash.BashJavaUtils \
+          GET_JM_RESOURCE_PARAMS --configDir "$STATE/conf" 2>>"$STATE/utils.log" \
+          | sed -n 's/^BASH_JAVA_UTILS_EXEC_RESULT://p') || true
+  jm_jvm=$(sed -n 1p <<<"$utils"); jm_dyn=$(sed -n 2p <<<"$utils")
+  [[ -n "$tm_jvm" && -n "$jm_jvm" ]] || die "cannot size the JVMs (see $STATE/utils.log)"
+  # shellcheck disable=SC2086  # word-split the flag lists on purpose
+  nohup java $jm_jvm -cp "$CP" \
+      org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
+      --configDir "$STATE/conf" $jm_dyn > "$STATE/jobmanager.log" 2>&1 &
+  echo $! > "$STATE/jobmanager.pid"
+  # shellcheck disable=SC2086
+  nohup java $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
+      --configDir "$STATE/conf" $tm_dyn > "$STATE/taskmanager.log" 2>&1 &
+  echo $! > "$STATE/taskmanager.pid"
+  for _ in $(seq 1 120); do
+    if [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
+      echo "flink: session cluster up, REST at 127.0.0.1:$PORT ($SLOTS slots)"
+      return
+    fi
+    running jobmanager || break
+    running taskmanager || break
+    sleep 0.5
+  done
+  stop >/dev/null
+  die "the cluster did not come up; see $STATE/jobmanager.log and $STATE/taskmanager.log"
+}
+
+stop() {
+  local name pid
+  for name in taskmanager jobmanager; do
+    if running "$name"; then
+      pid=$(cat "$STATE/$name.pid"); kill "$pid"
+      for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+      kill -9 "$pid" 2>/dev/null || true
+    fi
+    rm -f "$STATE/$name.pid"
+  done
+  echo "flink: stopped"
+}
+
+case "${1:-}" in
+  start) start ;;
+  stop) stop ;;
+  status)
+    if running jobmanager && [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
+      echo "flink: up, REST at 127.0.0.1:$PORT"
+    else
+      echo "flink: not running"; exit 1
+    fi ;;
+  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+esac
