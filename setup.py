@@ -23,12 +23,15 @@ REQUIRED = [
     'threadpoolctl==3.8.0',   # scikit-learn's; imported by the scorer
     # Models are stored in skops' format: loading one runs no code from it.
     'skops==0.16.0',
+    # The run report's plots (ROC, PR, calibration, scores), SVG backend.
+    'matplotlib==3.11.2',
     # The online store and the scoring service (pipelines.serve): redis-py,
     # Starlette (a small ASGI toolkit with a test client) on uvicorn, and
-    # Prometheus metrics (the same pin as the run report's).
+    # Prometheus metrics.
     'redis==8.1.0',
     'starlette==1.10.0',
     'uvicorn==0.54.0',
+    # metrics.prom, the streaming job's /metrics and the service's /metrics.
     'prometheus-client==0.26.0',
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
@@ -51,6 +54,8 @@ TESTS = [
     'kafka-python==3.0.12',
     # Starlette's TestClient and the scoring-service tests and bench.
     'httpx==0.28.1',
+    # Drives headless Chromium over the DevTools protocol (report test).
+    'websocket-client==1.9.2',
 ]
 
 setup(

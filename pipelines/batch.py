@@ -23,6 +23,7 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import io, model_stages, preflight, validation
+from pipelines import report as run_report
 from pipelines import summary as summary_lib
 from pipelines.registry import Registry, RegistryError
 from pipelines.options import (BatchOptions, aggregate_window, flags,
@@ -129,12 +130,14 @@ class _Stages:
 
   def __init__(self):
     self._name, self._start = None, None
+    self.seconds = {}   # stage name (its text before ':') -> seconds
 
   def __call__(self, text: Optional[str]):
     now = time.monotonic()
     if self._name:
       print(f'   done in {now - self._start:.1f} s', file=sys.stderr,
             flush=True)
+      self.seconds[self._name.split(':')[0]] = round(now - self._start, 3)
     self._name, self._start = text, now
     if text:
       print(f'== {text}', file=sys.stderr, flush=True)
@@ -195,9 +198,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     io.clear(folder)
   summary = {}
   try:
-    return _run_stages(options, opts, dataset, paths, summary, metadata,
-                       training_stats, baseline)
+    _run_stages(options, opts, dataset, paths, summary, metadata,
+                training_stats, baseline)
+    run_report.publish(summary, opts)   # report, metrics, history
+    return summary
   except validation.DataValidationError:
+    run_report.publish(summary, opts)
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Any failure during the run: the summary and a log say so, the
@@ -362,6 +368,7 @@ def _dry_run(options: PipelineOptions, dataset: Dataset):
 
 def _finish(summary, outputs, out, stages):
   stages(None)
+  summary['stage_seconds'] = stages.seconds
   summary['outputs'] = outputs
   io.write_json(io.join(out, SUMMARY_FILE), summary)
   _print_summary(summary, out)

@@ -108,6 +108,15 @@ class BatchOptions(PipelineOptions):
         help='Shards of the keyed shuffles (duplicates by id, history by '
         'entity): each moves (shard, RecordBatch) pairs. The default suits '
         'one machine to a few dozen workers; raise it with the workers.')
+    parser.add_argument(
+        '--history', default=None,
+        help='Run history (JSON lines) this run appends to (default: '
+        'runs.jsonl beside --output_dir, in its parent folder).')
+    parser.add_argument(
+        '--retain_runs', default=None, type=int,
+        help='Keep the outputs of the latest N runs of the history and '
+        'delete older ones (never a folder holding a registry or its '
+        'champion). Default: keep everything.')
 
 
 class StreamingOptions(PipelineOptions):
@@ -181,6 +190,10 @@ class StreamingOptions(PipelineOptions):
     parser.add_argument(
         '--model_watch_interval', default=360.0, type=float,
         help='Seconds between two matches of --model_watch_pattern.')
+    parser.add_argument(
+        '--metrics_port', default=None, type=int,
+        help='Serve Prometheus metrics on 127.0.0.1:PORT/metrics while the '
+        'job runs (see pipelines.metrics).')
 
 
 def flags(options: PipelineOptions, options_class) -> types.SimpleNamespace:

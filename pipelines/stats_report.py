@@ -386,3 +386,32 @@ def write_html(path: str, stats: Stats,
   with FileSystems.create(path, mime_type='text/html') as f:
     f.write(page.encode('utf-8'))
   return path
+
+
+# Parts for other pages (pipelines.report) -------------------------------------
+CSS = _CSS
+
+
+def feature_cards(stats: Stats,
+                  anomalies: Optional[List[Dict[str, Any]]] = None,
+                  timestamp_features: Iterable[str] = ()) -> str:
+  """The per-feature cards of `render_html` (id `f-<name>` each), for the
+  first slice of `stats`."""
+  dataset = stats.datasets[0] if stats.datasets else (
+      statistics_pb2.DatasetFeatureStatistics())
+  by_feature: Dict[str, List[Dict[str, Any]]] = {}
+  for a in anomalies or []:
+    by_feature.setdefault(str(a['feature']), []).append(a)
+  timestamp_features = set(timestamp_features)
+  return ''.join(_feature_card(f, dataset.num_examples, by_feature,
+                               timestamp_features)
+                 for f in sorted(dataset.features, key=_feature_name))
+
+
+def anomalies_table(anomalies: List[Dict[str, Any]]) -> str:
+  """The anomalies section of `render_html` (links to `feature_cards`)."""
+  return _anomalies_section(anomalies)
+
+
+def feature_anchor(name: str) -> str:
+  return _anchor(name)

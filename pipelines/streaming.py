@@ -52,7 +52,7 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
-from pipelines import io, preflight
+from pipelines import io, metrics, preflight
 from pipelines.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.summary import ingest_lines
 from pipelines.options import (RecordOptions, StreamingOptions,
@@ -376,7 +376,11 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   print(f'== Streaming: {source}', file=sys.stderr, flush=True)
   p = beam.Pipeline(options=options)
   built = build_pipeline(p, options, dataset)
-  p.run().wait_until_finish()
+  result = p.run()
+  # Live: each scrape reads the job's counters; then the final summary.
+  live = metrics.serve(opts.metrics_port, result) if opts.metrics_port \
+      else None
+  result.wait_until_finish()
 
   read = built['records_replayed']
   if opts.bootstrap_servers and opts.max_num_records:
@@ -384,6 +388,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   summary = summarize_outputs(root, dataset, read)
   summary['output_dir'] = root
   io.write_json(io.join(root, 'run_summary.json'), summary)
+  metrics.write_metrics(dict(summary, status='ok'),
+                        io.join(root, metrics.METRICS_FILE))
+  if live:
+    live[0].update(dict(summary, status='ok'))
   _print_summary(summary)
   return summary
 

@@ -984,8 +984,9 @@ def _load_risk(c: _Checker, raw, label) -> Dict[str, Any]:
 
   Bands cut [0, 1] by their lower edges (ascending, the first 0): a score
   is in the last band whose edge it reaches, so every score is in exactly
-  one band. Confidence: band_margin (1 in the middle of the band, 0 at its
-  edges: how far the score is from another category) or probability
+  one band. Confidence: band_margin (how far the score is from another
+  category: 0 on a border with another band, 1 as far as the band allows;
+  0 and 1 border nothing) or probability
   (max(score, 1 - score): the model's certainty in its predicted label).
   """
   risk = dict(c.mapping(raw.get('risk'), 'risk'))

@@ -31,7 +31,10 @@ def test_band_margin_confidence():
                                     RISK)
   assert category.to_pylist() == ['low', 'medium', 'high', 'high',
                                   'critical']
-  np.testing.assert_allclose(confidence, [1.0, 1.0, 0.0, 0.05, 1.0])
+  # low and critical border one band each; medium and high two.
+  np.testing.assert_allclose(confidence, [0.5, 1.0, 0.0, 0.05, 0.5])
+  _, sure = risk_bands(np.array([0.0, 1.0]), RISK)
+  np.testing.assert_allclose(sure, [1.0, 1.0])
 
 
 def test_bands_are_ordered_by_edge_not_by_writing(tmp_path):

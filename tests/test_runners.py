@@ -96,10 +96,12 @@ def _flatten(value, prefix=''):
 
 
 def _comparable(summary):
-  """The summary without paths (folders differ from run to run)."""
+  """The summary without paths (folders differ from run to run) and
+  stage durations (measurements)."""
   flat = _flatten(summary)
   return {k: v for k, v in flat.items()
-          if not k.startswith('outputs.') and k != 'model.dir'}
+          if not k.startswith(('outputs.', 'stage_seconds.')) and
+          k != 'model.dir'}
 
 
 def _assert_same_summary(summary, reference):

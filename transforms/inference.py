@@ -452,7 +452,10 @@ def risk_bands(scores: np.ndarray, risk: Mapping[str, Any]
   """Scores in [0, 1] -> (risk category, confidence), as the declaration's
   `risk:` section defines them (schemas.dataset._load_risk): the band is
   the last whose lower edge the score reaches; band_margin confidence is
-  the distance to the band's nearer edge over half its width."""
+  the distance to the nearest edge shared with another band, over the
+  farthest a score of the band can be from one (half the width of a middle
+  band, the whole width of the lowest and the highest): 1 as far from
+  another category as the band allows, 0 on its border."""
   names = pa.array([name for name, _ in risk['bands']], pa.string())
   edges = np.array([edge for _, edge in risk['bands']], dtype=np.float64)
   band = np.clip(np.searchsorted(edges, scores, side='right') - 1, 0,
@@ -460,10 +463,15 @@ def risk_bands(scores: np.ndarray, risk: Mapping[str, Any]
   if risk.get('confidence', 'band_margin') == 'probability':
     confidence = np.maximum(scores, 1.0 - scores)
   else:
+    # Only edges shared with another band count: 0 and 1 border nothing.
     lower = edges[band]
     upper = np.append(edges[1:], 1.0)[band]
-    confidence = np.clip(np.minimum(scores - lower, upper - scores) /
-                         ((upper - lower) / 2), 0.0, 1.0)
+    last = len(edges) - 1
+    to_lower = np.where(band > 0, scores - lower, np.inf)
+    to_upper = np.where(band < last, upper - scores, np.inf)
+    reach = np.where((band > 0) & (band < last), (upper - lower) / 2,
+                     upper - lower)
+    confidence = np.clip(np.minimum(to_lower, to_upper) / reach, 0.0, 1.0)
   return names.take(pa.array(band, pa.int64())), confidence
 
 
