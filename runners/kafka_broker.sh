@@ -43,6 +43,11 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
+# Records carry their event time (CreateTime), which for a replayed history
+# is weeks old: time-based retention (default 7 days) would delete them as
+# soon as they are written, and a reader would find the topic empty.
+log.retention.ms=-1
+log.retention.bytes=-1
 CONF
   local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true)
   java "${java_opts[@]}" -cp "$CP" kafka.tools.StorageTool format \
