@@ -26,6 +26,11 @@ answers() {  # the broker accepts connections on its port
 start() {
   [[ -f "$JARS/kafka/.fetched" ]] || die "no Kafka jars in $JARS/kafka: run runners/fetch_jars.sh"
   if running; then echo "kafka: already running at 127.0.0.1:$PORT"; return; fi
+  # A broker this state folder does not know (a killed test run's, say)
+  # would answer for the new one and never be stopped: refuse instead.
+  if answers; then
+    die "port $PORT is in use (a broker left by another run? stop it, e.g. kill the pid in its MLPIPE_RUN folder, or set KAFKA_PORT)"
+  fi
   rm -rf "$STATE"; mkdir -p "$STATE/data"
   cat > "$STATE/server.properties" <<CONF
 process.roles=broker,controller
