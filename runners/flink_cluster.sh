@@ -20,6 +20,9 @@ CP="$JARS/flink/*"
 
 die() { echo "flink: $*" >&2; exit 2; }
 running() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
+in_use() {  # something accepts connections on 127.0.0.1:$1
+  python3 -c "import socket,sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1).close()" "$1" 2>/dev/null
+}
 registered() {  # the TaskManagers the JobManager knows of
   python3 - "$PORT" <<'PY' 2>/dev/null
 import json, sys, urllib.request
@@ -31,6 +34,11 @@ PY
 start() {
   [[ -f "$JARS/flink/.fetched" ]] || die "no Flink jars in $JARS/flink: run runners/fetch_jars.sh"
   if running jobmanager; then echo "flink: already running (REST at 127.0.0.1:$PORT)"; return; fi
+  # A cluster this state folder does not know (a killed test run's, say)
+  # would answer for the new one and never be stopped: refuse instead.
+  if in_use "$PORT"; then
+    die "port $PORT is in use (a cluster left by another run? stop it, e.g. kill the pids in its MLPIPE_RUN folder, or set FLINK_REST_PORT)"
+  fi
   rm -rf "$STATE"; mkdir -p "$STATE/conf" "$STATE/tmp"
   cat > "$STATE/conf/flink-conf.yaml" <<CONF
 jobmanager.rpc.address: 127.0.0.1

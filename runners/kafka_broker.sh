@@ -26,6 +26,11 @@ answers() {  # the broker accepts connections on its port
 start() {
   [[ -f "$JARS/kafka/.fetched" ]] || die "no Kafka jars in $JARS/kafka: run runners/fetch_jars.sh"
   if running; then echo "kafka: already running at 127.0.0.1:$PORT"; return; fi
+  # A broker this state folder does not know (a killed test run's, say)
+  # would answer for the new one and never be stopped: refuse instead.
+  if answers; then
+    die "port $PORT is in use (a broker left by another run? stop it, e.g. kill the pid in its MLPIPE_RUN folder, or set KAFKA_PORT)"
+  fi
   rm -rf "$STATE"; mkdir -p "$STATE/data"
   cat > "$STATE/server.properties" <<CONF
 process.roles=broker,controller
@@ -43,6 +48,11 @@ transaction.state.log.replication.factor=1
 transaction.state.log.min.isr=1
 group.initial.rebalance.delay.ms=0
 auto.create.topics.enable=true
+# Records carry their event time (CreateTime), which for a replayed history
+# is weeks old: time-based retention (default 7 days) would delete them as
+# soon as they are written, and a reader would find the topic empty.
+log.retention.ms=-1
+log.retention.bytes=-1
 CONF
   local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true)
   java "${java_opts[@]}" -cp "$CP" kafka.tools.StorageTool format \

@@ -125,3 +125,18 @@ def consume_all(bootstrap: str, topic: str, expected: int,
   finally:
     consumer.close()
   return values
+
+
+def produce_values(bootstrap: str, topic: str, values: Iterable[bytes],
+                   timestamp_ms: int = 1) -> int:
+  """Sends raw `values` (no key) to `topic`, stamped `timestamp_ms` (the
+  create-time watermark follows the newest timestamp of a partition, so an
+  old stamp does not move it). Returns how many were sent."""
+  from kafka import KafkaProducer  # pylint: disable=import-outside-toplevel
+  producer = KafkaProducer(bootstrap_servers=bootstrap)
+  values = list(values)
+  for value in values:
+    producer.send(topic, value=value, timestamp_ms=timestamp_ms)
+  producer.flush()
+  producer.close()
+  return len(values)

@@ -500,15 +500,97 @@ class HistoryFeatures(beam.PTransform):
 
 
 # Streaming: one stateful DoFn per entity --------------------------------------
+class _EventHistory:
+  """`spec`'s features of one event from its entity's kept history, in
+  plain Python: the per-event form of `_features` (own=True), equal to
+  `history_features(history + [event])[-1]` bit for bit, in O(kept rows)
+  per event without building Arrow tables.
+
+  History rows are tuples (event time, value, *fields): only what the
+  features read (`fields`: the distinct, novelty and rate fields).
+  """
+
+  def __init__(self, dataset: Dataset, spec: HistorySpec):
+    self._spec, self._ts, self._vf = spec, dataset.timestamp_field, spec.value
+    self._exact = spec.value is None or dataset.fields[spec.value].cents
+    self._fields = tuple(dict.fromkeys(
+        list(spec.distinct) + list(spec.novelty) + list(spec.rates)))
+    self._at = {f: 2 + i for i, f in enumerate(self._fields)}
+    self._types = spec.feature_types()
+    self._longest = max(spec.windows, key=spec.windows.get)
+    self._rates = {(field, name): frozenset(members)
+                   for field, named in spec.rates.items()
+                   for name, members in named.items()}
+
+  def row(self, record: Dict[str, Any]) -> tuple:
+    value = 0.0 if self._vf is None else float(record[self._vf])
+    return (record[self._ts], value) + tuple(
+        _as_key(record[f]) for f in self._fields)
+
+  def features(self, history: List[tuple], event: tuple) -> Dict[str, Any]:
+    h, e, t = self._spec, self._spec.entity, event[0]
+    earlier = [r for r in history if r[0] < t]      # ties excluded
+    out: Dict[str, Any] = {}
+    members, means = {}, {}
+    for window, seconds in h.windows.items():
+      since = t - seconds * MICROS
+      rows = members[window] = [r for r in earlier if r[0] >= since]
+      count = len(rows)
+      if self._exact:
+        # round() as np.rint: half to even, exact integer cents.
+        total = sum(round(r[1] * 100) for r in rows) / 100
+      else:
+        total = math.fsum(r[1] for r in rows)
+      mean = means[window] = total / count if count > 0 else 0.0
+      agg = {'count': count, 'sum': total, 'mean': mean}
+      if 'max' in h.aggregates:
+        agg['max'] = max(r[1] for r in rows) if rows else 0.0
+      for name in h.aggregates:
+        out[f'{e}_{name}_{window}'] = agg[name]
+      for (field, name), values in self._rates.items():
+        at = self._at[field]
+        hits = sum(1 for r in rows if r[at] is not None and r[at] in values)
+        out[f'{e}_{field}_{name}_rate_{window}'] = (
+            hits / count if count > 0 else 0.0)
+    for field, windows in h.distinct.items():
+      at = self._at[field]
+      for window in windows:
+        out[f'{e}_distinct_{field}_{window}'] = len(
+            {r[at] for r in members[window]})
+    for field, window in h.novelty.items():
+      at = self._at[field]
+      out[f'{e}_is_new_{field}_{window}'] = int(
+          all(r[at] != event[at] for r in members[window]))
+    if h.ratio_to_mean:
+      mean = means[h.ratio_to_mean]
+      out[f'{e}_{self._vf}_to_mean_{h.ratio_to_mean}'] = (
+          event[1] / mean if mean > 0 else 1.0)
+    if h.seconds_since_previous:
+      rows = members[self._longest]
+      out[f'{e}_seconds_since_previous'] = (
+          (t - max(r[0] for r in rows)) / MICROS if rows
+          else float(h.horizon))
+    if 'hour' in h.calendar:
+      out['event_hour'] = (t // MICROS) % 86400 // 3600
+    return {name: out[name] for name in self._types}
+
+
+def _as_key(value):
+  """A field value as `_dictionary` compares values: -0.0 is 0.0."""
+  return value + 0.0 if isinstance(value, float) else value
+
+
 class _HistoryFn(beam.DoFn):
   """(entity, record) -> record + history features, one per event.
 
-  State: the entity's records of the last `retention` = horizon + allowed
-  lateness (before its newest event). Each event's features are
-  `history_features(history + [event])` at the event: records that arrived
-  before it and are strictly earlier in event time, within each window.
-  A timer clears the state once the watermark is `retention` past the
-  entity's newest event (no on-time event can need it any more).
+  State: the entity's history rows (`_EventHistory.row`: event time, value
+  and the fields the features read) of the last `retention` = horizon +
+  allowed lateness (before its newest event). Each event's features are
+  those of `history_features(history + [event])` at the event: records that
+  arrived before it and are strictly earlier in event time, within each
+  window (`_EventHistory.features`, without Arrow). A timer clears the
+  state once the watermark is `retention` past the entity's newest event
+  (no on-time event can need it any more).
   """
   HISTORY = BagStateSpec('history', PickleCoder())
   NEWEST = ReadModifyWriteStateSpec('newest', VarIntCoder())
@@ -517,28 +599,34 @@ class _HistoryFn(beam.DoFn):
   def __init__(self, dataset: Dataset, allowed_lateness: int):
     self._dataset = dataset
     self._retention = (dataset.history.horizon + allowed_lateness) * MICROS
+    self._events = None
+
+  def setup(self):
+    self._events = _EventHistory(self._dataset, self._dataset.history)
 
   def process(self, element, history=beam.DoFn.StateParam(HISTORY),
               newest=beam.DoFn.StateParam(NEWEST),
               expire=beam.DoFn.TimerParam(EXPIRE)):
     _, record = element
-    ts = self._dataset.timestamp_field
-    t = record[ts]
+    if self._events is None:  # process() called without setup() (tests)
+      self.setup()
+    event = self._events.row(record)
+    t = event[0]
     previous = newest.read()
     latest = t if previous is None else max(t, previous)
     cutoff = latest - self._retention
     stored = list(history.read())
     # Filtering by the cutoff (not by what happens to be stored) keeps the
     # result independent of when the bag was last compacted.
-    kept = [r for r in stored if r[ts] >= cutoff]
-    features = history_features(kept + [record], self._dataset)[-1]
+    kept = [r for r in stored if r[0] >= cutoff]
+    features = self._events.features(kept, event)
     if len(stored) > 2 * len(kept):
       # Compact once most of the bag is stale: amortised O(1) per event.
       history.clear()
       for r in kept:
         history.add(r)
     if t >= cutoff:
-      history.add(record)
+      history.add(event)
     if latest != previous:
       newest.write(latest)
       expire.set(Timestamp(micros=latest + self._retention + 1))

@@ -60,11 +60,11 @@ class ReadKafkaRecords(beam.PTransform):
     return (pbegin
             | 'ReadFromKafka' >> ReadFromKafka(
                 # No group.id, nothing committed, and every partition read
-                # from its first record (timestamp >= 1 ms): a run's outputs
-                # are a function of the topic, as a replay's of its file.
+                # from its first record: a run's outputs are a function of
+                # the topic, as a replay's of its file. (start_read_time
+                # would fail on a partition with no records.)
                 consumer_config={'bootstrap.servers': self._servers,
                                  'auto.offset.reset': 'earliest'},
-                start_read_time=1,
                 topics=[self._topic],
                 timestamp_policy=ReadFromKafka.create_time_policy,
                 max_num_records=self._max,

@@ -1,0 +1,191 @@
+"""Streaming throughput and latency, by hand (not a test):
+
+    runners/flink_cluster.sh start; runners/kafka_broker.sh start
+    python -m bench.streaming --events 20000 --model_dir /tmp/out/model
+    python -m bench.streaming --events 100000 --model_dir M --skip_replay
+
+Generates `--events` transactions (pipelines.generate, seed 1) and measures
+
+  * replay: `pipelines.streaming --input FILE` on the DirectRunner, as a
+    subprocess; events per second = events / wall time of the whole run
+    (start-up included). A replay emits the file as fast as it can, so its
+    event-to-prediction latency is the run itself: not reported.
+  * kafka-flink: `pipelines.streaming` reading Kafka on the local Flink
+    session cluster (LOOPBACK, `--parallelism`), writing predictions to a
+    topic whose records are stamped by the broker (LogAppendTime). Once the
+    job runs (an unbounded read, cancelled at the end), `--warmup` events
+    go first and the bench waits for their
+    predictions (workers started, model loaded); then the measured events
+    are produced as fast as the producer can. Latency of an event = the
+    broker's append time of its prediction - the time it was handed to the
+    producer (processing time, ms clock of this machine); events per
+    second = measured events / (last prediction - first send).
+
+Prints one table; results go to bench/RESULTS.md by hand.
+"""
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+
+import numpy as np
+
+from pipelines.generate import generate_transactions, write_records
+from transforms.parse import rfc3339_to_micros
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+JARS = os.path.join(REPO, 'runners', '.jars')
+BOOTSTRAP = '127.0.0.1:9092'
+FLINK = 'localhost:8081'
+
+
+def _streaming(args, log):
+  # Its own process group: stopping it also stops the Java job server it
+  # started (which a SIGTERM to Python alone would leave running).
+  return subprocess.Popen([sys.executable, '-m', 'pipelines.streaming', *args],
+                          cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
+                          start_new_session=True)
+
+
+def replay(path, n, model_dir, work):
+  began = time.monotonic()
+  with open(os.path.join(work, 'replay.log'), 'w', encoding='utf-8') as log:
+    code = _streaming(['--input', path, '--output_dir',
+                       os.path.join(work, 'replay'), '--model_dir',
+                       model_dir], log).wait()
+  wall = time.monotonic() - began
+  if code:
+    sys.exit(f'error: the replay failed, see {work}/replay.log')
+  return {'events': n, 'wall_s': wall, 'events_per_s': n / wall}
+
+
+def _running_jobs():
+  with urllib.request.urlopen(f'http://{FLINK}/jobs/overview', timeout=2) as r:
+    return [j for j in json.load(r)['jobs'] if j['state'] == 'RUNNING']
+
+
+def _predictions(consumer, want, timeout_s):
+  """{transaction_id: broker append time ms} of the next `want` records."""
+  got, deadline = {}, time.monotonic() + timeout_s
+  while len(got) < want and time.monotonic() < deadline:
+    for records in consumer.poll(timeout_ms=500).values():
+      for rec in records:
+        got[json.loads(rec.value)['transaction_id']] = rec.timestamp
+  return got
+
+
+def kafka_flink(records, warmup, model_dir, work, parallelism):
+  # pylint: disable=import-outside-toplevel
+  from kafka import KafkaConsumer, KafkaProducer
+  from kafka.admin import KafkaAdminClient, NewTopic
+  run = uuid.uuid4().hex[:8]
+  source, sink = f'bench-in-{run}', f'bench-out-{run}'
+  admin = KafkaAdminClient(bootstrap_servers=BOOTSTRAP)
+  admin.create_topics([
+      NewTopic(source, 2, 1),
+      NewTopic(sink, 2, 1,
+               topic_configs={'message.timestamp.type': 'LogAppendTime'})])
+  admin.close()
+  consumer = KafkaConsumer(sink, bootstrap_servers=BOOTSTRAP,
+                           auto_offset_reset='earliest')
+  log = open(os.path.join(work, 'flink.log'), 'w', encoding='utf-8')  # pylint: disable=consider-using-with
+  job = _streaming([
+      '--runner', 'FlinkRunner', '--flink_master', FLINK,
+      '--environment_type', 'LOOPBACK', '--parallelism', str(parallelism),
+      '--flink_job_server_jar', os.path.join(JARS, 'beam-flink-job-server.jar'),
+      '--bootstrap_servers', BOOTSTRAP, '--input_topic', source,
+      '--output_topic', sink,
+      '--model_dir', model_dir, '--output_dir', os.path.join(work, 'flink')],
+      log)
+  try:
+    began = time.monotonic()
+    while not _running_jobs():
+      if job.poll() is not None or time.monotonic() - began > 300:
+        sys.exit(f'error: the Flink job did not start, see {work}/flink.log')
+      time.sleep(1)
+    started = time.monotonic() - began
+    producer = KafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=5)
+    entity = 'user_id'
+
+    def send(batch):
+      sent = {}
+      for r in batch:
+        sent[r['transaction_id']] = time.time() * 1000
+        # Keyed by entity, stamped with the event time (CreateTime), as
+        # runners/README.md asks of producers.
+        producer.send(source, value=json.dumps(r).encode('utf-8'),
+                      key=r[entity].encode('utf-8'),
+                      timestamp_ms=rfc3339_to_micros(r['event_time']) // 1000)
+      producer.flush()
+      return sent
+
+    send(records[:warmup])
+    warm = _predictions(consumer, warmup, 300)
+    if len(warm) < warmup:
+      sys.exit(f'error: {len(warm)} of {warmup} warm-up predictions came; '
+               f'see {work}/flink.log')
+    measured = records[warmup:]
+    sent = send(measured)
+    out = _predictions(consumer, len(measured), 600)
+  finally:
+    # Unbounded read (no --max_num_records: a bounded KafkaIO read emits
+    # nothing until it has read all its records), so cancel the job.
+    for j in _running_jobs():
+      urllib.request.urlopen(urllib.request.Request(  # pylint: disable=consider-using-with
+          f'http://{FLINK}/jobs/{j["jid"]}?mode=cancel', method='PATCH'),
+          timeout=10).close()
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGTERM)
+      job.wait(timeout=60)
+    log.close()
+    consumer.close()
+  latency = np.array([out[i] - sent[i] for i in sent if i in out])
+  span_s = (max(out.values()) - min(sent.values())) / 1000
+  return {'events': len(measured), 'scored': len(out),
+          'job_start_s': started, 'events_per_s': len(out) / span_s,
+          'p50_ms': float(np.percentile(latency, 50)),
+          'p99_ms': float(np.percentile(latency, 99))}
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(prog='bench.streaming')
+  p.add_argument('--events', type=int, default=20000)
+  p.add_argument('--warmup', type=int, default=500)
+  p.add_argument('--model_dir', required=True)
+  p.add_argument('--parallelism', type=int, default=2)
+  p.add_argument('--skip_replay', action='store_true')
+  p.add_argument('--skip_flink', action='store_true')
+  args = p.parse_args(argv)
+  work = tempfile.mkdtemp(prefix='bench-streaming-')
+  records = generate_transactions(args.events + args.warmup, seed=1)
+  rows = []
+  if not args.skip_replay:
+    path = os.path.join(work, 'tx.jsonl')
+    write_records(records[args.warmup:], path, 'jsonl')
+    r = replay(path, args.events, args.model_dir, work)
+    rows.append(('replay, DirectRunner', r['events'], r['events_per_s'],
+                 f'{r["wall_s"]:.1f} s run', '', ''))
+  if not args.skip_flink:
+    r = kafka_flink(records, args.warmup, args.model_dir, work,
+                    args.parallelism)
+    rows.append((f'Kafka on Flink, parallelism {args.parallelism}',
+                 r['scored'], r['events_per_s'],
+                 f'job up in {r["job_start_s"]:.0f} s',
+                 f'{r["p50_ms"]:.0f}', f'{r["p99_ms"]:.0f}'))
+  print('| run | events | events/s | notes | p50 ms | p99 ms |')
+  print('|---|---|---|---|---|---|')
+  for row in rows:
+    print(f'| {row[0]} | {row[1]} | {row[2]:.0f} | {row[3]} | {row[4]} | '
+          f'{row[5]} |')
+  print(f'(work files: {work})')
+
+
+if __name__ == '__main__':
+  main()
