@@ -50,14 +50,7 @@ def _line(entry: Dict[str, Any]) -> str:
 def write(path: str, entries: List[Dict[str, Any]]):
   """Replaces the history with `entries` (locally: a temporary file
   renamed into place, so a reader never sees half of it)."""
-  data = ''.join(_line(e) for e in entries).encode('utf-8')
-  if '://' in path:
-    io.write_bytes(path, data)
-    return
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-  os.replace(temporary, path)
+  io.write_atomic(path, ''.join(_line(e) for e in entries).encode('utf-8'))
 
 
 def append(path: str, summary: Dict[str, Any], output_dir: str

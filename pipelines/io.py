@@ -42,6 +42,23 @@ def write_bytes(path: str, data: bytes):
     f.write(data)
 
 
+def write_atomic(path: str, data: bytes):
+  """Writes a file whole or not at all: locally to a temporary file that is
+  flushed to disk and renamed over `path`; on an object store (gs://) one
+  upload, which is atomic already. A crash leaves the old file or the new
+  one, never half of either."""
+  if '://' in path:
+    write_bytes(path, data)
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  temporary = f'{path}.tmp-{os.getpid()}'
+  with open(temporary, 'wb') as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temporary, path)
+
+
 def read_bytes(path: str) -> bytes:
   with FileSystems.open(path) as f:
     return f.read()

@@ -30,9 +30,7 @@ of one; a model directory is copied before the index names it.
 import pipelines.quiet  # noqa: F401  (first: silences start-up noise)
 
 import argparse
-import hashlib
 import json
-import os
 import sys
 from typing import Any, Dict, List, Optional
 
@@ -49,12 +47,6 @@ CANDIDATE, CHAMPION, RETIRED = 'candidate', 'champion', 'retired'
 
 class RegistryError(ValueError):
   """The registry cannot do what was asked (exit code 2 on the command line)."""
-
-
-def _sha256_file(path: str) -> Optional[str]:
-  if not path or not FileSystems.exists(path):
-    return None
-  return inference.sha256_of(path)
 
 
 class Registry:
@@ -103,18 +95,8 @@ class Registry:
 
   # Writing ------------------------------------------------------------------
   def _write(self, index: Dict[str, Any]):
-    path = io.join(self.root, INDEX)
-    data = json.dumps(index, indent=2, sort_keys=True).encode('utf-8')
-    if '://' in self.root:
-      io.write_bytes(path, data)     # one object upload: all or nothing
-      return
-    os.makedirs(self.root, exist_ok=True)
-    temporary = f'{path}.tmp-{os.getpid()}'
-    with open(temporary, 'wb') as f:
-      f.write(data)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(temporary, path)
+    io.write_atomic(io.join(self.root, INDEX), json.dumps(
+        index, indent=2, sort_keys=True).encode('utf-8'))
 
   def _point_to_champion(self, index: Dict[str, Any], entry: Dict[str, Any]):
     """Writes the next promotions/<n>.json (watched by streaming jobs)."""
@@ -216,10 +198,6 @@ class Registry:
     self._point_to_champion(index, previous)
     self._write(index)
     return previous
-
-
-def declaration_hash(path: str) -> Optional[str]:
-  return _sha256_file(path)
 
 
 # Command line -----------------------------------------------------------------

@@ -38,7 +38,6 @@ import argparse
 import contextlib
 import io as _io
 import json
-import os
 import sys
 import traceback
 from typing import Any, Dict, List, Optional
@@ -308,14 +307,7 @@ def _append(path: str, line: str):
   """Appends a line to a file, written whole to a temporary file and
   renamed over the old one (one upload on object stores)."""
   old = io.read_bytes(path) if FileSystems.exists(path) else b''
-  data = old + line.encode('utf-8') + b'\n'
-  if '://' in path:
-    io.write_bytes(path, data)
-    return
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-  os.replace(temporary, path)
+  io.write_atomic(path, old + line.encode('utf-8') + b'\n')
 
 
 def _reference_time(args, features: Optional[pa.Table],

@@ -596,7 +596,7 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
              'remove classes')
     return LabelSpec(name, task, None)
   if field.type in ('float', 'timestamp'):
-    c.fail(f'roles.label', f'{name} is a {field.type}: a class label is a '
+    c.fail('roles.label', f'{name} is a {field.type}: a class label is a '
            'string or int field', 'declare task: regression for numbers')
   if 'classes' in spec:
     classes = _classes(c, spec['classes'])

@@ -66,7 +66,7 @@ def test_a_crash_mid_promotion_leaves_the_old_index(tmp_path, monkeypatch):
 
   def crash(src, dst):
     raise OSError('power cut')
-  monkeypatch.setattr(registry_lib.os, 'replace', crash)
+  monkeypatch.setattr(registry_lib.io.os, 'replace', crash)
   with pytest.raises(OSError):
     r.promote('v2', 'better')
   monkeypatch.undo()

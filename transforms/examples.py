@@ -20,10 +20,9 @@ model learns it. A negative's id is its positive's id and rank: '<id>#<r>'
 for string ids, -(id * k + r) - 1 for int ids (real ids are >= 0).
 """
 
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, List
 
 import apache_beam as beam
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 

@@ -43,7 +43,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.tfxio import tensor_adapter
 from tfx_bsl.tfxio import tensor_representation_util
 
-from schemas.dataset import MISSING_SUFFIX, SCALES
+from schemas.dataset import MISSING_SUFFIX
 from transforms import arrow
 
 _TF_TYPES = {'string': tf.string, 'float': tf.float32, 'int': tf.int64}

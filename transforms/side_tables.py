@@ -12,15 +12,13 @@ declaration's missing-value handling covers.
 """
 
 import os
-from typing import Dict, List, Optional
+from typing import Dict
 
 import apache_beam as beam
-from apache_beam.io.filesystems import FileSystems
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from schemas.dataset import Dataset, Field
+from schemas.dataset import Dataset
 from transforms.common import concat_batches
 from transforms.read import InputError, check_input, read_batches
 
