@@ -655,7 +655,7 @@ def write_records(records: Sequence[Union[dict, str]], path: str,
 
 
 # Command line --------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
+class Parser(argparse.ArgumentParser):
   """Bad flags: one line on stderr and exit 2, no usage dump."""
 
   def error(self, message):
@@ -665,13 +665,9 @@ class _Parser(argparse.ArgumentParser):
 SCHEMAS = ('transactions', 'interactions')
 
 
-def _parser():
-  p = _Parser(prog='pipelines.generate',
-              description=__doc__.split('\n\n', maxsplit=1)[0])
-  p.add_argument('--schema', choices=SCHEMAS, default='transactions',
-                 help='Dataset: transactions (default) or interactions '
-                 '(pipelines.generate_interactions: adds --items and '
-                 '--items_output).')
+def common_flags(p: argparse.ArgumentParser, users_help: str):
+  """The flags every generator takes (output, format, size, seed, period,
+  broken records), so both datasets' commands read the same."""
   p.add_argument('--output', required=True,
                  help='File to write (.jsonl/.csv, optionally .gz; .avro; '
                  '.parquet).')
@@ -679,8 +675,7 @@ def _parser():
                  help=f'Override the format: {", ".join(FORMATS)}.')
   p.add_argument('--rows', type=int, default=30000,
                  help='Clean records to generate (default 30000).')
-  p.add_argument('--users', type=int, default=None,
-                 help=f'Card holders (default rows/{ROWS_PER_USER}).')
+  p.add_argument('--users', type=int, default=None, help=users_help)
   p.add_argument('--seed', type=int, default=7, help='Random seed.')
   p.add_argument('--start', default=DEFAULT_START,
                  help=f'RFC 3339 start (default {DEFAULT_START}).')
@@ -688,6 +683,16 @@ def _parser():
                  help='Length of the period in days (default 28).')
   p.add_argument('--broken', type=int, default=0,
                  help='Broken records to mix in (default 0).')
+
+
+def _parser():
+  p = Parser(prog='pipelines.generate',
+              description=__doc__.split('\n\n', maxsplit=1)[0])
+  p.add_argument('--schema', choices=SCHEMAS, default='transactions',
+                 help='Dataset: transactions (default) or interactions '
+                 '(pipelines.generate_interactions: adds --items and '
+                 '--items_output).')
+  common_flags(p, f'Card holders (default rows/{ROWS_PER_USER}).')
   return p
 
 

@@ -33,7 +33,6 @@ state, no wall clock), so the same flags always give byte-identical files.
 
 import pipelines.quiet  # noqa: F401  pylint: disable=unused-import
 
-import argparse
 import os
 import sys
 import time
@@ -41,6 +40,7 @@ from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from pipelines import generate
 from pipelines.generate import (DEFAULT_START, TEXT_FORMATS, Broken,
                                 UsageError, _csv_line, _json_line, _open_text,
                                 _write_csv, _write_jsonl, insert_broken,
@@ -359,40 +359,18 @@ def default_items_output(output: str) -> str:
 
 
 # Command line --------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-  """Bad flags: one line on stderr and exit 2, no usage dump."""
-
-  def error(self, message):
-    self.exit(2, f'{self.prog}: error: {message}\n')
-
-
 def _parser():
-  p = _Parser(prog='pipelines.generate --schema interactions',
-              description=__doc__.split('\n\n', maxsplit=1)[0])
+  p = generate.Parser(prog='pipelines.generate --schema interactions',
+                      description=__doc__.split('\n\n', maxsplit=1)[0])
   p.add_argument('--schema', choices=['interactions'], default='interactions',
                  help='Always interactions here (pipelines.generate '
                  'dispatches on it).')
-  p.add_argument('--output', required=True,
-                 help='File to write (.jsonl/.csv, optionally .gz; .avro; '
-                 '.parquet).')
+  generate.common_flags(p, f'Users (default rows/{ROWS_PER_USER}).')
   p.add_argument('--items_output', default=None,
                  help='Items side table (CSV; default items.csv beside '
                  '--output).')
-  p.add_argument('--format', default=None,
-                 help=f'Override the format: {", ".join(FORMATS)}.')
-  p.add_argument('--rows', type=int, default=30000,
-                 help='Clean records to generate (default 30000).')
-  p.add_argument('--users', type=int, default=None,
-                 help=f'Users (default rows/{ROWS_PER_USER}).')
   p.add_argument('--items', type=int, default=None,
                  help=f'Items (default rows/{ROWS_PER_ITEM}, at least 10).')
-  p.add_argument('--seed', type=int, default=7, help='Random seed.')
-  p.add_argument('--start', default=DEFAULT_START,
-                 help=f'RFC 3339 start (default {DEFAULT_START}).')
-  p.add_argument('--days', type=int, default=28,
-                 help='Length of the period in days (default 28).')
-  p.add_argument('--broken', type=int, default=0,
-                 help='Broken records to mix in (default 0).')
   return p
 
 

@@ -59,6 +59,20 @@ def write_atomic(path: str, data: bytes):
   os.replace(temporary, path)
 
 
+def failure_line(error: BaseException, log: str, what: str) -> str:
+  """The one stderr line of a command that failed mid-run: `what` failed,
+  the error's first line, and where its traceback went (written to `log`
+  when that can be written; the traceback of the exception being handled)."""
+  import traceback
+  message = f'{type(error).__name__}: {error}'.splitlines()[0]
+  try:
+    write_bytes(log, traceback.format_exc().encode('utf-8'))
+  except Exception:  # pylint: disable=broad-except
+    log = None   # the output folder cannot be written either
+  return f'error: {what} failed: {message}' + (
+      f' (details in {log})' if log else '')
+
+
 def read_bytes(path: str) -> bytes:
   with FileSystems.open(path) as f:
     return f.read()

@@ -35,7 +35,6 @@ import dataclasses
 import datetime
 import io as _io
 import sys
-import traceback
 from typing import Any, Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -503,14 +502,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     return 2
   except Exception as e:  # pylint: disable=broad-except
     # One line on stderr, the traceback in a log next to the report.
-    message = f'{type(e).__name__}: {e}'.splitlines()[0]
-    log = io.join(args.output_dir, MONITORING, LOG_FILE)
-    try:
-      io.write_bytes(log, traceback.format_exc().encode('utf-8'))
-    except Exception:  # pylint: disable=broad-except
-      log = None   # the output folder cannot be written either
-    print(f'error: monitoring failed: {message}' +
-          (f' (details in {log})' if log else ''), file=sys.stderr)
+    print(io.failure_line(e, io.join(args.output_dir, MONITORING, LOG_FILE),
+                          'monitoring'), file=sys.stderr)
     return 3
   print('\n'.join(summary_lines(out)), flush=True)
   return 0

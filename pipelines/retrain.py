@@ -39,7 +39,6 @@ import contextlib
 import io as _io
 import json
 import sys
-import traceback
 from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -572,16 +571,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   except Exception as e:  # pylint: disable=broad-except
-    message = f'{type(e).__name__}: {e}'.splitlines()[0]
-    if isinstance(e, RunFailed):
-      message = f'training the challenger failed: {message}'
-    log = io.join(args.output_dir, RETRAIN, LOG_FILE)
-    try:
-      io.write_bytes(log, traceback.format_exc().encode('utf-8'))
-    except Exception:  # pylint: disable=broad-except
-      log = None
-    print(f'error: retraining failed: {message}' +
-          (f' (details in {log})' if log else ''), file=sys.stderr)
+    what = ('retraining (training the challenger)' if isinstance(e, RunFailed)
+            else 'retraining')
+    print(io.failure_line(e, io.join(args.output_dir, RETRAIN, LOG_FILE),
+                          what), file=sys.stderr)
     return 3
   print('\n'.join(summary_lines(decision, args.output_dir)), flush=True)
   return 0
