@@ -54,9 +54,11 @@ auto.create.topics.enable=true
 log.retention.ms=-1
 log.retention.bytes=-1
 CONF
+  # --cluster-id=ID, not -t ID: a random base64url id may start with '-',
+  # which the tool would read as an option (seen once in a test run).
   local java_opts=(-Xmx512m -Xms256m -XX:+UseG1GC -Djava.awt.headless=true)
   java "${java_opts[@]}" -cp "$CP" kafka.tools.StorageTool format \
-      -t "$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
+      --cluster-id="$(python3 -c 'import base64,uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')" \
       -c "$STATE/server.properties" > "$STATE/format.log" 2>&1 \
       || die "formatting the storage failed; see $STATE/format.log"
   nohup java "${java_opts[@]}" -cp "$CP" kafka.Kafka "$STATE/server.properties" \
