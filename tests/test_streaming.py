@@ -5,6 +5,7 @@ import json
 import random
 
 import apache_beam as beam
+import pytest
 import pyarrow as pa
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
@@ -59,7 +60,7 @@ def _json_line(record):
 
 
 # History features -----------------------------------------------------------
-def test_history_sees_only_what_arrived_before_and_expires_old_history():
+def test_history_waits_for_the_watermark_and_expires_old_history():
   tx1 = _record(1, T0, 10.0)
   tx2 = _record(2, T0 + 30 * MIN, 20.0)
   tx3 = _record(3, T0 + 10 * MIN, 40.0)        # arrives after tx2
@@ -83,9 +84,9 @@ def test_history_sees_only_what_arrived_before_and_expires_old_history():
                                   r['user_id_is_new_country_7d'])))
     assert_that(rows, equal_to([
         ('tx000000001', 0, 0.0, 1),
-        # tx2 never sees tx3: tx3 (earlier in event time) arrived after it.
-        # Batch would give (2, 50.0).
-        ('tx000000002', 1, 10.0, 0),
+        # tx3 (earlier in event time) arrived after tx2 but before the
+        # watermark passed either: tx2 sees it, as in batch.
+        ('tx000000002', 2, 50.0, 0),
         # tx3 sees tx1 only: tx2 is later in event time.
         ('tx000000003', 1, 10.0, 0),
         # tx4 and tx5 tie: each sees tx1, tx2, tx3 but not the other.
@@ -111,7 +112,10 @@ def _history(n_events=2000, n_users=50, seed=11):
   return records
 
 
-def test_streaming_history_equals_batch_history_in_event_time_order(tmp_path):
+@pytest.mark.parametrize('arrival', ['in_order', 'shuffled'])
+def test_streaming_history_equals_batch_history(tmp_path, arrival):
+  # Shuffled: each chunk's events arrive in random order (as the dedupe
+  # shuffle on a parallel runner delivers them), then the watermark passes.
   records = _history()
   with TestPipeline() as p:
     batches = [pa.RecordBatch.from_pylist(records[i:i + 250],
@@ -128,8 +132,11 @@ def test_streaming_history_equals_batch_history_in_event_time_order(tmp_path):
   stream = TestStream()
   for start in range(0, len(records), 100):
     chunk = records[start:start + 100]
+    if arrival == 'shuffled':
+      chunk = random.Random(start).sample(chunk, len(chunk))
     stream.add_elements([_at(r) for r in chunk])
-    stream.advance_watermark_to(Timestamp(micros=chunk[-1]['event_time']))
+    stream.advance_watermark_to(
+        Timestamp(micros=max(r['event_time'] for r in chunk)))
   stream.advance_watermark_to_infinity()
   with _streaming() as p:
     rows = (p | stream | StatefulHistoryFeatures(DATASET, 3600)

@@ -38,8 +38,9 @@ Both forms:
     entity meets in one shard; each shard is one `history_table` call.
   * streaming, `StatefulHistoryFeatures`: PCollection[dict] ->
     PCollection[dict], a stateful DoFn per entity holding the entity's
-    recent records; each event's features are `history_features` of what
-    arrived before it. With in-order events both forms give equal rows.
+    recent records; each event waits for the watermark, then its features
+    are `history_features` of the entity's earlier events. With on-time
+    events (in any arrival order) both forms give equal rows.
 """
 
 import math
@@ -47,6 +48,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (BagStateSpec,
                                               ReadModifyWriteStateSpec,
@@ -581,19 +583,31 @@ def _as_key(value):
 
 
 class _HistoryFn(beam.DoFn):
-  """(entity, record) -> record + history features, one per event.
+  """(entity, record) -> record + history features, one per event, in the
+  entity's event-time order.
 
-  State: the entity's history rows (`_EventHistory.row`: event time, value
-  and the fields the features read) of the last `retention` = horizon +
-  allowed lateness (before its newest event). Each event's features are
-  those of `history_features(history + [event])` at the event: records that
-  arrived before it and are strictly earlier in event time, within each
-  window (`_EventHistory.features`, without Arrow). A timer clears the
-  state once the watermark is `retention` past the entity's newest event
-  (no on-time event can need it any more).
+  An arriving event waits in state until the watermark passes its event
+  time (a `flush` timer), so every earlier event that is on time has
+  arrived by then, whatever order the runner's shuffles delivered them in
+  (the dedupe shuffle on Flink at parallelism 2 does reorder). Events are
+  then computed in event-time order, so rows equal batch rows exactly for
+  all on-time events. A late event (behind the watermark when it arrives)
+  is computed at the next flush, against the history kept at that point.
+
+  State: the pending events, and the entity's history rows
+  (`_EventHistory.row`: event time, value and the fields the features read)
+  of the last `retention` = horizon + allowed lateness before its newest
+  event. Each event's features are those of `history_features(history +
+  [event])`: kept rows strictly earlier in event time, within each window
+  (`_EventHistory.features`, without Arrow). A timer clears the history
+  once the watermark is `retention` past the entity's newest event (no
+  on-time event can need it any more).
   """
   HISTORY = BagStateSpec('history', PickleCoder())
+  PENDING = BagStateSpec('pending', PickleCoder())
+  FLUSH_AT = ReadModifyWriteStateSpec('flush_at', VarIntCoder())
   NEWEST = ReadModifyWriteStateSpec('newest', VarIntCoder())
+  FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
   EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
 
   def __init__(self, dataset: Dataset, allowed_lateness: int):
@@ -604,35 +618,72 @@ class _HistoryFn(beam.DoFn):
   def setup(self):
     self._events = _EventHistory(self._dataset, self._dataset.history)
 
-  def process(self, element, history=beam.DoFn.StateParam(HISTORY),
-              newest=beam.DoFn.StateParam(NEWEST),
-              expire=beam.DoFn.TimerParam(EXPIRE)):
+  def process(self, element, pending=beam.DoFn.StateParam(PENDING),
+              flush_at=beam.DoFn.StateParam(FLUSH_AT),
+              flush=beam.DoFn.TimerParam(FLUSH)):
     _, record = element
-    if self._events is None:  # process() called without setup() (tests)
+    t = record[self._dataset.timestamp_field]
+    pending.add((t, record))
+    at = flush_at.read()
+    # One timer per entity: the earliest time a flush can happen. A later
+    # event waits for the flush after it (see flush_ready).
+    if at is None or t < at:
+      flush.set(Timestamp(micros=t))
+      flush_at.write(t)
+
+  @on_timer(FLUSH)
+  def flush_ready(self, fired=beam.DoFn.TimestampParam,
+                  pending=beam.DoFn.StateParam(PENDING),
+                  flush_at=beam.DoFn.StateParam(FLUSH_AT),
+                  history=beam.DoFn.StateParam(HISTORY),
+                  newest=beam.DoFn.StateParam(NEWEST),
+                  flush=beam.DoFn.TimerParam(FLUSH),
+                  expire=beam.DoFn.TimerParam(EXPIRE)):
+    if self._events is None:  # called without setup() (tests)
       self.setup()
-    event = self._events.row(record)
-    t = event[0]
-    previous = newest.read()
-    latest = t if previous is None else max(t, previous)
-    cutoff = latest - self._retention
-    stored = list(history.read())
-    # Filtering by the cutoff (not by what happens to be stored) keeps the
-    # result independent of when the bag was last compacted.
-    kept = [r for r in stored if r[0] >= cutoff]
-    features = self._events.features(kept, event)
-    if len(stored) > 2 * len(kept):
-      # Compact once most of the bag is stale: amortised O(1) per event.
-      history.clear()
-      for r in kept:
-        history.add(r)
-    if t >= cutoff:
-      history.add(event)
-    if latest != previous:
+    now = fired.micros
+    waiting = sorted(pending.read(), key=lambda e: e[0])
+    ready = [e for e in waiting if e[0] <= now]
+    rest = waiting[len(ready):]
+    pending.clear()
+    flush_at.clear()
+    if rest:
+      for e in rest:
+        pending.add(e)
+      # The watermark is past `now`, maybe past all of `rest`: one timer at
+      # the latest of them flushes them together (a timer per event would
+      # cost a firing per event).
+      last = rest[-1][0]
+      flush.set(Timestamp(micros=last))
+      flush_at.write(last)
+    yield from self._compute(ready, history, newest, expire)
+
+  def _compute(self, ready, history, newest, expire):
+    """Features of `ready` (event-time order), each against the history
+    kept as of that event, as if the events had arrived one by one."""
+    previous = latest = newest.read()
+    kept = list(history.read())
+    cutoff = None
+    for t, record in ready:
+      latest = t if latest is None else max(t, latest)
+      if latest - self._retention != cutoff:
+        cutoff = latest - self._retention
+        # Filtering by the cutoff (not by what happens to be stored) keeps
+        # the result independent of when the bag was last compacted.
+        kept = [r for r in kept if r[0] >= cutoff]
+      event = self._events.row(record)
+      features = self._events.features(kept, event)
+      if t >= cutoff:
+        kept.append(event)
+      row = dict(record)
+      row.update(features)
+      yield window.TimestampedValue(row, Timestamp(micros=t))
+    history.clear()
+    for r in kept:
+      history.add(r)
+    if latest is not None and latest != previous:
       newest.write(latest)
       expire.set(Timestamp(micros=latest + self._retention + 1))
-    row = dict(record)
-    row.update(features)
-    yield row
 
   @on_timer(EXPIRE)
   def expire_history(self, history=beam.DoFn.StateParam(HISTORY),
@@ -646,11 +697,13 @@ class StatefulHistoryFeatures(beam.PTransform):
 
   The streaming twin of `HistoryFeatures`: each row is the record plus
   `Dataset.history_feature_types()`, from the same `history_features`. An
-  event only sees the history that arrived before it: with in-order events
-  (a replay) the rows equal batch rows exactly; an out-of-order event misses
-  the earlier-in-time records that arrive after it, and one more than
-  `allowed_lateness` behind its entity's newest event may also miss records
-  older than its longest window that were already expired.
+  event is computed once the watermark passes its event time, in the
+  entity's event-time order, so on-time events give rows equal to batch
+  rows whatever order they arrived in; a row leaves up to one watermark
+  step after its event. A late event (behind the watermark on arrival)
+  misses the earlier-in-time records that arrive after it, and one more
+  than `allowed_lateness` behind its entity's newest event may also miss
+  records older than its longest window that were already expired.
   """
 
   def __init__(self, dataset: Dataset, allowed_lateness: int = 0):
