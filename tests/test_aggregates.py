@@ -274,9 +274,10 @@ def _at(record):
 
 
 def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
-  late = _record(5, 5, 1.00)     # 00:05, after its key's clock reached 01:10
+  late = _record(5, 5, 1.00)     # 00:05, after the watermark passed 01:00
   stream = (TestStream()
             .add_elements([_at(r) for r in (TX1, TX2, TX3, TX4)])
+            .advance_watermark_to(Timestamp(micros=T0 + 65 * 60 * 1_000_000))
             .add_elements([_at(late)])
             .advance_watermark_to_infinity())
   with _streaming() as p:
@@ -300,6 +301,6 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
             'message': 'user_id u00001: event at 2026-10-01T00:05:00Z is '
                        'late: its first window ended 2026-10-01T01:00:00Z, '
                        '+ allowed lateness 0s = 2026-10-01T01:00:00Z, not '
-                       'after the key clock 2026-10-01T01:10:00Z',
+                       'after the watermark 2026-10-01T01:00:00Z',
             'raw': dict(late, event_time='2026-10-01T00:05:00Z')}]),
                 label='late')

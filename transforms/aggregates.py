@@ -24,18 +24,21 @@ total_<v> / count; for a binary label, <label>_rate = positives / labelled
 Lateness (streaming), in one place. Let L be the allowed lateness and, for
 an event at event time t, first_end(t) the end of the earliest aggregate
 window that contains t. Per aggregate key, a *lateness clock* is kept: the
-larger of the latest event time of the key's admitted events and the time
-of the key's last fired lateness timer (an event-time timer set at
+time of the key's last fired lateness timer (an event-time timer set at
 first_end + L of each admitted event; it fires only once the watermark has
-passed it). An event is late, and dead-lettered with error_kind 'late', when
+passed it), i.e. a lower bound of the watermark. An event is late, and
+dead-lettered with error_kind 'late', when
 
     first_end(t) + L <= clock(key)
 
-i.e. when even its earliest window has been closed for longer than L, by the
-key's own progress or by the watermark. Late events are never aggregated
-(not even into their later windows); every admitted event is aggregated in
-all of its windows. Lateness is per aggregate table (an event may be late
-for its merchant's table and not for its user's), and late events still get
+i.e. when even its earliest window has been closed for longer than L by the
+watermark, as Beam's own lateness rule (Beam's, not the key's own newest
+event: an event that arrives after later events of its key, as a parallel
+runner's shuffles deliver them, is on time as long as the watermark allows,
+and is aggregated as batch would). Late events are never aggregated (not
+even into their later windows); every admitted event is aggregated in all
+of its windows. Lateness is per aggregate table (an event may be late for
+its merchant's table and not for its user's), and late events still get
 history features and a score.
 
 The gap: a key's clock learns the watermark only from the key's own timers,
@@ -428,11 +431,9 @@ class _RouteLate(beam.DoFn):
           f'{self._key_field} {key}: event at {micros_to_rfc3339(t)} is '
           f'late: its first window ended {micros_to_rfc3339(first_end)}, '
           f'+ allowed lateness {self._lateness // MICROS}s = '
-          f'{micros_to_rfc3339(deadline)}, not after the key clock '
+          f'{micros_to_rfc3339(deadline)}, not after the watermark '
           f'{micros_to_rfc3339(now)}'))
       return
-    if now is None or t > now:
-      clock.write(t)
     pending = set(deadlines.read() or ())
     if deadline not in pending:
       pending.add(deadline)
