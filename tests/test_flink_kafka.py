@@ -3,9 +3,10 @@
   * Flink and Kafka runs that cannot work stop before any job starts: one
     line, exit code 2 (pipelines.preflight.check_services, check_kafka);
   * the streaming job reads generated events and two broken messages from a
-    Kafka topic on the local Flink session cluster (tests/services.py), and
-    writes feature rows equal to the batch definition, one prediction per
-    valid event (RunInference) and dead-letter rows to Kafka topics.
+    Kafka topic on the local Flink session cluster (tests/services.py) at
+    parallelism 2, and writes feature rows and aggregate windows equal to
+    batch's, one prediction per valid event (RunInference) and dead-letter
+    rows to Kafka topics.
 """
 
 import collections
@@ -13,16 +14,21 @@ import json
 import socket
 import zipfile
 
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.testing.test_pipeline import TestPipeline
 import pyarrow as pa
 import pytest
 
 from pipelines import batch, streaming
+from pipelines.options import StreamingOptions, aggregate_window, flags
 from pipelines.generate import generate_transactions, write_records
 from schemas.dataset import load_dataset
 from tests.services import consume_all, flink_flags, produce_file, \
     produce_values
 from tests.test_runners import input_file  # noqa: F401  (fixture)
 from tests.test_train_inference import trained  # noqa: F401  (fixture)
+from transforms.aggregates import EntityAggregates
 from transforms.history import history_table
 from transforms.parse import RecordValidator
 from transforms.read import read_file
@@ -144,10 +150,10 @@ def kafka_stream(flink_cluster, kafka_broker, trained, tmp_path_factory):
   sent = produce_file(kafka_broker, 'transactions', [str(path)], DATASET)
   sent += produce_values(kafka_broker, 'transactions', NOT_RECORDS)
   out = root / 'out'
-  # Parallelism 1: the by-id dedupe shuffle at parallelism 2 can hand an
-  # entity's events to the history step out of order (see runners/README).
+  # Parallelism 2: the by-id dedupe shuffle hands an entity's events to
+  # the history and aggregate steps out of order; both must not care.
   code = streaming.main([
-      *flink_flags(flink_cluster, parallelism=1),
+      *flink_flags(flink_cluster, parallelism=2),
       '--bootstrap_servers', kafka_broker, '--input_topic', 'transactions',
       '--output_topic', 'predictions', '--dead_letter_topic', 'dead_letter',
       '--max_num_records', str(sent), '--model_dir', trained['model_dir'],
@@ -157,6 +163,8 @@ def kafka_stream(flink_cluster, kafka_broker, trained, tmp_path_factory):
   records = [RecordValidator(DATASET).validate(raw) for raw in raws]
   return {'records': records, 'sent': sent,
           'features': _json_rows(out / 'streaming' / 'features'),
+          'aggregates': {key: _json_rows(out / 'streaming' / 'aggregates' / key)
+                         for key in DATASET.aggregate_keys},
           'predictions': consume_all(kafka_broker, 'predictions', N_EVENTS),
           'dead_letter': consume_all(kafka_broker, 'dead_letter',
                                      len(NOT_RECORDS), timeout_s=10)}
@@ -195,3 +203,40 @@ def test_kafka_on_flink_dead_letters_what_is_not_a_record(kafka_stream):
       v.decode('utf-8', 'replace') for v in NOT_RECORDS)
   assert {d['error_kind'] for d in malformed} == {'malformed'}
   assert {d['source_file'] for d in malformed} == {'kafka:transactions'}
+
+
+def _batch_aggregates(records, key, tmp_path):
+  """The batch job's aggregate rows (EntityAggregates) of `records`."""
+  size, period = aggregate_window(
+      flags(PipelineOptions([]), StreamingOptions), DATASET)
+  batch = pa.RecordBatch.from_pylist(records, schema=DATASET.batch_schema())
+  with TestPipeline() as p:
+    _ = (p | beam.Create([batch])
+         | EntityAggregates(DATASET, key, size, period)
+         | beam.FlatMap(lambda b: b.to_pylist())
+         | beam.Map(json.dumps, sort_keys=True)
+         | beam.io.WriteToText(str(tmp_path / key)))
+  return [json.loads(line) for path in sorted(tmp_path.glob(f'{key}*'))
+          for line in path.read_text(encoding='utf-8').splitlines()]
+
+
+def test_kafka_on_flink_aggregates_equal_batch_aggregates(kafka_stream,
+                                                          tmp_path):
+  dead = [json.loads(v) for v in kafka_stream['dead_letter']]
+  assert [d for d in dead if d['error_kind'] == 'late'] == []
+  for key in DATASET.aggregate_keys:
+    # Each window's last pane (panes accumulate) is the batch row.
+    final = {}
+    for row in kafka_stream['aggregates'][key]:
+      at = (row[key], row['window_start'])
+      if at not in final or row['pane_index'] > final[at]['pane_index']:
+        final[at] = row
+    got = sorted(({k: v for k, v in row.items()
+                   if k not in ('pane', 'pane_index')}
+                  for row in final.values()),
+                 key=lambda r: (r[key], r['window_start']))
+    expected = sorted(_batch_aggregates(kafka_stream['records'], key,
+                                        tmp_path),
+                      key=lambda r: (r[key], r['window_start']))
+    assert len(got) == len(expected) > 0
+    assert got == expected
