@@ -16,10 +16,15 @@ Generates `--events` transactions (pipelines.generate, seed 1) and measures
     job runs (an unbounded read, cancelled at the end), `--warmup` events
     go first and the bench waits for their
     predictions (workers started, model loaded); then the measured events
-    are produced as fast as the producer can. Latency of an event = the
+    are produced as fast as the producer can (throughput: latency is then
+    mostly time spent queued behind earlier events), or `--rate` a second
+    (latency below saturation); the bench waits until all predictions
+    came or none came for 120 s. Latency of an event = the
     broker's append time of its prediction - the time it was handed to the
     producer (processing time, ms clock of this machine); events per
-    second = measured events / (last prediction - first send).
+    second = predictions / (last prediction - first send). Each row gives
+    the load average (`uptime`) before and after, as other work shares
+    the machine.
 
 Prints one table; results go to bench/RESULTS.md by hand.
 """
@@ -55,7 +60,7 @@ def _streaming(args, log):
 
 
 def replay(path, n, model_dir, work):
-  began = time.monotonic()
+  load_before, began = _load(), time.monotonic()
   with open(os.path.join(work, 'replay.log'), 'w', encoding='utf-8') as log:
     code = _streaming(['--input', path, '--output_dir',
                        os.path.join(work, 'replay'), '--model_dir',
@@ -63,7 +68,8 @@ def replay(path, n, model_dir, work):
   wall = time.monotonic() - began
   if code:
     sys.exit(f'error: the replay failed, see {work}/replay.log')
-  return {'events': n, 'wall_s': wall, 'events_per_s': n / wall}
+  return {'events': n, 'wall_s': wall, 'events_per_s': n / wall,
+          'load': f'{load_before} -> {_load()}'}
 
 
 def _running_jobs():
@@ -71,17 +77,24 @@ def _running_jobs():
     return [j for j in json.load(r)['jobs'] if j['state'] == 'RUNNING']
 
 
-def _predictions(consumer, want, timeout_s):
-  """{transaction_id: broker append time ms} of the next `want` records."""
-  got, deadline = {}, time.monotonic() + timeout_s
-  while len(got) < want and time.monotonic() < deadline:
+def _predictions(consumer, want, idle_s):
+  """{transaction_id: broker append time ms} of the next `want` records,
+  or of those that came before none came for `idle_s` seconds."""
+  got, last = {}, time.monotonic()
+  while len(got) < want and time.monotonic() - last < idle_s:
     for records in consumer.poll(timeout_ms=500).values():
+      last = time.monotonic()
       for rec in records:
         got[json.loads(rec.value)['transaction_id']] = rec.timestamp
   return got
 
 
-def kafka_flink(records, warmup, model_dir, work, parallelism):
+def _load():
+  return '/'.join(f'{x:.1f}' for x in os.getloadavg())
+
+
+def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
+                extra=()):
   # pylint: disable=import-outside-toplevel
   from kafka import KafkaConsumer, KafkaProducer
   from kafka.admin import KafkaAdminClient, NewTopic
@@ -102,21 +115,23 @@ def kafka_flink(records, warmup, model_dir, work, parallelism):
       '--flink_job_server_jar', os.path.join(JARS, 'beam-flink-job-server.jar'),
       '--bootstrap_servers', BOOTSTRAP, '--input_topic', source,
       '--output_topic', sink,
-      '--model_dir', model_dir, '--output_dir', os.path.join(work, 'flink')],
-      log)
+      '--model_dir', model_dir, '--output_dir', os.path.join(work, 'flink'),
+      *extra], log)
   try:
     began = time.monotonic()
     while not _running_jobs():
-      if job.poll() is not None or time.monotonic() - began > 300:
+      if job.poll() is not None or time.monotonic() - began > 600:
         sys.exit(f'error: the Flink job did not start, see {work}/flink.log')
       time.sleep(1)
     started = time.monotonic() - began
     producer = KafkaProducer(bootstrap_servers=BOOTSTRAP, linger_ms=5)
     entity = 'user_id'
 
-    def send(batch):
-      sent = {}
-      for r in batch:
+    def send(batch, rate=None):
+      sent, start = {}, time.monotonic()
+      for i, r in enumerate(batch):
+        if rate:  # paced: event i leaves at i / rate seconds
+          time.sleep(max(0.0, start + i / rate - time.monotonic()))
         sent[r['transaction_id']] = time.time() * 1000
         # Keyed by entity, stamped with the event time (CreateTime), as
         # runners/README.md asks of producers.
@@ -132,8 +147,10 @@ def kafka_flink(records, warmup, model_dir, work, parallelism):
       sys.exit(f'error: {len(warm)} of {warmup} warm-up predictions came; '
                f'see {work}/flink.log')
     measured = records[warmup:]
-    sent = send(measured)
-    out = _predictions(consumer, len(measured), 600)
+    load_before = _load()
+    sent = send(measured, rate)
+    out = _predictions(consumer, len(measured), 120)
+    load_after = _load()
   finally:
     # Unbounded read (no --max_num_records: a bounded KafkaIO read emits
     # nothing until it has read all its records), so cancel the job.
@@ -150,6 +167,7 @@ def kafka_flink(records, warmup, model_dir, work, parallelism):
   span_s = (max(out.values()) - min(sent.values())) / 1000
   return {'events': len(measured), 'scored': len(out),
           'job_start_s': started, 'events_per_s': len(out) / span_s,
+          'load': f'{load_before} -> {load_after}',
           'p50_ms': float(np.percentile(latency, 50)),
           'p99_ms': float(np.percentile(latency, 99))}
 
@@ -162,6 +180,14 @@ def main(argv=None):
   p.add_argument('--parallelism', type=int, default=2)
   p.add_argument('--skip_replay', action='store_true')
   p.add_argument('--skip_flink', action='store_true')
+  p.add_argument('--rate', type=float, default=None,
+                 help='Kafka: produce the measured events at this many a '
+                 'second (latency below saturation); default: as fast as '
+                 'the producer can (throughput; latency is then mostly '
+                 'queueing)')
+  p.add_argument('--flink_flag', action='append', default=[],
+                 help='extra flag for the Flink job, e.g. '
+                 '--flink_flag=--max_bundle_time_mills=100 (repeatable)')
   args = p.parse_args(argv)
   work = tempfile.mkdtemp(prefix='bench-streaming-')
   records = generate_transactions(args.events + args.warmup, seed=1)
@@ -171,19 +197,22 @@ def main(argv=None):
     write_records(records[args.warmup:], path, 'jsonl')
     r = replay(path, args.events, args.model_dir, work)
     rows.append(('replay, DirectRunner', r['events'], r['events_per_s'],
-                 f'{r["wall_s"]:.1f} s run', '', ''))
+                 f'{r["wall_s"]:.1f} s run', '', '', r['load']))
   if not args.skip_flink:
     r = kafka_flink(records, args.warmup, args.model_dir, work,
-                    args.parallelism)
+                    args.parallelism, args.rate, args.flink_flag)
+    sent = f'{args.rate:g}/s' if args.rate else 'at once'
     rows.append((f'Kafka on Flink, parallelism {args.parallelism}',
-                 r['scored'], r['events_per_s'],
-                 f'job up in {r["job_start_s"]:.0f} s',
-                 f'{r["p50_ms"]:.0f}', f'{r["p99_ms"]:.0f}'))
-  print('| run | events | events/s | notes | p50 ms | p99 ms |')
-  print('|---|---|---|---|---|---|')
+                 f'{r["scored"]} of {r["events"]}', r['events_per_s'],
+                 f'sent {sent}; job up in {r["job_start_s"]:.0f} s'
+                 + ''.join(f'; {f}' for f in args.flink_flag),
+                 f'{r["p50_ms"]:.0f}', f'{r["p99_ms"]:.0f}', r['load']))
+  print('| run | events | events/s | notes | p50 ms | p99 ms | load 1/5/15 min '
+        '(before -> after) |')
+  print('|---|---|---|---|---|---|---|')
   for row in rows:
     print(f'| {row[0]} | {row[1]} | {row[2]:.0f} | {row[3]} | {row[4]} | '
-          f'{row[5]} |')
+          f'{row[5]} | {row[6]} |')
   print(f'(work files: {work})')
 
 

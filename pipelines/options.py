@@ -196,6 +196,35 @@ class StreamingOptions(PipelineOptions):
         'job runs (see pipelines.metrics).')
 
 
+class FlinkJavaOptions(PipelineOptions):
+  """Java FlinkPipelineOptions that Beam's Python SDK does not declare.
+
+  The FlinkRunner sends the job server only the flags some Python
+  PipelineOptions class declares (unknown ones are dropped unless
+  --flink_submit_uber_jar), so these are declared here to reach it; the
+  job server maps checkpointing_interval to checkpointingInterval, etc.
+  Unset (None) flags are not sent: Flink's defaults apply.
+  """
+
+  @classmethod
+  def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--checkpointing_interval', default=None, type=int,
+        help='Flink: milliseconds between checkpoints (default: none).')
+    parser.add_argument(
+        '--shutdown_sources_after_idle_ms', default=None, type=int,
+        help='Flink: milliseconds before a source that has finished is shut '
+        'down. Without checkpoints Flink shuts it down at once, which ends '
+        'an unbounded Kafka read; pipelines.streaming sets it for one.')
+    parser.add_argument(
+        '--max_bundle_size', default=None, type=int,
+        help='Flink: most elements in one bundle (Flink default 1000).')
+    parser.add_argument(
+        '--max_bundle_time_mills', default=None, type=int,
+        help='Flink: most milliseconds one bundle stays open before its '
+        'outputs go downstream (Flink default 1000).')
+
+
 def flags(options: PipelineOptions, options_class) -> types.SimpleNamespace:
   """RecordOptions' flags and `options_class`'s, read as one namespace."""
   values = {}

@@ -55,7 +55,8 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
 from pipelines import io, metrics, preflight
 from pipelines.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.summary import ingest_lines
-from pipelines.options import (RecordOptions, StreamingOptions,
+from pipelines.options import (FlinkJavaOptions, RecordOptions,
+                               StreamingOptions,
                                aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
@@ -324,6 +325,29 @@ def summarize_outputs(root: str, dataset: Dataset,
   }
 
 
+# Never, in ms: Long.MAX_VALUE does not survive the JSON double that carries
+# options to the job server.
+_NEVER_MS = 10**15
+
+
+def keep_sources_up(options: PipelineOptions, opts):
+  """An unbounded Kafka read on Flink: keeps finished sources running.
+
+  Without checkpointing, Flink shuts a source down as soon as it has
+  emitted everything (shutdown_sources_after_idle_ms 0). KafkaIO's read
+  starts from an Impulse that emits once, so the read's input ends, Flink
+  calls finish() on the read and the runner drains the Kafka SDF inside
+  that call, forever: the task's mailbox never runs the timers that close
+  bundles of the stages chained after it, so their outputs stay buffered
+  (seen: 0 records out of the read's task after 500 records read). A
+  bounded read (--max_num_records) ends, and is left alone."""
+  if opts.max_num_records or _runner_name(options) != 'flinkrunner':
+    return
+  java = options.view_as(FlinkJavaOptions)
+  if java.shutdown_sources_after_idle_ms is None:
+    java.shutdown_sources_after_idle_ms = _NEVER_MS
+
+
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the stream until it ends (a replay) or is cancelled (Pub/Sub);
   returns the run summary (also <output_dir>/streaming/run_summary.json)."""
@@ -349,6 +373,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
                        'Java transforms (FlinkRunner): the Python '
                        'DirectRunner cannot run KafkaIO')
     preflight.check_kafka(opts)
+    keep_sources_up(options, opts)
     source = f'Kafka topic {opts.input_topic} at {opts.bootstrap_servers}'
   elif streamed:
     source = opts.input_subscription or opts.input_topic

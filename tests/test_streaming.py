@@ -439,3 +439,23 @@ def test_pubsub_pipeline_builds_with_topics():
   labels = {t.full_label for t in p.transforms_stack[0].parts}
   assert {'ReadPubSub', 'Publish', 'PublishDeadLetters'} <= labels
   assert built['records_replayed'] is None and built['predictions'] is None
+
+
+def test_unbounded_kafka_read_on_flink_keeps_sources_up():
+  """Without checkpointing Flink shuts a finished source down at once; for
+  KafkaIO's Impulse that ends the read's input and stalls the stream
+  (pipeline.keep_sources_up). The flag is set, and sent to the job server,
+  for an unbounded Kafka read on Flink only; a given value is kept."""
+  kafka = ['--bootstrap_servers', '127.0.0.1:9092', '--input_topic', 't']
+  cases = [(['--runner', 'FlinkRunner'] + kafka, 10**15),
+           (['--runner', 'FlinkRunner', '--max_num_records', '5'] + kafka,
+            None),
+           (['--runner', 'FlinkRunner',
+             '--shutdown_sources_after_idle_ms', '7'] + kafka, 7),
+           (['--runner', 'DirectRunner'] + kafka, None)]
+  for argv, want in cases:
+    options = PipelineOptions(argv)
+    pipeline.keep_sources_up(
+        options, pipeline.flags(options, pipeline.StreamingOptions))
+    sent = options.get_all_options(drop_default=True)
+    assert sent.get('shutdown_sources_after_idle_ms') == want, argv
