@@ -54,6 +54,9 @@ taskmanager.numberOfTaskSlots: $SLOTS
 parallelism.default: 2
 jobmanager.memory.process.size: 1024m
 taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-3072m}
+# Each job loads Beam's runner classes again: at the default 256m the
+# TaskManager died of OutOfMemoryError: Metaspace after about 4 jobs.
+taskmanager.memory.jvm-metaspace.size: 1024m
 # Beam's graphs have many shuffles: Flink's default network share is short.
 taskmanager.memory.network.min: 512m
 taskmanager.memory.network.max: 512m

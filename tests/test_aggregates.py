@@ -14,11 +14,13 @@ from apache_beam.testing.test_stream import TestStream
 from apache_beam.testing.util import BeamAssertException, assert_that, equal_to
 from apache_beam.transforms import window
 from apache_beam.utils.timestamp import Timestamp
+from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from schemas.dataset import load_dataset
 from transforms.aggregates import (AGGREGATES, COMPACT_AT, LATE,
-                                   EntityAggregates, StreamingEntityAggregates,
-                                   SumPartials, partial_schema)
+                                   AggregateValues, EntityAggregates,
+                                   StreamingEntityAggregates, SumPartials,
+                                   _ToPaneRow, partial_schema)
 from transforms.common import micros_to_rfc3339
 
 DATASET = load_dataset()
@@ -304,3 +306,19 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
                        'after the watermark 2026-10-01T01:00:00Z',
             'raw': dict(late, event_time='2026-10-01T00:05:00Z')}]),
                 label='late')
+
+
+def test_a_pane_of_no_records_is_not_a_row():
+  # Flink emits such on-time panes (Beam's Python SDK asks for on-time
+  # panes even when empty); a row with records is kept.
+  to_row = _ToPaneRow(DATASET, 'user_id')
+  values = AggregateValues(DATASET)
+  w = window.IntervalWindow(Timestamp(micros=T0),
+                            Timestamp(micros=T0 + 3600 * 1_000_000))
+  pane = PaneInfo(True, True, PaneInfoTiming.ON_TIME, 0, 0)
+  empty = values.create_accumulator()
+  one = values.add_input(empty, ((12.5,), 0))
+  assert list(to_row.process(('u00001', empty), w=w, pane=pane)) == []
+  [row] = to_row.process(('u00001', one), w=w, pane=pane)
+  assert (row['count'], row['total_amount'], row['pane']) == (
+      1, 12.5, 'ON_TIME')
