@@ -32,8 +32,12 @@ line on stderr before anything is served.
 """
 
 import argparse
+import asyncio
+import concurrent.futures
+import contextlib
 import dataclasses
 import sys
+import threading
 import time
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -60,20 +64,65 @@ class UsageError(ValueError):
 
 
 # Scoring ----------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Serving:
+  """The model being served and what scoring needs of it: replaced whole
+  (one attribute assignment), so a request, or a batch of requests, is
+  scored and labelled by one model."""
+  model: LoadedModel
+  version: str
+  id_field: str
+  schema: pa.Schema
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+  """A validated record with its history features: what a request brings
+  to a batch (`row`) and what its answer needs afterwards."""
+  record: Dict[str, Any]
+  features: Dict[str, Any]
+  used: Dict[str, int]
+  row: Dict[str, Any]
+
+
 class Scorer:
-  """Raw record bytes -> the response body of /score.
+  """Raw record bytes -> the response body of /score, in three steps:
+  `prepare` (one request: validation, store read, history features),
+  `predict` (the rows of one or more requests: one transform graph and
+  one model call), `answer` (one request: the response, the store update).
 
   Raises RecordError (a bad record), redis-py's RedisError (the store) or
   online_store.StoreError (a stored value that is not ours)."""
 
   def __init__(self, dataset: Dataset, model: LoadedModel,
                store: online_store.OnlineStore):
-    self.dataset, self.model, self.store = dataset, model, store
+    self.dataset, self.store = dataset, store
     self.validator = RecordValidator(dataset)
+    self.serving = self._serving(model)
+
+  @property
+  def version(self) -> str:
+    return self.serving.version
+
+  def _serving(self, model: LoadedModel) -> Serving:
     metadata = model.metadata
-    self.version = metadata['model_version']
-    self.id_field = metadata.get('id_field') or dataset.id_field
-    self.schema = pa.schema(input_types(metadata, self.id_field).items())
+    wanted = set(metadata['raw_features'])
+    missing = sorted(wanted - set(self.dataset.feature_types()))
+    if missing:
+      raise UsageError(f'model {metadata["model_version"]} needs '
+                       f'{missing[0]}, which {self.dataset.name} does not '
+                       'make')
+    id_field = metadata.get('id_field') or self.dataset.id_field
+    return Serving(model, metadata['model_version'], id_field,
+                   pa.schema(input_types(metadata, id_field).items()))
+
+  def swap(self, model: LoadedModel):
+    """Serves `model` from the next batch on, after checking it scores
+    this dataset's rows and warming it up (requests in flight finish with
+    the model they started with)."""
+    serving = self._serving(model)
+    self._warm_up(serving)
+    self.serving = serving
 
   def features(self, record: Dict[str, Any]
                ) -> Tuple[Dict[str, Any], Dict[str, int]]:
@@ -93,32 +142,178 @@ class Scorer:
     return features, used
 
   def warm_up(self):
-    """Scores one made-up row (empty strings, zeros) before serving, so
-    the first request does not pay for tracing the transform graph."""
-    defaults = {pa.string(): '', pa.float64(): 0.0, pa.int64(): 0}
-    row = {f.name: defaults.get(f.type) for f in self.schema}
-    predict_table(self.model, pa.Table.from_pylist([row], schema=self.schema),
-                  self.id_field)
+    self._warm_up(self.serving)
 
-  def score(self, body: bytes, update: bool = False) -> Dict[str, Any]:
+  @staticmethod
+  def _warm_up(serving: Serving):
+    """Scores one made-up row (empty strings, zeros) before serving, so
+    the first request does not pay for loading kernels."""
+    defaults = {pa.string(): '', pa.float64(): 0.0, pa.int64(): 0}
+    row = {f.name: defaults.get(f.type) for f in serving.schema}
+    predict_table(serving.model, pa.Table.from_pylist(
+        [row], schema=serving.schema), serving.id_field)
+
+  def prepare(self, body: bytes) -> Prepared:
     record = self.validator.validate(decode_message(body, SOURCE))
-    found, counts = self.features(record)
-    row = dict(record, **found)
-    table = pa.Table.from_pylist([row], schema=self.schema)
-    prediction = predict_table(self.model, table, self.id_field).to_pylist()[0]
-    prediction.pop('scored_at', None)
+    found, used = self.features(record)
+    return Prepared(record, found, used, dict(record, **found))
+
+  def predict(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Prediction rows of `rows`, in order, from one model (one graph and
+    one estimator call: rows are padded to a multiple of PAD_ROWS, so a
+    row's score does not depend on the rows scored with it)."""
+    serving = self.serving
+    table = pa.Table.from_pylist(rows, schema=serving.schema)
+    predictions = predict_table(serving.model, table,
+                                serving.id_field).to_pylist()
+    for prediction in predictions:
+      prediction.pop('scored_at', None)
+    return predictions
+
+  def answer(self, prepared: Prepared, prediction: Dict[str, Any],
+             update: bool = False) -> Dict[str, Any]:
+    record = prepared.record
     if update:
-      self.store.append(record, found, self.version)
+      self.store.append(record, prepared.features,
+                        prediction['model_version'])
     ts = self.dataset.timestamp_field
     return dict(prediction, id=record[self.dataset.id_field],
                 event_time=micros_to_rfc3339(record[ts]),
-                features=found, history_records=counts, updated=update)
+                features=prepared.features, history_records=prepared.used,
+                updated=update)
+
+  def score(self, body: bytes, update: bool = False) -> Dict[str, Any]:
+    """One request on its own (no batching)."""
+    prepared = self.prepare(body)
+    return self.answer(prepared, self.predict([prepared.row])[0], update)
+
+
+class Batcher:
+  """Scores the rows of concurrent requests together.
+
+  A request's handler prepares its row on the event loop and awaits
+  `score(row)`; rows wait in a list while the model thread scores the
+  previous batch (and `window` seconds more after the first row, if
+  set); then up to `max_rows` of them go to `predict` in one call on one
+  worker thread, and each handler gets its own prediction. One call per
+  batch pays the graph's and the estimator's fixed cost once (a one-row
+  call costs about what a 16-row call costs), and the event loop keeps
+  reading and preparing requests while the model thread scores.
+  """
+
+  def __init__(self, predict, *, window: float = 0.0, max_rows: int = 64,
+               observe=None):
+    self._predict, self._window, self._max = predict, window, max_rows
+    self._observe = observe or (lambda rows: None)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        1, thread_name_prefix='mlpipe-score')
+    self._pending: List[Tuple[Dict[str, Any], asyncio.Future]] = []
+    self._task: Optional[asyncio.Task] = None
+
+  async def score(self, row: Dict[str, Any]) -> Dict[str, Any]:
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+    self._pending.append((row, future))
+    # One draining task at a time; it ends when nothing waits (so a test
+    # client's short-lived event loops leave no task behind).
+    if self._task is None or self._task.done():
+      self._task = loop.create_task(self._drain())
+    return await future
+
+  async def _drain(self):
+    loop = asyncio.get_running_loop()
+    while self._pending:
+      if self._window:
+        await asyncio.sleep(self._window)
+      batch = self._pending[:self._max]
+      del self._pending[:len(batch)]
+      self._observe(len(batch))
+      try:
+        predictions = await loop.run_in_executor(
+            self._pool, self._predict, [row for row, _ in batch])
+      except Exception as e:  # pylint: disable=broad-except
+        # Every request of the batch fails as the call did (a 500 each).
+        for _, future in batch:
+          if not future.done():
+            future.set_exception(e)
+        continue
+      for (_, future), prediction in zip(batch, predictions):
+        if not future.done():
+          future.set_result(prediction)
+
+
+class ChampionFollower:
+  """Follows a registry's champion without a restart: `check` reads the
+  registry's index (written whole and renamed, so never half of one) and,
+  when its champion is not the version served, loads that model with the
+  verified loader (hashes, signature, skops: nothing in the folder runs)
+  and swaps it in. A champion that cannot be read or fails verification
+  leaves the current model serving; the reason is kept (`error`), said
+  once on stderr, and the next poll tries again. `start` polls every
+  `seconds` on a daemon thread until `stop`."""
+
+  def __init__(self, scorer: Scorer, registry: str, seconds: float):
+    self.scorer, self.registry, self.seconds = scorer, registry, seconds
+    self.swaps, self.failures, self.error = 0, 0, None
+    self._stop = threading.Event()
+    self._thread: Optional[threading.Thread] = None
+
+  def check(self) -> Optional[str]:
+    """One poll: the version now served if it changed, else None."""
+    try:
+      registry = Registry(self.registry)
+      champion = registry.champion()
+      if champion is None or champion['version'] == self.scorer.version:
+        self.error = None
+        return None
+      model = load_model(registry.champion_dir())
+      if model.metadata['model_version'] != champion['version']:
+        raise ModelIntegrityError(
+            f'{registry.champion_dir()} holds model '
+            f'{model.metadata["model_version"]}, the index says '
+            f'{champion["version"]}')
+      self.scorer.swap(model)
+    except (RegistryError, ModelIntegrityError, UsageError, OSError,
+            ValueError, KeyError) as e:
+      self.failures += 1
+      message = f'champion not loaded, still serving {self.scorer.version}:' \
+                f' {e}'
+      if message != self.error:
+        print(f'warning: {message}', file=sys.stderr, flush=True)
+      self.error = message
+      return None
+    self.swaps += 1
+    self.error = None
+    print(f'Serving model {self.scorer.version} (the champion of '
+          f'{self.registry})', file=sys.stderr, flush=True)
+    return self.scorer.version
+
+  def start(self):
+    self._stop.clear()
+    self._thread = threading.Thread(target=self._run, daemon=True,
+                                    name='mlpipe-champion')
+    self._thread.start()
+
+  def _run(self):
+    while not self._stop.wait(self.seconds):
+      self.check()
+
+  def stop(self):
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+      self._thread = None
 
 
 # The web application ----------------------------------------------------------
-def make_app(scorer: Scorer, store_url: str):
+def make_app(scorer: Scorer, store_url: str, *, batch_window: float = 0.0,
+             max_batch_rows: int = 64,
+             follower: Optional[ChampionFollower] = None):
   """The Starlette application around a Scorer, with its own Prometheus
-  registry (so several apps can live in one process, as in the tests)."""
+  registry (so several apps can live in one process, as in the tests).
+  Requests are scored in batches (`Batcher`); a `follower` polls while
+  the application runs (its lifespan: uvicorn's, or a test client's
+  `with` block)."""
   import prometheus_client as prom  # pylint: disable=g-import-not-at-top
   import redis  # pylint: disable=g-import-not-at-top
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
@@ -138,8 +333,19 @@ def make_app(scorer: Scorer, store_url: str):
                               'failed on the online store', registry=metrics)
   info = prom.Gauge('mlpipe_serve_model_info', 'The model being served',
                     ['model_version'], registry=metrics)
-  info.labels(scorer.version).set(1)
+  batch_rows = prom.Histogram(
+      'mlpipe_serve_batch_rows', 'Requests scored per model call',
+      buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=metrics)
+  if follower is not None:
+    prom.Gauge('mlpipe_serve_model_swaps', 'Champion changes followed '
+               'since start', registry=metrics).set_function(
+                   lambda: follower.swaps)
+    prom.Gauge('mlpipe_serve_model_swap_failures', 'Polls that found a '
+               'champion it could not load', registry=metrics).set_function(
+                   lambda: follower.failures)
   shown = online_store.shown_url(store_url)
+  batcher = Batcher(scorer.predict, window=batch_window,
+                    max_rows=max_batch_rows, observe=batch_rows.observe)
 
   def unavailable(e: Exception) -> JSONResponse:
     store_errors.inc()
@@ -153,7 +359,9 @@ def make_app(scorer: Scorer, store_url: str):
     update = request.query_params.get('update', 'false').lower() in (
         'true', '1', 'yes')
     try:
-      response = JSONResponse(scorer.score(body, update))
+      prepared = scorer.prepare(body)
+      prediction = await batcher.score(prepared.row)
+      response = JSONResponse(scorer.answer(prepared, prediction, update))
     except RecordError as e:
       bad.labels(e.kind).inc()
       response = JSONResponse({'error_kind': e.kind, 'field': e.field,
@@ -178,13 +386,27 @@ def make_app(scorer: Scorer, store_url: str):
     return response
 
   async def prometheus(request):
+    info.clear()
+    info.labels(scorer.version).set(1)
     return Response(prom.generate_latest(metrics),
                     media_type=prom.CONTENT_TYPE_LATEST)
 
-  return Starlette(routes=[
+  @contextlib.asynccontextmanager
+  async def lifespan(app):
+    if follower is not None:
+      follower.start()
+    try:
+      yield
+    finally:
+      if follower is not None:
+        follower.stop()
+
+  app = Starlette(routes=[
       Route('/score', score, methods=['POST']),
       Route('/healthz', healthz, methods=['GET']),
-      Route('/metrics', prometheus, methods=['GET'])])
+      Route('/metrics', prometheus, methods=['GET'])], lifespan=lifespan)
+  app.state.scorer = scorer
+  return app
 
 
 # Start-up ---------------------------------------------------------------------
@@ -213,11 +435,30 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
   p.add_argument('--max_records', type=int,
                  default=online_store.DEFAULT_MAX_RECORDS,
                  help='Records kept per entity when ?update=true appends.')
+  p.add_argument('--batch_window_ms', type=float, default=0.0,
+                 help='After the first request of a batch, wait this long '
+                 'for more (requests arriving while a batch is scored join '
+                 'the next one anyway).')
+  p.add_argument('--max_batch_rows', type=int, default=64,
+                 help='Requests scored together in one model call, at most.')
+  p.add_argument('--model_poll_seconds', type=float, default=None,
+                 help='With --registry: look for a new champion this often '
+                 'and serve it without a restart (default 10; 0: never).')
   args = p.parse_args(argv)
   if not 0 < args.port < 65536:
     raise UsageError(f'--port {args.port}: give a port in 1..65535')
   if args.store_timeout_ms <= 0 or args.max_records <= 0:
     raise UsageError('--store_timeout_ms and --max_records must be positive')
+  if args.batch_window_ms < 0 or args.max_batch_rows <= 0:
+    raise UsageError('--batch_window_ms must be >= 0 and --max_batch_rows '
+                     'positive')
+  if args.model_poll_seconds is None:
+    args.model_poll_seconds = 10.0 if args.registry else 0.0
+  elif args.model_poll_seconds and not args.registry:
+    raise UsageError('--model_poll_seconds follows a registry\'s champion: '
+                     'give --registry, not --model_dir')
+  elif args.model_poll_seconds < 0:
+    raise UsageError('--model_poll_seconds must be >= 0')
   try:
     online_store.check_url(args.online_store)
   except ValueError as e:
@@ -225,17 +466,30 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
   return args
 
 
+_TF_TYPES = {'string': 'string', 'float': 'float32', 'int': 'int64',
+             'timestamp': 'int64'}
+
+
 def load_model(model_dir: str) -> LoadedModel:
   """The project's verified loader: hashes, signature and skops' safe
   format are checked before anything in the folder is loaded. The
-  transform layer is wrapped in one `tf.function` (the same graph, traced
-  once per padded batch shape): called eagerly it spends more time in
-  Python than in the graph on a one-row request. The parity tests check
-  the scores equal the batch job's."""
+  transform layer is then traced once into a concrete function of fixed
+  signature (every raw feature a [rows] tensor, of the types
+  `raw_feature_tensors` makes; an optional one a [rows, 1] sparse
+  tensor): the same graph, called without eager dispatch or tf.function's
+  per-call signature matching, which cost more than the graph on a small
+  batch. The parity tests check the scores equal the batch job's."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   model = TransformedSklearnModelHandler(model_dir).load_model()
-  return dataclasses.replace(model, transform_layer=tf.function(
-      model.transform_layer, reduce_retracing=True))
+  metadata = model.metadata
+  optional = set(metadata.get('optional_features', ()))
+  spec = {}
+  for name, ftype in metadata['raw_features'].items():
+    dtype = tf.as_dtype(_TF_TYPES[ftype])
+    spec[name] = (tf.SparseTensorSpec([None, 1], dtype) if name in optional
+                  else tf.TensorSpec([None], dtype))
+  graph = tf.function(model.transform_layer).get_concrete_function(spec)
+  return dataclasses.replace(model, transform_layer=graph)
 
 
 def build_scorer(args: argparse.Namespace) -> Scorer:
@@ -259,15 +513,23 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
                      f'{dataset.name}')
   model_dir = args.model_dir or Registry(args.registry).champion_dir()
   model = load_model(model_dir)
-  wanted = set(model.metadata['raw_features'])
-  missing = sorted(wanted - set(dataset.feature_types()))
-  if missing:
-    raise UsageError(f'{model_dir}: the model needs {missing[0]}, which '
-                     f'{dataset.name} does not make')
   store = online_store.OnlineStore(client, dataset, args.max_records)
-  scorer = Scorer(dataset, model, store)
+  try:
+    scorer = Scorer(dataset, model, store)
+  except UsageError as e:
+    raise UsageError(f'{model_dir}: {e}') from None
   scorer.warm_up()
   return scorer
+
+
+def build_app(args: argparse.Namespace):
+  """The application the command serves (build_scorer's errors)."""
+  scorer = build_scorer(args)
+  follower = (ChampionFollower(scorer, args.registry, args.model_poll_seconds)
+              if args.registry and args.model_poll_seconds else None)
+  return make_app(scorer, args.online_store,
+                  batch_window=args.batch_window_ms / 1000,
+                  max_batch_rows=args.max_batch_rows, follower=follower)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -279,17 +541,18 @@ def main(argv: Optional[List[str]] = None) -> int:
       return 0
   try:
     args = parse_flags(argv)
-    scorer = build_scorer(args)
+    app = build_app(args)
   except (UsageError, SchemaError, online_store.StoreError, RegistryError,
           ModelIntegrityError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   import uvicorn  # pylint: disable=g-import-not-at-top
-  print(f'Serving model {scorer.version} on http://{args.host}:{args.port} '
+  print(f'Serving model {app.state.scorer.version} on '
+        f'http://{args.host}:{args.port} '
         f'(online store {online_store.shown_url(args.online_store)})',
         file=sys.stderr, flush=True)
-  uvicorn.run(make_app(scorer, args.online_store), host=args.host,
-              port=args.port, log_level='warning', access_log=False)
+  uvicorn.run(app, host=args.host, port=args.port, log_level='warning',
+              access_log=False)
   return 0
 
 
