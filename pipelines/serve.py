@@ -13,22 +13,29 @@
 
 Per request, the same code as batch and streaming: `RecordValidator`
 (through `decode_message`, the streaming source's decoder) validates the
-record; the entity's stored records (transforms.online_store) and the
-record go through `history_features`, so its features are those the batch
-job gives it when the store holds its history; the model directory's
-transform graph and estimator score the one-row table (`predict_table`).
-With `?update=true` the record and its features are merged into the store
-afterwards (the same script as the batch and streaming writers).
+record; the declared side tables (read and validated at start-up, as the
+batch job reads them; --side_table NAME=PATH) are joined by key; the
+entity's stored records (transforms.online_store) and the record go
+through `history_features`, so its features are those the batch job gives
+it when the store holds its history; the model directory's transform
+graph and estimator score the row (`predict_table`). With `?update=true`
+the record and its features are merged into the store afterwards (the
+same script as the batch and streaming writers).
 
 The web framework is Starlette on uvicorn: a small, well-kept ASGI
 toolkit (FastAPI is built on it) with a test client, and nothing we do
-not use. A request's work is short and CPU-bound, so the handler runs it
-on the event loop; the store's socket timeouts (--store_timeout_ms) bound
-how long a request can wait for Redis.
+not use. A request is prepared (validation, store read, features) on the
+event loop; rows of concurrent requests are then scored together in one
+graph and model call on a worker thread (`Batcher`), while the loop reads
+the next requests. The store's socket timeouts (--store_timeout_ms) bound
+how long a request can wait for Redis. With --registry the champion is
+polled (--model_poll_seconds) and a new one served without a restart
+(`ChampionFollower`).
 
 Exit codes: 2 for bad flags, a store that does not answer, a model that
-fails verification or a declaration the service cannot serve, each one
-line on stderr before anything is served.
+fails verification, a side table that cannot be read or a declaration
+the service cannot serve, each one line on stderr before anything is
+served.
 """
 
 import argparse
@@ -54,7 +61,8 @@ from transforms.inference import (LoadedModel, ModelIntegrityError,
                                   TransformedSklearnModelHandler,
                                   input_types, predict_table)
 from transforms.parse import RecordError, RecordValidator
-from transforms.read import decode_message
+from transforms.read import InputError, decode_message
+from transforms.side_tables import load_side_tables, side_table_paths
 
 SOURCE = 'request'
 
@@ -80,6 +88,7 @@ class Prepared:
   """A validated record with its history features: what a request brings
   to a batch (`row`) and what its answer needs afterwards."""
   record: Dict[str, Any]
+  joined: Dict[str, Any]
   features: Dict[str, Any]
   used: Dict[str, int]
   row: Dict[str, Any]
@@ -95,10 +104,21 @@ class Scorer:
   online_store.StoreError (a stored value that is not ours)."""
 
   def __init__(self, dataset: Dataset, model: LoadedModel,
-               store: online_store.OnlineStore):
+               store: online_store.OnlineStore,
+               side_tables: Optional[Dict[str, pa.Table]] = None):
     self.dataset, self.store = dataset, store
     self.validator = RecordValidator(dataset)
     self.serving = self._serving(model)
+    # Each side table as {key value: its other columns}, in declaration
+    # order: the batch job's join (`join_side_table`, pyarrow's index_in)
+    # as a dict look-up, nulls for a key the table lacks.
+    self.side = []
+    for name, table in (side_tables or {}).items():
+      key = dataset.side_tables[name]['key']
+      others = [n for n in table.column_names if n != key]
+      rows = table.select(others).to_pylist()
+      self.side.append((key, others, dict(zip(
+          table.column(key).to_pylist(), rows))))
 
   @property
   def version(self) -> str:
@@ -153,10 +173,21 @@ class Scorer:
     predict_table(serving.model, pa.Table.from_pylist(
         [row], schema=serving.schema), serving.id_field)
 
+  def join(self, record: Dict[str, Any]) -> Dict[str, Any]:
+    """The side tables' columns of the record (None where its key is not
+    in a table), as the batch job joins them."""
+    joined = {}
+    for key, others, rows in self.side:
+      row = rows.get(record[key])
+      joined.update((n, None if row is None else row[n]) for n in others)
+    return joined
+
   def prepare(self, body: bytes) -> Prepared:
     record = self.validator.validate(decode_message(body, SOURCE))
+    joined = self.join(record)
     found, used = self.features(record)
-    return Prepared(record, found, used, dict(record, **found))
+    return Prepared(record, joined, found, used,
+                    dict(record, **joined, **found))
 
   def predict(self, rows: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     """Prediction rows of `rows`, in order, from one model (one graph and
@@ -180,7 +211,7 @@ class Scorer:
     return dict(prediction, id=record[self.dataset.id_field],
                 event_time=micros_to_rfc3339(record[ts]),
                 features=prepared.features, history_records=prepared.used,
-                updated=update)
+                side_tables=prepared.joined, updated=update)
 
   def score(self, body: bytes, update: bool = False) -> Dict[str, Any]:
     """One request on its own (no batching)."""
@@ -427,6 +458,10 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
                  help='redis://host:port/db of the online store.')
   p.add_argument('--schema', default='transactions',
                  help='Dataset declaration: a name in schemas/ or a .yaml.')
+  p.add_argument('--side_table', action='append', default=None,
+                 help='NAME=PATH: read the declared side table NAME from '
+                 'PATH, not the declaration\'s path (as for pipelines.batch; '
+                 'repeat for several). Joined to each request by its key.')
   p.add_argument('--host', default='127.0.0.1')
   p.add_argument('--port', type=int, default=8080)
   p.add_argument('--store_timeout_ms', type=int, default=100,
@@ -499,10 +534,7 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
   if not dataset.histories:
     raise UsageError(f'{dataset.name} declares no history: the online '
                      'store has nothing to serve')
-  if dataset.side_tables:
-    raise UsageError(f'{dataset.name} joins side tables '
-                     f'({", ".join(dataset.side_tables)}): the scoring '
-                     'service does not join them yet')
+  side_tables = load_side_tables(dataset, side_table_paths(args, dataset))
   timeout = args.store_timeout_ms / 1000
   online_store.ping(args.online_store, timeout)
   client = online_store.connect(args.online_store, timeout)
@@ -515,7 +547,7 @@ def build_scorer(args: argparse.Namespace) -> Scorer:
   model = load_model(model_dir)
   store = online_store.OnlineStore(client, dataset, args.max_records)
   try:
-    scorer = Scorer(dataset, model, store)
+    scorer = Scorer(dataset, model, store, side_tables)
   except UsageError as e:
     raise UsageError(f'{model_dir}: {e}') from None
   scorer.warm_up()
@@ -543,7 +575,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parse_flags(argv)
     app = build_app(args)
   except (UsageError, SchemaError, online_store.StoreError, RegistryError,
-          ModelIntegrityError, OSError) as e:
+          ModelIntegrityError, InputError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   import uvicorn  # pylint: disable=g-import-not-at-top
