@@ -43,6 +43,8 @@ import asyncio
 import concurrent.futures
 import contextlib
 import dataclasses
+import json
+import os
 import sys
 import threading
 import time
@@ -65,6 +67,9 @@ from transforms.read import InputError, decode_message
 from transforms.side_tables import load_side_tables, side_table_paths
 
 SOURCE = 'request'
+# The command line, for the worker processes of --workers N (each builds
+# its own application from it: see worker_app).
+ARGV_ENV = 'MLPIPE_SERVE_ARGV'
 
 
 class UsageError(ValueError):
@@ -410,7 +415,8 @@ def make_app(scorer: Scorer, store_url: str, *, batch_window: float = 0.0,
       scorer.store.client.ping()
       response = JSONResponse({'status': 'ok',
                                'model_version': scorer.version,
-                               'online_store': shown})
+                               'online_store': shown,
+                               'worker': os.getpid()})
     except redis.RedisError as e:
       response = unavailable(e)
     requests.labels('/healthz', str(response.status_code)).inc()
@@ -462,6 +468,10 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
                  help='NAME=PATH: read the declared side table NAME from '
                  'PATH, not the declaration\'s path (as for pipelines.batch; '
                  'repeat for several). Joined to each request by its key.')
+  p.add_argument('--workers', type=int, default=1,
+                 help='Serving processes sharing the port (uvicorn\'s '
+                 'workers; e.g. one per core): each loads the model and '
+                 'batches its own requests.')
   p.add_argument('--host', default='127.0.0.1')
   p.add_argument('--port', type=int, default=8080)
   p.add_argument('--store_timeout_ms', type=int, default=100,
@@ -484,6 +494,8 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
     raise UsageError(f'--port {args.port}: give a port in 1..65535')
   if args.store_timeout_ms <= 0 or args.max_records <= 0:
     raise UsageError('--store_timeout_ms and --max_records must be positive')
+  if args.workers <= 0:
+    raise UsageError('--workers must be positive')
   if args.batch_window_ms < 0 or args.max_batch_rows <= 0:
     raise UsageError('--batch_window_ms must be >= 0 and --max_batch_rows '
                      'positive')
@@ -564,6 +576,12 @@ def build_app(args: argparse.Namespace):
                   max_batch_rows=args.max_batch_rows, follower=follower)
 
 
+def worker_app():
+  """The application of one worker process of --workers N (uvicorn's
+  factory), from the command line the supervisor checked."""
+  return build_app(parse_flags(json.loads(os.environ[ARGV_ENV])))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   if '-h' in argv or '--help' in argv:
@@ -581,10 +599,20 @@ def main(argv: Optional[List[str]] = None) -> int:
   import uvicorn  # pylint: disable=g-import-not-at-top
   print(f'Serving model {app.state.scorer.version} on '
         f'http://{args.host}:{args.port} '
-        f'(online store {online_store.shown_url(args.online_store)})',
+        f'(online store {online_store.shown_url(args.online_store)}'
+        f'{f", {args.workers} workers" if args.workers > 1 else ""})',
         file=sys.stderr, flush=True)
-  uvicorn.run(app, host=args.host, port=args.port, log_level='warning',
-              access_log=False)
+  if args.workers == 1:
+    uvicorn.run(app, host=args.host, port=args.port, log_level='warning',
+                access_log=False)
+    return 0
+  # Everything was checked above, in this process; each worker (a fresh
+  # interpreter, uvicorn's supervisor restarts one that dies) builds its
+  # own application from the same command line.
+  os.environ[ARGV_ENV] = json.dumps(argv)
+  uvicorn.run('pipelines.serve:worker_app', factory=True,
+              workers=args.workers, host=args.host, port=args.port,
+              log_level='warning', access_log=False)
   return 0
 
 

@@ -325,6 +325,9 @@ def test_start_up_errors_are_one_line_and_exit_2(run, capsys):
       (['--model_dir', run['model_dir'], '--online_store',
         run['server'].url(0), '--max_batch_rows', '0'],
        '--max_batch_rows positive'),
+      (['--model_dir', run['model_dir'], '--online_store',
+        run['server'].url(0), '--workers', '0'],
+       '--workers must be positive'),
   ]
   for argv, message in cases:
     assert serve.main(argv) == 2, argv
@@ -468,3 +471,42 @@ def test_the_service_follows_a_promotion_without_restart(run, second_model,
   assert f'mlpipe_serve_model_info{{model_version="{second}"}} 1.0' in metrics
   assert first not in metrics
   assert _metric(metrics, 'mlpipe_serve_model_swaps') == 1
+
+
+def test_workers_share_the_port_and_score_as_in_batch(run):
+  """--workers 2: two serving processes answer on the one port (seen by
+  the pid /healthz reports, over fresh connections from 8 threads), and
+  a score from either is the batch job's."""
+  port = free_port()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.serve', '--model_dir',
+       run['model_dir'], '--online_store', run['server'].url(0), '--port',
+       str(port), '--workers', '2'],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  base = f'http://127.0.0.1:{port}'
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  records = list(newest.values())[:40]
+  try:
+    assert _wait_for(f'{base}/healthz',
+                     time.monotonic() + 180).status_code == 200
+    workers = set()
+    deadline = time.monotonic() + 120     # both workers up, bounded
+
+    def ask(record):
+      response = httpx.post(f'{base}/score', content=json.dumps(record),
+                            timeout=60)
+      assert response.status_code == 200, response.text
+      _assert_as_in_batch(run, record, response.json())
+      return httpx.get(f'{base}/healthz', timeout=60).json()['worker']
+
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      while len(workers) < 2:
+        assert time.monotonic() < deadline, f'only workers {workers} answered'
+        workers.update(pool.map(ask, records))
+    assert process.pid not in workers     # the supervisor serves nothing
+  finally:
+    process.terminate()
+    process.wait(timeout=60)
