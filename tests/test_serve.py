@@ -344,15 +344,33 @@ def test_start_up_errors_are_one_line_and_exit_2(run, capsys):
 
 
 def test_concurrent_requests_are_scored_together_as_in_batch(run):
-  """100 requests at once (one event loop, as under uvicorn): the model
-  is called fewer times than there are requests, so rows shared a call,
-  and every answer is still its own record's batch row and prediction."""
+  """Requests at once (one event loop, as under uvicorn): the model is
+  called fewer times than there are requests, so rows shared a call, and
+  every answer is still its own record's batch row and prediction. Among
+  them, several records of one user: each whose 7-day window the store
+  holds whole (no record of the user in it older than 7 days before the
+  user's newest), so each has its batch features; requests for one user
+  in one batch must not see each other."""
   app = _app(run)
-  newest = {}
+  newest, mine = {}, {}
   for record in run['records']:
     newest[record['user_id']] = record
-  records = list(newest.values())[:100]
-  assert len(records) == 100
+    mine.setdefault(record['user_id'], []).append(record)
+  horizon = DATASET.history.horizon * 1_000_000
+
+  def held(record):
+    rs = mine[record['user_id']]
+    cutoff, t = _order(rs[-1])[0] - horizon, _order(record)[0]
+    return all(_order(x)[0] >= cutoff for x in rs
+               if t - horizon <= _order(x)[0] < t)
+
+  many = {u: [r for r in rs if held(r)] for u, rs in mine.items()}
+  many = {u: rs for u, rs in sorted(many.items()) if len(rs) >= 3}
+  assert len(many) >= 5
+  users = list(many)[:5]
+  records = [newest[u] for u in newest if u not in users][:100]
+  records += [r for u in users for r in many[u]]
+  assert len(records) >= 115
 
   async def send_all():
     transport = httpx.ASGITransport(app=app)
@@ -368,8 +386,8 @@ def test_concurrent_requests_are_scored_together_as_in_batch(run):
     assert response.status_code == 200, response.text
     assert response.json()['id'] == record['transaction_id']
     _assert_as_in_batch(run, record, response.json())
-  assert _metric(metrics, 'mlpipe_serve_batch_rows_sum') == 100
-  assert _metric(metrics, 'mlpipe_serve_batch_rows_count') < 100
+  assert _metric(metrics, 'mlpipe_serve_batch_rows_sum') == len(records)
+  assert _metric(metrics, 'mlpipe_serve_batch_rows_count') < len(records)
 
 
 def test_the_batcher_keeps_each_answer_with_its_request():
