@@ -77,7 +77,11 @@ def run(tmp_path_factory):
 
 def _app(run, db=0, **flags):
   """The application `python -m pipelines.serve` serves with these flags
-  (the model of the batch run unless `registry` is given)."""
+  (the model of the batch run unless `registry` is given). The store
+  timeout is 2 s unless given: these tests are about answers, and a
+  machine busy with other jobs can hold a Redis reply past the default
+  100 ms (the fault tests set it)."""
+  flags.setdefault('store_timeout_ms', 2000)
   argv = ['--online_store', run['server'].url(db)]
   if 'registry' not in flags:
     argv += ['--model_dir', run['model_dir']]

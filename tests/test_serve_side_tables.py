@@ -74,7 +74,8 @@ def _client(run, db):
   args = serve.parse_flags([
       '--schema', 'interactions', '--model_dir', run['model_dir'],
       '--online_store', run['server'].url(db),
-      '--side_table', f'items={run["items"]}'])
+      '--side_table', f'items={run["items"]}',
+      '--store_timeout_ms', '2000'])   # a busy machine: answers, not speed
   return TestClient(serve.build_app(args))
 
 
