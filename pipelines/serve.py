@@ -108,9 +108,9 @@ class Scored:
 
 class Scorer:
   """Raw record bytes -> the response body of /score, in three steps:
-  `prepare` (one request: validation, store read, history features),
-  `predict` (the rows of one or more requests: one transform graph and
-  one model call), `answer` (one request: the response, the store update).
+  `prepare` (one request: validation, side tables, store read), `predict`
+  (one or more requests: history features, one transform graph and one
+  model call), `answer` (one request: the response, the store update).
 
   Raises RecordError (a bad record), redis-py's RedisError (the store) or
   online_store.StoreError (a stored value that is not ours)."""
