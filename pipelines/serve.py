@@ -339,7 +339,6 @@ class ChampionFollower:
             f'{model.metadata["model_version"]}, the index says '
             f'{champion["version"]}')
       self.scorer.swap(model)
-      freeze_heap()
     except (RegistryError, ModelIntegrityError, UsageError, OSError,
             ValueError, KeyError) as e:
       self.failures += 1
@@ -353,6 +352,7 @@ class ChampionFollower:
     self.error = None
     print(f'Serving model {self.scorer.version} (the champion of '
           f'{self.registry})', file=sys.stderr, flush=True)
+    freeze_heap()
     return self.scorer.version
 
   def start(self):
