@@ -14,8 +14,10 @@ loopback:
   * closed loop: `--concurrency` clients back to back for `--seconds`,
     the most the service answers.
 
-Prints one table: requests, errors, p50, p99, max latency and achieved
-requests per second.
+Prints one table: requests, errors, p50, p99, max latency, achieved
+requests per second and the machine's 1-minute load average after each
+row (os.getloadavg: other jobs on the machine show there). `--workers N`
+and `--batch_window_ms` are passed to the service.
 """
 
 import argparse
@@ -131,6 +133,8 @@ def main(argv=None):
   p.add_argument('--seconds', type=float, default=15)
   p.add_argument('--concurrency', type=int, default=4)
   p.add_argument('--threads', type=int, default=32)
+  p.add_argument('--workers', type=int, default=1)
+  p.add_argument('--batch_window_ms', type=float, default=0.0)
   args = p.parse_args(argv)
   if not os.path.exists(os.path.join(args.model_dir, 'metadata.json')):
     raise SystemExit(f'error: --model_dir {args.model_dir} holds no model '
@@ -172,7 +176,9 @@ def main(argv=None):
           f'{time.perf_counter() - t0:.1f} s', file=sys.stderr)
     service = subprocess.Popen(
         [sys.executable, '-m', 'pipelines.serve', '--model_dir',
-         args.model_dir, '--online_store', store, '--port', str(http_port)],
+         args.model_dir, '--online_store', store, '--port', str(http_port),
+         '--workers', str(args.workers),
+         '--batch_window_ms', str(args.batch_window_ms)],
         stdout=subprocess.DEVNULL)
     base = f'http://127.0.0.1:{http_port}'
     _wait(f'{base}/healthz', 180)
@@ -183,15 +189,17 @@ def main(argv=None):
     rows = []
     for rate in [float(r) for r in args.rates.split(',')]:
       rows.append((f'open loop {rate:.0f} rps',) + _open_loop(
-          url, raw, rate, args.seconds, args.threads))
+          url, raw, rate, args.seconds, args.threads) + (
+              os.getloadavg()[0],))
     rows.append((f'closed loop x{args.concurrency}',) + _closed_loop(
-        url, raw, args.concurrency, args.seconds))
-    print(f'| load | requests | errors | p50 ms | p99 ms | max ms | rps |')
-    print('|---|---:|---:|---:|---:|---:|---:|')
-    for name, n, errors, lat, rps in rows:
+        url, raw, args.concurrency, args.seconds) + (os.getloadavg()[0],))
+    print('| load | requests | errors | p50 ms | p99 ms | max ms | rps '
+          '| load avg |')
+    print('|---|---:|---:|---:|---:|---:|---:|---:|')
+    for name, n, errors, lat, rps, load in rows:
       print(f'| {name} | {n} | {errors} | {_percentile(lat, .5) * 1e3:.1f} '
             f'| {_percentile(lat, .99) * 1e3:.1f} | {max(lat) * 1e3:.1f} '
-            f'| {rps:.0f} |')
+            f'| {rps:.0f} | {load:.1f} |')
   finally:
     for process in (service, redis_server):
       if process is not None:

@@ -7,9 +7,11 @@ materialises every user's state into a throwaway redis-server. The service
 process) must then give each record the batch job's features and score.
 """
 
+import asyncio
 import glob
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,10 +23,12 @@ import pytest
 import redis
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import batch, generate, serve
+from pipelines import batch, generate, serve, train
+from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
 from transforms import online_store
 from transforms.history import history_features
+from transforms.inference import TransformedSklearnModelHandler, predict_table
 from transforms.parse import RecordValidator, rfc3339_to_micros
 from transforms.read import decode_message
 from tests.redis_server import RedisServer, free_port
@@ -71,14 +75,31 @@ def run(tmp_path_factory):
     server.stop()
 
 
-def _client(run, db=0, **flags):
-  argv = ['--model_dir', run['model_dir'], '--online_store',
-          run['server'].url(db)]
+def _app(run, db=0, **flags):
+  """The application `python -m pipelines.serve` serves with these flags
+  (the model of the batch run unless `registry` is given). The store
+  timeout is 2 s unless given: these tests are about answers, and a
+  machine busy with other jobs can hold a Redis reply past the default
+  100 ms (the fault tests set it)."""
+  flags.setdefault('store_timeout_ms', 2000)
+  argv = ['--online_store', run['server'].url(db)]
+  if 'registry' not in flags:
+    argv += ['--model_dir', run['model_dir']]
   for k, v in flags.items():
     argv += [f'--{k}', str(v)]
-  args = serve.parse_flags(argv)
-  return TestClient(serve.make_app(serve.build_scorer(args),
-                                   args.online_store))
+  return serve.build_app(serve.parse_flags(argv))
+
+
+def _client(run, db=0, **flags):
+  return TestClient(_app(run, db, **flags))
+
+
+def _metric(text, name):
+  """The value of an unlabelled sample in Prometheus text."""
+  for line in text.splitlines():
+    if line.startswith(name + ' '):
+      return float(line.split()[1])
+  raise AssertionError(f'{name} not in the metrics')
 
 
 def _state(client: redis.Redis, user):
@@ -302,6 +323,15 @@ def test_start_up_errors_are_one_line_and_exit_2(run, capsys):
        f'--online_store {nobody} does not answer: ConnectionError'),
       (['--registry', str(run['tmp'] / 'no-registry'), '--online_store',
         run['server'].url(0)], 'has no champion model yet'),
+      (['--model_dir', run['model_dir'], '--online_store',
+        run['server'].url(0), '--model_poll_seconds', '5'],
+       '--model_poll_seconds follows a registry\'s champion'),
+      (['--model_dir', run['model_dir'], '--online_store',
+        run['server'].url(0), '--max_batch_rows', '0'],
+       '--max_batch_rows positive'),
+      (['--model_dir', run['model_dir'], '--online_store',
+        run['server'].url(0), '--workers', '0'],
+       '--workers must be positive'),
   ]
   for argv, message in cases:
     assert serve.main(argv) == 2, argv
@@ -315,3 +345,192 @@ def test_start_up_errors_are_one_line_and_exit_2(run, capsys):
   assert err.startswith(f'error: --online_store {nobody} does not answer: '
                         'ConnectionError')
   assert not (run['tmp'] / 'never').exists()
+
+
+def test_concurrent_requests_are_scored_together_as_in_batch(run):
+  """Requests at once (one event loop, as under uvicorn): the model is
+  called fewer times than there are requests, so rows shared a call, and
+  every answer is still its own record's batch row and prediction. Among
+  them, several records of one user: each whose 7-day window the store
+  holds whole (no record of the user in it older than 7 days before the
+  user's newest), so each has its batch features; requests for one user
+  in one batch must not see each other."""
+  app = _app(run)
+  newest, mine = {}, {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+    mine.setdefault(record['user_id'], []).append(record)
+  horizon = DATASET.history.horizon * 1_000_000
+
+  def held(record):
+    rs = mine[record['user_id']]
+    cutoff, t = _order(rs[-1])[0] - horizon, _order(record)[0]
+    return all(_order(x)[0] >= cutoff for x in rs
+               if t - horizon <= _order(x)[0] < t)
+
+  many = {u: [r for r in rs if held(r)] for u, rs in mine.items()}
+  many = {u: rs for u, rs in sorted(many.items()) if len(rs) >= 3}
+  assert len(many) >= 5
+  users = list(many)[:5]
+  records = [newest[u] for u in newest if u not in users][:100]
+  records += [r for u in users for r in many[u]]
+  assert len(records) >= 115
+
+  async def send_all():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport,
+                                 base_url='http://serve') as client:
+      responses = await asyncio.gather(*(
+          client.post('/score', content=json.dumps(r)) for r in records))
+      metrics = (await client.get('/metrics')).text
+    return responses, metrics
+
+  responses, metrics = asyncio.run(send_all())
+  for record, response in zip(records, responses):
+    assert response.status_code == 200, response.text
+    assert response.json()['id'] == record['transaction_id']
+    _assert_as_in_batch(run, record, response.json())
+  assert _metric(metrics, 'mlpipe_serve_batch_rows_sum') == len(records)
+  assert _metric(metrics, 'mlpipe_serve_batch_rows_count') < len(records)
+
+
+def test_the_batcher_keeps_each_answer_with_its_request():
+  """Rows from concurrent callers come back to their own caller, batches
+  hold at most max_rows, and a failed call fails each of its requests."""
+  calls = []
+
+  def predict(rows):
+    calls.append(list(rows))
+    if 'bad' in rows:
+      raise ValueError('no score for bad')
+    return [f'score of {r}' for r in rows]
+
+  batcher = serve.Batcher(predict, max_rows=4)
+
+  async def send(rows):
+    return await asyncio.gather(*(batcher.score(r) for r in rows),
+                                return_exceptions=True)
+
+  rows = [f'r{i}' for i in range(10)]
+  assert asyncio.run(send(rows)) == [f'score of {r}' for r in rows]
+  assert [len(c) for c in calls] == [4, 4, 2]      # 10 waiting, 4 a call
+  assert [r for c in calls for r in c] == rows
+  calls.clear()
+  answers = asyncio.run(send(['a', 'b', 'c', 'bad', 'd']))
+  assert [str(a) for a in answers] == ['no score for bad'] * 4 + [
+      'score of d']
+  assert all(isinstance(a, ValueError) for a in answers[:4])
+
+
+@pytest.fixture(scope='module')
+def second_model(run):
+  """A second model of the same transform graph (logistic regression on
+  the batch run's transformed rows): another version to promote."""
+  out = os.path.dirname(run['model_dir'])
+  model_dir = str(run['tmp'] / 'model2')
+  assert train.main(['--transformed', os.path.join(out, 'transform',
+                                                   'transformed'),
+                     '--transform_dir', os.path.join(out, 'transform',
+                                                     'transform_fn'),
+                     '--model_dir', model_dir, '--model', 'logreg']) == 0
+  return model_dir
+
+
+def _wait_until(condition, what, seconds=60):
+  """Bounded wait for the service's poller (not a timing assertion)."""
+  deadline = time.monotonic() + seconds
+  while not condition():
+    assert time.monotonic() < deadline, what
+    time.sleep(0.1)
+
+
+def test_the_service_follows_a_promotion_without_restart(run, second_model,
+                                                         tmp_path):
+  """Serving a registry's champion, polled every 0.2 s: a promoted model
+  whose file was altered is refused (the champion keeps serving, the
+  failure is counted); once the file is right again the new champion
+  serves, same process, and its scores are that model's own."""
+  root = str(tmp_path / 'registry')
+  registry = registry_lib.Registry(root)
+  first = registry.register(run['model_dir'], 'first')['version']
+  second = registry.register(second_model, 'second')['version']
+  assert first != second
+  app = _app(run, registry=root, model_poll_seconds=0.2)
+  record = run['records'][-1]
+  body = json.dumps(record)
+  with TestClient(app) as client:     # `with`: the lifespan starts polling
+    assert client.post('/score', content=body).json()[
+        'model_version'] == first
+    model_file = os.path.join(root, 'models', second, 'model.skops')
+    good = model_file + '.good'
+    shutil.copy(model_file, good)
+    with open(model_file, 'ab') as f:
+      f.write(b'\0')
+    assert registry_lib.main(['promote', second, '--registry', root]) == 0
+    _wait_until(lambda: _metric(client.get('/metrics').text,
+                                'mlpipe_serve_model_swap_failures') >= 1,
+                'the poller never tried the promoted model')
+    response = client.post('/score', content=body)
+    assert response.json()['model_version'] == first
+    _assert_as_in_batch(run, record, response.json())
+    os.replace(good, model_file)
+    _wait_until(lambda: client.get('/healthz').json()[
+        'model_version'] == second, 'the new champion was never served')
+    answer = client.post('/score', content=body).json()
+    metrics = client.get('/metrics').text
+  assert answer['model_version'] == second
+  # The new model's own score of the same row (the batch features).
+  model = TransformedSklearnModelHandler(second_model).load_model()
+  import pyarrow as pa
+  row = run['features'][record['transaction_id']]
+  expected = predict_table(model, pa.Table.from_pylist([row]),
+                           'transaction_id').to_pylist()[0]
+  assert answer['features'] == {n: row[n] for n in FEATURES}
+  for key in ('score', 'predicted_label', 'risk_category', 'confidence'):
+    assert answer[key] == expected[key], key
+  assert answer['score'] != run['predictions'][record['transaction_id']][
+      'score']
+  assert f'mlpipe_serve_model_info{{model_version="{second}"}} 1.0' in metrics
+  assert first not in metrics
+  assert _metric(metrics, 'mlpipe_serve_model_swaps') == 1
+
+
+def test_workers_share_the_port_and_score_as_in_batch(run):
+  """--workers 2: two serving processes answer on the one port (seen by
+  the pid /healthz reports, over fresh connections from 8 threads), and
+  a score from either is the batch job's."""
+  port = free_port()
+  process = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.serve', '--model_dir',
+       run['model_dir'], '--online_store', run['server'].url(0), '--port',
+       str(port), '--workers', '2'],
+      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  base = f'http://127.0.0.1:{port}'
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  records = list(newest.values())[:40]
+  try:
+    # Three processes load TensorFlow and the model (the supervisor checks
+    # first): minutes on a machine busy with other jobs.
+    assert _wait_for(f'{base}/healthz',
+                     time.monotonic() + 600).status_code == 200
+    workers = set()
+    deadline = time.monotonic() + 120     # both workers up, bounded
+
+    def ask(record):
+      response = httpx.post(f'{base}/score', content=json.dumps(record),
+                            timeout=60)
+      assert response.status_code == 200, response.text
+      _assert_as_in_batch(run, record, response.json())
+      return httpx.get(f'{base}/healthz', timeout=60).json()['worker']
+
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+      while len(workers) < 2:
+        assert time.monotonic() < deadline, f'only workers {workers} answered'
+        workers.update(pool.map(ask, records))
+    assert process.pid not in workers     # the supervisor serves nothing
+  finally:
+    process.terminate()
+    process.wait(timeout=60)

@@ -475,6 +475,21 @@ def risk_bands(scores: np.ndarray, risk: Mapping[str, Any]
   return names.take(pa.array(band, pa.int64())), confidence
 
 
+_THREADPOOLS = []
+
+
+def _one_thread():
+  """A context limiting BLAS and OpenMP pools to one thread. The
+  ThreadpoolController is made once per process: making one scans every
+  loaded library (~5 ms, `threadpool_limits` does it on each entry), more
+  than a small batch's prediction; setting the limits is ~20 us. It is
+  made on the first prediction, after the estimator has loaded the
+  libraries that predict with (scikit-learn's OpenMP, NumPy's BLAS)."""
+  if not _THREADPOOLS:
+    _THREADPOOLS.append(threadpoolctl.ThreadpoolController())
+  return _THREADPOOLS[0].limit(limits=1)
+
+
 def predict_table(model: LoadedModel, table, id_field: str,
                   scored_at: Optional[str] = None) -> pa.RecordBatch:
   """Rows of raw features -> prediction rows of the model's task
@@ -486,7 +501,7 @@ def predict_table(model: LoadedModel, table, id_field: str,
   # One OpenMP thread: Beam already runs bundles in parallel, and
   # scikit-learn's per-call thread pool start-up cost more than the
   # prediction itself on small batches (bench/RESULTS.md).
-  with threadpoolctl.threadpool_limits(limits=1):
+  with _one_thread():
     x = transformed_matrix(model, table) if n else None
     if task == 'regression':
       values = (estimator.predict(x).astype(np.float64) if n
