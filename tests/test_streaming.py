@@ -459,3 +459,31 @@ def test_unbounded_kafka_read_on_flink_keeps_sources_up():
         options, pipeline.flags(options, pipeline.StreamingOptions))
     sent = options.get_all_options(drop_default=True)
     assert sent.get('shutdown_sources_after_idle_ms') == want, argv
+
+
+def test_history_is_not_expired_by_a_timer_its_events_outdated():
+  # One watermark step passes tx2's time and the expiry timer tx1 set (7 d
+  # + 1 h after it). tx2 is 10 minutes short of 7 days after tx1: it must
+  # see tx1, and once computed it moves the expiry on, so the old timer,
+  # firing in the same step, must not clear the history tx4 needs.
+  tx1 = _record(1, T0, 10.0)
+  tx2 = _record(2, T0 + 7 * DAY - 10 * MIN, 20.0)
+  tx3 = _record(3, T0 + 7 * DAY + 2 * HOUR, 5.0, user='u00002')
+  tx4 = _record(4, T0 + 7 * DAY + 4 * HOUR, 1.0)
+  stream = (TestStream()
+            .add_elements([_at(tx1)])
+            .advance_watermark_to(Timestamp(micros=T0 + 1 * MIN))
+            .add_elements([_at(tx2), _at(tx3)])
+            .advance_watermark_to(Timestamp(micros=T0 + 7 * DAY + 3 * HOUR))
+            .add_elements([_at(tx4)])
+            .advance_watermark_to(Timestamp(micros=T0 + 7 * DAY + 5 * HOUR))
+            .advance_watermark_to_infinity())
+  with _streaming() as p:
+    rows = (p | stream
+            | StatefulHistoryFeatures(DATASET, allowed_lateness=3600)
+            | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_7d'],
+                                  r['user_id_sum_7d'])))
+    assert_that(rows, equal_to([('tx000000001', 0, 0.0),
+                                ('tx000000002', 1, 10.0),
+                                ('tx000000003', 0, 0.0),
+                                ('tx000000004', 1, 20.0)]))

@@ -681,13 +681,25 @@ class _HistoryFn(beam.DoFn):
     history.clear()
     for r in kept:
       history.add(r)
-    if latest is not None and latest != previous:
-      newest.write(latest)
+    if latest is not None:
+      if latest != previous:
+        newest.write(latest)
       expire.set(Timestamp(micros=latest + self._retention + 1))
 
   @on_timer(EXPIRE)
-  def expire_history(self, history=beam.DoFn.StateParam(HISTORY),
-                     newest=beam.DoFn.StateParam(NEWEST)):
+  def expire_history(self, fired=beam.DoFn.TimestampParam,
+                     history=beam.DoFn.StateParam(HISTORY),
+                     newest=beam.DoFn.StateParam(NEWEST),
+                     pending=beam.DoFn.StateParam(PENDING)):
+    latest = newest.read()
+    # A timer set before a later event moved the expiry on can still fire
+    # in the same watermark step (the runner took it before the flush that
+    # reset it ran); and events still waiting may need the history: their
+    # flush sets the expiry again.
+    if latest is not None and latest + self._retention >= fired.micros:
+      return
+    if any(True for _ in pending.read()):
+      return
     history.clear()
     newest.clear()
 
