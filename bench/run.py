@@ -346,7 +346,7 @@ def ensure_model(data: str, retrain: bool = False) -> str:
 # Peers -----------------------------------------------------------------------------
 def _tfdv_csv(csv_path: str, output: str):
   """(In a subprocess) TFDV's own CSV path; prints the seconds it took."""
-  from pipelines.quiet import import_tfdv
+  from pipelines.base.quiet import import_tfdv
   tfdv = import_tfdv()
   began = time.monotonic()
   tfdv.generate_statistics_from_csv(data_location=csv_path,
@@ -358,10 +358,10 @@ def _our_stats(features_dir: str, output: str):
   """(In a subprocess) our statistics stage alone, on a features table:
   Parquet -> RecordBatches -> TFXIO batches -> tfdv.GenerateStatistics ->
   stats.pb, the transforms the ingest job uses; prints its seconds."""
-  import pipelines.quiet  # noqa: F401
+  import pipelines.base.quiet  # noqa: F401
   import apache_beam as beam
   from apache_beam.options.pipeline_options import PipelineOptions
-  from pipelines.model_stages import ReadFeatureRows
+  from transforms.feature_rows import ReadFeatureRows
   from schemas.dataset import load_dataset
   from transforms.statistics import GenerateFeatureStatistics, WriteStatistics
   dataset = load_dataset()

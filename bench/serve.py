@@ -4,7 +4,7 @@
 
 Starts a throwaway redis-server (127.0.0.1, temp dir, no persistence),
 materialises the state of `--users` generated users into it with the batch
-writer (`online_store.materialise`), starts `python -m pipelines.serve` as
+writer (`pipelines.serving.materialise`), starts `python -m pipelines.serve` as
 a second process and sends it POST /score requests from this one, over
 loopback:
 
@@ -155,8 +155,9 @@ def main(argv=None):
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
   from pipelines.generate import generate_transactions  # pylint: disable=g-import-not-at-top
   from schemas.dataset import load_dataset  # pylint: disable=g-import-not-at-top
+  from pipelines.serving import materialise  # pylint: disable=g-import-not-at-top
   from transforms import online_store  # pylint: disable=g-import-not-at-top
-  from transforms.history import history_table  # pylint: disable=g-import-not-at-top
+  from transforms.history_features import history_table  # pylint: disable=g-import-not-at-top
   from transforms.parse import rfc3339_to_micros  # pylint: disable=g-import-not-at-top
 
   tmp = tempfile.mkdtemp(prefix='bench-serve-')
@@ -178,7 +179,7 @@ def main(argv=None):
     pq.write_table(table, os.path.join(tmp, 'features.parquet'))
     time.sleep(0.5)
     t0 = time.perf_counter()
-    written = online_store.materialise(
+    written = materialise.materialise(
         PipelineOptions([]), dataset, os.path.join(tmp, '*.parquet'), store,
         None, 8)
     print(f'materialised {written["entities_written"]} users, '

@@ -7,7 +7,7 @@ with no other flags runs every stage on the committed sample. Stages:
      history features, windowed aggregates, TFDV statistics;
   2. validation (driver): anomalies against the schema, drift, HTML report,
      and the gate that stops a run whose data is broken;
-  3-5. transform, train, predict (see pipelines.model_stages).
+  3-5. transform, train, predict (see pipelines.model.stages).
 """
 
 import logging
@@ -16,21 +16,26 @@ import time
 import traceback
 from typing import Dict, List, Optional
 
-import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
-from pipelines import io, model_stages, preflight, validation
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import RunError
+from pipelines.model import stages as model_stages
+from pipelines.validation import checks as validation
+from pipelines.outputs import files
+from pipelines.cli import preflight
 from pipelines import report as run_report
-from pipelines import summary as summary_lib
+from pipelines.outputs import summary as summary_lib
 from pipelines.registry import Registry, RegistryError
-from pipelines.options import (BatchOptions, aggregate_window, flags,
+from pipelines.cli.options import (BatchOptions, aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms.aggregates import EntityAggregates
-from transforms.history import HistoryFeatures
+from transforms.history_features import HistoryFeatures
 from transforms.examples import TrainingExamples, examples_types
 from transforms.side_tables import (JoinSideTables, load_side_table,
                                     load_side_tables, side_table_paths)
@@ -38,6 +43,7 @@ from transforms.common import (DEAD_LETTER, VALID, CountRows,
                                micros_to_rfc3339)
 from transforms.parse import ParseAndValidate
 from transforms.inference import ModelIntegrityError, verify_model_dir
+from pipelines.serving import materialise
 from transforms import online_store
 from transforms.read import InputError, ReadRecords, check_input
 from transforms.sinks import WriteJsonLines, WriteParquet
@@ -50,7 +56,7 @@ SUMMARY_METRICS = ('roc_auc', 'pr_auc', 'precision', 'recall', 'log_loss',
                    'accuracy', 'rmse', 'mae', 'r2')
 
 
-class RunFailed(RuntimeError):
+class RunFailed(RunError, RuntimeError):
   """A stage failed after the run started (exit code 3)."""
 
 
@@ -89,11 +95,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
       CountRows('feature_rows'))
 
   valid | 'WriteSilver' >> WriteParquet(
-      io.join(out, SILVER, dataset.name), dataset.arrow_schema())
+      files.join(out, SILVER, dataset.name), dataset.arrow_schema())
   dead | 'WriteDeadLetters' >> WriteJsonLines(
-      io.join(out, DEAD, 'dead_letter'))
+      files.join(out, DEAD, 'dead_letter'))
   features | 'WriteFeatures' >> WriteParquet(
-      io.join(out, FEATURES, dataset.name),
+      files.join(out, FEATURES, dataset.name),
       dataset.arrow_schema(dataset.feature_types()))
 
   examples = None
@@ -101,13 +107,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     examples = features | 'TrainingExamples' >> TrainingExamples(
         dataset, tables, shards)
     examples | 'WriteTrainingExamples' >> WriteParquet(
-        io.join(out, TRAINING, dataset.name),
+        files.join(out, TRAINING, dataset.name),
         dataset.arrow_schema(examples_types(dataset)))
 
   stats = (features
            | 'FeatureStatistics' >> GenerateFeatureStatistics(dataset))
   stats | 'WriteStatistics' >> WriteStatistics(
-      io.join(out, STATISTICS, STATS_FILE))
+      files.join(out, STATISTICS, STATS_FILE))
 
   aggregates = {}
   for key in dataset.aggregate_keys:
@@ -117,7 +123,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
             | f'CountAggregates[{key}]' >> beam.ParDo(
                 CountRows(f'aggregate_rows.{key}')))
     rows | f'WriteAggregates[{key}]' >> WriteParquet(
-        io.join(out, AGGREGATES, key, key), dataset.aggregate_schema(key))
+        files.join(out, AGGREGATES, key, key), dataset.aggregate_schema(key))
     aggregates[key] = rows
 
   return {'raw': raw, VALID: valid, DEAD_LETTER: dead, 'features': features,
@@ -181,21 +187,21 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     metadata = verify_model_dir(opts.model_dir)
     training_stats = _training_statistics(metadata)
   baseline = _baseline(opts.baseline_stats)
-  folders = [io.join(out, f) for f in (
+  folders = [files.join(out, f) for f in (
       SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS, VALIDATION, TRAINING,
       model_stages.TRANSFORM, model_stages.PREDICTIONS,
       model_stages.CANDIDATES, model_stages.MODEL)]
-  if scoring_only and io.is_within(opts.model_dir, io.join(
+  if scoring_only and files.is_within(opts.model_dir, files.join(
       out, model_stages.MODEL)):
     folders.pop()   # scoring with this folder's own model: keep it
-  io.check_output_dir(out, paths + [opts.model_dir, opts.baseline_stats],
+  files.check_output_dir(out, paths + [opts.model_dir, opts.baseline_stats],
                       folders)
   # From here on run_summary.json says how far the run got: 'running'
   # until it ends ok, is stopped by the gate or fails, and stays 'running'
   # if the process is killed.
-  io.write_json(io.join(out, SUMMARY_FILE), {'status': 'running'})
+  files.write_json(files.join(out, SUMMARY_FILE), {'status': 'running'})
   for folder in folders:
-    io.clear(folder)
+    files.clear(folder)
   summary = {}
   try:
     _run_stages(options, opts, dataset, paths, summary, metadata,
@@ -208,12 +214,12 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   except Exception as e:  # pylint: disable=broad-except
     # Any failure during the run: the summary and a log say so, the
     # command line gets one line (main), exit code 3.
-    log = io.join(out, 'run.log')
-    io.write_bytes(log, traceback.format_exc().encode('utf-8'))
+    log = files.join(out, 'run.log')
+    files.write_bytes(log, traceback.format_exc().encode('utf-8'))
     summary['status'] = 'failed'
     summary['error'] = f'{type(e).__name__}: {e}'.splitlines()[0]
     summary['log'] = log
-    io.write_json(io.join(out, SUMMARY_FILE), summary)
+    files.write_json(files.join(out, SUMMARY_FILE), summary)
     raise RunFailed(f'the run failed: {summary["error"]} (details in '
                     f'{log})') from e
 
@@ -224,7 +230,7 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   report what was done) and returns it."""
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
-  features_glob = io.join(out, FEATURES, '*.parquet')
+  features_glob = files.join(out, FEATURES, '*.parquet')
   _stage = _Stages()
 
   _stage(f'Ingest and features: {len(paths)} file(s) from {opts.input}')
@@ -234,36 +240,36 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   written = (SILVER, DEAD, FEATURES, AGGREGATES, STATISTICS) + (
       (TRAINING,) if dataset.negatives else ())
   for folder in written:
-    io.mark_complete(io.join(out, folder))
+    files.mark_complete(files.join(out, folder))
   summary.update(summary_lib.ingest_summary(counts))
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
       for k in dataset.aggregate_keys}
-  outputs = {name: io.join(out, name) for name in written}
+  outputs = {name: files.join(out, name) for name in written}
   if dataset.negatives:
     summary['training_examples'] = {
         'positives': counts.get('training_positives', 0),
         'negatives': counts.get('training_negatives', 0),
         'negatives_short': counts.get('negatives_short', 0)}
-  stats_path = io.join(out, STATISTICS, STATS_FILE)
+  stats_path = files.join(out, STATISTICS, STATS_FILE)
 
   _stage('Validate: TFDV anomalies' + (', drift' if baseline else '') +
          (', training/serving skew' if training_stats else ''))
-  outputs[VALIDATION] = io.join(out, VALIDATION)
+  outputs[VALIDATION] = files.join(out, VALIDATION)
   try:
     checked = validation.run(
-        read_statistics(stats_path), dataset, io.join(out, VALIDATION),
+        read_statistics(stats_path), dataset, files.join(out, VALIDATION),
         baseline_stats=baseline, training_stats=training_stats,
         fail_on_anomalies=opts.fail_on_anomalies,
         environment='SERVING' if scoring_only else 'TRAINING')
   except validation.DataValidationError as e:
-    io.mark_complete(io.join(out, VALIDATION))
+    files.mark_complete(files.join(out, VALIDATION))
     summary['validation'] = _validation_summary(e.checked)
     summary['status'] = 'stopped: ERROR anomalies'
     _finish(summary, outputs, out, _stage)
     raise
-  io.mark_complete(io.join(out, VALIDATION))
+  files.mark_complete(files.join(out, VALIDATION))
   summary['validation'] = _validation_summary(checked)
 
   if not scoring_only and dataset.label is None:
@@ -281,16 +287,16 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     _stage('Transform: tf.Transform analyse and transform')
     p = beam.Pipeline(options=options)
     model_stages.build_transform(
-        p, dataset, io.join(out, TRAINING, '*.parquet') if dataset.negatives
+        p, dataset, files.join(out, TRAINING, '*.parquet') if dataset.negatives
         else features_glob, out, label_learned=bool(dataset.negatives))
     _run_beam(p)
-    outputs['transform'] = io.join(out, model_stages.TRANSFORM)
-    io.mark_complete(outputs['transform'])
+    outputs['transform'] = files.join(out, model_stages.TRANSFORM)
+    files.mark_complete(outputs['transform'])
 
     _stage(f'Train: scikit-learn {opts.model_type}')
     metadata = model_stages.train_stage(dataset, out, opts.model_type,
                                         stats_path)
-    model_dir = io.join(out, model_stages.MODEL)
+    model_dir = files.join(out, model_stages.MODEL)
     outputs['model'] = model_dir
     if opts.registry:
       summary['registry'] = _register(opts, model_dir, metadata)
@@ -304,8 +310,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   model_stages.build_score(p, dataset, features_glob, model_dir, out,
                            scored_at=_scored_at(opts))
   counts = _run_beam(p)
-  outputs['predictions'] = io.join(out, model_stages.PREDICTIONS)
-  io.mark_complete(outputs['predictions'])
+  outputs['predictions'] = files.join(out, model_stages.PREDICTIONS)
+  files.mark_complete(outputs['predictions'])
   summary['model'] = {
       'version': metadata['model_version'],
       'dir': model_dir,
@@ -323,7 +329,7 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
   if opts.online_store:
     _stage('Materialise: entity states into the online store')
-    summary['online_store'] = online_store.materialise(
+    summary['online_store'] = materialise.materialise(
         options, dataset, features_glob, opts.online_store,
         metadata['model_version'], opts.shards)
 
@@ -370,7 +376,7 @@ def _finish(summary, outputs, out, stages):
   stages(None)
   summary['stage_seconds'] = stages.seconds
   summary['outputs'] = outputs
-  io.write_json(io.join(out, SUMMARY_FILE), summary)
+  files.write_json(files.join(out, SUMMARY_FILE), summary)
   _print_summary(summary, out)
 
 
@@ -458,7 +464,7 @@ def _print_summary(summary, output_dir):
   lines.append('Outputs:')
   lines += [f'  {name:<14} {path}' for name, path in
             summary['outputs'].items()]
-  lines.append(f'  {"summary":<14} {io.join(output_dir, SUMMARY_FILE)}')
+  lines.append(f'  {"summary":<14} {files.join(output_dir, SUMMARY_FILE)}')
   print('\n'.join(lines), flush=True)
 
 
@@ -468,19 +474,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   if '-h' in argv or '--help' in argv:
     print_help('python -m pipelines.batch', BatchOptions)
     return 0
-  try:
-    run(argv)
-  except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
-          preflight.PreflightError, RegistryError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except validation.DataValidationError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 1
-  except RunFailed as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 3
-  return 0
+  # run() turns any failure during the run into RunFailed (exit 3, the
+  # traceback in run.log); the gate is exit 1, bad usage exit 2.
+  return run_command(lambda: run(argv) and None)
 
 
 if __name__ == '__main__':

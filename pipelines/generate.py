@@ -18,7 +18,7 @@ state, no wall clock), so the same flags always give byte-identical files.
 `--broken N` mixes in N records that the parser must dead-letter.
 """
 
-import pipelines.quiet  # noqa: F401  pylint: disable=unused-import
+import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
 
 import argparse
 import csv
@@ -32,6 +32,7 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
+from pipelines.base.errors import UsageError
 from schemas.dataset import load_dataset
 from transforms.parse import rfc3339_to_micros
 from transforms.read import FORMATS, InputError, format_of
@@ -91,8 +92,6 @@ class Broken(NamedTuple):
   position: int
 
 
-class UsageError(ValueError):
-  """A bad flag value: reported on one line, exit status 2."""
 
 
 # World: merchants and users ------------------------------------------------

@@ -31,7 +31,7 @@ state, no wall clock), so the same flags always give byte-identical files.
 `--broken N` mixes in N records that the parser must dead-letter.
 """
 
-import pipelines.quiet  # noqa: F401  pylint: disable=unused-import
+import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
 
 import os
 import sys

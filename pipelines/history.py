@@ -7,7 +7,7 @@ default `runs.jsonl` in the parent of `--output_dir` (the output root that
 holds one folder per run: data/run1, data/run2 -> data/runs.jsonl). A line
 is {"seq", "output_dir", "status", "health", "summary"}: `seq` numbers the
 runs of the file (1, 2, ...; no clock), `summary` is the run's
-run_summary.json. `--retain_runs` (pipelines.retention) removes the lines
+run_summary.json. `--retain_runs` (pipelines.runs.retention) removes the lines
 of the runs it deletes.
 """
 
@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import io
+from pipelines.outputs import files
 
 HISTORY_FILE = 'runs.jsonl'
 
@@ -39,7 +39,7 @@ def read(path: str) -> List[Dict[str, Any]]:
   """The history's lines, oldest first ([] when there is no file)."""
   if not FileSystems.exists(path):
     return []
-  text = io.read_bytes(path).decode('utf-8')
+  text = files.read_bytes(path).decode('utf-8')
   return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
@@ -50,7 +50,7 @@ def _line(entry: Dict[str, Any]) -> str:
 def write(path: str, entries: List[Dict[str, Any]]):
   """Replaces the history with `entries` (locally: a temporary file
   renamed into place, so a reader never sees half of it)."""
-  io.write_atomic(path, ''.join(_line(e) for e in entries).encode('utf-8'))
+  files.write_atomic(path, ''.join(_line(e) for e in entries).encode('utf-8'))
 
 
 def append(path: str, summary: Dict[str, Any], output_dir: str

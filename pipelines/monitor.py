@@ -28,12 +28,14 @@ stderr); 3 a failure (one line, the traceback in
 <output_dir>/monitoring/monitor.log).
 """
 
-from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
 
 import argparse
 import dataclasses
 import datetime
-import io as _io
+import io
 import sys
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -43,7 +45,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipelines import io
+from pipelines.outputs import files
 from pipelines.registry import Registry, RegistryError
 from pipelines.train import evaluate
 from schemas.dataset import RECORD_ID, Dataset, SchemaError, load_dataset
@@ -64,7 +66,7 @@ JS_BASE = 2
 LABEL, TIME = 'label', 'time'  # columns of read_labels' table
 
 
-class MonitorError(ValueError):
+class MonitorError(UsageError, ValueError):
   """Bad flags or inputs (exit 2)."""
 
 
@@ -93,7 +95,7 @@ def read_predictions(pattern: str, id_field: str) -> Tuple[pa.Table, int]:
       raise MonitorError(f'--predictions: {path} is not a .parquet file')
     try:
       with FileSystems.open(path) as f:
-        table = pq.read_table(_io.BytesIO(f.read()))
+        table = pq.read_table(io.BytesIO(f.read()))
     except (OSError, pa.ArrowInvalid) as e:
       raise MonitorError(f'--predictions: cannot read {path}: '
                          f'{str(e).splitlines()[0]}') from None
@@ -442,8 +444,8 @@ def monitor(args: argparse.Namespace) -> Dict[str, Any]:
   out['inputs'] = {'predictions': args.predictions,
                    'prediction_files': prediction_files,
                    'labels': args.labels, 'label_files': label_files}
-  path = io.join(args.output_dir, MONITORING, REPORT_FILE)
-  io.write_json(path, out)
+  path = files.join(args.output_dir, MONITORING, REPORT_FILE)
+  files.write_json(path, out)
   out['path'] = path
   return out
 
@@ -492,21 +494,14 @@ def main(argv: Optional[List[str]] = None) -> int:
   if '-h' in argv or '--help' in argv:
     parser().print_help()
     return 0
-  args = None
-  try:
-    args = parser().parse_args(argv)
-    out = monitor(args)
-  except (MonitorError, InputError, SchemaError, ModelIntegrityError,
-          io.OutputError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except Exception as e:  # pylint: disable=broad-except
-    # One line on stderr, the traceback in a log next to the report.
-    print(io.failure_line(e, io.join(args.output_dir, MONITORING, LOG_FILE),
-                          'monitoring'), file=sys.stderr)
-    return 3
-  print('\n'.join(summary_lines(out)), flush=True)
-  return 0
+  args = parser().parse_args(argv)
+
+  def body():
+    print('\n'.join(summary_lines(monitor(args))), flush=True)
+
+  # A failure: one line on stderr, the traceback in a log next to the report.
+  return run_command(body, lambda e: files.failure_line(
+      e, files.join(args.output_dir, MONITORING, LOG_FILE), 'monitoring'))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ object upload), so a crash leaves the old index or the new one, never half
 of one; a model directory is copied before the index names it.
 """
 
-import pipelines.quiet  # noqa: F401  (first: silences start-up noise)
+import pipelines.base.quiet  # noqa: F401  (first: silences start-up noise)
 
 import argparse
 import json
@@ -36,7 +36,9 @@ from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import io
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
+from pipelines.outputs import files
 from transforms import inference
 
 INDEX = 'index.json'
@@ -45,7 +47,7 @@ PROMOTIONS = 'promotions'
 CANDIDATE, CHAMPION, RETIRED = 'candidate', 'champion', 'retired'
 
 
-class RegistryError(ValueError):
+class RegistryError(UsageError, ValueError):
   """The registry cannot do what was asked (exit code 2 on the command line)."""
 
 
@@ -57,11 +59,11 @@ class Registry:
 
   # Reading ------------------------------------------------------------------
   def _index(self) -> Dict[str, Any]:
-    path = io.join(self.root, INDEX)
+    path = files.join(self.root, INDEX)
     if not FileSystems.exists(path):
       return {'versions': []}
     try:
-      index = io.read_json(path)
+      index = files.read_json(path)
     except ValueError as e:
       raise RegistryError(f'{path} is not valid JSON: {e}') from None
     if not isinstance(index, dict) or not isinstance(index.get('versions'),
@@ -83,7 +85,7 @@ class Registry:
     return next((e for e in self.entries() if e['status'] == CHAMPION), None)
 
   def model_dir(self, version: str) -> str:
-    return io.join(self.root, self.get(version)['dir'])
+    return files.join(self.root, self.get(version)['dir'])
 
   def champion_dir(self) -> str:
     """The champion's model directory; RegistryError when there is none."""
@@ -91,20 +93,20 @@ class Registry:
     if champion is None:
       raise RegistryError(f'{self.root} has no champion model yet (train '
                           'with --registry, or promote a candidate)')
-    return io.join(self.root, champion['dir'])
+    return files.join(self.root, champion['dir'])
 
   # Writing ------------------------------------------------------------------
   def _write(self, index: Dict[str, Any]):
-    io.write_atomic(io.join(self.root, INDEX), json.dumps(
+    files.write_atomic(files.join(self.root, INDEX), json.dumps(
         index, indent=2, sort_keys=True).encode('utf-8'))
 
   def _point_to_champion(self, index: Dict[str, Any], entry: Dict[str, Any]):
     """Writes the next promotions/<n>.json (watched by streaming jobs)."""
     index['promotions'] = index.get('promotions', 0) + 1
-    io.write_json(io.join(self.root, PROMOTIONS,
+    files.write_json(files.join(self.root, PROMOTIONS,
                           f'{index["promotions"]:06d}.json'),
                   {'version': entry['version'],
-                   'dir': io.join(self.root, entry['dir'])})
+                   'dir': files.join(self.root, entry['dir'])})
 
   @staticmethod
   def _change(index, entry, status: str, reason: str, at: Optional[str]):
@@ -126,13 +128,13 @@ class Registry:
       if entry['version'] == version:
         return entry
     relative = f'{MODELS}/{version}'
-    target = io.join(self.root, relative)
-    files = inference.list_files(model_dir)
-    io.clear(target)
+    target = files.join(self.root, relative)
+    model_files = inference.list_files(model_dir)
+    files.clear(target)
     # metadata.json last: a reader never sees a half-copied model.
-    for rel in sorted(files, key=lambda r: r == inference.METADATA_FILE):
-      io.write_bytes(inference.join_path(target, rel),
-                     io.read_bytes(files[rel]))
+    for rel in sorted(model_files, key=lambda r: r == inference.METADATA_FILE):
+      files.write_bytes(inference.join_path(target, rel),
+                        files.read_bytes(model_files[rel]))
     training = metadata.get('training', {})
     entry = {
         'version': version, 'dir': relative, 'status': CANDIDATE,
@@ -231,23 +233,22 @@ def _table(entries) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
   args = _parser().parse_args(argv)
+  return run_command(lambda: _run(args))
+
+
+def _run(args):
   registry = Registry(args.registry)
-  try:
-    if args.command == 'list':
-      print(_table(registry.entries()))
-    elif args.command == 'promote':
-      if not args.version:
-        raise RegistryError('promote needs a version (see list)')
-      entry = registry.promote(args.version, args.reason, args.at)
-      print(f'{entry["version"]} is now the champion of {args.registry}')
-    else:
-      entry = registry.rollback(args.reason, args.at)
-      print(f'rolled back: {entry["version"]} is the champion of '
-            f'{args.registry} again')
-  except RegistryError as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  return 0
+  if args.command == 'list':
+    print(_table(registry.entries()))
+  elif args.command == 'promote':
+    if not args.version:
+      raise RegistryError('promote needs a version (see list)')
+    entry = registry.promote(args.version, args.reason, args.at)
+    print(f'{entry["version"]} is now the champion of {args.registry}')
+  else:
+    entry = registry.rollback(args.reason, args.at)
+    print(f'rolled back: {entry["version"]} is the champion of '
+          f'{args.registry} again')
 
 
 if __name__ == '__main__':

@@ -8,7 +8,7 @@ at its end (`publish`), with metrics.prom and its line of the run history.
 
 The page has no script and loads nothing: one <style> block, inline SVG
 (plots by matplotlib's SVG backend; the feature histograms are
-pipelines.stats_report's), links relative to the page. Sections, each
+pipelines.reporting.stats_report's), links relative to the page. Sections, each
 present only when the run has what it shows (a features-only run, one the
 validation gate stopped and a scoring-only run leave out what they did not
 do): summary, stages, records, anomalies, drift, model, curves,
@@ -17,11 +17,11 @@ outputs. Nothing in it reads the clock: rendering the same folder twice
 gives the same page (the stage durations are the run's measurements).
 """
 
-from pipelines import quiet  # noqa: F401  (first: silences TensorFlow)
+from pipelines.base import quiet  # noqa: F401  (first: silences TensorFlow)
 
 import argparse
 import html
-import io as _io
+import io
 import json
 import os
 import re
@@ -32,7 +32,11 @@ from typing import Any, Dict, List, Optional
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
-from pipelines import history, io, metrics, retention, stats_report
+from pipelines import history
+from pipelines.runs import retention
+from pipelines.reporting import stats_report
+from pipelines.outputs import metrics
+from pipelines.outputs import files
 
 REPORT_DIR, REPORT_FILE = 'report', 'index.html'
 SUMMARY_FILE = 'run_summary.json'
@@ -43,7 +47,7 @@ HISTORY_ROWS = 12
 
 
 def report_path(output_dir: str) -> str:
-  return io.join(output_dir, REPORT_DIR, REPORT_FILE)
+  return files.join(output_dir, REPORT_DIR, REPORT_FILE)
 
 
 # The end of a batch run -------------------------------------------------------
@@ -57,10 +61,10 @@ def publish(summary: Dict[str, Any], opts) -> Dict[str, Any]:
   summary.setdefault('dataset', load_dataset(opts.schema).name)
   summary['health'] = metrics.health(summary)
   history_path = opts.history or history.default_path(out)
-  paths = {'metrics': io.join(out, metrics.METRICS_FILE),
+  paths = {'metrics': files.join(out, metrics.METRICS_FILE),
            'report': report_path(out), 'history': history_path}
   summary.setdefault('outputs', {}).update(paths)
-  io.write_json(io.join(out, SUMMARY_FILE), summary)
+  files.write_json(files.join(out, SUMMARY_FILE), summary)
   metrics.write_metrics(summary, paths['metrics'])
   entry = history.append(history_path, summary, out)
   retained = None
@@ -88,7 +92,7 @@ def _exists(path: Optional[str]) -> bool:
 
 
 def _json(path: str):
-  return io.read_json(path) if _exists(path) else None
+  return files.read_json(path) if _exists(path) else None
 
 
 def _files(pattern: str) -> List[str]:
@@ -100,8 +104,8 @@ def dead_letter_examples(output_dir: str, per_kind: int = EXAMPLES_PER_KIND
   """The first `per_kind` dead-letter rows of each kind, by (source file,
   position)."""
   found: Dict[str, List[Dict[str, Any]]] = {}
-  for path in _files(io.join(output_dir, 'dead_letter', '*.jsonl')):
-    for line in io.read_bytes(path).decode('utf-8').splitlines():
+  for path in _files(files.join(output_dir, 'dead_letter', '*.jsonl')):
+    for line in files.read_bytes(path).decode('utf-8').splitlines():
       if line.strip():
         row = json.loads(line)
         found.setdefault(row.get('error_kind', '?'), []).append(row)
@@ -117,7 +121,7 @@ def _parquet_columns(pattern: str, columns: List[str]):
   tables = []
   for path in _files(pattern):
     with FileSystems.open(path) as f:
-      table = pq.read_table(_io.BytesIO(f.read()))
+      table = pq.read_table(io.BytesIO(f.read()))
     tables.append(table.select([c for c in columns
                                 if c in table.column_names]))
   return pa.concat_tables(tables, promote=True) if tables else None
@@ -137,10 +141,10 @@ def eval_curves(output_dir: str, metadata: Dict[str, Any]
   stored = (metadata.get('metrics') or {}).get('eval', {}).get('curves')
   if stored:
     return dict(stored, source='stored with the model')
-  own = _json(io.join(output_dir, 'model', 'metadata.json'))
-  transformed = io.join(output_dir, 'transform', 'transformed')
+  own = _json(files.join(output_dir, 'model', 'metadata.json'))
+  transformed = files.join(output_dir, 'transform', 'transformed')
   if not own or own.get('model_version') != metadata.get('model_version') \
-      or not _files(io.join(transformed, '*.parquet')):
+      or not _files(files.join(transformed, '*.parquet')):
     return None
   from sklearn.metrics import (precision_recall_curve, roc_auc_score,
                                roc_curve)
@@ -154,9 +158,9 @@ def eval_curves(output_dir: str, metadata: Dict[str, Any]
       id_field=metadata['id_field'], label_field=label, task='binary')
   _, rows = train.split(table, split_of, metadata.get('training', {}).get(
       'eval_fraction', 0.2))
-  model_dir = io.join(output_dir, 'model')
+  model_dir = files.join(output_dir, 'model')
   estimator = inference.loads_estimator(
-      io.read_bytes(io.join(model_dir, metadata['model_file'])), model_dir)
+      files.read_bytes(files.join(model_dir, metadata['model_file'])), model_dir)
   features = metadata['features']
   scores = estimator.predict_proba(inference.feature_matrix(
       {n: rows.column(n) for n in features}, features))[:, 1]
@@ -191,7 +195,7 @@ def svg_of(fig, name: str) -> str:
   metadata, no namespace URLs (HTML does not need them), element ids
   prefixed with `name` so that several plots on a page never share one."""
   import matplotlib
-  buffer = _io.StringIO()
+  buffer = io.StringIO()
   with matplotlib.rc_context({'svg.hashsalt': 'mlpipe', 'svg.fonttype':
                               'none', 'font.size': 9}):
     fig.tight_layout()
@@ -742,11 +746,11 @@ def _history_section(entries, output_dir) -> str:
 
 def _outputs_section(s, output_dir, page_dir) -> str:
   outputs = dict(s.get('outputs') or {})
-  outputs.setdefault('summary', io.join(output_dir, SUMMARY_FILE))
-  stats_html = io.join(output_dir, 'validation', 'stats.html')
+  outputs.setdefault('summary', files.join(output_dir, SUMMARY_FILE))
+  stats_html = files.join(output_dir, 'validation', 'stats.html')
   if _exists(stats_html):
     outputs['statistics page'] = stats_html
-  monitoring = io.join(output_dir, *MONITORING_REPORT)
+  monitoring = files.join(output_dir, *MONITORING_REPORT)
   if _exists(monitoring):
     outputs['monitoring'] = monitoring
   if (s.get('model') or {}).get('dir'):
@@ -769,21 +773,21 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
   """The report page of the run in `output_dir` (its run_summary.json
   unless `summary` is given)."""
   from transforms.statistics import read_statistics
-  s = summary or io.read_json(io.join(output_dir, SUMMARY_FILE))
-  page_dir = io.join(output_dir, REPORT_DIR)
-  validation_dir = io.join(output_dir, 'validation')
-  anomalies = (_json(io.join(validation_dir, 'anomalies.json')) or {}).get(
+  s = summary or files.read_json(files.join(output_dir, SUMMARY_FILE))
+  page_dir = files.join(output_dir, REPORT_DIR)
+  validation_dir = files.join(output_dir, 'validation')
+  anomalies = (_json(files.join(validation_dir, 'anomalies.json')) or {}).get(
       'anomalies') if s.get('validation') else None
-  stats_path = io.join(output_dir, 'statistics', 'stats.pb')
+  stats_path = files.join(output_dir, 'statistics', 'stats.pb')
   stats = read_statistics(stats_path) if _exists(stats_path) else None
   model = s.get('model')
   metadata = None
-  if model and _exists(io.join(model.get('dir', ''), 'metadata.json')):
-    metadata = io.read_json(io.join(model['dir'], 'metadata.json'))
+  if model and _exists(files.join(model.get('dir', ''), 'metadata.json')):
+    metadata = files.read_json(files.join(model['dir'], 'metadata.json'))
   predictions = None
   if model:
     predictions = _parquet_columns(
-        io.join(output_dir, 'predictions', '*.parquet'),
+        files.join(output_dir, 'predictions', '*.parquet'),
         ['score', 'risk_category'])
   curves = eval_curves(output_dir, metadata) if metadata else None
   timestamp = (metadata or {}).get('timestamp_field')
@@ -793,15 +797,15 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
       _stages_section(s),
       _records_section(s, dead_letter_examples(output_dir)),
       _anomalies_section(anomalies),
-      _drift_section(_json(io.join(validation_dir, 'drift.json')),
-                     _json(io.join(validation_dir, 'skew.json'))),
+      _drift_section(_json(files.join(validation_dir, 'drift.json')),
+                     _json(files.join(validation_dir, 'skew.json'))),
       _model_section(s, metadata),
       _curves_section(curves, metadata),
       _calibration_section(metadata) if metadata else '',
       _scores_section(metadata, predictions),
       _risk_section(metadata, predictions),
       _registry_section(s),
-      _monitoring_section(_json(io.join(output_dir, *MONITORING_REPORT))),
+      _monitoring_section(_json(files.join(output_dir, *MONITORING_REPORT))),
       _features_section(stats, anomalies or [],
                         [timestamp] if timestamp else []),
       _history_section(history.read(history_path) if history_path and
@@ -840,7 +844,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   parser.add_argument('--history', default=None,
                       help='its run history (default: runs.jsonl beside it)')
   args = parser.parse_args(argv)
-  if not _exists(io.join(args.output_dir, SUMMARY_FILE)):
+  if not _exists(files.join(args.output_dir, SUMMARY_FILE)):
     print(f'error: {args.output_dir} holds no {SUMMARY_FILE}',
           file=sys.stderr)
     return 2

@@ -32,11 +32,13 @@ line on stderr); 3 a failure (one line; the traceback in
 <output_dir>/retrain/retrain.log).
 """
 
-from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
 
 import argparse
 import contextlib
-import io as _io
+import io
 import json
 import sys
 from typing import Any, Dict, List, Optional
@@ -48,7 +50,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines import io, monitor, preflight
+from pipelines import monitor
+from pipelines.outputs import files
+from pipelines.cli import preflight
 from pipelines.registry import CHAMPION, Registry, RegistryError
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms import arrow
@@ -81,7 +85,7 @@ DEFAULTS = {'metric': 'roc_auc', 'promote_margin': 0.0, 'min_eval_rows': 100,
             'min_eval_positives': 5}
 
 
-class RetrainError(ValueError):
+class RetrainError(UsageError, ValueError):
   """Bad flags, policy or inputs (exit 2)."""
 
 
@@ -125,7 +129,7 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
   if not FileSystems.exists(path):
     return None
   try:
-    return io.read_json(path)
+    return files.read_json(path)
   except ValueError as e:
     raise RetrainError(f'{path} is not valid JSON: {e}') from None
 
@@ -192,7 +196,7 @@ def triggers(policy: Dict[str, Any], drift: Optional[Dict[str, Any]],
 # Evaluation -----------------------------------------------------------------
 def read_features(run_dir: str) -> pa.Table:
   """A run's feature rows (Parquet), timestamps as int64 epoch us."""
-  pattern = io.join(run_dir, 'features', '*.parquet')
+  pattern = files.join(run_dir, 'features', '*.parquet')
   paths = sorted(m.path for m in FileSystems.match([pattern])[0]
                  .metadata_list)
   if not paths:
@@ -201,7 +205,7 @@ def read_features(run_dir: str) -> pa.Table:
   tables = []
   for path in paths:
     with FileSystems.open(path) as f:
-      table = pq.read_table(_io.BytesIO(f.read()))
+      table = pq.read_table(io.BytesIO(f.read()))
     tables.append(pa.Table.from_arrays(
         [arrow.flat_column(c) for c in table.columns],
         names=table.column_names))
@@ -285,18 +289,18 @@ def train_challenger(args, registry: str, model_type: str,
   model: a candidate unless it is the champion's version); its output
   goes to <output_dir>/retrain/challenger.log."""
   from pipelines import batch
-  run_dir = io.join(output_dir, RETRAIN, CHALLENGER_RUN)
+  run_dir = files.join(output_dir, RETRAIN, CHALLENGER_RUN)
   argv = ['--input', args.input, '--output_dir', run_dir, '--registry',
           registry, '--schema', args.schema, '--model_type', model_type]
   if args.input_format:
     argv += ['--input_format', args.input_format]
-  printed = _io.StringIO()
+  printed = io.StringIO()
   try:
     with contextlib.redirect_stdout(printed), \
         contextlib.redirect_stderr(printed):
       summary = batch.run(argv + args.beam_args)
   finally:
-    io.write_bytes(io.join(output_dir, RETRAIN, 'challenger.log'),
+    files.write_bytes(files.join(output_dir, RETRAIN, 'challenger.log'),
                    printed.getvalue().encode('utf-8'))
   return {'version': summary['registry']['registered'], 'run': run_dir}
 
@@ -305,8 +309,8 @@ def train_challenger(args, registry: str, model_type: str,
 def _append(path: str, line: str):
   """Appends a line to a file, written whole to a temporary file and
   renamed over the old one (one upload on object stores)."""
-  old = io.read_bytes(path) if FileSystems.exists(path) else b''
-  io.write_atomic(path, old + line.encode('utf-8') + b'\n')
+  old = files.read_bytes(path) if FileSystems.exists(path) else b''
+  files.write_atomic(path, old + line.encode('utf-8') + b'\n')
 
 
 def _reference_time(args, features: Optional[pa.Table],
@@ -338,13 +342,13 @@ def decide(args) -> Dict[str, Any]:
   if not args.challenger and not args.input:
     raise RetrainError('--input (the window to train a challenger on) or '
                        '--challenger VERSION is required')
-  if not FileSystems.exists(io.join(args.run_dir, 'run_summary.json')):
+  if not FileSystems.exists(files.join(args.run_dir, 'run_summary.json')):
     raise RetrainError(f'--run_dir {args.run_dir} is not the output of a '
                        'batch run (no run_summary.json)')
-  validation_dir = io.join(args.run_dir, 'validation')
-  sources = {'drift': io.join(validation_dir, 'drift.json'),
-             'skew': io.join(validation_dir, 'skew.json'),
-             'monitoring': args.monitoring or io.join(
+  validation_dir = files.join(args.run_dir, 'validation')
+  sources = {'drift': files.join(validation_dir, 'drift.json'),
+             'skew': files.join(validation_dir, 'skew.json'),
+             'monitoring': args.monitoring or files.join(
                  args.run_dir, monitor.MONITORING, monitor.REPORT_FILE)}
   if args.monitoring and not FileSystems.exists(args.monitoring):
     raise RetrainError(f'--monitoring {args.monitoring} does not exist')
@@ -460,8 +464,8 @@ def _trigger_text(t: Dict[str, Any]) -> str:
 def _finish(decision, reasons, args) -> Dict[str, Any]:
   decision['reasons'] = reasons
   decision = dict(sorted(decision.items()))
-  io.write_json(io.join(args.output_dir, RETRAIN, DECISION_FILE), decision)
-  _append(io.join(args.registry, DECISIONS_LOG),
+  files.write_json(files.join(args.output_dir, RETRAIN, DECISION_FILE), decision)
+  _append(files.join(args.registry, DECISIONS_LOG),
           json.dumps(decision, sort_keys=True))
   return decision
 
@@ -552,7 +556,7 @@ def summary_lines(decision: Dict[str, Any], output_dir: str) -> List[str]:
                  f'{c["challenger"][m]:.4f}')
   lines.append(f'Decision:       {decision["action"]}; champion '
                f'{decision["champion_after"]}')
-  lines.append(f'Written to:     {io.join(output_dir, RETRAIN, DECISION_FILE)}')
+  lines.append(f'Written to:     {files.join(output_dir, RETRAIN, DECISION_FILE)}')
   return lines
 
 
@@ -562,22 +566,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser().print_help()
     return 0
   from pipelines.batch import RunFailed
-  args = None
-  try:
-    args = parse(argv)
+  args = run_command(lambda: parse(argv))
+  if isinstance(args, int):
+    return args
+
+  def body():
     decision = decide(args)
-  except (RetrainError, RegistryError, InputError, SchemaError,
-          ModelIntegrityError, io.OutputError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except Exception as e:  # pylint: disable=broad-except
+    print('\n'.join(summary_lines(decision, args.output_dir)), flush=True)
+
+  def failed(e):
     what = ('retraining (training the challenger)' if isinstance(e, RunFailed)
             else 'retraining')
-    print(io.failure_line(e, io.join(args.output_dir, RETRAIN, LOG_FILE),
-                          what), file=sys.stderr)
-    return 3
-  print('\n'.join(summary_lines(decision, args.output_dir)), flush=True)
-  return 0
+    return files.failure_line(e, files.join(args.output_dir, RETRAIN,
+                                            LOG_FILE), what)
+  return run_command(body, failed)
 
 
 if __name__ == '__main__':

@@ -51,20 +51,23 @@ import threading
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import pyarrow as pa
 
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
 from pipelines.registry import Registry, RegistryError
 from schemas.dataset import Dataset, SchemaError, load_dataset
 from transforms import online_store
 from transforms.common import micros_to_rfc3339
-from transforms.history import history_features
+from transforms.history_features import history_features
 from transforms.inference import (LoadedModel, ModelIntegrityError,
                                   TransformedSklearnModelHandler,
                                   input_types, predict_table)
 from transforms.parse import RecordError, RecordValidator
-from transforms.read import InputError, decode_message
+from transforms.read import InputError
+from transforms.stream_sources import decode_message
 from transforms.side_tables import load_side_tables, side_table_paths
 
 SOURCE = 'request'
@@ -73,8 +76,6 @@ SOURCE = 'request'
 ARGV_ENV = 'MLPIPE_SERVE_ARGV'
 
 
-class UsageError(ValueError):
-  """A flag, the declaration or the model cannot be served (exit 2)."""
 
 
 # Scoring ----------------------------------------------------------------------
@@ -634,13 +635,16 @@ def main(argv: Optional[List[str]] = None) -> int:
       parse_flags(['--help'])
     except SystemExit:
       return 0
-  try:
-    args = parse_flags(argv)
-    app = build_app(args)
-  except (UsageError, SchemaError, online_store.StoreError, RegistryError,
-          ModelIntegrityError, InputError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  def start():
+    try:
+      args = parse_flags(argv)
+      return args, build_app(args)
+    except OSError as e:       # a model or side table that cannot be read
+      raise UsageError(str(e)) from None
+  started = run_command(start)
+  if isinstance(started, int):
+    return started
+  args, app = started
   import uvicorn  # pylint: disable=g-import-not-at-top
   print(f'Serving model {app.state.scorer.version} on '
         f'http://{args.host}:{args.port} '

@@ -44,7 +44,7 @@ import json
 import sys
 from typing import Dict, List, Optional
 
-import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -52,10 +52,13 @@ from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 
-from pipelines import io, metrics, preflight
+from pipelines.cli.shell import run_command
+from pipelines.outputs import metrics
+from pipelines.outputs import files
+from pipelines.cli import preflight
 from pipelines.registry import PROMOTIONS, Registry, RegistryError
-from pipelines.summary import ingest_lines
-from pipelines.options import (FlinkJavaOptions, RecordOptions,
+from pipelines.outputs.summary import ingest_lines
+from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
                                StreamingOptions,
                                aggregate_window, flags,
                                print_help, reference_micros)
@@ -66,13 +69,13 @@ from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
 from transforms.common import (DEAD_LETTER, VALID, CountElements,
                                micros_to_rfc3339)
-from transforms.history import StatefulHistoryFeatures
+from transforms.history_features import StatefulHistoryFeatures
 from transforms import online_store
 from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
                               kafka_expansion_service)
 from transforms.parse import StreamingParseAndValidate
-from transforms.read import (InputError, ReadPubSubRecords, ReplayFile,
-                             check_input)
+from transforms.read import InputError, check_input
+from transforms.stream_sources import ReadPubSubRecords, ReplayFile
 from transforms.sinks import WriteJsonLinesPanes, WriteJsonToPubSub
 
 # Everything goes under <output_dir>/streaming/, apart from batch outputs.
@@ -259,14 +262,14 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                    | 'CountPredictions' >> beam.ParDo(
                        CountElements('predictions_written')))
 
-  root = io.join(opts.output_dir, STREAMING)
-  files = {FEATURES: (features, io.join(root, FEATURES)),
-           DEAD: (dead, io.join(root, DEAD))}
+  root = files.join(opts.output_dir, STREAMING)
+  sinks = {FEATURES: (features, files.join(root, FEATURES)),
+           DEAD: (dead, files.join(root, DEAD))}
   if predictions is not None:
-    files[PREDICTIONS] = (predictions, io.join(root, PREDICTIONS))
+    sinks[PREDICTIONS] = (predictions, files.join(root, PREDICTIONS))
   for key, rows in aggregates.items():
-    files[key] = (rows, io.join(root, 'aggregates', key))
-  for name, (rows, folder) in files.items():
+    sinks[key] = (rows, files.join(root, 'aggregates', key))
+  for name, (rows, folder) in sinks.items():
     rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
         folder, name, s.file_every)
   published = predictions if predictions is not None else features
@@ -287,7 +290,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
 
 
 def _rows(folder: str) -> List[dict]:
-  match = FileSystems.match([io.join(folder, '*.jsonl')])[0]
+  match = FileSystems.match([files.join(folder, '*.jsonl')])[0]
   rows = []
   for meta in match.metadata_list:
     with FileSystems.open(meta.path) as f:
@@ -305,10 +308,10 @@ def summarize_outputs(root: str, dataset: Dataset,
   credits each step's counters with its first bundle only, so a local
   replay counts its output rows instead.
   """
-  dead = _rows(io.join(root, DEAD))
+  dead = _rows(files.join(root, DEAD))
   kinds = collections.Counter(row['error_kind'] for row in dead)
   late = kinds.pop(LATE, 0)
-  valid = len(_rows(io.join(root, FEATURES)))
+  valid = len(_rows(files.join(root, FEATURES)))
   dead_lettered = sum(kinds.values())
   keys = dataset.aggregate_keys
   return {
@@ -319,9 +322,9 @@ def summarize_outputs(root: str, dataset: Dataset,
       'records_accounted_for': records_replayed == valid + dead_lettered,
       'records_late': late,
       'feature_rows': valid,
-      'aggregate_rows': {k: len(_rows(io.join(root, 'aggregates', k)))
+      'aggregate_rows': {k: len(_rows(files.join(root, 'aggregates', k)))
                          for k in keys},
-      'predictions_written': len(_rows(io.join(root, PREDICTIONS))),
+      'predictions_written': len(_rows(files.join(root, PREDICTIONS))),
   }
 
 
@@ -387,16 +390,16 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     options.view_as(RecordOptions).model_dir = opts.model_dir
     if (not opts.model_watch_pattern and
         _runner_name(options) not in _DIRECT_RUNNERS):
-      opts.model_watch_pattern = io.join(opts.registry, PROMOTIONS, '*.json')
+      opts.model_watch_pattern = files.join(opts.registry, PROMOTIONS, '*.json')
       options.view_as(StreamingOptions).model_watch_pattern = (
           opts.model_watch_pattern)
   check_model_watch(opts, options)
   if opts.model_dir:
     verify_model_dir(opts.model_dir)
-  root = io.join(opts.output_dir, STREAMING)
+  root = files.join(opts.output_dir, STREAMING)
   inputs = [] if streamed else check_input(opts.input, opts.input_format)
-  io.check_output_dir(opts.output_dir, inputs + [opts.model_dir], [root])
-  io.clear(root)
+  files.check_output_dir(opts.output_dir, inputs + [opts.model_dir], [root])
+  files.clear(root)
 
   print(f'== Streaming: {source}', file=sys.stderr, flush=True)
   p = beam.Pipeline(options=options)
@@ -412,9 +415,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     read = opts.max_num_records
   summary = summarize_outputs(root, dataset, read)
   summary['output_dir'] = root
-  io.write_json(io.join(root, 'run_summary.json'), summary)
+  files.write_json(files.join(root, 'run_summary.json'), summary)
   metrics.write_metrics(dict(summary, status='ok'),
-                        io.join(root, metrics.METRICS_FILE))
+                        files.join(root, metrics.METRICS_FILE))
   if live:
     live[0].update(dict(summary, status='ok'))
   _print_summary(summary)
@@ -439,21 +442,9 @@ def main(argv: Optional[List[str]] = None) -> int:
   if '-h' in argv or '--help' in argv:
     print_help('python -m pipelines.streaming', StreamingOptions)
     return 0
-  try:
-    run(argv)
-  except (InputError, SchemaError, ModelIntegrityError, io.OutputError,
-          RegistryError,
-          preflight.PreflightError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
-  except Exception as e:  # pylint: disable=broad-except
-    # A job that fails on the runner (a Java error on Flink, say): one line,
-    # not a stack trace, as the run's last word.
-    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-    print(f'error: the run failed: {type(e).__name__}: {first}',
-          file=sys.stderr)
-    return 3
-  return 0
+  # A job that fails on the runner (a Java error on Flink, say) ends with
+  # one line, not a stack trace, as the run's last word.
+  return run_command(lambda: run(argv) and None)
 
 
 if __name__ == '__main__':

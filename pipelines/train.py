@@ -31,7 +31,9 @@ Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
 transform_fn/ and transformed_metadata/), metadata.json (see `train`).
 """
 
-from pipelines import quiet  # pylint: disable=unused-import  # noqa: F401
+from pipelines.base import quiet  # pylint: disable=unused-import  # noqa: F401
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
 
 import argparse
 import datetime
@@ -61,7 +63,7 @@ SCORE_BINS = 20
 _TFT_PARTS = ('transform_fn', 'transformed_metadata')
 
 
-class TrainingError(ValueError):
+class TrainingError(UsageError, ValueError):
   """The data cannot train a model (too few rows, one class only)."""
 
 
@@ -494,17 +496,17 @@ def main(argv=None):
   parser.add_argument('--registry', default=None,
                       help='register the model there (pipelines.registry)')
   args = parser.parse_args(argv)
-  try:
-    metadata = train(
-        read_transformed(args.transformed), transform_dir=args.transform_dir,
-        model_dir=args.model_dir, dataset=load_dataset(args.schema),
-        model=args.model, eval_fraction=args.eval_fraction,
-        statistics_path=args.statistics, model_version=args.model_version)
-  except TrainingError as e:
-    logging.error('%s', e)
-    return 2
+  return run_command(lambda: _train(args))
+
+
+def _train(args):
+  metadata = train(
+      read_transformed(args.transformed), transform_dir=args.transform_dir,
+      model_dir=args.model_dir, dataset=load_dataset(args.schema),
+      model=args.model, eval_fraction=args.eval_fraction,
+      statistics_path=args.statistics, model_version=args.model_version)
   if args.registry:
-    from pipelines.registry import Registry
+    from pipelines.registry import Registry  # pylint: disable=g-import-not-at-top
     times = metadata['training'].get('eval_time_range') or {}
     entry = Registry(args.registry).register(
         args.model_dir, 'trained by pipelines.train', at=times.get('max'))
@@ -517,8 +519,6 @@ def main(argv=None):
                     'eval': {k: v for k, v in ev.items()
                              if not isinstance(v, (list, dict))}},
                    indent=2))
-  return 0
-
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -6,7 +6,7 @@
   * the parser's field types and record rules (transforms.parse), including
     derived fields: a `record_id` when no id is declared, timestamps
     composed from a date and an hour field;
-  * the history feature names of each declared entity (transforms.history);
+  * the history feature names of each declared entity (transforms.history_features);
   * the Arrow schemas of the silver (valid records), gold (features),
     aggregate and prediction tables;
   * the Avro schema (`avro_schema`) and the TFDV schema (`tfdv_schema`);
@@ -24,6 +24,8 @@ import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
+
+from pipelines.base.errors import UsageError
 
 SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.join(SCHEMA_DIR, 'transactions.yaml')
@@ -50,7 +52,7 @@ _HISTORY_KEYS = ('entity', 'value', 'windows', 'aggregates', 'distinct',
                  'seconds_since_previous', 'calendar')
 
 
-class SchemaError(ValueError):
+class SchemaError(UsageError, ValueError):
   """The declaration cannot be read or is inconsistent."""
 
 

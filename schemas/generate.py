@@ -11,7 +11,7 @@ import json
 import os
 import sys
 
-import pipelines.quiet  # noqa: F401  (first: silences TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 from schemas.dataset import SCHEMA_DIR, load_dataset
 

@@ -16,7 +16,8 @@ from typing import Iterable, List
 import pytest
 
 from schemas.dataset import Dataset
-from transforms.read import read_file, replay_order
+from transforms.read import read_file
+from transforms.stream_sources import replay_order
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JARS = os.environ.get('MLPIPE_JARS', os.path.join(REPO, 'runners', '.jars'))

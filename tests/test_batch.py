@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import batch, generate
-from pipelines.options import DEFAULT_INPUT
+from pipelines.cli.options import DEFAULT_INPUT
 
 
 def _rows(pattern):

@@ -1,7 +1,7 @@
 """Kafka in and out on Flink, and the setups that cannot work.
 
   * Flink and Kafka runs that cannot work stop before any job starts: one
-    line, exit code 2 (pipelines.preflight.check_services, check_kafka);
+    line, exit code 2 (pipelines.cli.preflight.check_services, check_kafka);
   * the streaming job reads generated events and two broken messages from a
     Kafka topic on the local Flink session cluster (tests/services.py) at
     parallelism 2, and writes feature rows and aggregate windows equal to
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pytest
 
 from pipelines import batch, streaming
-from pipelines.options import StreamingOptions, aggregate_window, flags
+from pipelines.cli.options import StreamingOptions, aggregate_window, flags
 from pipelines.generate import generate_transactions, write_records
 from schemas.dataset import load_dataset
 from tests.services import consume_all, flink_flags, produce_file, \
@@ -29,7 +29,7 @@ from tests.services import consume_all, flink_flags, produce_file, \
 from tests.test_runners import input_file  # noqa: F401  (fixture)
 from tests.test_train_inference import trained  # noqa: F401  (fixture)
 from transforms.aggregates import EntityAggregates
-from transforms.history import history_table
+from transforms.history_features import history_table
 from transforms.parse import RecordValidator
 from transforms.read import read_file
 
@@ -177,7 +177,7 @@ def _json_rows(folder):
 
 def test_kafka_on_flink_features_equal_batch_features_row_for_row(
     kafka_stream):
-  # The batch definition (transforms.history.history_table, what
+  # The batch definition (transforms.history_features.history_table, what
   # HistoryFeatures computes per shard) over the same records.
   table = pa.Table.from_pylist(kafka_stream['records'],
                                schema=DATASET.batch_schema())

@@ -12,7 +12,7 @@ import pytest
 
 from pipelines import generate
 from schemas.dataset import load_dataset
-from transforms.history import history_features
+from transforms.history_features import history_features
 from transforms.parse import RecordError, RecordValidator
 from transforms.read import RawRecord, read_file
 

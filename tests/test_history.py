@@ -14,7 +14,7 @@ from apache_beam.testing.util import assert_that, equal_to
 from hypothesis import given, settings, strategies as st
 
 from schemas.dataset import load_dataset
-from transforms.history import (HistoryFeatures, history_features,
+from transforms.history_features import (HistoryFeatures, history_features,
                                 history_table)
 
 DATASET = load_dataset()

@@ -5,7 +5,8 @@ import json
 
 import pytest
 
-from pipelines import history, retention
+from pipelines import history
+from pipelines.runs import retention
 
 
 def test_each_run_appends_its_summary_to_the_history(report_runs):

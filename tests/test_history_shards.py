@@ -8,7 +8,7 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import BeamAssertException, assert_that
 
 from schemas.dataset import load_dataset
-from transforms.history import HistoryFeatures, history_table
+from transforms.history_features import HistoryFeatures, history_table
 
 DATASET = load_dataset()
 MIN = 60 * 1_000_000

@@ -17,7 +17,7 @@ import pytest
 
 from pipelines import batch, generate
 from schemas.dataset import load_dataset
-from transforms.history import history_at, history_table
+from transforms.history_features import history_at, history_table
 
 DATASET = load_dataset('interactions')
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -9,8 +9,9 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines import generate, metrics, streaming
-from pipelines.summary import counters
+from pipelines import generate, streaming
+from pipelines.outputs import metrics
+from pipelines.outputs.summary import counters
 from transforms.common import CountRows
 from transforms.parse import NAMESPACE
 

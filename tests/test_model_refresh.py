@@ -15,7 +15,7 @@ deterministic, and it goes through the same RunInference code path
 (_RunInferenceDoFn.process -> update_model_path -> load_model).
 """
 
-from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 
 import json
 import os

@@ -14,9 +14,10 @@ import redis
 
 from pipelines.generate import generate_transactions
 from schemas.dataset import load_dataset
+from pipelines.serving import materialise
 from transforms import online_store
 from transforms.common import shard_of
-from transforms.history import history_table
+from transforms.history_features import history_table
 from transforms.parse import rfc3339_to_micros
 from tests.redis_server import RedisServer
 
@@ -180,7 +181,7 @@ def test_a_store_that_refuses_writes_is_counted_not_fatal(tmp_path, rows):
   pq.write_table(rows, str(path))
   with RedisServer(tmp_path / 'redis') as full:
     redis.Redis.from_url(full.url()).config_set('maxmemory', 1)
-    summary = online_store.materialise(PipelineOptions([]), DATASET,
+    summary = materialise.materialise(PipelineOptions([]), DATASET,
                                        str(path), full.url(), 'v1', 2)
   # Shards are written one pipeline each (< 500 users a shard).
   shards = len(set(shard_of(rows.column('user_id'), 2).tolist()))

@@ -18,7 +18,8 @@ from transforms.common import DEAD_LETTER, VALID
 from transforms.parse import (BatchValidator, ParseAndValidate, RecordError,
                               RecordValidator, rfc3339_to_micros)
 from transforms.read import (InputError, RawRecord, ReadRecords, check_input,
-                             decode_message, raw_records, read_batches)
+                             raw_records, read_batches)
+from transforms.stream_sources import decode_message
 
 DATASET = load_dataset()
 GOOD = {'transaction_id': 'tx000000001', 'user_id': 'u00001',

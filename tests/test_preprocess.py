@@ -4,7 +4,7 @@ The dataset declaration is narrowed to one feature of each kind; one
 module-scoped AnalyzeAndTransform run feeds all assertions.
 """
 
-from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 
 import dataclasses
 import json

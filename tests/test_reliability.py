@@ -13,10 +13,11 @@ import pyarrow.parquet as pq
 from hypothesis import assume, given, settings, strategies as st
 
 from pipelines import batch
-from pipelines.options import DEFAULT_INPUT, REPO_ROOT
+from pipelines.cli.options import DEFAULT_INPUT, REPO_ROOT
 from schemas.dataset import load_dataset
 from transforms.parse import BatchValidator, RecordError, RecordValidator
-from transforms.read import decode_message, read_batches
+from transforms.read import read_batches
+from transforms.stream_sources import decode_message
 
 DATASET = load_dataset()
 

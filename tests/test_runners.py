@@ -5,7 +5,7 @@
   * DataflowRunner --dry_run translates the ingest graph and stages this
     project as a package, without network or credentials;
   * gs:// input and outputs on a local GCS emulator (tests/gcs_emulator.py);
-  * pipelines.preflight rejects runner setups that cannot work, one clear
+  * pipelines.cli.preflight rejects runner setups that cannot work, one clear
     line each;
   * FlinkRunner up to its job server: options resolve, the launcher passes
     flags through, a missing job server jar fails fast;
@@ -32,8 +32,10 @@ from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
                                                   PortableOptions)
 from apache_beam.portability.api import beam_runner_api_pb2
 
-from pipelines import batch, io, preflight
-from pipelines.preflight import PreflightError, check_runner, is_dry_run
+from pipelines import batch
+from pipelines.outputs import files
+from pipelines.cli import preflight
+from pipelines.cli.preflight import PreflightError, check_runner, is_dry_run
 from tests.services import flink_flags
 from tests.test_parse import GOOD
 
@@ -137,22 +139,22 @@ def _read_dead_letters(pattern):
 
 
 def _assert_same_outputs(out, reference_out):
-  features = _read_rows(io.join(out, 'features', '*.parquet'))
+  features = _read_rows(files.join(out, 'features', '*.parquet'))
   assert len(features) == VALID_ROWS
   assert features == _read_rows(
-      io.join(reference_out, 'features', '*.parquet'))
-  predictions = _read_rows(io.join(out, 'predictions', '*.parquet'))
-  want = _read_rows(io.join(reference_out, 'predictions', '*.parquet'))
+      files.join(reference_out, 'features', '*.parquet'))
+  predictions = _read_rows(files.join(out, 'predictions', '*.parquet'))
+  want = _read_rows(files.join(reference_out, 'predictions', '*.parquet'))
   assert len(predictions) == len(want) == VALID_ROWS
   for got, expected in zip(predictions, want):
     assert got['transaction_id'] == expected['transaction_id']
     assert got['model_version'] == expected['model_version']
     # Same data, same graph: scores equal up to float32 transform rounding.
     assert got['score'] == pytest.approx(expected['score'], abs=1e-6)
-  dead = _read_dead_letters(io.join(out, 'dead_letter', '*.jsonl'))
+  dead = _read_dead_letters(files.join(out, 'dead_letter', '*.jsonl'))
   assert len(dead) == len(BROKEN_LINES)
   assert dead == _read_dead_letters(
-      io.join(reference_out, 'dead_letter', '*.jsonl'))
+      files.join(reference_out, 'dead_letter', '*.jsonl'))
 
 
 def test_direct_run_is_the_expected_reference(direct_run):
@@ -162,7 +164,7 @@ def test_direct_run_is_the_expected_reference(direct_run):
   assert summary['dead_letter_by_kind'] == BROKEN_KINDS
   assert summary['records_accounted_for'] is True
   assert summary['predictions_written'] == VALID_ROWS
-  assert io.read_json(io.join(out, 'run_summary.json')) == summary
+  assert files.read_json(files.join(out, 'run_summary.json')) == summary
 
 
 def test_portable_runner_loopback_matches_direct(input_file, direct_run,
@@ -283,8 +285,8 @@ def test_is_dry_run_reads_the_flag_as_text(value, expected):
 
 def test_beam_filesystems_on_gcs_emulator(gcs_emulator):
   root = f'gs://{gcs_emulator}/fs'
-  io.write_json(f'{root}/a/x.json', {'a': 1})
-  assert io.read_json(f'{root}/a/x.json') == {'a': 1}
+  files.write_json(f'{root}/a/x.json', {'a': 1})
+  assert files.read_json(f'{root}/a/x.json') == {'a': 1}
   FileSystems.rename([f'{root}/a/x.json'], [f'{root}/b/y.json'])
   FileSystems.copy([f'{root}/b/y.json'], [f'{root}/b/z.json'])
   listed = sorted(m.path for m in
@@ -297,12 +299,12 @@ def test_beam_filesystems_on_gcs_emulator(gcs_emulator):
 def test_clear_empties_a_gcs_folder(gcs_emulator):
   """gs:// has no folders: clearing one deletes the objects under it."""
   folder = f'gs://{gcs_emulator}/clear/silver'
-  io.write_bytes(f'{folder}/old-00000-of-00001.parquet', b'stale')
-  io.write_bytes(f'{folder}/sub/old.json', b'stale')
-  io.write_bytes(f'{folder}2/keep.json', b'kept')
-  io.clear(folder)
+  files.write_bytes(f'{folder}/old-00000-of-00001.parquet', b'stale')
+  files.write_bytes(f'{folder}/sub/old.json', b'stale')
+  files.write_bytes(f'{folder}2/keep.json', b'kept')
+  files.clear(folder)
   assert not FileSystems.match([f'{folder}/**'])[0].metadata_list
-  assert io.read_bytes(f'{folder}2/keep.json') == b'kept'
+  assert files.read_bytes(f'{folder}2/keep.json') == b'kept'
 
 
 def test_read_statistics_from_gcs(gcs_emulator):
@@ -313,7 +315,7 @@ def test_read_statistics_from_gcs(gcs_emulator):
   stats = statistics_pb2.DatasetFeatureStatisticsList()
   stats.datasets.add(num_examples=7)
   path = f'gs://{gcs_emulator}/stats/stats.pb'
-  io.write_bytes(path, stats.SerializeToString())
+  files.write_bytes(path, stats.SerializeToString())
   assert read_statistics(path) == stats
 
 
@@ -324,14 +326,14 @@ def test_batch_run_on_gcs(gcs_emulator, input_file, direct_run):
   reference, reference_out = direct_run
   root = f'gs://{gcs_emulator}/run'
   with open(input_file, 'rb') as f:
-    io.write_bytes(f'{root}/in/{os.path.basename(input_file)}', f.read())
-  io.write_bytes(f'{root}/out/silver/stale-00000-of-00001.parquet', b'old')
+    files.write_bytes(f'{root}/in/{os.path.basename(input_file)}', f.read())
+  files.write_bytes(f'{root}/out/silver/stale-00000-of-00001.parquet', b'old')
 
   out = f'{root}/out'
   summary = _run(f'{root}/in/*.jsonl', out, '--runner', 'DirectRunner',
                  '--model_dir', reference['model']['dir'])
 
-  assert io.read_json(f'{out}/run_summary.json') == summary
+  assert files.read_json(f'{out}/run_summary.json') == summary
   for key in ('records_read', 'records_valid', 'records_dead_lettered',
               'dead_letter_by_kind', 'feature_rows', 'aggregate_rows'):
     assert summary[key] == reference[key], key
@@ -341,7 +343,7 @@ def test_batch_run_on_gcs(gcs_emulator, input_file, direct_run):
   assert summary['outputs']['silver'] == f'{out}/silver'
   silver = _read_rows(f'{out}/silver/*.parquet')
   assert len(silver) == VALID_ROWS
-  assert silver == _read_rows(io.join(reference_out, 'silver', '*.parquet'))
+  assert silver == _read_rows(files.join(reference_out, 'silver', '*.parquet'))
   _assert_same_outputs(out, reference_out)
   assert FileSystems.match([f'{out}/statistics/*'])[0].metadata_list
   assert FileSystems.match([f'{out}/predictions/*.parquet'])[0].metadata_list

@@ -26,11 +26,12 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import batch, generate, serve, train
 from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
+from pipelines.serving import materialise
 from transforms import online_store
-from transforms.history import history_features
+from transforms.history_features import history_features
 from transforms.inference import TransformedSklearnModelHandler, predict_table
 from transforms.parse import RecordValidator, rfc3339_to_micros
-from transforms.read import decode_message
+from transforms.stream_sources import decode_message
 from tests.redis_server import RedisServer, free_port
 
 with warnings.catch_warnings():   # Starlette's note that httpx2 exists
@@ -176,7 +177,7 @@ def test_replayed_records_score_as_in_batch_and_converge(run, tmp_path):
   pq.write_table(table.filter(pa.compute.is_in(
       table.column('transaction_id'), value_set=ids)),
       str(tmp_path / 'earlier.parquet'))
-  written = online_store.materialise(
+  written = materialise.materialise(
       PipelineOptions([]), DATASET, str(tmp_path / '*.parquet'),
       run['server'].url(1), run['summary']['model']['version'], 4)
   assert written['writes_failed'] == 0

@@ -21,6 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import batch, generate, serve
 from schemas.dataset import load_dataset
+from pipelines.serving import materialise
 from transforms import online_store
 from transforms.parse import rfc3339_to_micros
 from tests.redis_server import RedisServer
@@ -98,7 +99,7 @@ def test_replayed_records_get_the_batch_features_and_score(run, tmp_path):
   pq.write_table(table.filter(pa.compute.is_in(
       table.column('interaction_id'), value_set=pa.array(sorted(earlier)))),
       str(tmp_path / 'earlier.parquet'))
-  written = online_store.materialise(
+  written = materialise.materialise(
       PipelineOptions([]), DATASET, str(tmp_path / '*.parquet'),
       run['server'].url(1), model['version'], 4)
   assert written['writes_failed'] == 0

@@ -2,7 +2,7 @@
 
 import random
 
-import pipelines.quiet  # noqa: F401  (before TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (before TensorFlow)
 import apache_beam as beam
 import pyarrow as pa
 import pytest

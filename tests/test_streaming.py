@@ -20,11 +20,11 @@ from schemas.dataset import load_dataset, parse_duration
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
 from transforms.common import DEAD_LETTER, VALID, micros_to_rfc3339
-from transforms.history import (HistoryFeatures, StatefulHistoryFeatures,
+from transforms.history_features import (HistoryFeatures, StatefulHistoryFeatures,
                                 history_features)
 from transforms.parse import ParseAndValidate, StreamingParseAndValidate
-from transforms.read import (RawRecord, ReadRecords, ReplayFile,
-                             decode_message, replay_order)
+from transforms.read import RawRecord, ReadRecords
+from transforms.stream_sources import ReplayFile, decode_message, replay_order
 
 DATASET = load_dataset()
 SIZE = parse_duration(DATASET.aggregates['window_size'])

@@ -4,7 +4,7 @@ One module-scoped fixture runs the tf.Transform pipeline (writing Parquet
 `transformed/`) and trains the default model once; the tests share it.
 """
 
-from pipelines import quiet  # noqa: F401  pylint: disable=unused-import
+from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 
 import json
 import hashlib
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import model_stages
+from pipelines.model import stages as model_stages
 from pipelines import train as train_lib
 from schemas.dataset import load_dataset
 from transforms import arrow

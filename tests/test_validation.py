@@ -1,15 +1,16 @@
-"""Tests of pipelines.validation (anomalies, drift, skew, gate), the report."""
+"""Tests of pipelines.validation.checks (anomalies, drift, skew, gate), the report."""
 
 import html.parser
 import json
 import os
 import re
 
-import pipelines.quiet  # noqa: F401  (before TensorFlow)
+import pipelines.base.quiet  # noqa: F401  (before TensorFlow)
 import pytest
 import tensorflow_data_validation as tfdv
 
-from pipelines import stats_report, validation
+from pipelines.validation import checks as validation
+from pipelines.reporting import stats_report
 from tests.test_statistics import DATASET, TYPES, compute_stats
 
 SCHEMA = DATASET.tfdv_schema()

@@ -10,7 +10,7 @@ happened, so its features are built, not read:
     point-in-time user history): the user field, the event time, the user
     entity's history features and the calendar features;
   * item side, computed for the sampled item at that time: the item
-    entity's history features (`transforms.history.history_at`, windows
+    entity's history features (`transforms.history_features.history_at`, windows
     over the item's real interactions strictly before the time) and the
     columns of the side tables keyed by the item;
   * everything else (the interaction's own fields, e.g. its value or type)
@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from schemas.dataset import Dataset
 from transforms.common import (DEFAULT_SHARDS, CountRows, concat_batches,
                                split_by_shard)
-from transforms.history import history_at
+from transforms.history_features import history_at
 from transforms.negatives import NEGATIVE_OF, NEGATIVE_RANK, NegativeSampling
 from transforms.preprocess import with_label_index
 from transforms.side_tables import join_side_table

@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import threadpoolctl
 
+from pipelines.base.errors import UsageError
 from schemas.dataset import prediction_schema
 from transforms import arrow
 from transforms.common import compact, concat_batches, slices
@@ -57,7 +58,7 @@ SIGNING_KEY_ENV = 'MLPIPE_MODEL_KEY'
 TRANSFORM_DIR = 'transform_fn'
 
 
-class ModelIntegrityError(RuntimeError):
+class ModelIntegrityError(UsageError, RuntimeError):
   """A model directory file is missing, unexpected or has the wrong sha256."""
 
 

@@ -21,7 +21,7 @@ from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
 from apache_beam.transforms.external import JavaJarExpansionService
 
 from transforms.common import json_row
-from transforms.read import decode_message
+from transforms.stream_sources import decode_message
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPANSION_JAR = os.path.join(REPO_ROOT, 'runners', '.jars',
@@ -40,7 +40,7 @@ class ReadKafkaRecords(beam.PTransform):
   """PBegin -> PCollection[RawRecord] from a Kafka topic.
 
   Each record's value is one JSON object (decoded as a Pub/Sub message is:
-  transforms.read.decode_message; a value that is not a JSON object, or not
+  transforms.stream_sources.decode_message; a value that is not a JSON object, or not
   UTF-8, becomes a malformed RawRecord, hence a dead-letter row). Elements
   carry the record's Kafka timestamp (CreateTime: producers set it to the
   event time) and the watermark follows it; StreamingParseAndValidate

@@ -55,6 +55,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.base.errors import UsageError
 from schemas.dataset import Dataset, HistorySpec
 from transforms.common import (DEFAULT_SHARDS, MICROS, Counters,
                                concat_batches, split_by_shard)
@@ -104,7 +105,7 @@ return n
 """
 
 
-class StoreError(RuntimeError):
+class StoreError(UsageError, RuntimeError):
   """The online store cannot be reached or refuses (a one-line reason)."""
 
 
@@ -386,39 +387,6 @@ def add_counts(counts: Sequence[Dict[str, int]]) -> Dict[str, int]:
     for k in total:
       total[k] += c.get(k, 0)
   return total
-
-
-def materialise(options, dataset: Dataset, features_glob: str, url: str,
-                model_version: Optional[str], num_shards: int
-                ) -> Dict[str, Any]:
-  """The batch job's last step: a Beam job that reads the run's feature
-  rows and writes every entity's state as of the end of the input; returns
-  what the run summary says of it (counts from the job's counters)."""
-  from pipelines import summary as summary_lib  # pylint: disable=g-import-not-at-top
-  from pipelines.model_stages import ReadFeatureRows  # pylint: disable=g-import-not-at-top
-  import redis  # pylint: disable=g-import-not-at-top
-  client = connect(url, 2.0)
-  try:
-    write_meta(client, dataset, DEFAULT_MAX_RECORDS)
-    meta_written = True
-  except redis.RedisError:
-    meta_written = False      # said in the summary; the states still go
-  client.close()
-  p = beam.Pipeline(options=options)
-  (p
-   | 'ReadFeatures' >> ReadFeatureRows(features_glob)
-   | 'WriteOnlineStore' >> WriteOnlineStore(dataset, url, model_version,
-                                            num_shards=num_shards))
-  result = p.run()
-  result.wait_until_finish()
-  counts = summary_lib.counters(result)
-  return {'url': shown_url(url), 'model_version': model_version,
-          'entities_written': counts.get('online_store_entities_written', 0),
-          'records_written': counts.get('online_store_records_written', 0),
-          'retries': counts.get('online_store_retries', 0),
-          'writes_failed': counts.get('online_store_entities_failed', 0),
-          'records_failed': counts.get('online_store_records_failed', 0),
-          'meta_written': meta_written}
 
 
 # Streaming: one merge per event -----------------------------------------------

@@ -39,6 +39,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.base.errors import UsageError
 from schemas.dataset import RECORD_ID, Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                NAMESPACE, VALID, CountElements, CountRows,
@@ -73,7 +74,8 @@ LATEST_MICROS = 9_214_560_000_000_000
 KEEP_META = (SOURCE, POSITION)
 
 
-class RecordError(Exception):
+class RecordError(UsageError):
+  """One record is invalid (a dead-letter row; a 400 from the service)."""
 
   def __init__(self, kind: str, field: Optional[str], message: str):
     super().__init__(message)

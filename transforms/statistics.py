@@ -10,7 +10,7 @@ from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from pipelines.quiet import import_tfdv
+from pipelines.base.quiet import import_tfdv
 tfdv = import_tfdv()
 from google.protobuf.message import DecodeError
 from tensorflow_metadata.proto.v0 import statistics_pb2

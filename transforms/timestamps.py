@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipelines.base.errors import UsageError
 from schemas.dataset import Field
 from transforms.common import MICROS, to_micros, true_rows
 
@@ -33,7 +34,7 @@ _UTC = datetime.timezone.utc
 _NAIVE_FORMATS = ('%Y-%m-%dT%H:%M:%S', '%Y-%m-%d %H:%M:%S')
 
 
-class TimestampError(ValueError):
+class TimestampError(UsageError, ValueError):
   """A value is not a timestamp of its field's declaration."""
 
 

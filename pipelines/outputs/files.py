@@ -6,6 +6,8 @@ import os
 
 from apache_beam.io.filesystems import FileSystems
 
+from pipelines.base.errors import UsageError
+
 
 def join(*parts: str) -> str:
   return FileSystems.join(*parts)
@@ -97,7 +99,7 @@ def is_within(path: str, folder: str) -> bool:
   return _resolved(path).startswith(_resolved(folder))
 
 
-class OutputError(ValueError):
+class OutputError(UsageError, ValueError):
   """--output_dir cannot be used (exit 2, before anything is deleted)."""
 
 

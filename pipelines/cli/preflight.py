@@ -42,10 +42,12 @@ from urllib.parse import urlparse
 
 from apache_beam.options.pipeline_options import PipelineOptions
 
-import pipelines.options  # noqa: F401  (registers our options' flags)
+import pipelines.cli.options  # noqa: F401  (registers our options' flags)
+
+from pipelines.base.errors import UsageError
 
 
-class PreflightError(ValueError):
+class PreflightError(UsageError, ValueError):
   """The command line cannot work with the chosen runner (one line)."""
 
 

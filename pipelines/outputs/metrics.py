@@ -286,7 +286,7 @@ class LiveCollector(SummaryCollector):
 
 def live_summary(result) -> Dict[str, Any]:
   """The counters the job has reported so far, shaped like a summary."""
-  from pipelines import summary as summary_lib
+  from pipelines.outputs import summary as summary_lib
   counts = summary_lib.counters(result)
   out = summary_lib.ingest_summary(counts)
   out.pop('records_accounted_for')

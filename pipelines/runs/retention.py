@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Set
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import history, io
+from pipelines import history
+from pipelines.outputs import files
 from pipelines.registry import Registry, RegistryError
 
 SUMMARY_FILE = 'run_summary.json'
@@ -67,16 +68,16 @@ def retain(history_path: str, keep: int, registries=()
   remaining = []
   for e in older:
     folder = e['output_dir']
-    if any(io.is_within(folder, used) and io.is_within(used, folder)
+    if any(files.is_within(folder, used) and files.is_within(used, folder)
            for used in in_use):
       result['dropped_lines'].append(e['seq'])
-    elif any(io.is_within(path, folder) for path in protected):
+    elif any(files.is_within(path, folder) for path in protected):
       result['kept'].append(folder)
       remaining.append(e)
-    elif not FileSystems.exists(io.join(folder, SUMMARY_FILE)):
+    elif not FileSystems.exists(files.join(folder, SUMMARY_FILE)):
       result['dropped_lines'].append(e['seq'])
     else:
-      io.clear(folder)
+      files.clear(folder)
       result['deleted'].append(folder)
       result['dropped_lines'].append(e['seq'])
   history.write(history_path, remaining + retained)

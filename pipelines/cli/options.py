@@ -193,7 +193,7 @@ class StreamingOptions(PipelineOptions):
     parser.add_argument(
         '--metrics_port', default=None, type=int,
         help='Serve Prometheus metrics on 127.0.0.1:PORT/metrics while the '
-        'job runs (see pipelines.metrics).')
+        'job runs (see pipelines.outputs.metrics).')
 
 
 class FlinkJavaOptions(PipelineOptions):

@@ -9,42 +9,18 @@ from typing import Dict, Optional
 import apache_beam as beam
 import pyarrow as pa
 
-from pipelines import io
+from pipelines.outputs import files
 from pipelines.train import data_version, read_transformed, train
 from schemas.dataset import Dataset
 from transforms import arrow, inference, preprocess
-from transforms.common import CountRows, table_to_batch
+from transforms.common import CountRows
+from transforms.feature_rows import ReadFeatureRows
 from transforms.inference import ScoreBatches
 from transforms.sinks import WriteJsonLines, WriteParquet
 
 TRANSFORM, TRANSFORM_FN, TRANSFORMED, MODEL, PREDICTIONS, CANDIDATES = (
     'transform', 'transform/transform_fn', 'transform/transformed', 'model',
     'predictions', 'model_candidates')
-
-
-def _feature_batch(table: pa.Table) -> pa.RecordBatch:
-  """A Parquet table -> one RecordBatch, timestamps as int64 epoch us."""
-  columns = [arrow.flat_column(c) for c in table.columns]
-  return table_to_batch(pa.Table.from_arrays(columns,
-                                             names=table.column_names))
-
-
-class ReadFeatureRows(beam.PTransform):
-  """PBegin -> PCollection[pa.RecordBatch]: feature-table Parquet files as
-  RecordBatches of flat columns, timestamps as int64 epoch microseconds
-  (`Dataset.batch_schema`), one per Parquet read (row group)."""
-
-  def __init__(self, pattern: str):
-    super().__init__()
-    self._pattern = pattern
-
-  def expand(self, pbegin):
-    return (pbegin
-            # validate=False: do not list the files while building the
-            # graph (they do not exist yet in a dry run).
-            | 'ReadParquet' >> beam.io.ReadFromParquetBatched(
-                self._pattern, validate=False)
-            | 'ToRecordBatch' >> beam.Map(_feature_batch))
 
 
 def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
@@ -61,9 +37,9 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
       | 'ToTFXIOBatches' >> arrow.ToTFXIOBatches(
           preprocess.input_types(dataset))
       | 'AnalyzeAndTransform' >> preprocess.AnalyzeAndTransform(
-          dataset, io.join(output_dir, TRANSFORM_FN)))
+          dataset, files.join(output_dir, TRANSFORM_FN)))
   transformed | 'WriteTransformed' >> WriteParquet(
-      io.join(output_dir, TRANSFORMED, 'part'),
+      files.join(output_dir, TRANSFORMED, 'part'),
       preprocess.transformed_arrow_schema(dataset))
   return transformed
 
@@ -81,7 +57,7 @@ def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
                                 scored_at=scored_at,
                                 max_batch_size=32768)
       | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
-  prefix = io.join(output_dir, PREDICTIONS, 'predictions')
+  prefix = files.join(output_dir, PREDICTIONS, 'predictions')
   predictions | 'WriteJson' >> WriteJsonLines(prefix)
   predictions | 'WriteParquet' >> WriteParquet(prefix,
                                                dataset.prediction_schema())
@@ -112,22 +88,22 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
   same transformed rows and split; the best by the task's eval metric
   (SELECTION_METRIC) becomes model/, with the others' eval metrics beside
   it in its metadata ('compared'). Returns the chosen model's metadata."""
-  table = read_transformed(io.join(output_dir, TRANSFORMED))
-  features = read_transformed(io.join(output_dir, 'features'))
-  model_dir = io.join(output_dir, MODEL)
-  io.clear(model_dir)
+  table = read_transformed(files.join(output_dir, TRANSFORMED))
+  features = read_transformed(files.join(output_dir, 'features'))
+  model_dir = files.join(output_dir, MODEL)
+  files.clear(model_dir)
   kinds = model_types(model_type)
   if len(kinds) == 1:
-    return train(table, transform_dir=io.join(output_dir, TRANSFORM_FN),
+    return train(table, transform_dir=files.join(output_dir, TRANSFORM_FN),
                  model_dir=model_dir, dataset=dataset, model=kinds[0],
                  statistics_path=statistics_path,
                  model_version=data_version(features, dataset, kinds[0]))
   candidates = {}
   for kind in kinds:
-    folder = io.join(output_dir, CANDIDATES, kind)
-    io.clear(folder)
+    folder = files.join(output_dir, CANDIDATES, kind)
+    files.clear(folder)
     candidates[kind] = (folder, train(
-        table, transform_dir=io.join(output_dir, TRANSFORM_FN),
+        table, transform_dir=files.join(output_dir, TRANSFORM_FN),
         model_dir=folder, dataset=dataset, model=kind,
         statistics_path=statistics_path,
         model_version=data_version(features, dataset, kind)))
@@ -141,7 +117,7 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
   best = max(kinds, key=lambda k: (quality(k), -kinds.index(k)))
   folder, metadata = candidates[best]
   for rel, path in inference.list_files(folder).items():
-    io.write_bytes(inference.join_path(model_dir, rel), io.read_bytes(path))
+    files.write_bytes(inference.join_path(model_dir, rel), files.read_bytes(path))
   metadata['compared'] = {
       'metric': metric, 'chosen': best,
       'eval': {kind: {k: v for k, v in meta['metrics']['eval'].items()
@@ -149,6 +125,6 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
                for kind, (_, meta) in candidates.items()}}
   # metadata.json is outside the files' digests and signature: adding the
   # comparison leaves the model verifiable.
-  io.write_json(inference.join_path(model_dir, inference.METADATA_FILE),
+  files.write_json(inference.join_path(model_dir, inference.METADATA_FILE),
                 metadata)
   return metadata

@@ -14,7 +14,8 @@ import json
 import logging
 from typing import Any, Dict, Iterable, List, Optional
 
-from pipelines.quiet import import_tfdv
+from pipelines.base.errors import GateStopped
+from pipelines.base.quiet import import_tfdv
 tfdv = import_tfdv()
 from apache_beam.io.filesystems import FileSystems
 from google.protobuf import text_format
@@ -22,7 +23,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from pipelines import stats_report
+from pipelines.reporting import stats_report
 from schemas.dataset import Dataset
 
 ERROR, WARNING, INFO = 'ERROR', 'WARNING', 'INFO'
@@ -110,7 +111,7 @@ _MEASURES = {
 }
 
 
-class DataValidationError(Exception):
+class DataValidationError(GateStopped):
   """ERROR anomalies were found and the run was told to fail on them."""
 
   def __init__(self, anomalies: List[Dict[str, Any]]):
