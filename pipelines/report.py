@@ -8,7 +8,7 @@ at its end (`publish`), with metrics.prom and its line of the run history.
 
 The page has no script and loads nothing: one <style> block, inline SVG
 (plots by matplotlib's SVG backend; the feature histograms are
-pipelines.reporting.stats_report's), links relative to the page. Sections, each
+pipelines.validation.stats_report's), links relative to the page. Sections, each
 present only when the run has what it shows (a features-only run, one the
 validation gate stopped and a scoring-only run leave out what they did not
 do): summary, stages, records, anomalies, drift, model, curves,
@@ -34,7 +34,7 @@ import numpy as np
 
 from pipelines import history
 from pipelines.runs import retention
-from pipelines.reporting import stats_report
+from pipelines.validation import stats_report
 from pipelines.outputs import metrics
 from pipelines.outputs import files
 

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from schemas.dataset import SCHEMA_DIR, SchemaError, load_dataset
-from schemas.generate import artefacts
+from pipelines.schema_files import artefacts
 
 DECLARATIONS = sorted(glob.glob(os.path.join(SCHEMA_DIR, '*.yaml')))
 
@@ -17,7 +17,7 @@ def test_committed_artefacts_match_the_declaration(declaration):
   for path, text in artefacts(declaration).items():
     with open(path, encoding='utf-8') as f:
       assert f.read() == text, (
-          f'{os.path.basename(path)} is stale: run python -m schemas.generate')
+          f'{os.path.basename(path)} is stale: run python -m pipelines.schema_files')
 
 
 def test_adding_a_field_is_one_change(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import tensorflow_data_validation as tfdv
 
 from pipelines.validation import checks as validation
-from pipelines.reporting import stats_report
+from pipelines.validation import stats_report
 from tests.test_statistics import DATASET, TYPES, compute_stats
 
 SCHEMA = DATASET.tfdv_schema()

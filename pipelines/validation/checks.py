@@ -23,7 +23,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from pipelines.reporting import stats_report
+from pipelines.validation import stats_report
 from schemas.dataset import Dataset
 
 ERROR, WARNING, INFO = 'ERROR', 'WARNING', 'INFO'

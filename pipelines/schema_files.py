@@ -1,6 +1,6 @@
 """Writes the committed artefacts derived from each dataset declaration.
 
-    python -m schemas.generate            # refresh every schemas/*.avsc, *.pbtxt
+    python -m pipelines.schema_files            # refresh every schemas/*.avsc, *.pbtxt
 
 A test checks that the committed files equal what this writes, so a change
 to a declaration that forgets this step fails CI.
