@@ -286,7 +286,7 @@ def cache_dir(seed: int, rows: int) -> str:
 
 def _generate(directory: str, seed: int, rows: int):
   """(In a subprocess) the benchmark files, JSON lines and CSV."""
-  from pipelines.generate import generate_transactions, write_records
+  from pipelines.synthetic.transactions import generate_transactions, write_records
   began = time.monotonic()
   records = generate_transactions(rows, None, seed)
   generated = time.monotonic() - began

@@ -153,7 +153,7 @@ def main(argv=None):
     raise SystemExit('error: redis-server is not installed')
 
   from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
-  from pipelines.generate import generate_transactions  # pylint: disable=g-import-not-at-top
+  from pipelines.synthetic.transactions import generate_transactions  # pylint: disable=g-import-not-at-top
   from schemas.dataset import load_dataset  # pylint: disable=g-import-not-at-top
   from pipelines.serving import materialise  # pylint: disable=g-import-not-at-top
   from transforms import online_store  # pylint: disable=g-import-not-at-top

@@ -42,7 +42,7 @@ import uuid
 
 import numpy as np
 
-from pipelines.generate import generate_transactions, write_records
+from pipelines.synthetic.transactions import generate_transactions, write_records
 from transforms.parse import rfc3339_to_micros
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

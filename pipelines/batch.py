@@ -28,9 +28,9 @@ from pipelines.model import stages as model_stages
 from pipelines.validation import checks as validation
 from pipelines.outputs import files
 from pipelines.cli import preflight
-from pipelines import report as run_report
+from pipelines.reporting import report as run_report
 from pipelines.outputs import summary as summary_lib
-from pipelines.registry import Registry, RegistryError
+from pipelines.model.registry import Registry, RegistryError
 from pipelines.cli.options import (BatchOptions, aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset

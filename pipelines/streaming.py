@@ -56,7 +56,7 @@ from pipelines.cli.shell import run_command
 from pipelines.outputs import metrics
 from pipelines.outputs import files
 from pipelines.cli import preflight
-from pipelines.registry import PROMOTIONS, Registry, RegistryError
+from pipelines.model.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.outputs.summary import ingest_lines
 from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
                                StreamingOptions,

@@ -22,7 +22,8 @@ import types
 import pytest
 import yaml
 
-from pipelines import batch, generate
+from pipelines import batch
+from pipelines.synthetic import transactions as generate
 from schemas.dataset import load_dataset
 
 ROWS = 3000

@@ -7,7 +7,8 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import batch, generate
+from pipelines import batch
+from pipelines.synthetic import transactions as generate
 from pipelines.cli.options import DEFAULT_INPUT
 
 

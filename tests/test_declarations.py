@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import batch, train
+from pipelines import batch
+from pipelines.model import training as train
 from schemas.dataset import load_dataset
 from transforms import inference
 

@@ -22,7 +22,7 @@ import pytest
 
 from pipelines import batch, streaming
 from pipelines.cli.options import StreamingOptions, aggregate_window, flags
-from pipelines.generate import generate_transactions, write_records
+from pipelines.synthetic.transactions import generate_transactions, write_records
 from schemas.dataset import load_dataset
 from tests.services import consume_all, flink_flags, produce_file, \
     produce_values

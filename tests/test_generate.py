@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pipelines import generate
+from pipelines.synthetic import transactions as generate
 from schemas.dataset import load_dataset
 from transforms.history_features import history_features
 from transforms.parse import RecordError, RecordValidator

@@ -12,8 +12,8 @@ import re
 import numpy as np
 import pytest
 
-from pipelines import generate
-from pipelines import generate_interactions as gi
+from pipelines.synthetic import transactions as generate
+from pipelines.synthetic import interactions as gi
 
 ROWS = 20000
 STAMP = re.compile(r'^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$')

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from pipelines import history
+from pipelines.runs import run_history as history
 from pipelines.runs import retention
 
 

@@ -15,7 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines import batch, generate
+from pipelines import batch
+from pipelines.synthetic import transactions as generate
 from schemas.dataset import load_dataset
 from transforms.history_features import history_at, history_table
 

@@ -9,7 +9,8 @@ import pyarrow as pa
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines import generate, streaming
+from pipelines import streaming
+from pipelines.synthetic import transactions as generate
 from pipelines.outputs import metrics
 from pipelines.outputs.summary import counters
 from transforms.common import CountRows

@@ -32,7 +32,7 @@ from apache_beam.transforms.window import TimestampedValue
 import pytest
 
 from pipelines import streaming
-from pipelines import train as train_lib
+from pipelines.model import training as train_lib
 from schemas.dataset import load_dataset
 from tests.test_train_inference import synthetic_rows, to_batch, to_batches
 from transforms import arrow, inference, preprocess
@@ -273,7 +273,8 @@ def test_watch_flags_are_checked_before_the_run(models, tmp_path, capsys):
 
 
 def test_replay_entry_point_scores_every_valid_event(models, tmp_path):
-  from pipelines import generate, streaming
+  from pipelines import streaming
+  from pipelines.synthetic import transactions as generate
   events = generate.generate_transactions(rows=300, users=10, seed=11,
                                           days=2)
   broken = generate.broken_records(events, seed=11, fmt='jsonl')

@@ -21,8 +21,8 @@ from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import (average_precision_score, confusion_matrix,
                              precision_score, recall_score, roc_auc_score)
 
-from pipelines import monitor
-from pipelines.registry import Registry
+from pipelines.model import monitoring as monitor
+from pipelines.model.registry import Registry
 from schemas.dataset import load_dataset
 
 N = 400

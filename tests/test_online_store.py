@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from pipelines.generate import generate_transactions
+from pipelines.synthetic.transactions import generate_transactions
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
 from transforms import online_store

@@ -7,9 +7,11 @@ import os
 
 import pytest
 
-from pipelines import batch, generate, registry as registry_lib
+from pipelines import batch
+from pipelines.synthetic import transactions as generate
+from pipelines.model import registry as registry_lib
 from transforms import inference
-from pipelines.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
+from pipelines.model.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
                                 RegistryError)
 
 
@@ -66,7 +68,7 @@ def test_a_crash_mid_promotion_leaves_the_old_index(tmp_path, monkeypatch):
 
   def crash(src, dst):
     raise OSError('power cut')
-  monkeypatch.setattr(registry_lib.io.os, 'replace', crash)
+  monkeypatch.setattr(registry_lib.files.os, 'replace', crash)
   with pytest.raises(OSError):
     r.promote('v2', 'better')
   monkeypatch.undo()

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from pipelines import report
+from pipelines.reporting import report
 from tests.browser import Browser
 
 EVERY_SECTION = ['summary', 'stages', 'records', 'anomalies', 'drift',

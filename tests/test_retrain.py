@@ -17,8 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines import batch, generate, monitor, retrain, train
-from pipelines.registry import CANDIDATE, CHAMPION, RETIRED, Registry
+from pipelines import batch
+from pipelines.synthetic import transactions as generate
+from pipelines.model import retraining as retrain
+from pipelines.model import monitoring as monitor
+from pipelines.model import training as train
+from pipelines.model.registry import CANDIDATE, CHAMPION, RETIRED, Registry
 from schemas.dataset import load_dataset
 
 POLICY = """\

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.model import stages as model_stages
-from pipelines import train as train_lib
+from pipelines.model import training as train_lib
 from schemas.dataset import load_dataset
 from transforms import arrow
 from transforms import inference

@@ -18,7 +18,8 @@ from transforms.common import DEFAULT_SHARDS
 from transforms.kafka import DEFAULT_EXPANSION_JAR
 from transforms.read import InputError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 DEFAULT_INPUT = os.path.join(REPO_ROOT, 'data', 'sample', 'transactions.jsonl')
 DEFAULT_OUTPUT = os.path.join(REPO_ROOT, 'data', 'output')
 

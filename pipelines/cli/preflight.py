@@ -367,8 +367,8 @@ def check_runner(options: PipelineOptions) -> None:
 # --- services (network) ------------------------------------------------------
 _FETCH = 'runners/fetch_jars.sh fetches it'
 DEFAULT_JOB_SERVER_JAR = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'runners',
-    '.jars', 'beam-flink-job-server.jar')
+    pipelines.cli.options.REPO_ROOT, 'runners', '.jars',
+    'beam-flink-job-server.jar')
 
 
 def check_local_jar(flag: str, jar: str) -> None:

@@ -10,7 +10,7 @@ import apache_beam as beam
 import pyarrow as pa
 
 from pipelines.outputs import files
-from pipelines.train import data_version, read_transformed, train
+from pipelines.model.training import data_version, read_transformed, train
 from schemas.dataset import Dataset
 from transforms import arrow, inference, preprocess
 from transforms.common import CountRows
@@ -73,7 +73,7 @@ SELECTION_METRIC = {'binary': ('roc_auc', True),
 
 def model_types(text: str):
   """'gbt,logreg' -> ['gbt', 'logreg'] (ValueError on an unknown type)."""
-  from pipelines.train import MODELS
+  from pipelines.model.training import MODELS
   kinds = [k.strip() for k in text.split(',') if k.strip()]
   unknown = [k for k in kinds if k not in MODELS]
   if not kinds or unknown or len(set(kinds)) != len(kinds):

@@ -19,9 +19,9 @@ from typing import Any, Dict, List, Set
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines import history
+from pipelines.runs import run_history as history
 from pipelines.outputs import files
-from pipelines.registry import Registry, RegistryError
+from pipelines.model.registry import Registry, RegistryError
 
 SUMMARY_FILE = 'run_summary.json'
 

@@ -1,0 +1,255 @@
+"""The model registry: every trained model version, and which one serves.
+
+    python -m pipelines.registry list --registry data/registry
+    python -m pipelines.registry promote v1234abcd --registry data/registry --reason "beats v99 by 0.01 ROC AUC"
+    python -m pipelines.registry rollback --registry data/registry --reason "bad alerts"
+
+A registry is a folder, local or gs://:
+
+    index.json            every version: status, metrics, data and declaration
+                          hashes, model type, task, training range, and its
+                          history of status changes (when and why)
+    models/<version>/     the model directory (as pipelines.train writes it)
+    promotions/<n>.json   one pointer per champion change, {"version",
+                          "dir"}, numbered: the streaming job watches these
+                          to follow the champion without a restart
+
+Statuses: candidate (registered), champion (the one that scores; at most
+one), retired (a former champion). The first model registered becomes the
+champion; later ones are candidates until promoted. Registering a version
+the registry already holds changes nothing (reruns are idempotent).
+
+Times in the index come from the caller (`at`: the run's --reference_time,
+else the latest event time of the model's training data), never from the
+clock, so the same runs give the same index. The index is written whole to
+a temporary file and renamed over the old one (on object stores, one
+object upload), so a crash leaves the old index or the new one, never half
+of one; a model directory is copied before the index names it.
+"""
+
+import pipelines.base.quiet  # noqa: F401  (first: silences start-up noise)
+
+import argparse
+import json
+import sys
+from typing import Any, Dict, List, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.cli.shell import run_command
+from pipelines.base.errors import UsageError
+from pipelines.outputs import files
+from transforms import inference
+
+INDEX = 'index.json'
+MODELS = 'models'
+PROMOTIONS = 'promotions'
+CANDIDATE, CHAMPION, RETIRED = 'candidate', 'champion', 'retired'
+
+
+class RegistryError(UsageError, ValueError):
+  """The registry cannot do what was asked (exit code 2 on the command line)."""
+
+
+class Registry:
+  """A registry folder (see the module docstring)."""
+
+  def __init__(self, root: str):
+    self.root = root.rstrip('/')
+
+  # Reading ------------------------------------------------------------------
+  def _index(self) -> Dict[str, Any]:
+    path = files.join(self.root, INDEX)
+    if not FileSystems.exists(path):
+      return {'versions': []}
+    try:
+      index = files.read_json(path)
+    except ValueError as e:
+      raise RegistryError(f'{path} is not valid JSON: {e}') from None
+    if not isinstance(index, dict) or not isinstance(index.get('versions'),
+                                                     list):
+      raise RegistryError(f'{path} is not a registry index')
+    return index
+
+  def entries(self) -> List[Dict[str, Any]]:
+    """Every version, oldest first."""
+    return self._index()['versions']
+
+  def get(self, version: str) -> Dict[str, Any]:
+    for entry in self.entries():
+      if entry['version'] == version:
+        return entry
+    raise RegistryError(f'{self.root} holds no version {version}')
+
+  def champion(self) -> Optional[Dict[str, Any]]:
+    return next((e for e in self.entries() if e['status'] == CHAMPION), None)
+
+  def model_dir(self, version: str) -> str:
+    return files.join(self.root, self.get(version)['dir'])
+
+  def champion_dir(self) -> str:
+    """The champion's model directory; RegistryError when there is none."""
+    champion = self.champion()
+    if champion is None:
+      raise RegistryError(f'{self.root} has no champion model yet (train '
+                          'with --registry, or promote a candidate)')
+    return files.join(self.root, champion['dir'])
+
+  # Writing ------------------------------------------------------------------
+  def _write(self, index: Dict[str, Any]):
+    files.write_atomic(files.join(self.root, INDEX), json.dumps(
+        index, indent=2, sort_keys=True).encode('utf-8'))
+
+  def _point_to_champion(self, index: Dict[str, Any], entry: Dict[str, Any]):
+    """Writes the next promotions/<n>.json (watched by streaming jobs)."""
+    index['promotions'] = index.get('promotions', 0) + 1
+    files.write_json(files.join(self.root, PROMOTIONS,
+                          f'{index["promotions"]:06d}.json'),
+                  {'version': entry['version'],
+                   'dir': files.join(self.root, entry['dir'])})
+
+  @staticmethod
+  def _change(index, entry, status: str, reason: str, at: Optional[str]):
+    """Sets a status and records the change, numbered across the whole
+    registry (`seq`), so the order of changes is known without clocks."""
+    index['changes'] = index.get('changes', 0) + 1
+    entry['status'] = status
+    entry['history'].append({'seq': index['changes'], 'status': status,
+                             'at': at, 'reason': reason})
+
+  def register(self, model_dir: str, reason: str,
+               at: Optional[str] = None) -> Dict[str, Any]:
+    """Copies a verified model directory in as a candidate (the champion
+    when it is the first); returns its entry."""
+    metadata = inference.verify_model_dir(model_dir)
+    version = metadata['model_version']
+    index = self._index()
+    for entry in index['versions']:
+      if entry['version'] == version:
+        return entry
+    relative = f'{MODELS}/{version}'
+    target = files.join(self.root, relative)
+    model_files = inference.list_files(model_dir)
+    files.clear(target)
+    # metadata.json last: a reader never sees a half-copied model.
+    for rel in sorted(model_files, key=lambda r: r == inference.METADATA_FILE):
+      files.write_bytes(inference.join_path(target, rel),
+                        files.read_bytes(model_files[rel]))
+    training = metadata.get('training', {})
+    entry = {
+        'version': version, 'dir': relative, 'status': CANDIDATE,
+        'model_type': metadata.get('model_type'),
+        'task': metadata.get('task', 'binary'),
+        'dataset': metadata.get('dataset'),
+        'metrics': metadata.get('metrics', {}).get('eval'),
+        'compared': metadata.get('compared'),
+        'threshold': metadata.get('threshold'),
+        'training': {k: training.get(k) for k in (
+            'rows', 'split', 'train_time_range', 'eval_time_range')},
+        'data_hash': metadata.get('data_hash'),
+        'declaration_hash': metadata.get('declaration_hash'),
+        'files_digest': metadata['digest'],
+        'registered_at': at, 'history': [],
+    }
+    self._change(index, entry, CANDIDATE, reason, at)
+    index['versions'].append(entry)
+    if not any(e['status'] == CHAMPION for e in index['versions']):
+      self._change(index, entry, CHAMPION, 'the first model of this registry',
+                   at)
+      self._point_to_champion(index, entry)
+    self._write(index)
+    return entry
+
+  def promote(self, version: str, reason: str,
+              at: Optional[str] = None) -> Dict[str, Any]:
+    """Makes `version` the champion; the old champion is retired."""
+    index = self._index()
+    entry = next((e for e in index['versions'] if e['version'] == version),
+                 None)
+    if entry is None:
+      raise RegistryError(f'{self.root} holds no version {version}')
+    if entry['status'] == CHAMPION:
+      raise RegistryError(f'{version} is already the champion')
+    for other in index['versions']:
+      if other['status'] == CHAMPION:
+        self._change(index, other, RETIRED, f'replaced by {version}: {reason}',
+                     at)
+    self._change(index, entry, CHAMPION, reason, at)
+    self._point_to_champion(index, entry)
+    self._write(index)
+    return entry
+
+  def rollback(self, reason: str, at: Optional[str] = None
+               ) -> Dict[str, Any]:
+    """Retires the champion and brings back the one it replaced."""
+    index = self._index()
+    current = next((e for e in index['versions']
+                    if e['status'] == CHAMPION), None)
+    if current is None:
+      raise RegistryError(f'{self.root} has no champion to roll back')
+    # The previous champion: the latest one retired before this one won.
+    former = [e for e in index['versions'] if e['status'] == RETIRED and
+              not e['history'][-1]['reason'].startswith('rolled back')]
+    if not former:
+      raise RegistryError(f'{current["version"]} has no predecessor to roll '
+                          'back to')
+    previous = max(former, key=lambda e: e['history'][-1]['seq'])
+    self._change(index, current, RETIRED, f'rolled back: {reason}', at)
+    self._change(index, previous, CHAMPION,
+                 f'rollback from {current["version"]}: {reason}', at)
+    self._point_to_champion(index, previous)
+    self._write(index)
+    return previous
+
+
+# Command line -----------------------------------------------------------------
+def _parser():
+  parser = argparse.ArgumentParser(
+      prog='python -m pipelines.registry',
+      description='List, promote and roll back registered models.')
+  parser.add_argument('command', choices=['list', 'promote', 'rollback'])
+  parser.add_argument('version', nargs='?', help='the version to promote')
+  parser.add_argument('--registry', required=True, help='registry folder')
+  parser.add_argument('--reason', default='by hand',
+                      help='why (kept in the index)')
+  parser.add_argument('--at', default=None,
+                      help='RFC 3339 time recorded with the change')
+  return parser
+
+
+def _table(entries) -> str:
+  lines = [f'{"version":<20} {"status":<10} {"type":<7} {"task":<10} '
+           f'{"eval metric":<22} registered']
+  for e in entries:
+    metrics = e.get('metrics') or {}
+    key = next((k for k in ('roc_auc', 'log_loss', 'rmse') if
+                metrics.get(k) is not None), None)
+    shown = f'{key} {metrics[key]:.4f}' if key else '-'
+    lines.append(f'{e["version"]:<20} {e["status"]:<10} '
+                 f'{str(e.get("model_type")):<7} {str(e.get("task")):<10} '
+                 f'{shown:<22} {e.get("registered_at") or "-"}')
+  return '\n'.join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  args = _parser().parse_args(argv)
+  return run_command(lambda: _run(args))
+
+
+def _run(args):
+  registry = Registry(args.registry)
+  if args.command == 'list':
+    print(_table(registry.entries()))
+  elif args.command == 'promote':
+    if not args.version:
+      raise RegistryError('promote needs a version (see list)')
+    entry = registry.promote(args.version, args.reason, args.at)
+    print(f'{entry["version"]} is now the champion of {args.registry}')
+  else:
+    entry = registry.rollback(args.reason, args.at)
+    print(f'rolled back: {entry["version"]} is the champion of '
+          f'{args.registry} again')
+
+
+if __name__ == '__main__':
+  sys.exit(main())
