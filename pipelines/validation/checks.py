@@ -2,8 +2,11 @@
 
   * `detect` / `validate`: schema anomalies of one statistics proto, each
     with a severity (ERROR / WARNING / INFO) from `SEVERITY_BY_TYPE`;
-  * `drift` / `skew`: the distances TFDV measures for every feature with a
-    drift (skew) comparator in the schema, with thresholds and verdicts;
+  * `drift` / `skew`: the distance of every feature with a drift (skew)
+    comparator in the schema, with thresholds and verdicts: TFDV's
+    L-infinity distance for categorical features, the Jensen-Shannon
+    distance on the baseline's quantile bins (`quantile_drift`) for numeric
+    ones, whose `jensen_shannon` threshold TFDV itself no longer judges;
   * `gate`: stops a run on ERROR anomalies;
   * `write_anomalies`, `write_drift`: anomalies.pbtxt, anomalies.json,
     drift.json (local paths or any Beam filesystem, e.g. gs://);
@@ -23,7 +26,7 @@ from tensorflow_metadata.proto.v0 import anomalies_pb2
 from tensorflow_metadata.proto.v0 import schema_pb2
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
-from pipelines.validation import stats_report
+from pipelines.validation import quantile_drift, stats_report
 from schemas.dataset import Dataset
 
 ERROR, WARNING, INFO = 'ERROR', 'WARNING', 'INFO'
@@ -136,11 +139,20 @@ def detect(stats: statistics_pb2.DatasetFeatureStatisticsList,
   """The TFDV Anomalies proto of `stats` against `schema`.
 
   With `baseline_stats` (previous span) or `serving_stats` the drift and
-  skew comparators of the schema run too.
+  skew comparators of the schema run too: TFDV's for categorical features,
+  ours (`quantile_drift`) for numeric ones, whose anomalies are added to
+  the proto with TFDV's reason type.
   """
-  return tfdv.validate_statistics(
-      stats, schema, environment=environment,
+  proto = tfdv.validate_statistics(
+      stats, _without_numeric_js(schema), environment=environment,
       previous_statistics=baseline_stats, serving_statistics=serving_stats)
+  if baseline_stats is not None:
+    _add_numeric_anomalies(proto, 'drift', _numeric_measurements(
+        'drift', schema, current=stats, baseline=baseline_stats))
+  if serving_stats is not None:
+    _add_numeric_anomalies(proto, 'skew', _numeric_measurements(
+        'skew', schema, current=serving_stats, baseline=stats))
+  return proto
 
 
 def anomaly_list(anomalies: anomalies_pb2.Anomalies,
@@ -228,36 +240,126 @@ def drift(stats: statistics_pb2.DatasetFeatureStatisticsList,
           schema: schema_pb2.Schema) -> Dict[str, Any]:
   """Distances between `stats` and `baseline_stats` per drift comparator.
 
-  The values are TFDV's own measurements (`Anomalies.drift_skew_info`):
-  approximate Jensen-Shannon divergence of the numeric histograms, L-infinity
-  distance of the categorical value distributions. See `_compare` for the
-  result's layout.
+  Categorical features: TFDV's L-infinity distance of the value
+  distributions (`Anomalies.drift_skew_info`). Numeric features with a
+  Jensen-Shannon threshold: `quantile_drift.distance` on the baseline's
+  quantile bins. See `_compare` for the result's layout.
   """
   anomalies = tfdv.validate_statistics(
-      stats, schema, previous_statistics=baseline_stats)
-  return _compare('drift', anomalies, schema, stats, baseline_stats)
+      stats, _without_numeric_js(schema), previous_statistics=baseline_stats)
+  return _compare('drift', anomalies, schema, stats, baseline_stats,
+                  _numeric_measurements('drift', schema, current=stats,
+                                        baseline=baseline_stats))
 
 
 def skew(training_stats: statistics_pb2.DatasetFeatureStatisticsList,
          serving_stats: statistics_pb2.DatasetFeatureStatisticsList,
          schema: schema_pb2.Schema) -> Dict[str, Any]:
-  """Training/serving skew per skew comparator; same layout as `drift`."""
+  """Training/serving skew per skew comparator; same layout as `drift`
+  (the training statistics are the baseline of the quantile bins)."""
   anomalies = tfdv.validate_statistics(
-      training_stats, schema, serving_statistics=serving_stats)
-  return _compare('skew', anomalies, schema, training_stats, serving_stats)
+      training_stats, _without_numeric_js(schema),
+      serving_statistics=serving_stats)
+  return _compare('skew', anomalies, schema, training_stats, serving_stats,
+                  _numeric_measurements('skew', schema, current=serving_stats,
+                                        baseline=training_stats))
 
 
-def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
+def _comparator_field(kind: str) -> str:
+  return 'drift_comparator' if kind == 'drift' else 'skew_comparator'
+
+
+def _is_numeric(feature: schema_pb2.Feature) -> bool:
+  return (feature.type in (schema_pb2.FLOAT, schema_pb2.INT) and
+          not feature.int_domain.is_categorical)
+
+
+def _numeric_js(schema: schema_pb2.Schema, kind: str):
+  """(feature, threshold) of the numeric features with a Jensen-Shannon
+  threshold in their `kind` comparator: the ones `quantile_drift` measures."""
+  field = _comparator_field(kind)
+  for feature in schema.feature:
+    comparator = getattr(feature, field)
+    if (feature.HasField(field) and _is_numeric(feature) and
+        comparator.HasField('jensen_shannon_divergence')):
+      yield feature, comparator.jensen_shannon_divergence.threshold
+
+
+def _without_numeric_js(schema: schema_pb2.Schema) -> schema_pb2.Schema:
+  """A copy of `schema` whose numeric features have no Jensen-Shannon
+  comparator: TFDV's equal-width measure of them would flag resamples."""
+  copy = schema_pb2.Schema()
+  copy.CopyFrom(schema)
+  for kind in ('drift', 'skew'):
+    field = _comparator_field(kind)
+    for feature, _ in list(_numeric_js(copy, kind)):
+      comparator = getattr(feature, field)
+      comparator.ClearField('jensen_shannon_divergence')
+      if not comparator.ListFields():
+        feature.ClearField(field)
+  return copy
+
+
+def _feature_stats(stats) -> Dict[str, Any]:
+  if not stats or not stats.datasets:
+    return {}
+  return {'.'.join(f.path.step) or f.name: f
+          for f in stats.datasets[0].features}
+
+
+def _numeric_measurements(kind, schema, current, baseline
+                          ) -> Dict[str, List[Dict[str, Any]]]:
+  """name -> [measurement] for the features `quantile_drift` measures; a
+  feature without quantiles on either side is left out (not compared)."""
+  now, then = _feature_stats(current), _feature_stats(baseline)
+  out = {}
+  for feature, threshold in _numeric_js(schema, kind):
+    if feature.name not in now or feature.name not in then:
+      continue
+    value = quantile_drift.distance(now[feature.name], then[feature.name])
+    if value is not None:
+      out[feature.name] = [{'measure': quantile_drift.MEASURE,
+                            'value': value, 'threshold': threshold,
+                            'drifted': value > threshold}]
+  return out
+
+
+def _add_numeric_anomalies(proto: anomalies_pb2.Anomalies, kind: str,
+                           measured: Dict[str, List[Dict[str, Any]]]) -> None:
+  """Adds an anomaly reason to `proto` per measurement over its threshold,
+  in TFDV's words and with its reason type for a Jensen-Shannon comparator."""
+  sides = 'current and previous' if kind == 'drift' else (
+      'training and serving')
+  for name, items in sorted(measured.items()):
+    for m in items:
+      if not m['drifted']:
+        continue
+      short = f'High Jensen-Shannon distance between {sides}'
+      text = (f'The Jensen-Shannon distance on the baseline\'s quantile bins '
+              f'between {sides} is {m["value"]:.6g}, above the threshold '
+              f'{m["threshold"]:.6g}.')
+      info = proto.anomaly_info[name]
+      if not info.path.step:
+        info.path.step.append(name)
+        info.severity = anomalies_pb2.AnomalyInfo.ERROR
+        info.description, info.short_description = text, short
+      info.reason.add(
+          type=anomalies_pb2.AnomalyInfo.COMPARATOR_JENSEN_SHANNON_DIVERGENCE_HIGH,
+          short_description=short, description=text)
+
+
+def _compare(kind, anomalies, schema, stats, control, numeric
+             ) -> Dict[str, Any]:
   """{kind, num_examples: {current, baseline}, drifted: [names], features}.
 
   features: name -> {measure, value, threshold, drifted, measurements}, one
   entry for every feature with a comparator of `kind` in the schema. The
   flat fields hold the measurement closest to (or furthest over) its
-  threshold; `measurements` lists all of them. A feature TFDV could not
-  compare (absent from either side) has value None, drifted False and a
-  `note`.
+  threshold; `measurements` lists all of them (TFDV's from `anomalies`,
+  then ours from `numeric`). A feature that could not be compared (absent
+  from either side) has value None, drifted False and a `note`.
   """
-  comparator = 'drift_comparator' if kind == 'drift' else 'skew_comparator'
+  comparator = _comparator_field(kind)
   measured = {}
   for info in anomalies.drift_skew_info:
     name = '.'.join(info.path.step)
@@ -267,6 +369,9 @@ def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
         {'measure': _MEASURES.get(m.type, 'unknown'), 'value': m.value,
          'threshold': m.threshold, 'drifted': m.value > m.threshold}
         for m in items]
+  for name, items in numeric.items():
+    measured[name] = measured.get(name, []) + items
+  numeric_js = {f.name for f, _ in _numeric_js(schema, kind)}
   features = {}
   for feature in schema.feature:
     if not feature.HasField(comparator):
@@ -277,7 +382,8 @@ def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
                   if m['threshold'] else float('inf'))
       features[feature.name] = dict(worst, measurements=items)
     else:
-      measure, threshold = _configured(getattr(feature, comparator))
+      measure, threshold = _configured(getattr(feature, comparator),
+                                       feature.name in numeric_js)
       features[feature.name] = {
           'measure': measure, 'value': None, 'threshold': threshold,
           'drifted': False, 'measurements': [],
@@ -291,10 +397,10 @@ def _compare(kind, anomalies, schema, stats, control) -> Dict[str, Any]:
   }
 
 
-def _configured(comparator):
+def _configured(comparator, numeric: bool):
   """(measure, threshold) of the first measure a comparator configures."""
-  for field, measure in (('jensen_shannon_divergence',
-                          'jensen_shannon_divergence'),
+  js = quantile_drift.MEASURE if numeric else 'jensen_shannon_divergence'
+  for field, measure in (('jensen_shannon_divergence', js),
                          ('infinity_norm', 'l_infinity'),
                          ('normalized_abs_difference',
                           'normalized_abs_difference')):
