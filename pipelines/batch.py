@@ -423,10 +423,8 @@ def _print_summary(summary, output_dir):
       f'Feature rows:          {summary["feature_rows"]}',
   ] + ([f'Training examples:     {summary["training_examples"]["positives"]} '
         f'positives, {summary["training_examples"]["negatives"]} sampled '
-        'negatives'] if 'training_examples' in summary else []) + [
-      'Aggregate rows:        ' + ', '.join(
-          f'{k}: {v}' for k, v in summary['aggregate_rows'].items()),
-  ]
+        'negatives'] if 'training_examples' in summary else []) + (
+      summary_lib.aggregate_lines(summary['aggregate_rows']))
   checked = summary.get('validation')
   if checked:
     counts = checked['anomalies']

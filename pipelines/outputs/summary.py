@@ -46,3 +46,12 @@ def ingest_lines(summary: Dict[str, object]) -> List[str]:
           '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
           if kinds else ''),
   ]
+
+
+def aggregate_lines(aggregate_rows: Dict[str, int]) -> List[str]:
+  """The summary's aggregate-table line: rows per table, in declaration
+  order; no line at all for a declaration without aggregates."""
+  if not aggregate_rows:
+    return []
+  return ['Aggregate rows:        ' + ', '.join(
+      f'{k}: {v}' for k, v in aggregate_rows.items())]
