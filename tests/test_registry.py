@@ -9,6 +9,7 @@ import pytest
 
 from pipelines import batch
 from pipelines.synthetic import transactions as generate
+from pipelines import registry as registry_cmd
 from pipelines.model import registry as registry_lib
 from transforms import inference
 from pipelines.model.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
@@ -81,13 +82,13 @@ def test_command_line(tmp_path, capsys):
   r = Registry(root)
   r.register(_model(tmp_path, 'v1', 0.9), 'first')
   r.register(_model(tmp_path, 'v2', 0.95), 'second')
-  assert registry_lib.main(['list', '--registry', root]) == 0
+  assert registry_cmd.main(['list', '--registry', root]) == 0
   listing = capsys.readouterr().out
   assert 'v1' in listing and 'champion' in listing and 'roc_auc 0.9500' in \
       listing
-  assert registry_lib.main(['promote', 'v9', '--registry', root]) == 2
+  assert registry_cmd.main(['promote', 'v9', '--registry', root]) == 2
   assert 'holds no version v9' in capsys.readouterr().err
-  assert registry_lib.main(['promote', 'v2', '--registry', root,
+  assert registry_cmd.main(['promote', 'v2', '--registry', root,
                             '--reason', 'better']) == 0
   assert Registry(root).champion()['version'] == 'v2'
 
@@ -128,7 +129,7 @@ def test_training_runs_register_and_the_champion_scores(trained):
 def test_scoring_follows_a_promotion(trained):
   tmp, root, paths, (_, second) = trained
   new = second['registry']['registered']
-  assert registry_lib.main(['promote', new, '--registry', root]) == 0
+  assert registry_cmd.main(['promote', new, '--registry', root]) == 0
   scored = batch.run(['--input', paths[0], '--output_dir',
                       str(tmp / 'scored'), '--registry', root, '--no-train'])
   assert scored['model']['version'] == new

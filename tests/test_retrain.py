@@ -19,8 +19,7 @@ import pytest
 
 from pipelines import batch
 from pipelines.synthetic import transactions as generate
-from pipelines.model import retraining as retrain
-from pipelines.model import monitoring as monitor
+from pipelines import monitor, retrain
 from pipelines.model import training as train
 from pipelines.model.registry import CANDIDATE, CHAMPION, RETIRED, Registry
 from schemas.dataset import load_dataset

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.model import stages as model_stages
+from pipelines import train as train_cmd
 from pipelines.model import training as train_lib
 from schemas.dataset import load_dataset
 from transforms import arrow
@@ -502,7 +503,7 @@ def test_model_stages_transform_and_score(trained, tmp_path):
 
 
 def test_logreg_baseline_and_cli(trained, tmp_path):
-  code = train_lib.main([
+  code = train_cmd.main([
       '--transformed', str(trained['root'] / 'transformed' / '*.parquet'),
       '--transform_dir', trained['transform_dir'],
       '--model_dir', str(tmp_path / 'logreg'), '--model', 'logreg',

@@ -1,8 +1,5 @@
-"""The model registry: every trained model version, and which one serves.
-
-    python -m pipelines.registry list --registry data/registry
-    python -m pipelines.registry promote v1234abcd --registry data/registry --reason "beats v99 by 0.01 ROC AUC"
-    python -m pipelines.registry rollback --registry data/registry --reason "bad alerts"
+"""The model registry: every trained model version, and which one serves
+(the command is `pipelines.registry`).
 
 A registry is a folder, local or gs://:
 
@@ -29,14 +26,11 @@ of one; a model directory is copied before the index names it.
 
 import pipelines.base.quiet  # noqa: F401  (first: silences start-up noise)
 
-import argparse
 import json
-import sys
 from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cli.shell import run_command
 from pipelines.base.errors import UsageError
 from pipelines.outputs import files
 from transforms import inference
@@ -200,56 +194,3 @@ class Registry:
     self._point_to_champion(index, previous)
     self._write(index)
     return previous
-
-
-# Command line -----------------------------------------------------------------
-def _parser():
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.registry',
-      description='List, promote and roll back registered models.')
-  parser.add_argument('command', choices=['list', 'promote', 'rollback'])
-  parser.add_argument('version', nargs='?', help='the version to promote')
-  parser.add_argument('--registry', required=True, help='registry folder')
-  parser.add_argument('--reason', default='by hand',
-                      help='why (kept in the index)')
-  parser.add_argument('--at', default=None,
-                      help='RFC 3339 time recorded with the change')
-  return parser
-
-
-def _table(entries) -> str:
-  lines = [f'{"version":<20} {"status":<10} {"type":<7} {"task":<10} '
-           f'{"eval metric":<22} registered']
-  for e in entries:
-    metrics = e.get('metrics') or {}
-    key = next((k for k in ('roc_auc', 'log_loss', 'rmse') if
-                metrics.get(k) is not None), None)
-    shown = f'{key} {metrics[key]:.4f}' if key else '-'
-    lines.append(f'{e["version"]:<20} {e["status"]:<10} '
-                 f'{str(e.get("model_type")):<7} {str(e.get("task")):<10} '
-                 f'{shown:<22} {e.get("registered_at") or "-"}')
-  return '\n'.join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  args = _parser().parse_args(argv)
-  return run_command(lambda: _run(args))
-
-
-def _run(args):
-  registry = Registry(args.registry)
-  if args.command == 'list':
-    print(_table(registry.entries()))
-  elif args.command == 'promote':
-    if not args.version:
-      raise RegistryError('promote needs a version (see list)')
-    entry = registry.promote(args.version, args.reason, args.at)
-    print(f'{entry["version"]} is now the champion of {args.registry}')
-  else:
-    entry = registry.rollback(args.reason, args.at)
-    print(f'rolled back: {entry["version"]} is the champion of '
-          f'{args.registry} again')
-
-
-if __name__ == '__main__':
-  sys.exit(main())
