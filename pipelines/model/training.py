@@ -36,8 +36,6 @@ from pipelines.base.errors import UsageError
 import datetime
 import hashlib
 import io
-import os
-import json
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from apache_beam.io.filesystems import FileSystems
@@ -460,11 +458,5 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'transform_dir': inference.TRANSFORM_DIR,
       'files': files,
   }
-  # The operator's key signs the files' digest (see inference).
-  key = os.environ.get(inference.SIGNING_KEY_ENV)
-  if key:
-    metadata['signature'] = inference.signature(
-        inference.content_version(files), key)
-  _write_bytes(inference.join_path(model_dir, inference.METADATA_FILE),
-               json.dumps(metadata, indent=2, sort_keys=True).encode('utf-8'))
-  return metadata
+  # Signed with the operator's key when $MLPIPE_MODEL_KEY is set.
+  return inference.write_metadata(model_dir, metadata)
