@@ -24,7 +24,11 @@ else the latest event time of the model's training data), never from the
 clock, so the same runs give the same index. The index is written whole to
 a temporary file and renamed over the old one (on object stores, one
 object upload), so a crash leaves the old index or the new one, never half
-of one; a model directory is copied before the index names it.
+of one; a model directory is copied before the index names it, and a
+champion pointer is written after the index. Writers hold the registry's
+lock (`<registry>/index.lock`, local folders), so two promotions at once
+both land. Exit codes: 0 done; 2 bad flags, an unknown version, or an
+index.json of the wrong shape (one line on stderr); 3 a failure.
 """
 
 import pipelines.base.quiet  # noqa: F401  (first: silences start-up noise)

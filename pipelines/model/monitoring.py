@@ -41,8 +41,8 @@ import pyarrow.parquet as pq
 from pipelines.outputs import files
 from pipelines.model.registry import Registry, RegistryError
 from pipelines.model.training import evaluate
-from schemas.dataset import RECORD_ID, Dataset, SchemaError, load_dataset
-from transforms.inference import ModelIntegrityError, verify_model_dir
+from schemas.dataset import RECORD_ID, Dataset, load_dataset
+from transforms.inference import verify_model_dir
 from transforms.parse import BatchValidator
 from transforms.read import InputError, check_input, read_batches
 
