@@ -33,6 +33,7 @@ from pipelines.base.errors import UsageError
 import contextlib
 import io
 import json
+import math
 from typing import Any, Callable, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -45,14 +46,12 @@ import yaml
 from pipelines.model import monitoring as monitor
 from pipelines.outputs import files
 from pipelines.model.registry import CHAMPION, Registry, RegistryError
-from schemas.dataset import Dataset, SchemaError, load_dataset
+from schemas.dataset import Dataset, load_dataset
 from transforms import arrow
 from transforms.common import micros_to_rfc3339
-from transforms.inference import (ModelIntegrityError,
-                                  TransformedSklearnModelHandler,
+from transforms.inference import (TransformedSklearnModelHandler,
                                   predict_table)
 from transforms.parse import rfc3339_to_micros
-from transforms.read import InputError
 
 RETRAIN = 'retrain'
 DECISION_FILE = 'decision.json'
@@ -101,10 +100,16 @@ def load_policy(path: str) -> Dict[str, Any]:
     if kind is float and isinstance(value, int) and not isinstance(
         value, bool):
       value = float(value)
+    # nan compares false with every limit (a trigger that never fires) and
+    # inf is never exceeded; both would also be written as non-standard
+    # JSON (NaN, Infinity) in decisions.jsonl.
     if not isinstance(value, kind) or isinstance(value, bool) or (
         kind is not str and value < 0):
       raise RetrainError(f'--policy {path}: {key} must be a non-negative '
                          f'{"number" if kind is float else kind.__name__}')
+    if kind is float and not math.isfinite(value):
+      raise RetrainError(f'--policy {path}: {key} must be a finite number, '
+                         f'not {value!r}')
     policy[key] = value
   if policy['metric'] not in METRICS:
     raise RetrainError(f'--policy {path}: metric must be one of '
@@ -126,6 +131,11 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _trigger(name, limit, value, source, detail=None, note=None):
+  if value is not None and not math.isfinite(value):
+    # A report's nan (or inf) is no measurement: not fired, said why; its
+    # detail (which holds it) is left out of the strict-JSON decision.
+    note = f'{name}: the report holds {value!r}, not a number'
+    value, detail = None, None
   fired = value is not None and value > limit
   out = {'trigger': name, 'limit': limit, 'value': value, 'fired': fired,
          'source': source}
@@ -460,7 +470,13 @@ def trigger_text(t: Dict[str, Any]) -> str:
 def _finish(decision, reasons, args) -> Dict[str, Any]:
   decision['reasons'] = reasons
   decision = dict(sorted(decision.items()))
-  files.write_json(files.join(args.output_dir, RETRAIN, DECISION_FILE), decision)
-  _append(files.join(args.registry, DECISIONS_LOG),
-          json.dumps(decision, sort_keys=True))
+  # allow_nan=False: a value that is not finite fails here (exit 3, one
+  # line) rather than writing NaN or Infinity, which no JSON reader takes.
+  text = json.dumps(decision, sort_keys=True, allow_nan=False)
+  files.write_bytes(files.join(args.output_dir, RETRAIN, DECISION_FILE),
+                    json.dumps(decision, indent=2, sort_keys=True,
+                               allow_nan=False).encode('utf-8'))
+  registry = Registry(args.registry)
+  with registry.lock():   # one appender at a time, as for the index
+    _append(files.join(args.registry, DECISIONS_LOG), text)
   return decision
