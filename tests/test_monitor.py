@@ -21,7 +21,8 @@ from scipy.spatial.distance import jensenshannon
 from sklearn.metrics import (average_precision_score, confusion_matrix,
                              precision_score, recall_score, roc_auc_score)
 
-from pipelines.model import monitoring as monitor
+from pipelines import monitor
+from pipelines.model import monitoring as monitor_lib
 from pipelines.model.registry import Registry
 from schemas.dataset import load_dataset
 
@@ -325,7 +326,7 @@ def test_a_failure_exits_3_with_one_line_and_a_log(inputs, tmp_path, capsys,
                                                    monkeypatch):
   def broken(*args, **kwargs):
     raise RuntimeError('disk on fire\nsecond line')
-  monkeypatch.setattr(monitor, 'report', broken)
+  monkeypatch.setattr(monitor_lib, 'report', broken)
   assert monitor.main(_argv(inputs, tmp_path)) == 3
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and 'RuntimeError: disk on fire' in err[0]

@@ -4,11 +4,13 @@ batch job training into it and scoring with its champion."""
 import hashlib
 import json
 import os
+import threading
 
 import pytest
 
 from pipelines import batch
 from pipelines.synthetic import transactions as generate
+from pipelines import registry as registry_cmd
 from pipelines.model import registry as registry_lib
 from transforms import inference
 from pipelines.model.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
@@ -60,11 +62,18 @@ def test_first_is_champion_then_candidates_promote_and_rollback(tmp_path):
                     .read_text())['version'] == 'v1'
 
 
+def _pointers(root):
+  folder = root / 'promotions'
+  return {name: json.loads((folder / name).read_text())['version']
+          for name in sorted(os.listdir(folder)) if name.endswith('.json')}
+
+
 def test_a_crash_mid_promotion_leaves_the_old_index(tmp_path, monkeypatch):
-  r = Registry(str(tmp_path / 'reg'))
+  root = tmp_path / 'reg'
+  r = Registry(str(root))
   r.register(_model(tmp_path, 'v1', 0.9), 'first')
   r.register(_model(tmp_path, 'v2', 0.95), 'second')
-  before = (tmp_path / 'reg' / 'index.json').read_bytes()
+  before = (root / 'index.json').read_bytes()
 
   def crash(src, dst):
     raise OSError('power cut')
@@ -72,8 +81,109 @@ def test_a_crash_mid_promotion_leaves_the_old_index(tmp_path, monkeypatch):
   with pytest.raises(OSError):
     r.promote('v2', 'better')
   monkeypatch.undo()
-  assert (tmp_path / 'reg' / 'index.json').read_bytes() == before
-  assert Registry(str(tmp_path / 'reg')).champion()['version'] == 'v1'
+  assert (root / 'index.json').read_bytes() == before
+  assert Registry(str(root)).champion()['version'] == 'v1'
+  # No pointer names v2: a follower of the pointers keeps the champion.
+  assert _pointers(root) == {'000001.json': 'v1'}
+
+
+def test_a_crash_after_the_index_leaves_no_wrong_pointer(tmp_path,
+                                                         monkeypatch):
+  root = tmp_path / 'reg'
+  r = Registry(str(root))
+  r.register(_model(tmp_path, 'v1', 0.9), 'first')
+  r.register(_model(tmp_path, 'v2', 0.95), 'second')
+  replace = os.replace
+  calls = []
+
+  def crash_on_the_second(src, dst):
+    calls.append(dst)
+    if len(calls) == 2:
+      raise OSError('power cut')
+    replace(src, dst)
+  monkeypatch.setattr(registry_lib.files.os, 'replace', crash_on_the_second)
+  with pytest.raises(OSError):
+    r.promote('v2', 'better')
+  monkeypatch.undo()
+  # The index was written first: v2 is the champion, and no pointer names
+  # a model that is not (the new one is missing, the old one was right
+  # when written).
+  assert calls[0].endswith('index.json')
+  assert r.champion()['version'] == 'v2'
+  assert _pointers(root) == {'000001.json': 'v1'}
+  # The next write adds the missing pointer.
+  r.register(_model(tmp_path, 'v3', 0.9), 'third')
+  assert _pointers(root) == {'000001.json': 'v1', '000002.json': 'v2'}
+
+
+def test_two_promotions_at_once_both_land(tmp_path, monkeypatch):
+  root = str(tmp_path / 'reg')
+  r = Registry(root)
+  for version in ('v1', 'v2', 'v3'):
+    r.register(_model(tmp_path, version, 0.9), version)
+  # Each writer waits (at most a second) after reading the index and
+  # before writing it: without a lock both read the same index and the
+  # later write loses the other's promotion; with it the second writer
+  # reads only once the first has written.
+  meet = threading.Barrier(2, timeout=1)
+  write = Registry._write
+
+  def slow_write(self, index):
+    try:
+      meet.wait()
+    except threading.BrokenBarrierError:
+      pass
+    write(self, index)
+  monkeypatch.setattr(Registry, '_write', slow_write)
+  errors = []
+
+  def promote(version):
+    try:
+      Registry(root).promote(version, f'{version} at once')
+    except Exception as e:  # pylint: disable=broad-except
+      errors.append(e)
+  threads = [threading.Thread(target=promote, args=(v,)) for v in ('v2', 'v3')]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert errors == []
+  entries = {e['version']: e for e in Registry(root).entries()}
+  # Both promotions are in the index, one after the other.
+  promoted = [v for v in ('v2', 'v3') if any(
+      h['status'] == CHAMPION for h in entries[v]['history'])]
+  assert promoted == ['v2', 'v3']
+  assert sorted(e['status'] for e in entries.values()) == [
+      CHAMPION, RETIRED, RETIRED]
+  assert sorted(_pointers(tmp_path / 'reg').values()) == ['v1', 'v2', 'v3']
+
+
+@pytest.mark.parametrize('change,message', [
+    (lambda i: i['versions'][0].update(version=7), 'no version name'),
+    (lambda i: i['versions'][1].pop('status'), "v2 has status None"),
+    (lambda i: i['versions'][1].update(dir='../../elsewhere'),
+     "v2 has dir '../../elsewhere'"),
+    (lambda i: i['versions'][1].update(status=CHAMPION),
+     'more than one champion'),
+    (lambda i: i['versions'][0].update(history='none'), 'no history'),
+    (lambda i: i.update(versions={'v1': {}}), 'no list of versions'),
+    (lambda i: i['versions'].append(3), 'is not an object'),
+])
+def test_a_corrupted_index_is_one_line_and_exit_2(tmp_path, capsys, change,
+                                                  message):
+  root = tmp_path / 'reg'
+  r = Registry(str(root))
+  r.register(_model(tmp_path, 'v1', 0.9), 'first')
+  r.register(_model(tmp_path, 'v2', 0.95), 'second')
+  index = json.loads((root / 'index.json').read_text())
+  change(index)
+  (root / 'index.json').write_text(json.dumps(index))
+  capsys.readouterr()
+  for argv in (['list'], ['promote', 'v2'], ['rollback']):
+    assert registry_cmd.main(argv + ['--registry', str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and 'is not a registry index' in err[0], err
+    assert message in err[0]
 
 
 def test_command_line(tmp_path, capsys):
@@ -81,13 +191,13 @@ def test_command_line(tmp_path, capsys):
   r = Registry(root)
   r.register(_model(tmp_path, 'v1', 0.9), 'first')
   r.register(_model(tmp_path, 'v2', 0.95), 'second')
-  assert registry_lib.main(['list', '--registry', root]) == 0
+  assert registry_cmd.main(['list', '--registry', root]) == 0
   listing = capsys.readouterr().out
   assert 'v1' in listing and 'champion' in listing and 'roc_auc 0.9500' in \
       listing
-  assert registry_lib.main(['promote', 'v9', '--registry', root]) == 2
+  assert registry_cmd.main(['promote', 'v9', '--registry', root]) == 2
   assert 'holds no version v9' in capsys.readouterr().err
-  assert registry_lib.main(['promote', 'v2', '--registry', root,
+  assert registry_cmd.main(['promote', 'v2', '--registry', root,
                             '--reason', 'better']) == 0
   assert Registry(root).champion()['version'] == 'v2'
 
@@ -128,7 +238,7 @@ def test_training_runs_register_and_the_champion_scores(trained):
 def test_scoring_follows_a_promotion(trained):
   tmp, root, paths, (_, second) = trained
   new = second['registry']['registered']
-  assert registry_lib.main(['promote', new, '--registry', root]) == 0
+  assert registry_cmd.main(['promote', new, '--registry', root]) == 0
   scored = batch.run(['--input', paths[0], '--output_dir',
                       str(tmp / 'scored'), '--registry', root, '--no-train'])
   assert scored['model']['version'] == new

@@ -19,8 +19,8 @@ import pytest
 
 from pipelines import batch
 from pipelines.synthetic import transactions as generate
-from pipelines.model import retraining as retrain
-from pipelines.model import monitoring as monitor
+from pipelines import monitor, retrain
+from pipelines.model import retraining as retrain_lib
 from pipelines.model import training as train
 from pipelines.model.registry import CANDIDATE, CHAMPION, RETIRED, Registry
 from schemas.dataset import load_dataset
@@ -198,6 +198,11 @@ def test_shifted_amounts_retrain_and_a_better_challenger_is_promoted(
     ('max_auc_drop: lots\n', 'max_auc_drop must be a non-negative number'),
     ('max_drifted_features: 1\nmetric: accuracy\n', 'metric must be one of'),
     ('- a list\n', 'must be a mapping'),
+    # nan is never above a limit and .inf is never exceeded: both refused.
+    ('max_auc_drop: .nan\n', 'max_auc_drop must be a finite number, not nan'),
+    ('max_score_psi: .inf\n', 'max_score_psi must be a finite number, not inf'),
+    ('max_drifted_features: 1\npromote_margin: .NaN\n',
+     'promote_margin must be a finite number'),
 ])
 def test_a_bad_policy_is_one_line_and_exit_2(world, tmp_path, capsys, policy,
                                              message):
@@ -224,3 +229,19 @@ def test_no_champion_no_run_or_a_misspelt_flag_is_exit_2(
   assert 'unknown flag --lables' in capsys.readouterr().err
   assert not os.path.exists(os.path.join(world['registry'],
                                          'decisions.jsonl'))
+
+
+def test_a_report_value_that_is_not_a_number_fires_nothing_and_stays_json():
+  # A monitoring report with nan (a score PSI of an empty window, say): the
+  # trigger is not evaluated, and the decision holds standard JSON only.
+  champion = {'version': 'v1'}
+  monitoring = {'model': {'version': 'v1'}, 'metrics': {'roc_auc': 0.7},
+                'eval_metrics': {'roc_auc': float('nan')},
+                'score_drift': {'psi': float('inf')}}
+  policy = dict(retrain_lib.DEFAULTS, max_auc_drop=0.01, max_score_psi=0.2)
+  checked = retrain_lib.triggers(policy, None, None, monitoring, champion,
+                                 {'monitoring': 'report.json'})
+  assert [(t['trigger'], t['value'], t['fired']) for t in checked] == [
+      ('max_auc_drop', None, False), ('max_score_psi', None, False)]
+  assert all('not a number' in t['note'] for t in checked)
+  json.dumps(checked, allow_nan=False)   # raises on NaN or Infinity

@@ -26,8 +26,8 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from pipelines import batch
 from pipelines.synthetic import transactions as generate
 from pipelines.serving import service as serve
-from pipelines.model import training as train
-from pipelines.model import registry as registry_lib
+from pipelines import train
+from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
 from transforms import online_store

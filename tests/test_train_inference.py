@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.model import stages as model_stages
+from pipelines import train as train_cmd
 from pipelines.model import training as train_lib
 from schemas.dataset import load_dataset
 from transforms import arrow
@@ -358,25 +359,85 @@ def test_paths_that_leave_the_model_folder_are_refused(trained, tmp_path,
     inference.verify_model_dir(model_dir)
 
 
-def test_with_a_signing_key_only_signed_models_load(trained, tmp_path,
-                                                     monkeypatch):
+@pytest.mark.parametrize('relative', [
+    'model.skops',                                    # the estimator
+    'transform_fn/transform_fn/saved_model.pb',       # a graph file
+    'transform_fn/transform_fn/assets'])              # a graph folder
+def test_a_link_out_of_the_model_folder_is_refused(trained, tmp_path,
+                                                   relative):
+  # The link's target has the very bytes metadata.json lists, so only
+  # resolving the path can tell: the lexical check passes it.
   model_dir = _copy_model(trained, tmp_path)
+  inside = os.path.join(model_dir, relative)
+  outside = str(tmp_path / 'elsewhere')
+  shutil.move(inside, outside)
+  os.symlink(outside, inside)
+  with pytest.raises(inference.ModelIntegrityError,
+                     match=f'{relative} is a link that leaves the model'):
+    inference.TransformedSklearnModelHandler(model_dir).load_model()
+
+
+def test_a_link_inside_the_model_folder_still_loads(trained, tmp_path):
+  model_dir = _copy_model(trained, tmp_path)
+  os.rename(os.path.join(model_dir, 'model.skops'),
+            os.path.join(model_dir, 'transform_fn', 'm'))
+  os.symlink(os.path.join('transform_fn', 'm'),
+             os.path.join(model_dir, 'model.skops'))
+  # Refused as an unlisted file (transform_fn/m), not as a link that leaves.
+  with pytest.raises(inference.ModelIntegrityError, match='not listed'):
+    inference.verify_model_dir(model_dir)
+
+
+@pytest.fixture
+def signed(trained, tmp_path, monkeypatch):
+  """A model trained with $MLPIPE_MODEL_KEY set: the trainer signs it."""
   monkeypatch.setenv(inference.SIGNING_KEY_ENV, 'operator secret')
-  with pytest.raises(inference.ModelIntegrityError, match='not signed'):
-    inference.verify_model_dir(model_dir)   # trained without the key
-  digest = inference.content_version(
-      inference.read_metadata(model_dir)['files'])
+  model_dir = str(tmp_path / 'signed')
+  train_lib.train(trained['table'], transform_dir=trained['transform_dir'],
+                  model_dir=model_dir, dataset=DATASET)
+  return model_dir
+
+
+def _edit_metadata(model_dir, **changes):
   path = os.path.join(model_dir, inference.METADATA_FILE)
   with open(path) as f:
     metadata = json.load(f)
-  metadata['signature'] = inference.signature(digest, 'operator secret')
+  metadata.update(changes)
   with open(path, 'w') as f:
     json.dump(metadata, f)
-  assert inference.verify_model_dir(model_dir)['digest'] == digest
+
+
+def test_the_trainer_signs_with_the_key_and_only_signed_models_load(
+    trained, signed, tmp_path):
+  assert inference.verify_model_dir(signed)['signature']
+  inference.TransformedSklearnModelHandler(signed).load_model()
+  # The module's model was trained without the key: refused.
+  with pytest.raises(inference.ModelIntegrityError, match='not signed'):
+    inference.verify_model_dir(trained['model_dir'])
   # Replacing a file and its hash (as in _rewrite) breaks the signature.
+  model_dir = str(tmp_path / 'rewritten')
+  shutil.copytree(signed, model_dir)
   _rewrite(model_dir, 'model.skops', b'other bytes')
   with pytest.raises(inference.ModelIntegrityError, match='not signed'):
     inference.verify_model_dir(model_dir)
+
+
+@pytest.mark.parametrize('changes', [
+    {'threshold': 0.999},                              # every label flips
+    {'risk': {'bands': [['low', 0.0], ['high', 0.01]],
+              'confidence': 'probability'}},           # bands
+    {'features': ['amount_xf']}])                       # what is scored
+def test_an_edited_metadata_of_a_signed_model_is_refused(signed, changes):
+  _edit_metadata(signed, **changes)
+  with pytest.raises(inference.ModelIntegrityError, match='not signed'):
+    inference.TransformedSklearnModelHandler(signed).load_model()
+
+
+def test_rewriting_the_metadata_signs_it_again(signed):
+  # The choice between model types adds `compared` after training.
+  metadata = inference.read_metadata(signed)
+  inference.write_metadata(signed, dict(metadata, compared={'chosen': 'gbt'}))
+  assert inference.verify_model_dir(signed)['compared'] == {'chosen': 'gbt'}
 
 
 def test_score_records_one_prediction_per_input(trained):
@@ -502,7 +563,7 @@ def test_model_stages_transform_and_score(trained, tmp_path):
 
 
 def test_logreg_baseline_and_cli(trained, tmp_path):
-  code = train_lib.main([
+  code = train_cmd.main([
       '--transformed', str(trained['root'] / 'transformed' / '*.parquet'),
       '--transform_dir', trained['transform_dir'],
       '--model_dir', str(tmp_path / 'logreg'), '--model', 'logreg',

@@ -7,7 +7,8 @@ A model directory (written by pipelines.train) holds:
   transform_fn/    the tf.Transform output dir (transform_fn/,
                    transformed_metadata/) the model was trained on
   metadata.json    version, raw input types, feature order, threshold,
-                   metrics and `files: {relative path: sha256}`
+                   metrics and `files: {relative path: sha256}`, and
+                   with $MLPIPE_MODEL_KEY its signature
 
 `TransformedSklearnModelHandler` verifies every file against metadata.json,
 applies the transform graph to the raw feature columns of RecordBatches and
@@ -53,7 +54,8 @@ TRUSTED_TYPES = (
     'sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor',
     'sklearn.utils.validation.check_array')
 # With this variable set, a model directory must carry an HMAC-SHA256 of
-# its files' digest made with the same key (pipelines.train signs).
+# its metadata (which lists every file's sha256) made with the same key;
+# the trainer signs when it is set (write_metadata).
 SIGNING_KEY_ENV = 'MLPIPE_MODEL_KEY'
 TRANSFORM_DIR = 'transform_fn'
 
@@ -129,10 +131,40 @@ def read_metadata(model_dir: str) -> Dict[str, Any]:
     return json.loads(f.read().decode('utf-8'))
 
 
-def signature(digest: str, key: str) -> str:
-  """HMAC-SHA256 of a model's files digest with the operator's key."""
-  return hmac.new(key.encode('utf-8'), digest.encode('utf-8'),
+def signature(text: str, key: str) -> str:
+  """HMAC-SHA256 of a text with the operator's key."""
+  return hmac.new(key.encode('utf-8'), text.encode('utf-8'),
                   hashlib.sha256).hexdigest()
+
+
+SIGNATURE = 'signature'
+
+
+def metadata_signature(metadata: Mapping[str, Any], key: str) -> str:
+  """The signature of a model: an HMAC of its whole metadata.json but the
+  signature itself, as canonical JSON (sorted keys, no spaces). The
+  metadata holds every file's sha256, so this covers the files and also
+  what decides an answer without being a file: the threshold, the risk
+  bands, the feature order, the task."""
+  signed = {k: v for k, v in metadata.items() if k != SIGNATURE}
+  return signature(json.dumps(signed, sort_keys=True, separators=(',', ':'),
+                              ensure_ascii=True), key)
+
+
+def write_metadata(model_dir: str, metadata: Mapping[str, Any]
+                   ) -> Dict[str, Any]:
+  """Writes model_dir/metadata.json, signed (metadata_signature) when
+  SIGNING_KEY_ENV is set, so every writer of a model's metadata (the
+  trainer, the choice between model types) signs what it writes. Without
+  a key no signature is kept: a stale one would refuse the model.
+  Returns the metadata as written."""
+  metadata = {k: v for k, v in metadata.items() if k != SIGNATURE}
+  key = os.environ.get(SIGNING_KEY_ENV)
+  if key:
+    metadata[SIGNATURE] = metadata_signature(metadata, key)
+  with FileSystems.create(join_path(model_dir, METADATA_FILE)) as f:
+    f.write(json.dumps(metadata, indent=2, sort_keys=True).encode('utf-8'))
+  return metadata
 
 
 def _inside(relative) -> bool:
@@ -144,17 +176,43 @@ def _inside(relative) -> bool:
               ':' in parts[0] or '..' in parts)
 
 
+def _link_leaving(model_dir: str) -> Optional[str]:
+  """The first symbolic link under a local model folder (to a file or a
+  folder, at any depth) whose target lies outside the folder, relative to
+  the folder; None when there is none. `_inside` only checks the names
+  metadata.json gives; a link is what a name points to. Object stores
+  have no links."""
+  if '://' in model_dir:
+    return None
+  root = os.path.realpath(model_dir)
+  for folder, dirs, names in os.walk(model_dir):
+    for name in sorted(dirs + names):
+      path = os.path.join(folder, name)
+      if os.path.islink(path):
+        target = os.path.realpath(path)
+        if os.path.commonpath([root, target]) != root:
+          return os.path.relpath(path, model_dir).replace(os.sep, '/')
+  return None
+
+
 def verify_model_dir(model_dir: str) -> Dict[str, Any]:
   """Checks a model directory before anything in it is loaded; returns its
   metadata with 'digest' (content_version of the files as found).
 
   Raises ModelIntegrityError on the first problem: a file missing, not
   listed, or whose sha256 changed; a path in metadata.json that leaves the
-  folder; and, when SIGNING_KEY_ENV is set, a missing or wrong signature.
+  folder, or a symbolic link whose target does (paths are resolved, not
+  only read); and, when SIGNING_KEY_ENV is set, a missing or wrong
+  signature of the metadata (`metadata_signature`: the files' hashes and
+  every setting that decides an answer).
   The hashes alone only catch accidents (whoever can write the folder can
   rewrite them); the signature and the model file's safe format are what
   make a folder from elsewhere safe to load.
   """
+  link = _link_leaving(model_dir)
+  if link:
+    raise ModelIntegrityError(
+        f'{model_dir}: {link} is a link that leaves the model folder')
   try:
     metadata = read_metadata(model_dir)
   except (OSError, ValueError) as e:
@@ -188,9 +246,10 @@ def verify_model_dir(model_dir: str) -> Dict[str, Any]:
   digest = content_version(expected)
   key = os.environ.get(SIGNING_KEY_ENV)
   if key and not hmac.compare_digest(
-      str(metadata.get('signature', '')), signature(digest, key)):
+      str(metadata.get(SIGNATURE, '')), metadata_signature(metadata, key)):
     raise ModelIntegrityError(
-        f'{model_dir}: not signed with the key in ${SIGNING_KEY_ENV}')
+        f'{model_dir}: not signed with the key in ${SIGNING_KEY_ENV} (or '
+        f'{METADATA_FILE} changed since it was signed)')
   return dict(metadata, digest=digest)
 
 

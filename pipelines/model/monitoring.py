@@ -1,7 +1,5 @@
-"""Model monitoring: a run's predictions joined with labels that arrive later.
-
-  python -m pipelines.monitor --predictions data/scored/predictions \\
-      --labels 'labels/*.jsonl' --registry models/ --output_dir data/scored
+"""Model monitoring: a run's predictions joined with labels that arrive later
+(the command is `pipelines.monitor`).
 
 Predictions: the Parquet files a batch run writes to `predictions/` (a
 folder or a glob), from one model version. Labels: files in any input
@@ -22,21 +20,16 @@ one that made the predictions: with --registry, the registry's entry of the
 predictions' model_version; with --model_dir, that folder, whose version
 must be the predictions'.
 
-Writes <output_dir>/monitoring/report.json (`report` documents its keys).
-Binary tasks only. Exit codes: 0 done; 2 bad flags or inputs (one line on
-stderr); 3 a failure (one line, the traceback in
-<output_dir>/monitoring/monitor.log).
+`monitor` writes <output_dir>/monitoring/report.json (`report` documents
+its keys). Binary tasks only.
 """
 
 from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
-from pipelines.cli.shell import run_command
 from pipelines.base.errors import UsageError
 
-import argparse
 import dataclasses
 import datetime
 import io
-import sys
 from typing import Any, Dict, List, Optional, Tuple
 
 from apache_beam.io.filesystems import FileSystems
@@ -48,8 +41,8 @@ import pyarrow.parquet as pq
 from pipelines.outputs import files
 from pipelines.model.registry import Registry, RegistryError
 from pipelines.model.training import evaluate
-from schemas.dataset import RECORD_ID, Dataset, SchemaError, load_dataset
-from transforms.inference import ModelIntegrityError, verify_model_dir
+from schemas.dataset import RECORD_ID, Dataset, load_dataset
+from transforms.inference import verify_model_dir
 from transforms.parse import BatchValidator
 from transforms.read import InputError, check_input, read_batches
 
@@ -383,128 +376,36 @@ def model_of(version: Optional[str], registry: Optional[str],
   return metadata, model_dir
 
 
-# Command line ---------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):
-    raise MonitorError(message)
-
-
-def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='python -m pipelines.monitor',
-              description='Joins predictions with late labels by id and '
-              'writes <output_dir>/monitoring/report.json.')
-  p.add_argument('--predictions', required=True,
-                 help='Folder or glob of prediction Parquet files (a batch '
-                 "run's predictions/).")
-  p.add_argument('--labels', required=True,
-                 help='Glob of label files (.jsonl, .csv, .avro, .parquet): '
-                 'id, label and, if declared, the timestamp.')
-  p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'],
-                 help='Format of the label files when names do not tell.')
-  p.add_argument('--schema', default='transactions',
-                 help='Dataset declaration: a name in schemas/ or a path.')
-  model = p.add_mutually_exclusive_group(required=True)
-  model.add_argument('--registry', help='Model registry folder: the model '
-                     "is the entry of the predictions' model_version.")
-  model.add_argument('--model_dir', help='The model folder that made the '
-                     'predictions.')
-  p.add_argument('--output_dir', required=True,
-                 help='The report goes to <output_dir>/monitoring/.')
-  return p
-
-
-def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-  """Parses flags, writes the report; returns it (with its `path`)."""
-  return monitor(parser().parse_args(argv))
-
-
-def monitor(args: argparse.Namespace) -> Dict[str, Any]:
-  """The report of parsed flags, written to <output_dir>/monitoring/."""
-  dataset = load_dataset(args.schema)
+def monitor(*, predictions: str, labels: str, output_dir: str,
+            schema: str = 'transactions', registry: Optional[str] = None,
+            model_dir: Optional[str] = None,
+            labels_format: Optional[str] = None) -> Dict[str, Any]:
+  """The report of `predictions` (a folder or glob of prediction Parquet
+  files) and `labels` (a glob of label files), with the model from
+  `registry` or `model_dir`, written to <output_dir>/monitoring/; returns
+  it with its `path`."""
+  dataset = load_dataset(schema)
   if dataset.task != 'binary':
     raise MonitorError(f'{dataset.name}: monitoring supports binary labels; '
                        f'this label is {dataset.task}')
   id_field = dataset.id_field
-  predictions, prediction_files = read_predictions(args.predictions,
-                                                   id_field)
-  versions = pc.unique(predictions.column('model_version')).to_pylist()
+  predicted, prediction_files = read_predictions(predictions, id_field)
+  versions = pc.unique(predicted.column('model_version')).to_pylist()
   metadata, model_dir = model_of(versions[0] if versions else None,
-                                 args.registry, args.model_dir)
+                                 registry, model_dir)
   if metadata.get('task', 'binary') != 'binary':
     raise MonitorError(f'model {metadata["model_version"]} is '
                        f'{metadata["task"]}: monitoring supports binary')
-  labels, rejected, label_files = read_labels(args.labels, dataset,
-                                              args.labels_format)
-  out = report(predictions, labels, metadata, dataset)
+  label_rows, rejected, label_files = read_labels(labels, dataset,
+                                                  labels_format)
+  out = report(predicted, label_rows, metadata, dataset)
   out['model']['dir'] = model_dir
   out['counts']['labels_rejected'] = sum(rejected.values())
   out['counts']['labels_rejected_by_kind'] = rejected
-  out['inputs'] = {'predictions': args.predictions,
+  out['inputs'] = {'predictions': predictions,
                    'prediction_files': prediction_files,
-                   'labels': args.labels, 'label_files': label_files}
-  path = files.join(args.output_dir, MONITORING, REPORT_FILE)
+                   'labels': labels, 'label_files': label_files}
+  path = files.join(output_dir, MONITORING, REPORT_FILE)
   files.write_json(path, out)
   out['path'] = path
   return out
-
-
-def _f(value) -> str:
-  return 'n/a' if value is None else f'{value:.3f}'
-
-
-def summary_lines(out: Dict[str, Any]) -> List[str]:
-  c, m, drift = out['counts'], out['metrics'], out['score_drift']
-  lines = [
-      f'Model:                 {out["model"]["version"]} (threshold '
-      f'{out["model"]["threshold"]:.4g})',
-      f'Predictions:           {c["predictions"]} ({c["prediction_duplicates"]}'
-      f' duplicate rows), {c["predictions_without_label"]} without a label',
-      f'Labels:                {c["labels"]} ({c["label_duplicates"]} '
-      f'duplicate rows, {c["label_conflicts"]} conflicting, '
-      f'{c["labels_rejected"]} rejected), {c["labels_without_prediction"]} '
-      'for unknown ids',
-      f'Matched:               {c["matched"]} ({c["positives"]} positive)',
-  ]
-  if m:
-    cm = m['confusion_matrix']
-    lines += [
-        f'ROC AUC / PR AUC:      {_f(m["roc_auc"])} / {_f(m["pr_auc"])} '
-        f'(eval {_f(out["eval_metrics"]["roc_auc"])} / '
-        f'{_f(out["eval_metrics"]["pr_auc"])})',
-        f'Precision / recall:    {_f(m["precision"])} / {_f(m["recall"])} '
-        f'(tp {cm["tp"]}, fp {cm["fp"]}, fn {cm["fn"]}, tn {cm["tn"]})']
-  else:
-    lines.append('Metrics:               none: no prediction has a label yet')
-  if out['trend']:
-    lines.append(f'Days:                  {len(out["trend"]["days"])}')
-  if drift:
-    lines.append(f'Score drift:           JS distance {drift["js_distance"]:.3f}'
-                 f' (base 2), PSI {drift["psi"]:.3f}')
-  else:
-    lines.append('Score drift:           not measured (the model has no '
-                 'eval score distribution)')
-  lines.append(f'Report:                {out["path"]}')
-  return lines
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if '-h' in argv or '--help' in argv:
-    parser().print_help()
-    return 0
-  args = run_command(lambda: parser().parse_args(argv))
-  if isinstance(args, int):
-    return args
-
-  def body():
-    print('\n'.join(summary_lines(monitor(args))), flush=True)
-
-  # A failure: one line on stderr, the traceback in a log next to the report.
-  return run_command(body, lambda e: files.failure_line(
-      e, files.join(args.output_dir, MONITORING, LOG_FILE), 'monitoring'))
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,8 +1,5 @@
-"""The model registry: every trained model version, and which one serves.
-
-    python -m pipelines.registry list --registry data/registry
-    python -m pipelines.registry promote v1234abcd --registry data/registry --reason "beats v99 by 0.01 ROC AUC"
-    python -m pipelines.registry rollback --registry data/registry --reason "bad alerts"
+"""The model registry: every trained model version, and which one serves
+(the command is `pipelines.registry`).
 
 A registry is a folder, local or gs://:
 
@@ -24,31 +21,100 @@ else the latest event time of the model's training data), never from the
 clock, so the same runs give the same index. The index is written whole to
 a temporary file and renamed over the old one (on object stores, one
 object upload), so a crash leaves the old index or the new one, never half
-of one; a model directory is copied before the index names it.
+of one; a model directory is copied before the index names it, and a
+champion pointer is written only after the index that names its champion
+(a crash between the two leaves the pointer missing, never a pointer to a
+model that is not the champion; the next write adds it).
+
+Writers take the registry's lock (`lock`: an exclusive `fcntl` lock on
+`<registry>/index.lock`) around their read-modify-write of the index, so
+two promotions at once both land, one after the other. On gs:// there is
+no lock: run one writer at a time (one retraining loop, promotions by hand
+only while it is idle). Readers never wait. The index is checked on every
+read (`check_index`): a file of the wrong shape is one RegistryError line.
 """
 
 import pipelines.base.quiet  # noqa: F401  (first: silences start-up noise)
 
-import argparse
+import contextlib
+import functools
 import json
-import sys
-from typing import Any, Dict, List, Optional
+import os
+from typing import Any, Dict, Iterator, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
-from pipelines.cli.shell import run_command
 from pipelines.base.errors import UsageError
 from pipelines.outputs import files
 from transforms import inference
 
 INDEX = 'index.json'
+LOCK = 'index.lock'
 MODELS = 'models'
 PROMOTIONS = 'promotions'
 CANDIDATE, CHAMPION, RETIRED = 'candidate', 'champion', 'retired'
+STATUSES = (CANDIDATE, CHAMPION, RETIRED)
 
 
 class RegistryError(UsageError, ValueError):
   """The registry cannot do what was asked (exit code 2 on the command line)."""
+
+
+def _shape_error(index: Any) -> Optional[str]:
+  """What is wrong with the shape of an index (None when nothing is):
+  the fields the registry reads, with their types."""
+  if not isinstance(index, dict) or not isinstance(index.get('versions'),
+                                                   list):
+    return 'it holds no list of versions'
+  for key in ('promotions', 'changes'):
+    if key in index and (not isinstance(index[key], int) or
+                         isinstance(index[key], bool) or index[key] < 0):
+      return f'{key} is not a count'
+  seen = set()
+  for i, entry in enumerate(index['versions']):
+    if not isinstance(entry, dict):
+      return f'version #{i + 1} is not an object'
+    version = entry.get('version')
+    if not isinstance(version, str) or not version:
+      return f'version #{i + 1} has no version name (a string)'
+    if version in seen:
+      return f'{version} is listed twice'
+    seen.add(version)
+    if entry.get('status') not in STATUSES:
+      return (f'{version} has status {entry.get("status")!r}, not one of '
+              f'{", ".join(STATUSES)}')
+    folder = entry.get('dir')
+    if not isinstance(folder, str) or folder != f'{MODELS}/{version}':
+      return f'{version} has dir {folder!r}, not {MODELS}/{version}'
+    history = entry.get('history')
+    if not isinstance(history, list) or not all(
+        isinstance(h, dict) and isinstance(h.get('seq'), int) and
+        isinstance(h.get('reason'), str) and h.get('status') in STATUSES
+        for h in history):
+      return f'{version} has no history of status changes'
+    if entry['status'] != CANDIDATE and not history:
+      return f'{version} is {entry["status"]} without a history'
+  if sum(e['status'] == CHAMPION for e in index['versions']) > 1:
+    return 'it has more than one champion'
+  return None
+
+
+def check_index(index: Any, path: str) -> Dict[str, Any]:
+  """The index, or RegistryError when its shape is not the registry's."""
+  problem = _shape_error(index)
+  if problem:
+    raise RegistryError(f'{path} is not a registry index: {problem}')
+  return index
+
+
+def _locked(method):
+  """Runs a writer method of Registry under the registry's lock, so its
+  read of the index and its write of the next one are one step."""
+  @functools.wraps(method)
+  def locked(self, *args, **kwargs):
+    with self.lock():
+      return method(self, *args, **kwargs)
+  return locked
 
 
 class Registry:
@@ -66,10 +132,7 @@ class Registry:
       index = files.read_json(path)
     except ValueError as e:
       raise RegistryError(f'{path} is not valid JSON: {e}') from None
-    if not isinstance(index, dict) or not isinstance(index.get('versions'),
-                                                     list):
-      raise RegistryError(f'{path} is not a registry index')
-    return index
+    return check_index(index, path)
 
   def entries(self) -> List[Dict[str, Any]]:
     """Every version, oldest first."""
@@ -96,17 +159,47 @@ class Registry:
     return files.join(self.root, champion['dir'])
 
   # Writing ------------------------------------------------------------------
+  @contextlib.contextmanager
+  def lock(self) -> Iterator[None]:
+    """Holds the registry's writer lock (local folders: an exclusive
+    `fcntl.flock` on index.lock, released when the block ends or the
+    process dies; gs://: none, see the module docstring)."""
+    if '://' in self.root:
+      yield
+      return
+    import fcntl  # pylint: disable=g-import-not-at-top
+    os.makedirs(self.root, exist_ok=True)
+    with open(os.path.join(self.root, LOCK), 'a+b') as f:
+      fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+      try:
+        yield
+      finally:
+        fcntl.flock(f.fileno(), fcntl.LOCK_UN)
+
+  def _pointer_path(self, number: int) -> str:
+    return files.join(self.root, PROMOTIONS, f'{number:06d}.json')
+
   def _write(self, index: Dict[str, Any]):
+    """Writes the index, then the pointer to its champion when the index
+    counts a promotion that has none yet (the one just made, or one a
+    crash after an earlier index write left without its pointer)."""
     files.write_atomic(files.join(self.root, INDEX), json.dumps(
         index, indent=2, sort_keys=True).encode('utf-8'))
+    number = index.get('promotions', 0)
+    champion = next((e for e in index['versions']
+                     if e['status'] == CHAMPION), None)
+    if number and champion and not FileSystems.exists(
+        self._pointer_path(number)):
+      files.write_atomic(self._pointer_path(number), json.dumps(
+          {'version': champion['version'],
+           'dir': files.join(self.root, champion['dir'])},
+          indent=2, sort_keys=True).encode('utf-8'))
 
-  def _point_to_champion(self, index: Dict[str, Any], entry: Dict[str, Any]):
-    """Writes the next promotions/<n>.json (watched by streaming jobs)."""
+  @staticmethod
+  def _point_to_champion(index: Dict[str, Any]):
+    """Counts a champion change: `_write` adds promotions/<n>.json (watched
+    by streaming jobs) after the index."""
     index['promotions'] = index.get('promotions', 0) + 1
-    files.write_json(files.join(self.root, PROMOTIONS,
-                          f'{index["promotions"]:06d}.json'),
-                  {'version': entry['version'],
-                   'dir': files.join(self.root, entry['dir'])})
 
   @staticmethod
   def _change(index, entry, status: str, reason: str, at: Optional[str]):
@@ -117,6 +210,7 @@ class Registry:
     entry['history'].append({'seq': index['changes'], 'status': status,
                              'at': at, 'reason': reason})
 
+  @_locked
   def register(self, model_dir: str, reason: str,
                at: Optional[str] = None) -> Dict[str, Any]:
     """Copies a verified model directory in as a candidate (the champion
@@ -156,10 +250,11 @@ class Registry:
     if not any(e['status'] == CHAMPION for e in index['versions']):
       self._change(index, entry, CHAMPION, 'the first model of this registry',
                    at)
-      self._point_to_champion(index, entry)
+      self._point_to_champion(index)
     self._write(index)
     return entry
 
+  @_locked
   def promote(self, version: str, reason: str,
               at: Optional[str] = None) -> Dict[str, Any]:
     """Makes `version` the champion; the old champion is retired."""
@@ -175,10 +270,11 @@ class Registry:
         self._change(index, other, RETIRED, f'replaced by {version}: {reason}',
                      at)
     self._change(index, entry, CHAMPION, reason, at)
-    self._point_to_champion(index, entry)
+    self._point_to_champion(index)
     self._write(index)
     return entry
 
+  @_locked
   def rollback(self, reason: str, at: Optional[str] = None
                ) -> Dict[str, Any]:
     """Retires the champion and brings back the one it replaced."""
@@ -197,59 +293,6 @@ class Registry:
     self._change(index, current, RETIRED, f'rolled back: {reason}', at)
     self._change(index, previous, CHAMPION,
                  f'rollback from {current["version"]}: {reason}', at)
-    self._point_to_champion(index, previous)
+    self._point_to_champion(index)
     self._write(index)
     return previous
-
-
-# Command line -----------------------------------------------------------------
-def _parser():
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.registry',
-      description='List, promote and roll back registered models.')
-  parser.add_argument('command', choices=['list', 'promote', 'rollback'])
-  parser.add_argument('version', nargs='?', help='the version to promote')
-  parser.add_argument('--registry', required=True, help='registry folder')
-  parser.add_argument('--reason', default='by hand',
-                      help='why (kept in the index)')
-  parser.add_argument('--at', default=None,
-                      help='RFC 3339 time recorded with the change')
-  return parser
-
-
-def _table(entries) -> str:
-  lines = [f'{"version":<20} {"status":<10} {"type":<7} {"task":<10} '
-           f'{"eval metric":<22} registered']
-  for e in entries:
-    metrics = e.get('metrics') or {}
-    key = next((k for k in ('roc_auc', 'log_loss', 'rmse') if
-                metrics.get(k) is not None), None)
-    shown = f'{key} {metrics[key]:.4f}' if key else '-'
-    lines.append(f'{e["version"]:<20} {e["status"]:<10} '
-                 f'{str(e.get("model_type")):<7} {str(e.get("task")):<10} '
-                 f'{shown:<22} {e.get("registered_at") or "-"}')
-  return '\n'.join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  args = _parser().parse_args(argv)
-  return run_command(lambda: _run(args))
-
-
-def _run(args):
-  registry = Registry(args.registry)
-  if args.command == 'list':
-    print(_table(registry.entries()))
-  elif args.command == 'promote':
-    if not args.version:
-      raise RegistryError('promote needs a version (see list)')
-    entry = registry.promote(args.version, args.reason, args.at)
-    print(f'{entry["version"]} is now the champion of {args.registry}')
-  else:
-    entry = registry.rollback(args.reason, args.at)
-    print(f'rolled back: {entry["version"]} is the champion of '
-          f'{args.registry} again')
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,8 +1,5 @@
-"""Retraining on a policy: decide, train a challenger, compare, promote.
-
-  python -m pipelines.retrain --registry data/registry \\
-      --run_dir data/scored --input 'data/latest/*.jsonl' \\
-      --policy retrain.yaml --output_dir data/retrain
+"""Retraining on a policy: decide, train a challenger, compare, promote
+(the command is `pipelines.retrain`; `decide` is the whole decision).
 
 Reads the latest scoring run's reports (`<run_dir>/validation/drift.json`,
 `skew.json`) and its monitoring report (`--monitoring`, by default
@@ -10,8 +7,10 @@ Reads the latest scoring run's reports (`<run_dir>/validation/drift.json`,
 `load_policy`) whether any trigger fires. When one does:
 
   1. a challenger is trained on --input (the latest labelled window) by
-     `pipelines.batch` with --registry, which registers it as a candidate
-     (or --challenger names a candidate already registered);
+     the batch job with --registry, which registers it as a candidate
+     (or --challenger names a candidate already registered); the command
+     passes the batch job's `run` in (`decide(args, run_batch)`), so this
+     library never imports a command;
   2. champion and challenger score the same rows: the run's feature rows
      (`<run_dir>/features/`) that have a label (--labels, else the rows'
      own label column) and whose event time is after both models'
@@ -26,22 +25,16 @@ Every decision, "no retrain needed" included, is written with its reasons
 to `<output_dir>/retrain/decision.json` and appended to
 `<registry>/decisions.jsonl`. Times come from --reference_time, else the
 latest event time of the run's feature rows, never from the clock.
-
-Exit codes: 0 a decision was written; 2 bad flags, policy or inputs (one
-line on stderr); 3 a failure (one line; the traceback in
-<output_dir>/retrain/retrain.log).
 """
 
 from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
-from pipelines.cli.shell import run_command
 from pipelines.base.errors import UsageError
 
-import argparse
 import contextlib
 import io
 import json
-import sys
-from typing import Any, Dict, List, Optional
+import math
+from typing import Any, Callable, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
 import numpy as np
@@ -52,16 +45,13 @@ import yaml
 
 from pipelines.model import monitoring as monitor
 from pipelines.outputs import files
-from pipelines.cli import preflight
 from pipelines.model.registry import CHAMPION, Registry, RegistryError
-from schemas.dataset import Dataset, SchemaError, load_dataset
+from schemas.dataset import Dataset, load_dataset
 from transforms import arrow
 from transforms.common import micros_to_rfc3339
-from transforms.inference import (ModelIntegrityError,
-                                  TransformedSklearnModelHandler,
+from transforms.inference import (TransformedSklearnModelHandler,
                                   predict_table)
 from transforms.parse import rfc3339_to_micros
-from transforms.read import InputError
 
 RETRAIN = 'retrain'
 DECISION_FILE = 'decision.json'
@@ -110,10 +100,16 @@ def load_policy(path: str) -> Dict[str, Any]:
     if kind is float and isinstance(value, int) and not isinstance(
         value, bool):
       value = float(value)
+    # nan compares false with every limit (a trigger that never fires) and
+    # inf is never exceeded; both would also be written as non-standard
+    # JSON (NaN, Infinity) in decisions.jsonl.
     if not isinstance(value, kind) or isinstance(value, bool) or (
         kind is not str and value < 0):
       raise RetrainError(f'--policy {path}: {key} must be a non-negative '
                          f'{"number" if kind is float else kind.__name__}')
+    if kind is float and not math.isfinite(value):
+      raise RetrainError(f'--policy {path}: {key} must be a finite number, '
+                         f'not {value!r}')
     policy[key] = value
   if policy['metric'] not in METRICS:
     raise RetrainError(f'--policy {path}: metric must be one of '
@@ -135,6 +131,11 @@ def _read_json(path: str) -> Optional[Dict[str, Any]]:
 
 
 def _trigger(name, limit, value, source, detail=None, note=None):
+  if value is not None and not math.isfinite(value):
+    # A report's nan (or inf) is no measurement: not fired, said why; its
+    # detail (which holds it) is left out of the strict-JSON decision.
+    note = f'{name}: the report holds {value!r}, not a number'
+    value, detail = None, None
   fired = value is not None and value > limit
   out = {'trigger': name, 'limit': limit, 'value': value, 'fired': fired,
          'source': source}
@@ -283,12 +284,15 @@ def compare(rows: Dict[str, Any], dataset: Dataset, champion_dir: str,
 
 
 # Challenger -----------------------------------------------------------------
+# The batch job's run: argv -> its run summary (pipelines.batch.run).
+RunBatch = Callable[[List[str]], Dict[str, Any]]
+
+
 def train_challenger(args, registry: str, model_type: str,
-                     output_dir: str) -> Dict[str, Any]:
-  """Runs pipelines.batch on --input with --registry (it registers the
-  model: a candidate unless it is the champion's version); its output
-  goes to <output_dir>/retrain/challenger.log."""
-  from pipelines import batch
+                     output_dir: str, run_batch: RunBatch) -> Dict[str, Any]:
+  """Runs the batch job (`run_batch`) on --input with --registry (it
+  registers the model: a candidate unless it is the champion's version);
+  its output goes to <output_dir>/retrain/challenger.log."""
   run_dir = files.join(output_dir, RETRAIN, CHALLENGER_RUN)
   argv = ['--input', args.input, '--output_dir', run_dir, '--registry',
           registry, '--schema', args.schema, '--model_type', model_type]
@@ -298,7 +302,7 @@ def train_challenger(args, registry: str, model_type: str,
   try:
     with contextlib.redirect_stdout(printed), \
         contextlib.redirect_stderr(printed):
-      summary = batch.run(argv + args.beam_args)
+      summary = run_batch(argv + args.beam_args)
   finally:
     files.write_bytes(files.join(output_dir, RETRAIN, 'challenger.log'),
                    printed.getvalue().encode('utf-8'))
@@ -326,9 +330,10 @@ def _reference_time(args, features: Optional[pa.Table],
   return None
 
 
-def decide(args) -> Dict[str, Any]:
-  """The decision of parsed flags (see the module docstring); written to
-  <output_dir>/retrain/decision.json and <registry>/decisions.jsonl."""
+def decide(args, run_batch: RunBatch) -> Dict[str, Any]:
+  """The decision of the command's parsed flags (see the module
+  docstring); written to <output_dir>/retrain/decision.json and
+  <registry>/decisions.jsonl. `run_batch` trains the challenger."""
   policy = load_policy(args.policy)
   dataset = load_dataset(args.schema)
   if dataset.task != 'binary':
@@ -384,9 +389,9 @@ def decide(args) -> Dict[str, Any]:
   if not fired:
     decision.update(action='none', champion_after=champion['version'])
     reasons.append('no trigger fired: ' + '; '.join(
-        _trigger_text(t) for t in checked))
+        trigger_text(t) for t in checked))
     return _finish(decision, reasons, args)
-  reasons.append('fired: ' + '; '.join(_trigger_text(t) for t in fired))
+  reasons.append('fired: ' + '; '.join(trigger_text(t) for t in fired))
 
   if args.challenger:
     try:
@@ -398,7 +403,8 @@ def decide(args) -> Dict[str, Any]:
   else:
     model_type = args.model_type or champion.get('model_type') or 'gbt'
     challenger = dict(train_challenger(args, args.registry, model_type,
-                                       args.output_dir), trained_here=True)
+                                       args.output_dir, run_batch),
+                      trained_here=True)
     entry = registry.get(challenger['version'])
     reasons.append(f'challenger {entry["version"]} ({model_type}) trained '
                    f'on {args.input}')
@@ -449,7 +455,7 @@ def decide(args) -> Dict[str, Any]:
   return _finish(decision, reasons, args)
 
 
-def _trigger_text(t: Dict[str, Any]) -> str:
+def trigger_text(t: Dict[str, Any]) -> str:
   if t['value'] is None:
     return f'{t["trigger"]} not evaluated ({t.get("note")})'
   value = (f'{t["value"]:.4f}' if isinstance(t['value'], float)
@@ -464,123 +470,13 @@ def _trigger_text(t: Dict[str, Any]) -> str:
 def _finish(decision, reasons, args) -> Dict[str, Any]:
   decision['reasons'] = reasons
   decision = dict(sorted(decision.items()))
-  files.write_json(files.join(args.output_dir, RETRAIN, DECISION_FILE), decision)
-  _append(files.join(args.registry, DECISIONS_LOG),
-          json.dumps(decision, sort_keys=True))
+  # allow_nan=False: a value that is not finite fails here (exit 3, one
+  # line) rather than writing NaN or Infinity, which no JSON reader takes.
+  text = json.dumps(decision, sort_keys=True, allow_nan=False)
+  files.write_bytes(files.join(args.output_dir, RETRAIN, DECISION_FILE),
+                    json.dumps(decision, indent=2, sort_keys=True,
+                               allow_nan=False).encode('utf-8'))
+  registry = Registry(args.registry)
+  with registry.lock():   # one appender at a time, as for the index
+    _append(files.join(args.registry, DECISIONS_LOG), text)
   return decision
-
-
-# Command line ---------------------------------------------------------------
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message):
-    raise RetrainError(message)
-
-
-def parser() -> argparse.ArgumentParser:
-  p = _Parser(prog='python -m pipelines.retrain',
-              description='Decides on a policy whether to retrain, trains a '
-              'challenger, compares it with the champion and promotes it '
-              'when it is better by the margin.',
-              epilog='Flags this command does not define (--runner, ...) go '
-              'to the challenger\'s pipelines.batch run.')
-  p.add_argument('--registry', required=True, help='Model registry folder.')
-  p.add_argument('--policy', required=True, help='Policy YAML (README: '
-                 '"Retraining").')
-  p.add_argument('--run_dir', required=True,
-                 help="The latest scoring run's --output_dir: its "
-                 'validation/drift.json and skew.json, and its feature rows '
-                 '(the comparison data).')
-  p.add_argument('--monitoring', default=None,
-                 help='Monitoring report.json (default: <run_dir>/'
-                 'monitoring/report.json when it exists).')
-  p.add_argument('--input', default=None,
-                 help='Glob of labelled records of the latest window: the '
-                 "challenger's training data.")
-  p.add_argument('--input_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
-  p.add_argument('--labels', default=None,
-                 help="Late labels for the run's feature rows (as for "
-                 "pipelines.monitor); default: the rows' own label column.")
-  p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
-  p.add_argument('--challenger', default=None,
-                 help='Compare this registered candidate instead of '
-                 'training one.')
-  p.add_argument('--model_type', default=None,
-                 choices=['gbt', 'logreg', 'linear'],
-                 help="The challenger's model type (default: the "
-                 "champion's).")
-  p.add_argument('--schema', default='transactions',
-                 help='Dataset declaration: a name in schemas/ or a path.')
-  p.add_argument('--reference_time', default=None,
-                 help='RFC 3339 time recorded with the decision and any '
-                 'promotion (default: the latest event time of the run\'s '
-                 'feature rows).')
-  p.add_argument('--output_dir', required=True,
-                 help='The decision goes to <output_dir>/retrain/, the '
-                 "challenger's run to <output_dir>/retrain/challenger/.")
-  return p
-
-
-def parse(argv: List[str]) -> argparse.Namespace:
-  args, beam_args = parser().parse_known_args(argv)
-  try:
-    # What is left goes to the challenger's batch run: Beam's flags and
-    # the batch job's; a misspelt flag stops here, not silently later.
-    preflight.check_flags(beam_args)
-  except preflight.PreflightError as e:
-    raise RetrainError(str(e)) from None
-  args.beam_args = beam_args
-  return args
-
-
-def run(argv: Optional[List[str]] = None) -> Dict[str, Any]:
-  return decide(parse(sys.argv[1:] if argv is None else argv))
-
-
-def summary_lines(decision: Dict[str, Any], output_dir: str) -> List[str]:
-  lines = [f'Champion:       {decision["champion"]["version"]}']
-  lines += [f'Trigger:        {_trigger_text(t)}'
-            for t in decision['triggers']]
-  challenger = decision['challenger']
-  if challenger:
-    how = ('trained on the latest window' if challenger['trained_here']
-           else 'registered earlier')
-    lines.append(f'Challenger:     {challenger["version"]} ({how})')
-  c = decision['comparison']
-  if c and c['enough']:
-    m = c['metric']
-    lines.append(f'Comparison:     {m} on {c["rows"]} rows ({c["positives"]}'
-                 f' positive): champion {c["champion"][m]:.4f}, challenger '
-                 f'{c["challenger"][m]:.4f}')
-  lines.append(f'Decision:       {decision["action"]}; champion '
-               f'{decision["champion_after"]}')
-  lines.append(f'Written to:     {files.join(output_dir, RETRAIN, DECISION_FILE)}')
-  return lines
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
-  if '-h' in argv or '--help' in argv:
-    parser().print_help()
-    return 0
-  from pipelines.batch import RunFailed
-  args = run_command(lambda: parse(argv))
-  if isinstance(args, int):
-    return args
-
-  def body():
-    decision = decide(args)
-    print('\n'.join(summary_lines(decision, args.output_dir)), flush=True)
-
-  def failed(e):
-    what = ('retraining (training the challenger)' if isinstance(e, RunFailed)
-            else 'retraining')
-    return files.failure_line(e, files.join(args.output_dir, RETRAIN,
-                                            LOG_FILE), what)
-  return run_command(body, failed)
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -123,8 +123,6 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
       'eval': {kind: {k: v for k, v in meta['metrics']['eval'].items()
                       if not isinstance(v, (list, dict))}
                for kind, (_, meta) in candidates.items()}}
-  # metadata.json is outside the files' digests and signature: adding the
-  # comparison leaves the model verifiable.
-  files.write_json(inference.join_path(model_dir, inference.METADATA_FILE),
-                metadata)
-  return metadata
+  # metadata.json is outside the files' digests; it is signed again (with
+  # $MLPIPE_MODEL_KEY) since the comparison is part of it.
+  return inference.write_metadata(model_dir, metadata)

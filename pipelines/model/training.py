@@ -1,7 +1,6 @@
-"""Trains a scikit-learn model on tf.Transform output, for the label's task.
-
-  python -m pipelines.train --transformed out/transformed \\
-      --transform_dir out/transform --model_dir out/model [--model logreg]
+"""Trains a scikit-learn model on tf.Transform output, for the label's task
+(the command is `pipelines.train`; the batch job calls `train` through
+`pipelines.model.stages`).
 
 Input: transformed rows (columns of
 `transforms.preprocess.transformed_arrow_schema`), e.g. the Parquet files the
@@ -32,17 +31,11 @@ transform_fn/ and transformed_metadata/), metadata.json (see `train`).
 """
 
 from pipelines.base import quiet  # pylint: disable=unused-import  # noqa: F401
-from pipelines.cli.shell import run_command
 from pipelines.base.errors import UsageError
 
-import argparse
 import datetime
 import hashlib
 import io
-import os
-import json
-import logging
-import sys
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 
 from apache_beam.io.filesystems import FileSystems
@@ -465,60 +458,5 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'transform_dir': inference.TRANSFORM_DIR,
       'files': files,
   }
-  # The operator's key signs the files' digest (see inference).
-  key = os.environ.get(inference.SIGNING_KEY_ENV)
-  if key:
-    metadata['signature'] = inference.signature(
-        inference.content_version(files), key)
-  _write_bytes(inference.join_path(model_dir, inference.METADATA_FILE),
-               json.dumps(metadata, indent=2, sort_keys=True).encode('utf-8'))
-  return metadata
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--transformed', required=True,
-                      help='directory or glob of transformed Parquet files')
-  parser.add_argument('--transform_dir', required=True,
-                      help='tf.Transform output dir (WriteTransformFn)')
-  parser.add_argument('--model_dir', required=True)
-  parser.add_argument('--model', choices=MODELS, default='gbt',
-                      help='gbt (any task), logreg (classes) or linear '
-                      '(regression)')
-  parser.add_argument('--schema', default='transactions',
-                      help='dataset declaration: a name in schemas/ or a '
-                      'path to a .yaml (as for pipelines.batch)')
-  parser.add_argument('--eval_fraction', type=float, default=0.2)
-  parser.add_argument('--statistics', default=None,
-                      help='training statistics path, recorded in metadata')
-  parser.add_argument('--model_version', default=None,
-                      help='version to record (default: content hash)')
-  parser.add_argument('--registry', default=None,
-                      help='register the model there (pipelines.registry)')
-  args = parser.parse_args(argv)
-  return run_command(lambda: _train(args))
-
-
-def _train(args):
-  metadata = train(
-      read_transformed(args.transformed), transform_dir=args.transform_dir,
-      model_dir=args.model_dir, dataset=load_dataset(args.schema),
-      model=args.model, eval_fraction=args.eval_fraction,
-      statistics_path=args.statistics, model_version=args.model_version)
-  if args.registry:
-    from pipelines.model.registry import Registry  # pylint: disable=g-import-not-at-top
-    times = metadata['training'].get('eval_time_range') or {}
-    entry = Registry(args.registry).register(
-        args.model_dir, 'trained by pipelines.train', at=times.get('max'))
-    print(f'registered {entry["version"]} as {entry["status"]} in '
-          f'{args.registry}', file=sys.stderr)
-  ev = metadata['metrics']['eval']
-  print(json.dumps({'model_version': metadata['model_version'],
-                    'task': metadata['task'],
-                    'threshold': metadata['threshold'],
-                    'eval': {k: v for k, v in ev.items()
-                             if not isinstance(v, (list, dict))}},
-                   indent=2))
-
-if __name__ == '__main__':
-  sys.exit(main())
+  # Signed with the operator's key when $MLPIPE_MODEL_KEY is set.
+  return inference.write_metadata(model_dir, metadata)
