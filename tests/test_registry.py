@@ -8,7 +8,7 @@ import os
 import pytest
 
 from pipelines import batch
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from pipelines.model import registry as registry_lib
 from transforms import inference
 from pipelines.model.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
