@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from pipelines import history as history_command
 from pipelines.runs import run_history as history
 from pipelines.runs import retention
 
@@ -25,7 +26,7 @@ def test_each_run_appends_its_summary_to_the_history(report_runs):
 
 
 def test_history_command_prints_the_trend(report_runs, capsys):
-  assert history.main(['--runs', str(report_runs.history)]) == 0
+  assert history_command.main(['--runs', str(report_runs.history)]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0].split()[:4] == ['run', 'status', 'read', 'valid']
   assert len(out) == 1 + 3 + 1
@@ -36,7 +37,7 @@ def test_history_command_prints_the_trend(report_runs, capsys):
   first = report_runs.summary['features_only']['health']['score']
   last = report_runs.summary['drifted']['health']['score']
   assert out[-1].startswith(f'health {first:.3f} -> {last:.3f} over 3 runs')
-  assert history.main(['--runs', str(report_runs.root / 'none.jsonl')]) == 2
+  assert history_command.main(['--runs', str(report_runs.root / 'none.jsonl')]) == 2
 
 
 def test_retain_runs_on_a_batch_run_keeps_the_registry(report_runs):

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from pipelines import report as report_command
 from pipelines.reporting import report
 from tests.browser import Browser
 
@@ -66,7 +67,7 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
   (out / 'monitoring').mkdir()
   try:
     (out / 'monitoring' / 'report.json').write_text(json.dumps(MONITORING))
-    assert report.main(['--output_dir', str(out)]) == 0
+    assert report_command.main(['--output_dir', str(out)]) == 0
     shot = tmp_path / 'full-run-with-monitoring.png'
     page = browser.open(str(out / 'report' / 'index.html'), str(shot))
     _clean_load(page, out / 'report' / 'index.html')
@@ -79,7 +80,7 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
     assert 'v-made-up' in text and '0.1200' in text   # version, JS distance
   finally:
     shutil.rmtree(out / 'monitoring')
-    report.main(['--output_dir', str(out)])
+    report_command.main(['--output_dir', str(out)])
 
 
 def test_features_only_run_has_no_model_sections(report_runs, browser,

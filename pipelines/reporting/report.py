@@ -4,7 +4,8 @@
 
 rewrites <output_dir>/report/index.html from the run's files (e.g. after
 `pipelines.monitor` added monitoring/report.json); a batch run writes it
-at its end (`publish`), with metrics.prom and its line of the run history.
+at its end (`write_report`), after its summary and metrics.prom
+(`finish_summary`) and its line of the run history (pipelines.runs).
 
 The page has no script and loads nothing: one <style> block, inline SVG
 (plots by matplotlib's SVG backend; the feature histograms are
@@ -19,13 +20,11 @@ gives the same page (the stage durations are the run's measurements).
 
 from pipelines.base import quiet  # noqa: F401  (first: silences TensorFlow)
 
-import argparse
 import html
 import io
 import json
 import os
 import re
-import sys
 import types
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +32,6 @@ from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from pipelines.runs import run_history as history
-from pipelines.runs import retention
 from pipelines.validation import stats_report
 from pipelines.outputs import metrics
 from pipelines.outputs import files
@@ -51,39 +49,20 @@ def report_path(output_dir: str) -> str:
 
 
 # The end of a batch run -------------------------------------------------------
-def publish(summary: Dict[str, Any], opts) -> Dict[str, Any]:
+def finish_summary(summary: Dict[str, Any], output_dir: str,
+                   history_path: str) -> List[str]:
   """At the end of a batch run (ended ok, or stopped by the gate): adds the
-  health score to the summary, writes metrics.prom, appends the run to the
-  history, applies --retain_runs, writes the report and prints where they
-  went, the report's path last. `opts`: the batch flags."""
-  from schemas.dataset import load_dataset
-  out = opts.output_dir
-  summary.setdefault('dataset', load_dataset(opts.schema).name)
+  health score and where the metrics, report and history go to the
+  summary, writes run_summary.json and metrics.prom; returns the lines to
+  print (health, metrics)."""
   summary['health'] = metrics.health(summary)
-  history_path = opts.history or history.default_path(out)
-  paths = {'metrics': files.join(out, metrics.METRICS_FILE),
-           'report': report_path(out), 'history': history_path}
+  paths = {'metrics': files.join(output_dir, metrics.METRICS_FILE),
+           'report': report_path(output_dir), 'history': history_path}
   summary.setdefault('outputs', {}).update(paths)
-  files.write_json(files.join(out, SUMMARY_FILE), summary)
+  files.write_json(files.join(output_dir, SUMMARY_FILE), summary)
   metrics.write_metrics(summary, paths['metrics'])
-  entry = history.append(history_path, summary, out)
-  retained = None
-  if opts.retain_runs:
-    retained = retention.retain(history_path, opts.retain_runs,
-                                [opts.registry] if opts.registry else [])
-  write_report(out, summary, history_path)
-  lines = [f'Health score:          {summary["health"]["score"]:.3f}',
-           f'Metrics:               {paths["metrics"]}',
-           f'History:               {history_path} (run {entry["seq"]})']
-  if retained is not None:
-    lines.append(f'Retention:             kept the latest {opts.retain_runs}'
-                 f' run(s); deleted {len(retained["deleted"])} older run '
-                 'folder(s)' + (f', kept {len(retained["kept"])} holding a '
-                                'registry or champion'
-                                if retained['kept'] else ''))
-  lines.append(f'Report:                {paths["report"]}')
-  print('\n'.join(lines), flush=True)
-  return summary
+  return [f'Health score:          {summary["health"]["score"]:.3f}',
+          f'Metrics:               {paths["metrics"]}']
 
 
 # Reading the run's files --------------------------------------------------------
@@ -833,25 +812,3 @@ def write_report(output_dir: str, summary: Optional[Dict[str, Any]] = None,
   with FileSystems.create(path, mime_type='text/html') as f:
     f.write(page.encode('utf-8'))
   return path
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.report',
-      description='Rewrites a batch run\'s report/index.html from its files.')
-  parser.add_argument('--output_dir', required=True,
-                      help='the run\'s --output_dir')
-  parser.add_argument('--history', default=None,
-                      help='its run history (default: runs.jsonl beside it)')
-  args = parser.parse_args(argv)
-  if not _exists(files.join(args.output_dir, SUMMARY_FILE)):
-    print(f'error: {args.output_dir} holds no {SUMMARY_FILE}',
-          file=sys.stderr)
-    return 2
-  print(write_report(args.output_dir, None, args.history or
-                     history.default_path(args.output_dir)))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -82,3 +82,11 @@ def retain(history_path: str, keep: int, registries=()
       result['dropped_lines'].append(e['seq'])
   history.write(history_path, remaining + retained)
   return result
+
+
+def describe(result: Dict[str, List[str]], keep: int) -> str:
+  """The one line a run prints about what `retain` did."""
+  return (f'Retention:             kept the latest {keep} run(s); deleted '
+          f'{len(result["deleted"])} older run folder(s)' +
+          (f', kept {len(result["kept"])} holding a registry or champion'
+           if result['kept'] else ''))

@@ -1,6 +1,5 @@
-"""The run history: one JSON line per batch run, and its trend.
-
-    python -m pipelines.history --runs data/runs.jsonl
+"""The run history: one JSON line per batch run, and its trend (printed by
+`python -m pipelines.history`).
 
 Each batch run appends one line to its history file: `--history`, by
 default `runs.jsonl` in the parent of `--output_dir` (the output root that
@@ -11,11 +10,9 @@ run_summary.json. `--retain_runs` (pipelines.runs.retention) removes the lines
 of the runs it deletes.
 """
 
-import argparse
 import json
 import os
 import posixpath
-import sys
 from typing import Any, Dict, List, Optional
 
 from apache_beam.io.filesystems import FileSystems
@@ -133,27 +130,3 @@ def table(entries: List[Dict[str, Any]]) -> str:
             for row in cells]
   lines.append(_trend([r['health'] for r in data]))
   return '\n'.join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.history',
-      description='Prints the trend of the runs in a run history.')
-  parser.add_argument('--runs', required=True,
-                      help='the history file (runs.jsonl beside the run '
-                      'folders, or the --history of the runs)')
-  parser.add_argument('--last', type=int, default=None,
-                      help='only the latest N runs')
-  args = parser.parse_args(argv)
-  if not FileSystems.exists(args.runs):
-    print(f'error: --runs {args.runs} does not exist', file=sys.stderr)
-    return 2
-  entries = read(args.runs)
-  if args.last:
-    entries = entries[-args.last:]
-  print(table(entries))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())
