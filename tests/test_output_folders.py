@@ -98,3 +98,79 @@ def test_clearing_a_gcs_folder_with_glob_characters_spares_its_sibling(
   assert not FileSystems.exists(f'{root}/run[1]/silver/part-0')
   assert FileSystems.exists(f'{root}/run1/silver/part-0')
   assert FileSystems.exists(f'{root}/runa/silver/part-0')
+
+
+# Retention ------------------------------------------------------------------
+def _run_folder(path):
+  """A run's output folder: its summary and one output file."""
+  (path / 'predictions').mkdir(parents=True)
+  (path / 'predictions' / 'part-0.parquet').write_bytes(b'x')
+  (path / 'run_summary.json').write_text('{"status": "ok"}')
+  return str(path)
+
+
+def _history(path, folders):
+  run_history.write(str(path), [
+      {'seq': i + 1, 'output_dir': folder, 'status': 'ok', 'health': 1.0,
+       'summary': {'status': 'ok'}} for i, folder in enumerate(folders)])
+  return str(path)
+
+
+def test_retention_deletes_nothing_outside_the_histories_root(tmp_path):
+  root = tmp_path / 'root'
+  victim = _run_folder(tmp_path / 'elsewhere' / 'victim')
+  victim2 = _run_folder(tmp_path / 'victim2')
+  (root / 'link').parent.mkdir(parents=True)
+  linked = _run_folder(tmp_path / 'linked')
+  (root / 'link').symlink_to(linked)
+  old = _run_folder(root / 'old')
+  history = _history(root / 'runs.jsonl', [
+      victim, str(root / '..' / 'victim2'), str(root / 'link'), str(root),
+      old, _run_folder(root / 'new')])
+
+  result = retention.retain(history, 1)
+
+  assert result['deleted'] == [old]
+  assert result['outside'] == [victim, str(root / '..' / 'victim2'),
+                               str(root / 'link'), str(root)]
+  for folder in (victim, victim2, linked, str(root / 'new')):
+    assert os.path.exists(os.path.join(folder, 'predictions',
+                                       'part-0.parquet')), folder
+  assert not os.path.exists(old)
+  # Left alone with their lines (a record of runs that happened); the
+  # deleted run's line goes.
+  assert [e['seq'] for e in run_history.read(history)] == [1, 2, 3, 4, 6]
+  assert 'left 4 outside' in retention.describe(result, 1)
+
+
+def test_retention_never_deletes_a_folder_holding_a_kept_runs_folder(
+    tmp_path):
+  root = tmp_path / 'root'
+  outer = _run_folder(root / 'outer')            # run 1
+  inner = _run_folder(root / 'outer' / 'inner')  # run 2, kept
+  history = _history(root / 'runs.jsonl', [outer, inner])
+
+  result = retention.retain(history, 1)
+
+  assert result['deleted'] == [] and result['kept'] == [outer]
+  assert os.path.exists(os.path.join(inner, 'predictions', 'part-0.parquet'))
+  assert [e['seq'] for e in run_history.read(history)] == [1, 2]
+
+
+def test_retention_never_deletes_a_folder_inside_a_kept_runs_folder(
+    tmp_path):
+  # The other way round: the kept run 3 wrote a/, older runs wrote a/b/c
+  # and a/b inside it (deleting either would delete part of a/).
+  root = tmp_path / 'root'
+  a = _run_folder(root / 'a')
+  b = _run_folder(root / 'a' / 'b')
+  c = _run_folder(root / 'a' / 'b' / 'c')
+  other = _run_folder(root / 'other')
+  history = _history(root / 'runs.jsonl', [c, other, b, a])
+
+  result = retention.retain(history, 1)
+
+  assert result['deleted'] == [other]
+  assert sorted(result['kept']) == [b, c]
+  for folder in (a, b, c):
+    assert os.path.exists(os.path.join(folder, 'run_summary.json'))

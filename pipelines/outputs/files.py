@@ -4,6 +4,7 @@ JSON files, clearing and checking output folders, success markers."""
 import glob
 import json
 import os
+import posixpath
 import shutil
 
 from apache_beam.io.filesystems import FileSystems
@@ -117,6 +118,14 @@ SUCCESS = '_SUCCESS'
 def mark_complete(folder: str):
   """Writes the folder's success marker: every file of it is written."""
   write_bytes(join(folder, SUCCESS), b'')
+
+
+def parent(path: str) -> str:
+  """The folder that holds `path` (local: absolute; gs://b/x/f -> gs://b/x)."""
+  if '://' in path:
+    scheme, rest = path.split('://', 1)
+    return f'{scheme}://{posixpath.dirname(rest.rstrip("/"))}'
+  return os.path.dirname(os.path.abspath(path))
 
 
 def _resolved(path: str) -> str:
