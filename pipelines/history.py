@@ -41,10 +41,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   def body():
     if not FileSystems.exists(args.runs):
       raise UsageError(f'--runs {args.runs} does not exist')
-    entries = run_history.read(args.runs)
+    entries, broken = run_history.load(args.runs)
     if args.last:
       entries = entries[-args.last:]
     print(run_history.table(entries))
+    if broken:
+      print(run_history.skipped_note(broken))
 
   return run_command(body)
 

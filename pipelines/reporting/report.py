@@ -704,7 +704,7 @@ def _features_section(stats, anomalies, timestamp_features) -> str:
       'statistics/stats.pb (histograms: equal-width buckets).')
 
 
-def _history_section(entries, output_dir) -> str:
+def _history_section(entries, broken, output_dir) -> str:
   if not entries:
     return ''
   rows = history.rows(entries[-HISTORY_ROWS:])
@@ -720,7 +720,8 @@ def _history_section(entries, output_dir) -> str:
   return _section('history', 'Run history', _table(
       head, body, numeric=(2, 3, 4, 5, 6, 7, 10)),
       f'The latest {len(rows)} runs of the history '
-      '(python -m pipelines.history prints all).')
+      '(python -m pipelines.history prints all)' +
+      (f'; {history.skipped_note(broken)}.' if broken else '.'))
 
 
 def _outputs_section(s, output_dir, page_dir) -> str:
@@ -787,8 +788,8 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
       _monitoring_section(_json(files.join(output_dir, *MONITORING_REPORT))),
       _features_section(stats, anomalies or [],
                         [timestamp] if timestamp else []),
-      _history_section(history.read(history_path) if history_path and
-                       _exists(history_path) else [], output_dir),
+      _history_section(*(history.load(history_path) if history_path
+                         else history.History([], 0)), output_dir),
       _outputs_section(s, output_dir, page_dir),
   ]
   present = [k for k in _TITLES if f'id="{k}"' in ''.join(sections)]

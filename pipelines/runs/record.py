@@ -15,8 +15,10 @@ def record(history_path: str, summary: Dict[str, Any], output_dir: str,
            ) -> List[str]:
   """Appends the run, applies retention; returns the lines to print
   (History, and Retention when `retain_runs` is set)."""
+  broken = run_history.load(history_path).broken
   entry = run_history.append(history_path, summary, output_dir)
-  lines = [f'History:               {history_path} (run {entry["seq"]})']
+  lines = [f'History:               {history_path} (run {entry["seq"]}' +
+           (f'; {run_history.skipped_note(broken)})' if broken else ')')]
   if retain_runs:
     retained = retention.retain(history_path, retain_runs, list(registries))
     lines.append(retention.describe(retained, retain_runs))
