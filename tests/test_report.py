@@ -136,6 +136,18 @@ def test_dead_letter_examples_are_the_first_of_each_kind(report_runs):
   assert f'#{first["position"]}</span>' in text
 
 
+def test_a_run_folder_with_glob_characters_reports_its_own_rows(tmp_path):
+  # --output_dir 'out/run[1]' must not show the rows of its sibling
+  # out/run1 (the folder is a name, not a pattern).
+  for folder, kind in (('run[1]', 'malformed'), ('run1', 'type_error')):
+    (tmp_path / folder / 'dead_letter').mkdir(parents=True)
+    (tmp_path / folder / 'dead_letter' / 'part-0.jsonl').write_text(
+        json.dumps({'error_kind': kind, 'position': 1}) + '\n')
+  examples = report.dead_letter_examples(str(tmp_path / 'run[1]'))
+  assert examples == {'malformed': [{'error_kind': 'malformed',
+                                     'position': 1}]}
+
+
 def test_curves_are_of_the_models_eval_split(report_runs):
   from sklearn.metrics import auc
   out = report_runs.full

@@ -6,6 +6,7 @@ import json
 import os
 import posixpath
 import shutil
+from typing import List
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -59,6 +60,13 @@ def _entry(path: str) -> str:
     return os.path.realpath(path)
   return os.path.join(os.path.realpath(os.path.dirname(path) or '.'),
                       os.path.basename(path))
+
+
+def files_in(folder: str, pattern: str) -> List[str]:
+  """The files of `folder` (a name: its glob characters are escaped) whose
+  names match `pattern` (e.g. '*.parquet'), sorted."""
+  return sorted(m.path for m in FileSystems.match(
+      [join(glob.escape(folder), pattern)])[0].metadata_list)
 
 
 def write_json(path: str, value):

@@ -74,16 +74,13 @@ def _json(path: str):
   return files.read_json(path) if _exists(path) else None
 
 
-def _files(pattern: str) -> List[str]:
-  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def dead_letter_examples(output_dir: str, per_kind: int = EXAMPLES_PER_KIND
                          ) -> Dict[str, List[Dict[str, Any]]]:
   """The first `per_kind` dead-letter rows of each kind, by (source file,
   position)."""
   found: Dict[str, List[Dict[str, Any]]] = {}
-  for path in _files(files.join(output_dir, 'dead_letter', '*.jsonl')):
+  for path in files.files_in(files.join(output_dir, 'dead_letter'),
+                             '*.jsonl'):
     for line in files.read_bytes(path).decode('utf-8').splitlines():
       if line.strip():
         row = json.loads(line)
@@ -94,11 +91,11 @@ def dead_letter_examples(output_dir: str, per_kind: int = EXAMPLES_PER_KIND
           for kind, rows in sorted(found.items())}
 
 
-def _parquet_columns(pattern: str, columns: List[str]):
+def _parquet_columns(folder: str, columns: List[str]):
   import pyarrow as pa
   import pyarrow.parquet as pq
   tables = []
-  for path in _files(pattern):
+  for path in files.files_in(folder, '*.parquet'):
     with FileSystems.open(path) as f:
       table = pq.read_table(io.BytesIO(f.read()))
     tables.append(table.select([c for c in columns
@@ -123,7 +120,7 @@ def eval_curves(output_dir: str, metadata: Dict[str, Any]
   own = _json(files.join(output_dir, 'model', 'metadata.json'))
   transformed = files.join(output_dir, 'transform', 'transformed')
   if not own or own.get('model_version') != metadata.get('model_version') \
-      or not _files(files.join(transformed, '*.parquet')):
+      or not files.files_in(transformed, '*.parquet'):
     return None
   from sklearn.metrics import (precision_recall_curve, roc_auc_score,
                                roc_curve)
@@ -767,7 +764,7 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
   predictions = None
   if model:
     predictions = _parquet_columns(
-        files.join(output_dir, 'predictions', '*.parquet'),
+        files.join(output_dir, 'predictions'),
         ['score', 'risk_category'])
   curves = eval_curves(output_dir, metadata) if metadata else None
   timestamp = (metadata or {}).get('timestamp_field')
