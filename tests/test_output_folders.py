@@ -174,3 +174,19 @@ def test_retention_never_deletes_a_folder_inside_a_kept_runs_folder(
   assert sorted(result['kept']) == [b, c]
   for folder in (a, b, c):
     assert os.path.exists(os.path.join(folder, 'run_summary.json'))
+
+
+def test_retention_never_deletes_a_run_folder_inside_a_registry(tmp_path):
+  root = tmp_path / 'root'
+  registry = root / 'registry'
+  (registry / 'models' / 'v1').mkdir(parents=True)
+  (registry / 'index.json').write_text(json.dumps({'versions': [
+      {'version': 'v1', 'dir': 'models/v1', 'status': 'champion',
+       'history': []}]}))
+  inside = _run_folder(registry / 'a_run')
+  history = _history(root / 'runs.jsonl', [inside, _run_folder(root / 'new')])
+
+  result = retention.retain(history, 1, registries=[str(registry)])
+
+  assert result['deleted'] == [] and result['kept'] == [inside]
+  assert os.path.exists(os.path.join(inside, 'run_summary.json'))

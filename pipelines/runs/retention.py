@@ -13,10 +13,10 @@ folder is deleted and its line removed, except:
   * a folder that holds, or is inside, the folder of a kept run (the
     current run's `outer/inner` makes an older `outer/` stay): kept with
     its line;
-  * a folder that holds a model registry, its champion, or a model a
-    retained run scored with: kept with its line (the champion is never
-    deleted; a registry copies its models into its own folder, so a
-    separate registry never depends on run folders);
+  * a folder that holds (or is inside) a model registry, its champion, or
+    a model a retained run scored with: kept with its line (the champion
+    is never deleted; a registry copies its models into its own folder, so
+    a separate registry never depends on run folders);
   * a folder without run_summary.json (not a run output any more): left
     alone, the line removed;
   * a folder already gone: the line removed.
@@ -102,7 +102,7 @@ def retain(history_path: str, keep: int, registries=()
     elif not _inside_root(folder, root):
       result['outside'].append(folder)
       remaining.append(e)
-    elif any(files.is_within(path, folder) for path in protected):
+    elif any(_nested(path, folder) for path in protected):
       result['kept'].append(folder)
       remaining.append(e)
       kept_folders.append(folder)
