@@ -29,6 +29,8 @@ from pipelines.validation import checks as validation
 from pipelines.outputs import files
 from pipelines.cli import preflight
 from pipelines.reporting import report as run_report
+from pipelines.runs import record as run_record
+from pipelines.runs import run_history
 from pipelines.outputs import summary as summary_lib
 from pipelines.model.registry import Registry, RegistryError
 from pipelines.cli.options import (BatchOptions, aggregate_window, flags,
@@ -155,6 +157,22 @@ def _run_beam(p: beam.Pipeline) -> Dict[str, int]:
   return summary_lib.counters(result)
 
 
+def _publish(summary, opts):
+  """The end of a run that ended ok or was stopped by the gate: the final
+  summary and metrics.prom, the run's line of the history and
+  --retain_runs (pipelines.runs), then the report, which shows that
+  history; prints where each went, the report's path last."""
+  out = opts.output_dir
+  history_path = opts.history or run_history.default_path(out)
+  summary.setdefault('dataset', load_dataset(opts.schema).name)
+  lines = run_report.finish_summary(summary, out, history_path)
+  lines += run_record.record(history_path, summary, out, opts.retain_runs,
+                             [opts.registry] if opts.registry else [])
+  lines.append(f'Report:                '
+               f'{run_report.write_report(out, summary, history_path)}')
+  print('\n'.join(lines), flush=True)
+
+
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the batch flow; returns the run summary (also run_summary.json)."""
   preflight.check_flags(argv)
@@ -206,10 +224,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   try:
     _run_stages(options, opts, dataset, paths, summary, metadata,
                 training_stats, baseline)
-    run_report.publish(summary, opts)   # report, metrics, history
+    _publish(summary, opts)   # summary, metrics, history, report
     return summary
   except validation.DataValidationError:
-    run_report.publish(summary, opts)
+    _publish(summary, opts)
     raise
   except Exception as e:  # pylint: disable=broad-except
     # Any failure during the run: the summary and a log say so, the

@@ -4,7 +4,8 @@
 
 rewrites <output_dir>/report/index.html from the run's files (e.g. after
 `pipelines.monitor` added monitoring/report.json); a batch run writes it
-at its end (`publish`), with metrics.prom and its line of the run history.
+at its end, after its summary, metrics.prom and its line of the run
+history. The page itself: pipelines.reporting.report.
 
 The page has no script and loads nothing: one <style> block, inline SVG
 (plots by matplotlib's SVG backend; the feature histograms are
@@ -17,9 +18,47 @@ outputs. Nothing in it reads the clock: rendering the same folder twice
 gives the same page (the stage durations are the run's measurements).
 """
 
-import sys
+from pipelines.base import quiet  # noqa: F401  (first: silences TensorFlow)
 
-from pipelines.reporting.report import main
+import argparse
+import sys
+from typing import List, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from pipelines.base.errors import UsageError
+from pipelines.cli.shell import run_command
+from pipelines.outputs import files
+from pipelines.reporting import report
+from pipelines.runs import run_history
+
+
+def _parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog='python -m pipelines.report',
+      description='Rewrites a batch run\'s report/index.html from its files.')
+  parser.add_argument('--output_dir', required=True,
+                      help='the run\'s --output_dir')
+  parser.add_argument('--history', default=None,
+                      help='its run history (default: runs.jsonl beside it)')
+  return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+  """Exit codes: 0 written (its path printed), 2 bad flags or a folder
+  without run_summary.json, 3 a failure while rendering."""
+  args = _parser().parse_args(argv)
+
+  def body():
+    if not FileSystems.exists(files.join(args.output_dir,
+                                         report.SUMMARY_FILE)):
+      raise UsageError(f'{args.output_dir} holds no {report.SUMMARY_FILE}')
+    print(report.write_report(
+        args.output_dir, None,
+        args.history or run_history.default_path(args.output_dir)))
+
+  return run_command(body)
+
 
 if __name__ == '__main__':
   sys.exit(main())

@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from pipelines import generate as command
 from pipelines.synthetic import transactions as generate
 from schemas.dataset import load_dataset
 from transforms.history_features import history_features
@@ -67,7 +68,7 @@ def test_same_seed_same_records_other_seed_other_records(clean):
 def test_same_flags_give_byte_identical_files(tmp_path, name):
   paths = [str(tmp_path / f'{i}{name}') for i in range(2)]
   for path in paths:
-    assert generate.run(['--output', path, '--rows', '500', '--broken',
+    assert command.run(['--output', path, '--rows', '500', '--broken',
                          '9']) == 0
   with open(paths[0], 'rb') as a, open(paths[1], 'rb') as b:
     first = a.read()
@@ -210,11 +211,25 @@ def test_explicit_format_overrides_the_extension(tmp_path, clean):
 ])
 def test_bad_flags_exit_2_with_one_line(capsys, argv, message):
   with pytest.raises(SystemExit) as exit_info:
-    generate.run(argv)
+    command.run(argv)
   assert exit_info.value.code == 2
   err = capsys.readouterr().err
   assert err.count('\n') == 1 and message in err
   assert err.startswith('pipelines.generate: error: ')
+
+
+def test_an_output_that_cannot_be_written_exits_2_with_one_line(tmp_path,
+                                                              capsys):
+  # Its folder is a file: writing fails. Exit 1 is the validation gate's
+  # code only; a bad --output is bad usage.
+  (tmp_path / 'file').write_text('')
+  with pytest.raises(SystemExit) as exit_info:
+    command.run(['--output', str(tmp_path / 'file' / 'x.jsonl'), '--rows',
+                 '10'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1
+  assert err.startswith('pipelines.generate: error: cannot write ')
 
 
 def test_entry_point_reports_bad_format_without_traceback(tmp_path):
@@ -250,7 +265,7 @@ def test_sample_is_what_the_documented_command_generates(tmp_path, index):
   committed = os.path.join(os.path.dirname(SAMPLE_README),
                            os.path.basename(argv[at + 1]))
   argv[at + 1] = str(tmp_path / os.path.basename(committed))
-  assert generate.run(argv) == 0
+  assert command.run(argv) == 0
   written = [committed]
   if '--schema' in argv:     # interactions: the items table beside it
     written.append(os.path.join(os.path.dirname(committed), 'items.csv'))

@@ -12,7 +12,7 @@ import re
 import numpy as np
 import pytest
 
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from pipelines.synthetic import interactions as gi
 
 ROWS = 20000

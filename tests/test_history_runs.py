@@ -5,7 +5,10 @@ import json
 
 import pytest
 
+from pipelines import history as history_command
 from pipelines.runs import run_history as history
+from pipelines.reporting import report
+from pipelines.runs import record as run_record
 from pipelines.runs import retention
 
 
@@ -25,7 +28,7 @@ def test_each_run_appends_its_summary_to_the_history(report_runs):
 
 
 def test_history_command_prints_the_trend(report_runs, capsys):
-  assert history.main(['--runs', str(report_runs.history)]) == 0
+  assert history_command.main(['--runs', str(report_runs.history)]) == 0
   out = capsys.readouterr().out.splitlines()
   assert out[0].split()[:4] == ['run', 'status', 'read', 'valid']
   assert len(out) == 1 + 3 + 1
@@ -36,7 +39,7 @@ def test_history_command_prints_the_trend(report_runs, capsys):
   first = report_runs.summary['features_only']['health']['score']
   last = report_runs.summary['drifted']['health']['score']
   assert out[-1].startswith(f'health {first:.3f} -> {last:.3f} over 3 runs')
-  assert history.main(['--runs', str(report_runs.root / 'none.jsonl')]) == 2
+  assert history_command.main(['--runs', str(report_runs.root / 'none.jsonl')]) == 2
 
 
 def test_retain_runs_on_a_batch_run_keeps_the_registry(report_runs):
@@ -112,3 +115,32 @@ def test_retention_deletes_only_what_it_should(tmp_path):
   assert retention.retain(str(path), 4)['deleted'] == []
   with pytest.raises(ValueError):
     retention.retain(str(path), 0)
+
+
+def test_a_broken_history_line_is_skipped_and_said_and_the_run_goes_on(
+    tmp_path, capsys):
+  # A crash cut the last line short; a hand edit left a line that is JSON
+  # but not a run's line. Neither stops the next run, its report or the
+  # history command.
+  path = tmp_path / 'runs.jsonl'
+  runs = [_run_folder(tmp_path / f'run{i}') for i in (1, 2, 3)]
+  cut = json.dumps(_line(3, runs[2]))[:40]
+  path.write_text(json.dumps(_line(1, runs[0])) + '\n' +
+                  json.dumps({'seq': 'two', 'output_dir': runs[1]}) + '\n' +
+                  json.dumps(_line(2, runs[1])) + '\n' + cut)
+  summary = {'status': 'ok', 'health': {'score': 0.5}}
+  out = _run_folder(tmp_path / 'run4')
+
+  lines = run_record.record(str(path), summary, out, retain_runs=5)
+
+  assert lines[0] == (f'History:               {path} (run 3; skipped 2 '
+                      'broken line(s) of the history)')
+  assert [e['seq'] for e in history.read(str(path))] == [1, 2, 3]
+  assert history.load(str(path)).broken == 2
+  assert history.read(str(path))[-1]['output_dir'] == out   # not glued on
+  page = report.render(out, summary, str(path))
+  assert 'skipped 2 broken line(s) of the history' in page
+  assert history_command.main(['--runs', str(path)]) == 0
+  printed = capsys.readouterr().out.splitlines()
+  assert len(printed) == 1 + 3 + 2   # header, 3 runs, trend, the note
+  assert printed[-1] == 'skipped 2 broken line(s) of the history'

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines import batch
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from schemas.dataset import load_dataset
 from transforms.history_features import history_at, history_table
 

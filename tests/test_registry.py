@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from pipelines import batch
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from pipelines import registry as registry_cmd
 from pipelines.model import registry as registry_lib
 from transforms import inference

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from pipelines import report as report_command
 from pipelines.reporting import report
 from tests.browser import Browser
 
@@ -66,7 +67,7 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
   (out / 'monitoring').mkdir()
   try:
     (out / 'monitoring' / 'report.json').write_text(json.dumps(MONITORING))
-    assert report.main(['--output_dir', str(out)]) == 0
+    assert report_command.main(['--output_dir', str(out)]) == 0
     shot = tmp_path / 'full-run-with-monitoring.png'
     page = browser.open(str(out / 'report' / 'index.html'), str(shot))
     _clean_load(page, out / 'report' / 'index.html')
@@ -79,7 +80,7 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
     assert 'v-made-up' in text and '0.1200' in text   # version, JS distance
   finally:
     shutil.rmtree(out / 'monitoring')
-    report.main(['--output_dir', str(out)])
+    report_command.main(['--output_dir', str(out)])
 
 
 def test_features_only_run_has_no_model_sections(report_runs, browser,
@@ -133,6 +134,18 @@ def test_dead_letter_examples_are_the_first_of_each_kind(report_runs):
   text = (out / 'report' / 'index.html').read_text()
   first = examples['malformed'][0]
   assert f'#{first["position"]}</span>' in text
+
+
+def test_a_run_folder_with_glob_characters_reports_its_own_rows(tmp_path):
+  # --output_dir 'out/run[1]' must not show the rows of its sibling
+  # out/run1 (the folder is a name, not a pattern).
+  for folder, kind in (('run[1]', 'malformed'), ('run1', 'type_error')):
+    (tmp_path / folder / 'dead_letter').mkdir(parents=True)
+    (tmp_path / folder / 'dead_letter' / 'part-0.jsonl').write_text(
+        json.dumps({'error_kind': kind, 'position': 1}) + '\n')
+  examples = report.dead_letter_examples(str(tmp_path / 'run[1]'))
+  assert examples == {'malformed': [{'error_kind': 'malformed',
+                                     'position': 1}]}
 
 
 def test_curves_are_of_the_models_eval_split(report_runs):

@@ -24,7 +24,7 @@ import redis
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import batch
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from pipelines.serving import service as serve
 from pipelines import train
 from pipelines import registry as registry_lib

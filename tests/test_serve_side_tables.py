@@ -20,7 +20,7 @@ import redis
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import batch
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from pipelines.serving import service as serve
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise

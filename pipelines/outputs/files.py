@@ -1,8 +1,12 @@
 """Driver-side file helpers that work the same on local paths and gs://:
 JSON files, clearing and checking output folders, success markers."""
 
+import glob
 import json
 import os
+import posixpath
+import shutil
+from typing import List
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -17,16 +21,52 @@ def clear(path: str):
   """Deletes the folder `path` and everything in it, if there is any, so
   that no shard of an earlier run is mixed with this run's shards.
 
-  Object stores have no folders (gs://b/out/silver does not "exist"), so
-  the files under it are listed and deleted one by one.
+  `path` is a name, never a pattern: `out/run[1]` clears that folder, not
+  `out/run1` (glob characters are legal in folder names). Locally the
+  folder is removed as a tree that is not followed through links (a link
+  is removed, never what it points to). Object stores have no folders
+  (gs://b/out/silver does not "exist"), so the objects under it are listed
+  with the name's glob characters escaped and deleted one by one, each by
+  its literal name.
   """
-  path = path.rstrip('/')
-  files = [m.path for m in
-           FileSystems.match([path + '/**'])[0].metadata_list]
-  if files:
-    FileSystems.delete(files)
+  path = path.rstrip('/') or '/'
+  if '://' not in path:
+    path = _entry(path)
+    if os.path.islink(path) or os.path.isfile(path):
+      os.remove(path)
+    elif os.path.isdir(path):
+      shutil.rmtree(path)
+    return
+  found = [m.path for m in
+           FileSystems.match([glob.escape(path) + '/**'])[0].metadata_list]
   if FileSystems.exists(path):
-    FileSystems.delete([path])
+    found.append(path)
+  if found:
+    FileSystems.delete([_literal(p) for p in found])
+
+
+def _literal(path: str) -> str:
+  """`path` as FileSystems.delete takes it literally: Beam's GCS delete
+  matches each path as a pattern again (gs://b/run[1]/x would delete
+  gs://b/run1/x), so its glob characters are escaped there."""
+  return glob.escape(path) if path.startswith('gs://') else path
+
+
+def _entry(path: str) -> str:
+  """The local path `path` names, as the system resolves it (links and
+  '..' before its last part), its last part kept as it is: a link stays
+  the link, never its target."""
+  if os.path.basename(path) in ('', '.', '..'):
+    return os.path.realpath(path)
+  return os.path.join(os.path.realpath(os.path.dirname(path) or '.'),
+                      os.path.basename(path))
+
+
+def files_in(folder: str, pattern: str) -> List[str]:
+  """The files of `folder` (a name: its glob characters are escaped) whose
+  names match `pattern` (e.g. '*.parquet'), sorted."""
+  return sorted(m.path for m in FileSystems.match(
+      [join(glob.escape(folder), pattern)])[0].metadata_list)
 
 
 def write_json(path: str, value):
@@ -86,6 +126,14 @@ SUCCESS = '_SUCCESS'
 def mark_complete(folder: str):
   """Writes the folder's success marker: every file of it is written."""
   write_bytes(join(folder, SUCCESS), b'')
+
+
+def parent(path: str) -> str:
+  """The folder that holds `path` (local: absolute; gs://b/x/f -> gs://b/x)."""
+  if '://' in path:
+    scheme, rest = path.split('://', 1)
+    return f'{scheme}://{posixpath.dirname(rest.rstrip("/"))}'
+  return os.path.dirname(os.path.abspath(path))
 
 
 def _resolved(path: str) -> str:

@@ -4,7 +4,8 @@
 
 rewrites <output_dir>/report/index.html from the run's files (e.g. after
 `pipelines.monitor` added monitoring/report.json); a batch run writes it
-at its end (`publish`), with metrics.prom and its line of the run history.
+at its end (`write_report`), after its summary and metrics.prom
+(`finish_summary`) and its line of the run history (pipelines.runs).
 
 The page has no script and loads nothing: one <style> block, inline SVG
 (plots by matplotlib's SVG backend; the feature histograms are
@@ -19,13 +20,11 @@ gives the same page (the stage durations are the run's measurements).
 
 from pipelines.base import quiet  # noqa: F401  (first: silences TensorFlow)
 
-import argparse
 import html
 import io
 import json
 import os
 import re
-import sys
 import types
 from typing import Any, Dict, List, Optional
 
@@ -33,7 +32,6 @@ from apache_beam.io.filesystems import FileSystems
 import numpy as np
 
 from pipelines.runs import run_history as history
-from pipelines.runs import retention
 from pipelines.validation import stats_report
 from pipelines.outputs import metrics
 from pipelines.outputs import files
@@ -51,39 +49,20 @@ def report_path(output_dir: str) -> str:
 
 
 # The end of a batch run -------------------------------------------------------
-def publish(summary: Dict[str, Any], opts) -> Dict[str, Any]:
+def finish_summary(summary: Dict[str, Any], output_dir: str,
+                   history_path: str) -> List[str]:
   """At the end of a batch run (ended ok, or stopped by the gate): adds the
-  health score to the summary, writes metrics.prom, appends the run to the
-  history, applies --retain_runs, writes the report and prints where they
-  went, the report's path last. `opts`: the batch flags."""
-  from schemas.dataset import load_dataset
-  out = opts.output_dir
-  summary.setdefault('dataset', load_dataset(opts.schema).name)
+  health score and where the metrics, report and history go to the
+  summary, writes run_summary.json and metrics.prom; returns the lines to
+  print (health, metrics)."""
   summary['health'] = metrics.health(summary)
-  history_path = opts.history or history.default_path(out)
-  paths = {'metrics': files.join(out, metrics.METRICS_FILE),
-           'report': report_path(out), 'history': history_path}
+  paths = {'metrics': files.join(output_dir, metrics.METRICS_FILE),
+           'report': report_path(output_dir), 'history': history_path}
   summary.setdefault('outputs', {}).update(paths)
-  files.write_json(files.join(out, SUMMARY_FILE), summary)
+  files.write_json(files.join(output_dir, SUMMARY_FILE), summary)
   metrics.write_metrics(summary, paths['metrics'])
-  entry = history.append(history_path, summary, out)
-  retained = None
-  if opts.retain_runs:
-    retained = retention.retain(history_path, opts.retain_runs,
-                                [opts.registry] if opts.registry else [])
-  write_report(out, summary, history_path)
-  lines = [f'Health score:          {summary["health"]["score"]:.3f}',
-           f'Metrics:               {paths["metrics"]}',
-           f'History:               {history_path} (run {entry["seq"]})']
-  if retained is not None:
-    lines.append(f'Retention:             kept the latest {opts.retain_runs}'
-                 f' run(s); deleted {len(retained["deleted"])} older run '
-                 'folder(s)' + (f', kept {len(retained["kept"])} holding a '
-                                'registry or champion'
-                                if retained['kept'] else ''))
-  lines.append(f'Report:                {paths["report"]}')
-  print('\n'.join(lines), flush=True)
-  return summary
+  return [f'Health score:          {summary["health"]["score"]:.3f}',
+          f'Metrics:               {paths["metrics"]}']
 
 
 # Reading the run's files --------------------------------------------------------
@@ -95,16 +74,13 @@ def _json(path: str):
   return files.read_json(path) if _exists(path) else None
 
 
-def _files(pattern: str) -> List[str]:
-  return sorted(m.path for m in FileSystems.match([pattern])[0].metadata_list)
-
-
 def dead_letter_examples(output_dir: str, per_kind: int = EXAMPLES_PER_KIND
                          ) -> Dict[str, List[Dict[str, Any]]]:
   """The first `per_kind` dead-letter rows of each kind, by (source file,
   position)."""
   found: Dict[str, List[Dict[str, Any]]] = {}
-  for path in _files(files.join(output_dir, 'dead_letter', '*.jsonl')):
+  for path in files.files_in(files.join(output_dir, 'dead_letter'),
+                             '*.jsonl'):
     for line in files.read_bytes(path).decode('utf-8').splitlines():
       if line.strip():
         row = json.loads(line)
@@ -115,11 +91,11 @@ def dead_letter_examples(output_dir: str, per_kind: int = EXAMPLES_PER_KIND
           for kind, rows in sorted(found.items())}
 
 
-def _parquet_columns(pattern: str, columns: List[str]):
+def _parquet_columns(folder: str, columns: List[str]):
   import pyarrow as pa
   import pyarrow.parquet as pq
   tables = []
-  for path in _files(pattern):
+  for path in files.files_in(folder, '*.parquet'):
     with FileSystems.open(path) as f:
       table = pq.read_table(io.BytesIO(f.read()))
     tables.append(table.select([c for c in columns
@@ -144,7 +120,7 @@ def eval_curves(output_dir: str, metadata: Dict[str, Any]
   own = _json(files.join(output_dir, 'model', 'metadata.json'))
   transformed = files.join(output_dir, 'transform', 'transformed')
   if not own or own.get('model_version') != metadata.get('model_version') \
-      or not _files(files.join(transformed, '*.parquet')):
+      or not files.files_in(transformed, '*.parquet'):
     return None
   from sklearn.metrics import (precision_recall_curve, roc_auc_score,
                                roc_curve)
@@ -725,7 +701,7 @@ def _features_section(stats, anomalies, timestamp_features) -> str:
       'statistics/stats.pb (histograms: equal-width buckets).')
 
 
-def _history_section(entries, output_dir) -> str:
+def _history_section(entries, broken, output_dir) -> str:
   if not entries:
     return ''
   rows = history.rows(entries[-HISTORY_ROWS:])
@@ -741,7 +717,8 @@ def _history_section(entries, output_dir) -> str:
   return _section('history', 'Run history', _table(
       head, body, numeric=(2, 3, 4, 5, 6, 7, 10)),
       f'The latest {len(rows)} runs of the history '
-      '(python -m pipelines.history prints all).')
+      '(python -m pipelines.history prints all)' +
+      (f'; {history.skipped_note(broken)}.' if broken else '.'))
 
 
 def _outputs_section(s, output_dir, page_dir) -> str:
@@ -787,7 +764,7 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
   predictions = None
   if model:
     predictions = _parquet_columns(
-        files.join(output_dir, 'predictions', '*.parquet'),
+        files.join(output_dir, 'predictions'),
         ['score', 'risk_category'])
   curves = eval_curves(output_dir, metadata) if metadata else None
   timestamp = (metadata or {}).get('timestamp_field')
@@ -808,8 +785,8 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
       _monitoring_section(_json(files.join(output_dir, *MONITORING_REPORT))),
       _features_section(stats, anomalies or [],
                         [timestamp] if timestamp else []),
-      _history_section(history.read(history_path) if history_path and
-                       _exists(history_path) else [], output_dir),
+      _history_section(*(history.load(history_path) if history_path
+                         else history.History([], 0)), output_dir),
       _outputs_section(s, output_dir, page_dir),
   ]
   present = [k for k in _TITLES if f'id="{k}"' in ''.join(sections)]
@@ -833,25 +810,3 @@ def write_report(output_dir: str, summary: Optional[Dict[str, Any]] = None,
   with FileSystems.create(path, mime_type='text/html') as f:
     f.write(page.encode('utf-8'))
   return path
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.report',
-      description='Rewrites a batch run\'s report/index.html from its files.')
-  parser.add_argument('--output_dir', required=True,
-                      help='the run\'s --output_dir')
-  parser.add_argument('--history', default=None,
-                      help='its run history (default: runs.jsonl beside it)')
-  args = parser.parse_args(argv)
-  if not _exists(files.join(args.output_dir, SUMMARY_FILE)):
-    print(f'error: {args.output_dir} holds no {SUMMARY_FILE}',
-          file=sys.stderr)
-    return 2
-  print(write_report(args.output_dir, None, args.history or
-                     history.default_path(args.output_dir)))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -1,6 +1,5 @@
-"""The run history: one JSON line per batch run, and its trend.
-
-    python -m pipelines.history --runs data/runs.jsonl
+"""The run history: one JSON line per batch run, and its trend (printed by
+`python -m pipelines.history`).
 
 Each batch run appends one line to its history file: `--history`, by
 default `runs.jsonl` in the parent of `--output_dir` (the output root that
@@ -11,12 +10,10 @@ run_summary.json. `--retain_runs` (pipelines.runs.retention) removes the lines
 of the runs it deletes.
 """
 
-import argparse
 import json
 import os
 import posixpath
-import sys
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, NamedTuple, Optional
 
 from apache_beam.io.filesystems import FileSystems
 
@@ -35,12 +32,47 @@ def default_path(output_dir: str) -> str:
                       HISTORY_FILE)
 
 
-def read(path: str) -> List[Dict[str, Any]]:
-  """The history's lines, oldest first ([] when there is no file)."""
+class History(NamedTuple):
+  """The history's run lines, oldest first, and how many lines were
+  skipped: not JSON (a line cut by a crash or a full disk), or not a run's
+  line ({"seq": int, "output_dir": str, ...})."""
+  entries: List[Dict[str, Any]]
+  broken: int
+
+
+def _entry(line: str) -> Optional[Dict[str, Any]]:
+  """The run line `line` holds, or None when it holds none."""
+  try:
+    entry = json.loads(line)
+  except ValueError:
+    return None
+  if not (isinstance(entry, dict) and type(entry.get('seq')) is int
+          and isinstance(entry.get('output_dir'), str)
+          and entry['output_dir']
+          and isinstance(entry.get('summary') or {}, dict)):
+    return None
+  return entry
+
+
+def load(path: str) -> History:
+  """The history's lines (none when there is no file), skipping and
+  counting broken ones: one bad line never stops a run or a report."""
   if not FileSystems.exists(path):
-    return []
-  text = files.read_bytes(path).decode('utf-8')
-  return [json.loads(line) for line in text.splitlines() if line.strip()]
+    return History([], 0)
+  text = files.read_bytes(path).decode('utf-8', errors='replace')
+  found = [_entry(line) for line in text.splitlines() if line.strip()]
+  entries = [e for e in found if e is not None]
+  return History(entries, len(found) - len(entries))
+
+
+def read(path: str) -> List[Dict[str, Any]]:
+  """The history's run lines, oldest first (broken lines skipped)."""
+  return load(path).entries
+
+
+def skipped_note(broken: int) -> str:
+  """What a reader of the history says about the lines it skipped."""
+  return f'skipped {broken} broken line(s) of the history'
 
 
 def _line(entry: Dict[str, Any]) -> str:
@@ -66,8 +98,13 @@ def append(path: str, summary: Dict[str, Any], output_dir: str
     write(path, entries + [entry])
   else:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a', encoding='utf-8') as f:
-      f.write(_line(entry))
+    with open(path, 'a+b') as f:
+      # A last line cut short (a crash mid-write) must not swallow ours.
+      cut = False
+      if f.seek(0, os.SEEK_END) > 0:
+        f.seek(-1, os.SEEK_END)
+        cut = f.read(1) != b'\n'
+      f.write((b'\n' if cut else b'') + _line(entry).encode('utf-8'))
   return entry
 
 
@@ -133,27 +170,3 @@ def table(entries: List[Dict[str, Any]]) -> str:
             for row in cells]
   lines.append(_trend([r['health'] for r in data]))
   return '\n'.join(lines)
-
-
-def main(argv: Optional[List[str]] = None) -> int:
-  parser = argparse.ArgumentParser(
-      prog='python -m pipelines.history',
-      description='Prints the trend of the runs in a run history.')
-  parser.add_argument('--runs', required=True,
-                      help='the history file (runs.jsonl beside the run '
-                      'folders, or the --history of the runs)')
-  parser.add_argument('--last', type=int, default=None,
-                      help='only the latest N runs')
-  args = parser.parse_args(argv)
-  if not FileSystems.exists(args.runs):
-    print(f'error: --runs {args.runs} does not exist', file=sys.stderr)
-    return 2
-  entries = read(args.runs)
-  if args.last:
-    entries = entries[-args.last:]
-  print(table(entries))
-  return 0
-
-
-if __name__ == '__main__':
-  sys.exit(main())

@@ -34,17 +34,14 @@ state, no wall clock), so the same flags always give byte-identical files.
 import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
 
 import os
-import sys
-import time
 from typing import List, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 
-from pipelines.synthetic import transactions as generate
-from pipelines.synthetic.transactions import (DEFAULT_START, TEXT_FORMATS, Broken,
-                                UsageError, _csv_line, _json_line, _open_text,
-                                _write_csv, _write_jsonl, insert_broken,
-                                output_format, parse_start)
+from pipelines.base.errors import UsageError
+from pipelines.synthetic.common import (
+    DEFAULT_START, TEXT_FORMATS, Broken, csv_line, json_line, open_text,
+    output_format, parse_start, write_csv, write_jsonl)
 from transforms.read import FORMATS
 
 FIELDS = ('interaction_id', 'user_id', 'item_id', 'interaction_type', 'value',
@@ -222,14 +219,14 @@ def _records(epoch, t, user, item, step, price) -> List[dict]:
 # Broken records ------------------------------------------------------------
 def _truncated(rec, fmt):
   if fmt == 'csv':  # a row cut short: too few columns
-    return _csv_line(list(rec.values())[:3])
-  line = _json_line(rec)
+    return csv_line(list(rec.values())[:3])
+  line = json_line(rec)
   return line[:len(line) // 2]
 
 
 def _not_a_record(rec, fmt):
   if fmt == 'csv':  # an extra column
-    return _csv_line(list(rec.values()) + ['manual-override'])
+    return csv_line(list(rec.values()) + ['manual-override'])
   return 'export interrupted: connection reset by peer'
 
 
@@ -329,8 +326,8 @@ def _write_parquet(records, path, names):
   pq.write_table(pa.table(columns), path, compression='snappy')
 
 
-# Text formats through pipelines.generate's own writers (given our names).
-_WRITERS = {'jsonl': _write_jsonl, 'csv': _write_csv, 'avro': _write_avro,
+# Text formats through the generators' common writers (given our names).
+_WRITERS = {'jsonl': write_jsonl, 'csv': write_csv, 'avro': _write_avro,
             'parquet': _write_parquet}
 
 
@@ -347,70 +344,12 @@ def write_interactions(records: Sequence[Union[dict, str]], path: str,
 def write_items(items: List[dict], path: str):
   """The items side table as CSV (prices with two decimals)."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with _open_text(path) as f:
-    f.write(_csv_line(ITEM_FIELDS) + '\n')
+  with open_text(path) as f:
+    f.write(csv_line(ITEM_FIELDS) + '\n')
     for row in items:
-      f.write(_csv_line([row['item_id'], row['category'],
+      f.write(csv_line([row['item_id'], row['category'],
                          f'{row["price"]:.2f}']) + '\n')
 
 
 def default_items_output(output: str) -> str:
   return os.path.join(os.path.dirname(os.path.abspath(output)), 'items.csv')
-
-
-# Command line --------------------------------------------------------------
-def _parser():
-  p = generate.Parser(prog='pipelines.generate --schema interactions',
-                      description=__doc__.split('\n\n', maxsplit=1)[0])
-  p.add_argument('--schema', choices=['interactions'], default='interactions',
-                 help='Always interactions here (pipelines.generate '
-                 'dispatches on it).')
-  generate.common_flags(p, f'Users (default rows/{ROWS_PER_USER}).')
-  p.add_argument('--items_output', default=None,
-                 help='Items side table (CSV; default items.csv beside '
-                 '--output).')
-  p.add_argument('--items', type=int, default=None,
-                 help=f'Items (default rows/{ROWS_PER_ITEM}, at least 10).')
-  return p
-
-
-def run(argv: Optional[Sequence[str]] = None) -> int:
-  """Parses flags, generates and writes both files. Returns the exit
-  status."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  items_output = args.items_output or default_items_output(args.output)
-  began = time.monotonic()  # only for the summary line, never the data
-  written = args.output
-  try:
-    fmt = output_format(args.output, args.format)
-    if args.broken < 0:
-      raise UsageError(f'--broken must be >= 0, got {args.broken}')
-    if os.path.abspath(items_output) == os.path.abspath(args.output):
-      raise UsageError(f'--items_output and --output are both {args.output}')
-    clean, items = generate_interactions(args.rows, args.users, args.items,
-                                         args.seed, args.start, args.days)
-    broken = broken_records(clean, args.seed, fmt, args.broken)
-    write_interactions(insert_broken(clean, broken), args.output, fmt)
-    written = items_output
-    write_items(items, items_output)
-  except UsageError as e:
-    parser.error(str(e))
-  except OSError as e:
-    print(f'{parser.prog}: error: cannot write {written}: {e.strerror}',
-          file=sys.stderr)
-    return 1
-  bought = sum(r['interaction_type'] == 'purchase' for r in clean)
-  print(f'wrote {len(clean) + len(broken)} records to {args.output} '
-        f'({len(clean)} clean, {bought / max(len(clean), 1):.2%} purchases, '
-        f'{len(broken)} broken) and {len(items)} items to {items_output} '
-        f'in {time.monotonic() - began:.1f}s')
-  return 0
-
-
-def main(argv: Optional[Sequence[str]] = None):
-  sys.exit(run(argv))
-
-
-if __name__ == '__main__':
-  main()

@@ -20,24 +20,20 @@ state, no wall clock), so the same flags always give byte-identical files.
 
 import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
 
-import argparse
-import csv
-import gzip
-import io
-import json
 import os
-import sys
-import time
-from typing import Dict, List, NamedTuple, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
 from pipelines.base.errors import UsageError
+# insert_broken is part of this module's use (generate, break, insert,
+# write), so callers of the generator need no second import.
+from pipelines.synthetic.common import (  # pylint: disable=unused-import
+    DEFAULT_START, TEXT_FORMATS, Broken, csv_line, insert_broken, json_line,
+    output_format, parse_start, write_csv, write_jsonl)
 from schemas.dataset import load_dataset
-from transforms.parse import rfc3339_to_micros
-from transforms.read import FORMATS, InputError, format_of
+from transforms.read import FORMATS
 
-DEFAULT_START = '2026-09-01T00:00:00Z'
 FRAUD_RATE = 0.015
 ROWS_PER_USER = 60
 
@@ -78,20 +74,6 @@ FOLLOW_UP_RATE = 0.03        # legit second purchase minutes after another
 REFUND_RATE = 0.01
 NEW_MERCHANT_RATE = 0.12     # legit purchases outside the usual merchants
 MAX_USUAL = 15               # usual merchants per user, at most
-
-
-class Broken(NamedTuple):
-  """A deliberately broken record and where it goes.
-
-  `record` is a dict (typed-level errors, any format) or a raw text line
-  (malformed, JSON lines/CSV only); it is inserted after clean record
-  `position`. `kind` is the parser's expected error kind.
-  """
-  kind: str
-  record: Union[dict, str]
-  position: int
-
-
 
 
 # World: merchants and users ------------------------------------------------
@@ -365,14 +347,6 @@ def _fraud(rng, world, n, days):
 
 
 # Records -------------------------------------------------------------------
-def parse_start(text: str) -> int:
-  """RFC 3339 with a zone -> epoch seconds (floored to the second)."""
-  try:
-    return rfc3339_to_micros(text) // 1_000_000
-  except ValueError as e:
-    raise UsageError(f'--start: {e}') from None
-
-
 def _check_sizes(rows: int, users: int, days: int):
   if rows < 0:
     raise UsageError(f'--rows must be >= 0, got {rows}')
@@ -443,33 +417,16 @@ def _records(dataset, world, epoch, user, t, merchant, cents, channel, fraud):
 
 
 # Broken records ------------------------------------------------------------
-TEXT_FORMATS = ('jsonl', 'csv')
-
-
-_JSON = json.JSONEncoder(separators=(',', ':'))  # built once: faster
-
-
-def _json_line(record: dict) -> str:
-  return _JSON.encode(record)
-
-
-def _csv_line(values: Sequence) -> str:
-  out = io.StringIO()
-  csv.writer(out, lineterminator='').writerow(
-      ['' if v is None else v for v in values])
-  return out.getvalue()
-
-
 def _truncated(rec, fmt):
   if fmt == 'csv':  # a row cut short: too few columns
-    return _csv_line(list(rec.values())[:6])
-  line = _json_line(rec)
+    return csv_line(list(rec.values())[:6])
+  line = json_line(rec)
   return line[:len(line) // 2]
 
 
 def _not_a_record(rec, fmt):
   if fmt == 'csv':  # an extra column
-    return _csv_line(list(rec.values()) + ['manual-override'])
+    return csv_line(list(rec.values()) + ['manual-override'])
   return 'export interrupted: connection reset by peer'
 
 
@@ -548,62 +505,8 @@ def broken_records(clean: List[dict], seed: int, fmt: str,
   return out
 
 
-def insert_broken(clean: List[dict], broken: Sequence[Broken]) -> list:
-  """Clean records with each broken one inserted after its position."""
-  after: Dict[int, list] = {}
-  for b in broken:
-    after.setdefault(b.position, []).append(b.record)
-  out = []
-  for i, record in enumerate(clean):
-    out.append(record)
-    out.extend(after.get(i, ()))
-  return out
-
-
 # Writers -------------------------------------------------------------------
 SYNC_MARKER = b'mlpipe.generate!'  # fixed: fastavro picks a random one
-
-
-def output_format(path: str, explicit: Optional[str] = None) -> str:
-  """The format to write: `explicit`, else from the extension."""
-  if explicit is not None and explicit not in FORMATS:
-    raise UsageError(f'unknown --format {explicit!r}; use one of '
-                     f'{", ".join(FORMATS)}')
-  try:
-    fmt = format_of(path, explicit)
-  except InputError:
-    raise UsageError(f'cannot tell the format of {path}: use a .jsonl/.csv/'
-                     '.avro/.parquet name (.gz for jsonl/csv) or pass '
-                     '--format') from None
-  if path.endswith('.gz') and fmt not in TEXT_FORMATS:
-    raise UsageError(f'{fmt} files are compressed inside; drop the .gz '
-                     f'from {path}')
-  return fmt
-
-
-def _open_text(path: str):
-  raw = open(path, 'wb')
-  if path.endswith('.gz'):  # no name, no mtime: byte-identical reruns
-    raw = gzip.GzipFile(filename='', mode='wb', fileobj=raw, mtime=0,
-                        compresslevel=6)
-  return io.TextIOWrapper(raw, encoding='utf-8', newline='')
-
-
-def _write_jsonl(records, path, names):
-  del names
-  with _open_text(path) as f:
-    for record in records:
-      f.write(record if isinstance(record, str) else _json_line(record))
-      f.write('\n')
-
-
-def _write_csv(records, path, names):
-  with _open_text(path) as f:
-    f.write(_csv_line(names) + '\n')
-    for record in records:
-      f.write(record if isinstance(record, str) else
-              _csv_line([record.get(n) for n in names]))
-      f.write('\n')
 
 
 def _typed_rows(records, names, fmt):
@@ -638,7 +541,7 @@ def _write_parquet(records, path, names):
                  compression='snappy')
 
 
-_WRITERS = {'jsonl': _write_jsonl, 'csv': _write_csv, 'avro': _write_avro,
+_WRITERS = {'jsonl': write_jsonl, 'csv': write_csv, 'avro': _write_avro,
             'parquet': _write_parquet}
 
 
@@ -651,87 +554,3 @@ def write_records(records: Sequence[Union[dict, str]], path: str,
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   _WRITERS[fmt](records, path, names)
   return fmt
-
-
-# Command line --------------------------------------------------------------
-class Parser(argparse.ArgumentParser):
-  """Bad flags: one line on stderr and exit 2, no usage dump."""
-
-  def error(self, message):
-    self.exit(2, f'{self.prog}: error: {message}\n')
-
-
-SCHEMAS = ('transactions', 'interactions')
-
-
-def common_flags(p: argparse.ArgumentParser, users_help: str):
-  """The flags every generator takes (output, format, size, seed, period,
-  broken records), so both datasets' commands read the same."""
-  p.add_argument('--output', required=True,
-                 help='File to write (.jsonl/.csv, optionally .gz; .avro; '
-                 '.parquet).')
-  p.add_argument('--format', default=None,
-                 help=f'Override the format: {", ".join(FORMATS)}.')
-  p.add_argument('--rows', type=int, default=30000,
-                 help='Clean records to generate (default 30000).')
-  p.add_argument('--users', type=int, default=None, help=users_help)
-  p.add_argument('--seed', type=int, default=7, help='Random seed.')
-  p.add_argument('--start', default=DEFAULT_START,
-                 help=f'RFC 3339 start (default {DEFAULT_START}).')
-  p.add_argument('--days', type=int, default=28,
-                 help='Length of the period in days (default 28).')
-  p.add_argument('--broken', type=int, default=0,
-                 help='Broken records to mix in (default 0).')
-
-
-def _parser():
-  p = Parser(prog='pipelines.generate',
-              description=__doc__.split('\n\n', maxsplit=1)[0])
-  p.add_argument('--schema', choices=SCHEMAS, default='transactions',
-                 help='Dataset: transactions (default) or interactions '
-                 '(pipelines.generate_interactions: adds --items and '
-                 '--items_output).')
-  common_flags(p, f'Card holders (default rows/{ROWS_PER_USER}).')
-  return p
-
-
-def run(argv: Optional[Sequence[str]] = None) -> int:
-  """Parses flags, generates and writes. Returns the exit status."""
-  argv = sys.argv[1:] if argv is None else list(argv)
-  # Peek at --schema only: the interactions generator has flags of its own.
-  peek = argparse.ArgumentParser(add_help=False)
-  peek.add_argument('--schema')
-  if peek.parse_known_args(argv)[0].schema == 'interactions':
-    # Imported here: it imports this module's writers.
-    from pipelines.synthetic import interactions as generate_interactions
-    return generate_interactions.run(argv)
-  parser = _parser()
-  args = parser.parse_args(argv)
-  began = time.monotonic()  # only for the summary line, never the data
-  try:
-    fmt = output_format(args.output, args.format)
-    if args.broken < 0:
-      raise UsageError(f'--broken must be >= 0, got {args.broken}')
-    clean = generate_transactions(args.rows, args.users, args.seed,
-                                  args.start, args.days)
-    broken = broken_records(clean, args.seed, fmt, args.broken)
-    write_records(insert_broken(clean, broken), args.output, fmt)
-  except UsageError as e:
-    parser.error(str(e))
-  except OSError as e:
-    print(f'{parser.prog}: error: cannot write {args.output}: '
-          f'{e.strerror}', file=sys.stderr)
-    return 1
-  fraud = sum(r['is_fraud'] for r in clean)
-  print(f'wrote {len(clean) + len(broken)} records to {args.output} '
-        f'({len(clean)} clean, {fraud / max(len(clean), 1):.2%} fraud, '
-        f'{len(broken)} broken) in {time.monotonic() - began:.1f}s')
-  return 0
-
-
-def main(argv: Optional[Sequence[str]] = None):
-  sys.exit(run(argv))
-
-
-if __name__ == '__main__':
-  main()
