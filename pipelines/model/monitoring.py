@@ -51,6 +51,7 @@ from pipelines.model.training import evaluate
 from schemas.dataset import RECORD_ID, Dataset, SchemaError, load_dataset
 from transforms.inference import ModelIntegrityError, verify_model_dir
 from transforms.parse import BatchValidator
+from transforms.formats import FORMATS
 from transforms.read import InputError, check_input, read_batches
 
 MONITORING = 'monitoring'
@@ -401,7 +402,7 @@ def parser() -> argparse.ArgumentParser:
                  help='Glob of label files (.jsonl, .csv, .avro, .parquet): '
                  'id, label and, if declared, the timestamp.')
   p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'],
+                 choices=FORMATS,
                  help='Format of the label files when names do not tell.')
   p.add_argument('--schema', default='transactions',
                  help='Dataset declaration: a name in schemas/ or a path.')

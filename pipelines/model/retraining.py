@@ -61,6 +61,7 @@ from transforms.inference import (ModelIntegrityError,
                                   TransformedSklearnModelHandler,
                                   predict_table)
 from transforms.parse import rfc3339_to_micros
+from transforms.formats import FORMATS
 from transforms.read import InputError
 
 RETRAIN = 'retrain'
@@ -498,12 +499,12 @@ def parser() -> argparse.ArgumentParser:
                  help='Glob of labelled records of the latest window: the '
                  "challenger's training data.")
   p.add_argument('--input_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
+                 choices=FORMATS)
   p.add_argument('--labels', default=None,
                  help="Late labels for the run's feature rows (as for "
                  "pipelines.monitor); default: the rows' own label column.")
   p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
+                 choices=FORMATS)
   p.add_argument('--challenger', default=None,
                  help='Compare this registered candidate instead of '
                  'training one.')

@@ -45,7 +45,7 @@ from pipelines.synthetic.transactions import (DEFAULT_START, TEXT_FORMATS, Broke
                                 UsageError, _csv_line, _json_line, _open_text,
                                 _write_csv, _write_jsonl, insert_broken,
                                 output_format, parse_start)
-from transforms.read import FORMATS
+from transforms.formats import FORMATS
 
 FIELDS = ('interaction_id', 'user_id', 'item_id', 'interaction_type', 'value',
           'event_time')

@@ -35,7 +35,8 @@ import numpy as np
 from pipelines.base.errors import UsageError
 from schemas.dataset import load_dataset
 from transforms.parse import rfc3339_to_micros
-from transforms.read import FORMATS, InputError, format_of
+from transforms.formats import (FORMATS, InputError, compressible_formats,
+                                format_of, text_formats)
 
 DEFAULT_START = '2026-09-01T00:00:00Z'
 FRAUD_RATE = 0.015
@@ -443,7 +444,7 @@ def _records(dataset, world, epoch, user, t, merchant, cents, channel, fraud):
 
 
 # Broken records ------------------------------------------------------------
-TEXT_FORMATS = ('jsonl', 'csv')
+TEXT_FORMATS = text_formats()
 
 
 _JSON = json.JSONEncoder(separators=(',', ':'))  # built once: faster
@@ -575,7 +576,7 @@ def output_format(path: str, explicit: Optional[str] = None) -> str:
     raise UsageError(f'cannot tell the format of {path}: use a .jsonl/.csv/'
                      '.avro/.parquet name (.gz for jsonl/csv) or pass '
                      '--format') from None
-  if path.endswith('.gz') and fmt not in TEXT_FORMATS:
+  if path.endswith('.gz') and fmt not in compressible_formats():
     raise UsageError(f'{fmt} files are compressed inside; drop the .gz '
                      f'from {path}')
   return fmt
