@@ -16,7 +16,7 @@ from transforms.formats.base import open_binary
 from transforms.formats.lines import (Lines, line_batches, lines_of,
                                       split_lines)
 from transforms.formats.raw import BATCH_ROWS, raw_batch, unreadable_batch
-from transforms.formats.text import TextFormat
+from transforms.formats.text import BOM, TextFormat
 
 
 def _csv_row(line: str):
@@ -144,7 +144,7 @@ class Csv(TextFormat):
     header = None
     if start > 0 and end is not None:
       with open_binary(path) as f:
-        header_lines = split_lines(f.readline())
+        header_lines = split_lines(f.readline().removeprefix(BOM))
       header = self._header(
           header_lines.line(0) if len(header_lines) else '', dataset)
       if isinstance(header, Exception):

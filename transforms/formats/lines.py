@@ -22,10 +22,8 @@ from transforms.formats.raw import BATCH_ROWS, ERROR, raw_batch
 # A refused block of at most this many lines is decoded line by line.
 _SMALL_BLOCK = 8
 _ROW_IN_ERROR = re.compile(r' in row (\d+)')
-# The ASCII bytes Arrow's utf8_trim_whitespace trims, among others: a line
-# of only these is blank without asking Arrow.
-_BLANK_BYTES = np.zeros(256, bool)
-_BLANK_BYTES[[9, 10, 11, 12, 13, 32]] = True
+# Bytes split into lines at a time (about: to the next line end).
+_SCAN_BYTES = 1 << 18
 
 NOT_UTF8 = 'not valid UTF-8 (U+FFFD in raw); the bytes as read, base64: '
 
@@ -54,40 +52,73 @@ class Lines:
     return self.text[i].as_py()
 
 
+def _scan(data: bytes, first: int, stop: int
+          ) -> Tuple[pa.Array, np.ndarray, np.ndarray]:
+  """(text, starts, ends) of the lines in data[first:stop] (whole lines)
+  that hold a byte other than an ASCII blank (tab to carriage return,
+  space: blanks to Arrow's trim too); the rest are blank lines."""
+  buffer = np.frombuffer(data, np.uint8, stop - first, first)
+  newlines = np.flatnonzero(buffer == 10)
+  offsets = np.empty(len(newlines) + 1, np.int64)
+  offsets[0] = 0
+  np.add(newlines, 1, out=offsets[1:])
+  if stop - first and buffer[-1] != 10:
+    offsets = np.append(offsets, stop - first)
+  # Bytes that are not blanks, counted up to each line's end: a line with
+  # some is a candidate record.
+  visible = np.cumsum((buffer != 32) & ((buffer < 9) | (buffer > 13)),
+                      dtype=np.int32 if stop - first < 1 << 31 else np.int64)
+  counts = np.zeros(len(offsets), visible.dtype)
+  counts[1:len(newlines) + 1] = visible[newlines]
+  if len(offsets) > len(newlines) + 1:
+    counts[-1] = visible[-1]
+  del visible, newlines
+  candidates = np.flatnonzero(counts[1:] > counts[:-1])
+  text = pa.LargeStringArray.from_buffers(
+      len(offsets) - 1, pa.py_buffer(offsets),
+      pa.py_buffer(data).slice(first, stop - first)).take(
+          pa.array(candidates))
+  return (text, offsets[:-1][candidates] + first,
+          offsets[1:][candidates] + first)
+
+
 def split_lines(data: bytes) -> Lines:
-  """Splits at '\n' with NumPy and makes every line an Arrow string without
-  copying. Lines of ASCII blanks are dropped before Arrow trims anything,
-  so a run of blank lines costs a few bytes per line. Lines that are not
+  """Splits at '\n' with NumPy, _SCAN_BYTES at a time, and makes every line
+  that is not blank an Arrow string: a run of blank lines costs a few bytes
+  per line for a moment, never an Arrow string each. Lines that are not
   UTF-8 are kept as read in `not_utf8` (their records become dead
   letters), with U+FFFD in the text."""
-  buffer = np.frombuffer(data, np.uint8)
-  offsets = np.concatenate([[0], np.flatnonzero(buffer == 10) + 1]).astype(
-      np.int64, copy=False)
-  if data and not data.endswith(b'\n'):
-    offsets = np.append(offsets, len(data))
-  n = len(offsets) - 1
-  text = pa.LargeStringArray.from_buffers(
-      n, pa.py_buffer(offsets), pa.py_buffer(data))
+  texts, starts, ends, first = [], [], [], 0
+  while first < len(data):
+    stop = data.find(b'\n', first + _SCAN_BYTES - 1) + 1 or len(data)
+    text, s, e = _scan(data, first, stop)
+    texts.append(text)
+    starts.append(s)
+    ends.append(e)
+    first = stop
+  if not texts:
+    return Lines(data, pa.array([], pa.large_string()),
+                 np.zeros(0, np.int64), np.zeros(0, np.int64))
+  text = pa.concat_arrays(texts)
   try:
     text.validate(full=True)
   except pa.ArrowInvalid:
-    return _replaced_lines(data, offsets)
-  # Every line holds at least its newline (or, last, one byte), so no
-  # reduceat segment is empty.
-  candidates = np.flatnonzero(np.logical_or.reduceat(
-      ~_BLANK_BYTES[buffer], offsets[:-1])) if n else np.zeros(0, np.int64)
-  text = pc.utf8_rtrim(text.take(pa.array(candidates)), characters='\r\n')
+    return _replaced_lines(data)
+  text = pc.utf8_rtrim(text, characters='\r\n')
   record = true_rows(pc.not_equal(pc.utf8_trim_whitespace(text), ''))
   keep = np.flatnonzero(record)
-  rows = candidates[keep]
-  return Lines(data, text.take(pa.array(keep)), offsets[:-1][rows],
-               offsets[1:][rows])
+  return Lines(data, text.take(pa.array(keep)),
+               np.concatenate(starts)[keep], np.concatenate(ends)[keep])
 
 
-def _replaced_lines(data: bytes, offsets: np.ndarray) -> Lines:
+def _replaced_lines(data: bytes) -> Lines:
   """split_lines of bytes that are not all UTF-8: the lines that are not
   are found one by one and kept as read; the rest is read with U+FFFD in
   their place (a replacement never swallows a newline, so lines line up)."""
+  offsets = np.concatenate([[0], np.flatnonzero(
+      np.frombuffer(data, np.uint8) == 10) + 1])
+  if not data.endswith(b'\n'):
+    offsets = np.append(offsets, len(data))
   bad = []
   for i in range(len(offsets) - 1):
     try:

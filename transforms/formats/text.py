@@ -25,7 +25,8 @@ BLOCK_BYTES = 4 << 20
 # Bytes asked of the file at a time: what a break in a .gz may lose of the
 # data it had decompressed, at most (only the records after the break).
 _READ_BYTES = 1 << 16
-_BOM = b'\xef\xbb\xbf'
+# The UTF-8 byte-order mark some editors write at a file's start.
+BOM = b'\xef\xbb\xbf'
 
 
 def _count_lines(data: bytes) -> int:
@@ -156,7 +157,7 @@ class TextFormat(Format):
         # A break: the whole records before it stand.
         data = b''.join(pieces)
         if first:
-          data = data.removeprefix(_BOM)
+          data = data.removeprefix(BOM)
         cut = self.record_end(data)
         if cut:
           yield data[:cut]
@@ -164,7 +165,7 @@ class TextFormat(Format):
       data = b''.join(pieces)
       del pieces
       if first:
-        data, first = data.removeprefix(_BOM), False
+        data, first = data.removeprefix(BOM), False
       if done:
         if limit is not None and data and not data.endswith(b'\n'):
           data += _rest_of_line(f)   # the range's last line goes on
