@@ -36,6 +36,7 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from pipelines.cli.shell import run_command
+from transforms.formats import FORMATS
 from pipelines.model.monitoring import (LOG_FILE, MONITORING, MonitorError,
                                         monitor)
 from pipelines.outputs import files
@@ -59,7 +60,7 @@ def parser() -> argparse.ArgumentParser:
                  help='Glob of label files (.jsonl, .csv, .avro, .parquet): '
                  'id, label and, if declared, the timestamp.')
   p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'],
+                 choices=FORMATS,
                  help='Format of the label files when names do not tell.')
   p.add_argument('--schema', default='transactions',
                  help='Dataset declaration: a name in schemas/ or a path.')

@@ -42,6 +42,7 @@ from typing import Any, Dict, List, Optional
 from pipelines import batch
 from pipelines.cli import preflight
 from pipelines.cli.shell import run_command
+from transforms.formats import FORMATS
 from pipelines.model.retraining import (DECISION_FILE, LOG_FILE, RETRAIN,
                                         RetrainError, decide, trigger_text)
 from pipelines.outputs import files
@@ -75,12 +76,12 @@ def parser() -> argparse.ArgumentParser:
                  help='Glob of labelled records of the latest window: the '
                  "challenger's training data.")
   p.add_argument('--input_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
+                 choices=FORMATS)
   p.add_argument('--labels', default=None,
                  help="Late labels for the run's feature rows (as for "
                  "pipelines.monitor); default: the rows' own label column.")
   p.add_argument('--labels_format', default=None,
-                 choices=['jsonl', 'csv', 'avro', 'parquet'])
+                 choices=FORMATS)
   p.add_argument('--challenger', default=None,
                  help='Compare this registered candidate instead of '
                  'training one.')

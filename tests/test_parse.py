@@ -386,6 +386,9 @@ def test_broken_file_is_one_unreadable_file_row(tmp_path, name, cut):
   assert 'unreadable from record' in dead[0][4]
   assert len(valid) < 3000
   assert dead[0][1] == len(valid)
+  if cut and name != 'r.parquet':
+    # A stream keeps what it read before the break (Parquet needs its footer).
+    assert len(valid) > 1000
 
 
 def test_of_two_copies_the_earlier_event_wins_as_in_a_stream(tmp_path):

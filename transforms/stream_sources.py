@@ -21,8 +21,10 @@ from apache_beam.utils.timestamp import Timestamp
 from schemas.dataset import Dataset
 from transforms.common import MICROS
 from transforms.parse import RecordError, RecordValidator
-from transforms.read import (_NOT_UTF8, RawRecord, _json_line_problem,
-                             check_input, read_file)
+from transforms.formats.jsonl_format import (
+    line_problem as _json_line_problem)
+from transforms.formats.lines import NOT_UTF8 as _NOT_UTF8
+from transforms.read import RawRecord, check_input, read_file
 
 
 def decode_message(data: bytes, source: str) -> RawRecord:

@@ -16,6 +16,7 @@ from schemas.dataset import Dataset, SchemaError, parse_duration
 from transforms.parse import rfc3339_to_micros
 from transforms.common import DEFAULT_SHARDS
 from transforms.kafka import DEFAULT_EXPANSION_JAR
+from transforms.formats import FORMATS
 from transforms.read import InputError
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -40,7 +41,7 @@ class RecordOptions(PipelineOptions):
         '.parquet, optionally .gz). Default: the committed sample.')
     parser.add_argument(
         '--input_format', default=None,
-        choices=['jsonl', 'csv', 'avro', 'parquet'],
+        choices=FORMATS,
         help='Record format, when file extensions do not tell.')
     parser.add_argument(
         '--schema', default='transactions',

@@ -13,10 +13,11 @@ from typing import Dict, List, NamedTuple, Optional, Sequence, Union
 
 from pipelines.base.errors import UsageError
 from transforms.parse import rfc3339_to_micros
-from transforms.read import FORMATS, InputError, format_of
+from transforms.formats import (FORMATS, InputError, compressible_formats,
+                                format_of, text_formats)
 
 DEFAULT_START = '2026-09-01T00:00:00Z'
-TEXT_FORMATS = ('jsonl', 'csv')
+TEXT_FORMATS = text_formats()
 
 
 class Broken(NamedTuple):
@@ -77,7 +78,7 @@ def output_format(path: str, explicit: Optional[str] = None) -> str:
     raise UsageError(f'cannot tell the format of {path}: use a .jsonl/.csv/'
                      '.avro/.parquet name (.gz for jsonl/csv) or pass '
                      '--format') from None
-  if path.endswith('.gz') and fmt not in TEXT_FORMATS:
+  if path.endswith('.gz') and fmt not in compressible_formats():
     raise UsageError(f'{fmt} files are compressed inside; drop the .gz '
                      f'from {path}')
   return fmt

@@ -42,7 +42,7 @@ from pipelines.base.errors import UsageError
 from pipelines.synthetic.common import (
     DEFAULT_START, TEXT_FORMATS, Broken, csv_line, json_line, open_text,
     output_format, parse_start, write_csv, write_jsonl)
-from transforms.read import FORMATS
+from transforms.formats import FORMATS
 
 FIELDS = ('interaction_id', 'user_id', 'item_id', 'interaction_type', 'value',
           'event_time')

@@ -32,7 +32,7 @@ from pipelines.synthetic.common import (  # pylint: disable=unused-import
     DEFAULT_START, TEXT_FORMATS, Broken, csv_line, insert_broken, json_line,
     output_format, parse_start, write_csv, write_jsonl)
 from schemas.dataset import load_dataset
-from transforms.read import FORMATS
+from transforms.formats import FORMATS
 
 FRAUD_RATE = 0.015
 ROWS_PER_USER = 60
