@@ -26,6 +26,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 from pipelines.base.errors import UsageError
+from schemas import patterns
 
 SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.join(SCHEMA_DIR, 'transactions.yaml')
@@ -476,11 +477,12 @@ def _check_field_options(c: _Checker, name: str, opts: Dict[str, Any]):
                                    opts['max_length'] >= 0):
     c.fail(f'{key}.max_length', 'must be a non-negative integer')
   if 'pattern' in opts:
-    try:
-      re.compile(opts['pattern'])
-    except (re.error, TypeError) as e:
-      c.fail(f'{key}.pattern', f'bad regular expression '
-             f'{opts["pattern"]!r}: {e}')
+    # RE2 on every path (schemas.patterns): a pattern it cannot run is
+    # refused here, not left to an engine that backtracks.
+    problem = patterns.check(opts['pattern'])
+    if problem:
+      c.fail(f'{key}.pattern', f'bad regular expression: {problem}',
+             'write it in RE2 syntax')
   for option in ('required', 'cents'):
     if option in opts and not isinstance(opts[option], bool):
       c.fail(f'{key}.{option}', 'must be true or false')

@@ -65,6 +65,14 @@ def test_adding_a_field_is_one_change(tmp_path):
      r"fields.amount.min: must be a number, got 'low'"),
     (lambda raw: raw['fields']['user_id'].update(pattern='^u[0-9'),
      r'fields.user_id.pattern: bad regular expression'),
+    # Python's re runs a back-reference; RE2, the one engine, cannot.
+    (lambda raw: raw['fields']['user_id'].update(pattern=r'^(u)\1[0-9]+$'),
+     r"fields.user_id.pattern: bad regular expression: RE2 cannot run "
+     r"'\^\(u\)\\\\1\[0-9\]\+\$': .*invalid escape sequence.*; "
+     r'write it in RE2 syntax'),
+    (lambda raw: raw['fields']['user_id'].update(pattern='^(?=u)u[0-9]+$'),
+     r'fields.user_id.pattern: bad regular expression: RE2 cannot run .*'
+     r'look-around'),
     (lambda raw: raw['fields']['currency'].update(allowed='USD'),
      r'fields.currency.allowed: must be a list'),
     (lambda raw: raw['fields'].update(amount='float'),
