@@ -23,9 +23,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
 from pipelines.base.errors import UsageError
+from pipelines.base.safe_yaml import YamlError, load_yaml
 from schemas import patterns
 
 SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -473,6 +472,10 @@ def _check_field_options(c: _Checker, name: str, opts: Dict[str, Any]):
   for option in ('allowed', 'domain'):
     if option in opts and not isinstance(opts[option], (list, tuple)):
       c.fail(f'{key}.{option}', 'must be a list', 'write [a, b, c]')
+    for value in opts.get(option) or ():
+      if not isinstance(value, (str, int, float)):
+        c.fail(f'{key}.{option}', f'holds a {type(value).__name__}, not a '
+               'value', 'write [a, b, c] of strings or numbers')
   if 'max_length' in opts and not (isinstance(opts['max_length'], int) and
                                    opts['max_length'] >= 0):
     c.fail(f'{key}.max_length', 'must be a non-negative integer')
@@ -818,12 +821,15 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
     path = os.path.join(SCHEMA_DIR, f'{path}.yaml')
   try:
     with open(path, encoding='utf-8') as f:
-      raw = yaml.safe_load(f)
+      text = f.read()
   except OSError as e:
     raise SchemaError(f'cannot read schema {path}: {e.strerror}') from None
-  except yaml.YAMLError as e:
-    raise SchemaError(f'schema {path} is not valid YAML: '
-                      f'{" ".join(str(e).split())}') from None
+  except UnicodeDecodeError:
+    raise SchemaError(f'schema {path} is not UTF-8 text') from None
+  try:
+    raw = load_yaml(text, os.path.basename(path))
+  except YamlError as e:
+    raise SchemaError(str(e)) from None
   if not isinstance(raw, dict):
     raise SchemaError(f'schema {path} must be a mapping')
   c = _Checker(os.path.basename(path))

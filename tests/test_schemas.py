@@ -127,3 +127,82 @@ def test_unreadable_schema(tmp_path):
   bad.write_text('fields: [unclosed')
   with pytest.raises(SchemaError, match='not valid YAML'):
     load_dataset(str(bad))
+
+
+# YAML itself: aliases, duplicate keys ------------------------------------------
+def _laughs(depth=9):
+  """'Billion laughs': `depth` anchors of 9 aliases of the one before;
+  9**depth strings once written out, a few hundred bytes as written."""
+  rows = ['&a0 [' + ', '.join(['lol'] * 9) + ']']
+  rows += [f'&a{i} [' + ', '.join([f'*a{i - 1}'] * 9) + ']'
+           for i in range(1, depth)]
+  return '[' + ', '.join(rows) + ']'
+
+
+SMALL = """
+name: small
+fields:
+  id: {type: string, required: true}
+  amount: &money {type: float, required: true, min: 0}
+  country: {type: string, allowed: ALLOWED}
+"""
+
+
+def _declaration(tmp_path, text):
+  path = tmp_path / 'small.yaml'
+  path.write_text(text)
+  return str(path)
+
+
+@pytest.mark.parametrize('text,message', [
+    # 9**9 values in `allowed`: refused before any is built.
+    (SMALL.replace('ALLOWED', _laughs()),
+     r'^small.yaml: aliases expand to over 10000 more values; write the '
+     r'values out once$'),
+    (SMALL.replace('ALLOWED', '&loop [US, *loop]'),
+     r'^small.yaml: line 6: an alias refers to the value that contains it'),
+    (SMALL.replace('ALLOWED', '[US]') + '  amount: {type: int}\n',
+     r"^small.yaml: line 7: key 'amount' is given twice \(first on line 5\); "
+     r'give each key once$'),
+    (SMALL.replace('ALLOWED', '[US]') + 'name: other\n',
+     r"^small.yaml: line 7: key 'name' is given twice \(first on line 2\)"),
+    (SMALL.replace('ALLOWED', '[[US, CA], GB]'),
+     r'^small.yaml: fields.country.allowed: holds a list, not a value'),
+])
+def test_alias_bombs_and_duplicate_keys_are_refused(tmp_path, text, message):
+  with pytest.raises(SchemaError, match=message) as raised:
+    load_dataset(_declaration(tmp_path, text))
+  assert '\n' not in str(raised.value)
+
+
+def test_a_few_aliases_and_merge_keys_still_load(tmp_path):
+  dataset = load_dataset(_declaration(tmp_path, SMALL.replace(
+      'ALLOWED', '[US]') .replace(
+          '  country:', '  tip: {<<: *money, required: false}\n  country:')))
+  assert dataset.fields['tip'].type == 'float'
+  assert dataset.fields['tip'].min == 0
+  assert dataset.fields['tip'].required is False
+
+
+def test_the_safe_loader_serves_any_yaml_the_project_reads():
+  """The loader a retrain policy (or any YAML file) can use: the same
+  refusals, one line each, with the name it is given."""
+  from pipelines.base.errors import UsageError
+  from pipelines.base.safe_yaml import YamlError, load_yaml
+  assert load_yaml('min_rows: 10\nlimits: &l [1, 2]\nagain: *l\n',
+                   'policy.yaml') == {'min_rows': 10, 'limits': [1, 2],
+                                      'again': [1, 2]}
+  for text, message in [
+      ('min_rows: 10\nmin_rows: 20\n', "policy.yaml: line 2: key "
+       "'min_rows' is given twice (first on line 1); give each key once"),
+      ('x: ' + _laughs(6), 'policy.yaml: aliases expand to over 10000 more '
+       'values; write the values out once'),
+      ('x: ' + '[' * 1000 + ']' * 1000, 'policy.yaml is not valid YAML: '
+       'nested too deep'),
+      ('x: !!python/object/apply:os.system [echo]',
+       'policy.yaml is not valid YAML: could not determine a constructor')]:
+    with pytest.raises(YamlError) as raised:
+      load_yaml(text, 'policy.yaml')
+    assert str(raised.value).startswith(message)
+    assert '\n' not in str(raised.value)
+    assert isinstance(raised.value, UsageError)   # exit 2
