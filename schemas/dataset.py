@@ -19,6 +19,7 @@ stops after validation.
 """
 
 import dataclasses
+import datetime
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -501,10 +502,81 @@ def _check_field_options(c: _Checker, name: str, opts: Dict[str, Any]):
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
       c.fail(f'{key}.zone', f'unknown time zone {opts["zone"]!r}',
              'use an IANA name such as UTC or Europe/Lisbon')
-  if 'format' in opts and not (isinstance(opts['format'], str) and
-                               '%' in opts['format']):
-    c.fail(f'{key}.format', f'{opts["format"]!r} is not a strptime format',
-           "e.g. '%Y-%m-%d %H:%M:%S'")
+  if 'format' in opts:
+    _check_time_format(c, f'{key}.format', opts['format'])
+  if 'format' in opts and not _has_year(opts['format']):
+    c.fail(f'{key}.format', f'{opts["format"]!r} has no year: every value '
+           'would fall in 1900', 'add %Y, or compose the time: from: {date: '
+           f'{name}, date_format: ..., year: 2011}}')
+
+
+def time_directives(fmt: str) -> Tuple[str, ...]:
+  """The directive letters of a strptime format: '%Y-%m-%%' -> Y, m, %."""
+  return tuple(re.findall(r'%(.)', fmt))
+
+
+# strptime directives that carry a year: a format without one dates every
+# value in 1900.
+YEAR_DIRECTIVES = frozenset('YyGcx')
+
+
+def _has_year(fmt: str) -> bool:
+  return bool(set(time_directives(fmt)) & YEAR_DIRECTIVES)
+
+
+def _check_time_format(c: _Checker, key: str, fmt):
+  """A strptime format Python's strptime compiles (the per-value
+  definition), e.g. no directive given twice."""
+  if not (isinstance(fmt, str) and '%' in fmt):
+    c.fail(key, f'{fmt!r} is not a strptime format', "e.g. '%Y-%m-%d'")
+  try:
+    datetime.datetime.strptime('', fmt)
+  except ValueError as e:
+    if 'does not match format' not in str(e):
+      c.fail(key, f'{fmt!r}: {e}', 'see the strptime directives')
+  except re.error:
+    c.fail(key, f'{fmt!r} gives a directive twice', 'give each part once')
+
+
+def _check_constant_parts(c: _Checker, key: str, compose: Dict[str, Any]):
+  """`from:` takes a date field or a fixed date `since`; a date format
+  without a year needs the constant `year`. Normalises `since` to
+  'YYYY-MM-DD'."""
+  if ('date' in compose) == ('since' in compose):
+    c.fail(key, 'needs a date field or a fixed date (since), not both',
+           'e.g. from: {date: day, hour: hour} or from: {since: 2011-01-01, '
+           'hour: hour_of_year}')
+  if 'since' in compose:
+    since = compose['since']
+    if 'hour' not in compose:
+      c.fail(key, 'a fixed date needs an hour field', 'add hour: <field>')
+    for option in ('date_format', 'year'):
+      if option in compose:
+        c.fail(f'{key}.{option}', 'goes with a date field, not with since',
+               'remove it')
+    try:
+      if isinstance(since, datetime.datetime):
+        raise ValueError
+      since = since if isinstance(since, datetime.date) else (
+          datetime.date.fromisoformat(str(since)))
+    except ValueError:
+      c.fail(f'{key}.since', f'{compose["since"]!r} is not a date',
+             'write it as 2011-01-01')
+    compose['since'] = since.isoformat()
+    return
+  date_format = compose.get('date_format', '%Y-%m-%d')
+  _check_time_format(c, f'{key}.date_format', date_format)
+  year = compose.get('year')
+  if year is None and not _has_year(date_format):
+    c.fail(f'{key}.date_format', f'{date_format!r} has no year: every date '
+           'would fall in 1900', 'add %Y, or declare the year: year: 2011')
+  if year is not None:
+    if _has_year(date_format):
+      c.fail(f'{key}.year', f'{date_format!r} has a year of its own',
+             'remove year or the year from date_format')
+    if isinstance(year, bool) or not isinstance(year, int) or not (
+        1678 <= year <= 2261):
+      c.fail(f'{key}.year', f'{year!r} is not a year 1678-2261')
 
 
 def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
@@ -533,18 +605,17 @@ def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
     compose = opts.pop('from', None)
     if compose is not None:
       compose = dict(c.mapping(compose, f'fields.{name}.from'))
-      c.known_keys(compose, ('date', 'hour', 'date_format'),
+      c.known_keys(compose, ('date', 'hour', 'date_format', 'year', 'since'),
                    f'fields.{name}.from')
-      if 'date' not in compose:
-        c.fail(f'fields.{name}.from', 'needs a date field',
-               'e.g. from: {date: day, hour: hour}')
+      _check_constant_parts(c, f'fields.{name}.from', compose)
     fields[name] = Field(name=name, type=ftype, compose=compose,
                          derived=compose is not None, **opts)
   for name, field in fields.items():
     if not field.compose:
       continue
-    date, hour = field.compose['date'], field.compose.get('hour')
-    if fields.get(date) is None or fields[date].type != 'string':
+    date, hour = field.compose.get('date'), field.compose.get('hour')
+    if date is not None and (fields.get(date) is None or
+                             fields[date].type != 'string'):
       c.fail(f'fields.{name}.from.date', f'{date!r} is not a declared '
              'string field', 'name the field holding the date text')
     if hour is not None and (fields.get(hour) is None or

@@ -182,10 +182,11 @@ def _derive(dataset: Dataset, record: Dict[str, Any], raw: RawRecord):
     if name == RECORD_ID:
       record[name] = record_id(raw.source, raw.position)
       continue
-    date = record.get(field.compose['date'])
+    date_field = field.compose.get('date')   # None: a fixed date (since)
+    date = record.get(date_field) if date_field else None
     hour_field = field.compose.get('hour')
     hour = record.get(hour_field) if hour_field else None
-    if date is None or (hour_field and hour is None):
+    if (date_field and date is None) or (hour_field and hour is None):
       if field.required:
         raise RecordError('missing_required', name, f'{name} is required '
                           'but its date or hour is missing')
@@ -195,7 +196,8 @@ def _derive(dataset: Dataset, record: Dict[str, Any], raw: RawRecord):
       micros = timestamps.compose_value(field, date, hour)
     except timestamps.TimestampError as e:
       raise RecordError('type_error', name, str(e)) from None
-    _check_time_range(name, micros, f'{date} {hour}')
+    _check_time_range(name, micros,
+                      f'{date or field.compose["since"]} {hour}')
     record[name] = micros
 
 
@@ -514,13 +516,15 @@ class BatchValidator:
             pc.replace_substring_regex(pc.fill_null(source, ''), '^.*/', ''),
             pc.cast(position, pa.string()), ':')
         continue
-      date = columns[field.compose['date']]
+      date_field = field.compose.get('date')   # None: a fixed date (since)
+      date = columns[date_field] if date_field else None
       hour_field = field.compose.get('hour')
       hours = columns[hour_field] if hour_field else None
-      present = true_rows(date.is_valid())
-      if hours is not None:
-        present &= true_rows(hours.is_valid())
-      micros, sure = timestamps.compose_column(field, date, hours)
+      present = np.ones(n, bool)
+      for part in (date, hours):
+        if part is not None:
+          present &= true_rows(part.is_valid())
+      micros, sure = timestamps.compose_column(field, date, hours, n)
       sure &= (micros >= EARLIEST_MICROS) & (micros <= LATEST_MICROS)
       doubt |= (present & ~sure) | (~present & field.required)
       columns[name] = pa.array(micros, pa.int64(), mask=~(present & sure))
