@@ -40,6 +40,8 @@ IMPUTE = ('mean', 'zero')
 RECORD_ID = 'record_id'
 # The column of a missing-value indicator of transformed feature <name>.
 MISSING_SUFFIX = '_missing'
+# The transformed (tf.Transform output) column of model input <name>.
+TRANSFORMED_SUFFIX = '_xf'
 
 _DURATION = re.compile(r'^(\d+)([smhd])$')
 _UNIT_SECONDS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
@@ -420,6 +422,39 @@ def prediction_schema(id_field: str, id_type: str = 'string',
   return pa.schema(columns)
 
 
+def output_columns() -> Dict[str, str]:
+  """Name -> table of every column the pipeline adds to a record's id in
+  its outputs (from `prediction_schema`, for every task, with risk bands):
+  no field may take one of these names."""
+  out = {}
+  for task in TASKS:
+    for name in prediction_schema('', 'string', task, True).names[1:]:
+      out.setdefault(name, 'the predictions')
+  return out
+
+
+def _check_derived_names(c: '_Checker', dataset: 'Dataset'):
+  """Names the declaration derives must not meet a field's: transformed
+  model inputs and indicators, and the columns of each aggregate table."""
+  fields = dataset.feature_types()
+  t = dataset.transform
+  derived = {f'{n}{TRANSFORMED_SUFFIX}': f'transformed {n}'
+             for n in dataset.model_features()}
+  derived.update(
+      (f'{n}{MISSING_SUFFIX}{TRANSFORMED_SUFFIX}', f'the indicator of {n}')
+      for section in ('numeric', 'bucketize')
+      for n, opts in t.get(section, {}).items() if opts['indicator'])
+  for name, what in derived.items():
+    if name in fields:
+      c.fail(f'fields.{name}', f'the name is the column of {what}',
+             'rename the field')
+  for key in dataset.aggregate_keys:
+    names = dataset.aggregate_schema(key).names
+    if names.count(key) > 1:
+      c.fail('aggregates.keys', f'{key} is also a column of its aggregate '
+             f'table ({", ".join(names[1:])})', 'rename the field')
+
+
 def _camel(name: str) -> str:
   return ''.join(part.capitalize() for part in re.split(r'[_\W]+', name))
 
@@ -585,10 +620,17 @@ def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
     c.fail('fields', 'missing or empty', 'declare a mapping of field name '
            '-> {type: string|float|int|timestamp, ...}')
   fields = {}
+  reserved = output_columns()
   for name, opts in declared.items():
     if name == RECORD_ID:
       c.fail(f'fields.{name}', 'the name is reserved for the record id of a '
              'dataset without an id role', 'rename the field')
+    if name in reserved:
+      c.fail(f'fields.{name}', f'the name is a column the pipeline adds to '
+             f'{reserved[name]}', 'rename the field')
+    if str(name).startswith('__'):
+      c.fail(f'fields.{name}', 'names starting with __ are the reader\'s own '
+             'columns', 'rename the field')
     if opts is not None and not isinstance(opts, dict):
       c.fail(f'fields.{name}', 'options must be a mapping',
              'e.g. {type: float, required: true}')
@@ -965,13 +1007,15 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
   if not isinstance(min_examples, int) or min_examples < 0:
     c.fail('min_examples', 'must be a non-negative integer')
 
-  return Dataset(
+  dataset = Dataset(
       name=str(raw.get('name', os.path.splitext(c.where)[0])), fields=fields,
       roles=roles, rules=tuple(rules), histories=histories,
       aggregates=aggregates, transform=transform, drift=drift,
       path=os.path.abspath(path), min_examples=min_examples,
       freshness=freshness, label=label, side_tables=side_tables,
       negatives=negatives, risk=risk)
+  _check_derived_names(c, dataset)
+  return dataset
 
 
 def transform_names(transform: Dict[str, Any]) -> List[str]:

@@ -359,6 +359,12 @@ def test_without_a_label_the_run_stops_after_validation(tmp_path, capsys):
      'transform.numeric.bill_amt: bill_amt is optional and may be missing'),
     (lambda t: t + 'history: {windows: {1h: 3600}}\n',
      'history: history needs roles.timestamp'),
+    # A field named like a column the pipeline adds (failed the run after
+    # training with "Field score exists 2 times", exit 3).
+    (lambda t: t.replace('  bill_amt: {type: float}',
+                         '  bill_amt: {type: float}\n  score: {type: float}'),
+     'fields.score: the name is a column the pipeline adds to the '
+     'predictions; rename the field'),
     # YAML itself: a key twice, aliases that expand to 9**9 values.
     (lambda t: t.replace('  pay_delay:', '  age: {type: float}\n  pay_delay:'),
      "line 11: key 'age' is given twice (first on line 7); give each key "

@@ -106,6 +106,22 @@ def test_adding_a_field_is_one_change(tmp_path):
      r"aggregates.keys: 'ghost' is not a string or int field"),
     (lambda raw: raw['freshness'].update(max_age='soon'),
      r"freshness.max_age: bad duration 'soon'"),
+    # Names the pipeline gives its own output columns.
+    (lambda raw: raw['fields'].update(score={'type': 'float'}),
+     r'fields.score: the name is a column the pipeline adds to the '
+     r'predictions; rename the field'),
+    (lambda raw: raw['fields'].update(model_version={'type': 'string'}),
+     r'fields.model_version: the name is a column the pipeline adds'),
+    (lambda raw: raw['fields'].update(prediction={'type': 'float'}),
+     r'fields.prediction: the name is a column the pipeline adds'),
+    (lambda raw: raw['fields'].update(__source={'type': 'string'}),
+     r"fields.__source: names starting with __ are the reader's own columns"),
+    (lambda raw: raw['fields'].update(amount_xf={'type': 'float'}),
+     r'fields.amount_xf: the name is the column of transformed amount'),
+    (lambda raw: raw['fields'].update(count={'type': 'string',
+                                             'required': True}) or
+     raw['aggregates'].update(keys=['count']),
+     r'aggregates.keys: count is also a column of its aggregate table'),
 ])
 def test_inconsistent_declarations_are_refused(tmp_path, change, message):
   with open(os.path.join(SCHEMA_DIR, 'transactions.yaml')) as f:
