@@ -701,9 +701,15 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
   field = fields[name]
   task = spec.get('task')
   if task is None:
+    if field.type == 'int' and 'classes' not in spec and not field.allowed:
+      # Read as 0/1 it dead-lettered every other value as not allowed.
+      c.fail('label.task', f'{name} is an int label with neither a task nor '
+             'classes', 'declare label.task: regression, or classes (e.g. '
+             'classes: [0, 1])')
+    known = (set(_classes(c, spec['classes']).values())
+             if spec.get('classes') is not None else set(field.allowed or ()))
     task = ('regression' if field.type == 'float' else
-            'multiclass' if spec.get('classes') is not None and
-            len(set(_classes(c, spec['classes']).values())) > 2 else 'binary')
+            'multiclass' if len(known) > 2 else 'binary')
   if task not in TASKS:
     c.fail('label.task', f'{task!r} is not a task',
            f'use one of {", ".join(TASKS)}')
@@ -720,10 +726,10 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
            'string or int field', 'declare task: regression for numbers')
   if 'classes' in spec:
     classes = _classes(c, spec['classes'])
-  elif field.type == 'int' and task == 'binary':
-    classes = {0: 0, 1: 1}
   elif field.allowed:
     classes = {v: i for i, v in enumerate(field.allowed)}
+  elif field.type == 'int' and task == 'binary':
+    classes = {0: 0, 1: 1}
   else:
     c.fail('label.classes', f'{name} needs its classes',
            'e.g. classes: {No: 0, Yes: 1} (raw value -> class index)')

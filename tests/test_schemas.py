@@ -106,6 +106,11 @@ def test_adding_a_field_is_one_change(tmp_path):
      r"aggregates.keys: 'ghost' is not a string or int field"),
     (lambda raw: raw['freshness'].update(max_age='soon'),
      r"freshness.max_age: bad duration 'soon'"),
+    # An int label read as 0/1 without saying so dead-lettered every other
+    # value as "not one of the allowed values".
+    (lambda raw: raw['fields']['is_fraud'].pop('allowed'),
+     r'label.task: is_fraud is an int label with neither a task nor '
+     r'classes; declare label.task: regression, or classes'),
     # Names the pipeline gives its own output columns.
     (lambda raw: raw['fields'].update(score={'type': 'float'}),
      r'fields.score: the name is a column the pipeline adds to the '
@@ -222,3 +227,25 @@ def test_the_safe_loader_serves_any_yaml_the_project_reads():
     assert str(raised.value).startswith(message)
     assert '\n' not in str(raised.value)
     assert isinstance(raised.value, UsageError)   # exit 2
+
+
+def test_an_int_label_takes_its_classes_from_allowed_or_its_task(tmp_path):
+  """Declared values say the classes; task: binary alone means 0/1."""
+  def label(fields_is_fraud, spec):
+    with open(os.path.join(SCHEMA_DIR, 'transactions.yaml')) as f:
+      raw = yaml.safe_load(f)
+    raw['fields']['is_fraud'] = fields_is_fraud
+    raw.pop('risk')
+    if spec:
+      raw['label'] = spec
+    path = tmp_path / 'label.yaml'
+    path.write_text(yaml.safe_dump(raw))
+    return load_dataset(str(path)).label
+  three = label({'type': 'int', 'allowed': [1, 2, 3]}, None)
+  assert (three.task, three.classes) == ('multiclass', {1: 0, 2: 1, 3: 2})
+  two = label({'type': 'int', 'allowed': [1, 2]}, None)
+  assert (two.task, two.classes) == ('binary', {1: 0, 2: 1})
+  explicit = label({'type': 'int'}, {'task': 'binary'})
+  assert (explicit.task, explicit.classes) == ('binary', {0: 0, 1: 1})
+  counts = label({'type': 'int', 'min': 0}, {'task': 'regression'})
+  assert (counts.task, counts.classes) == ('regression', None)
