@@ -19,13 +19,14 @@ stops after validation.
 """
 
 import dataclasses
+import datetime
 import os
 import re
 from typing import Any, Dict, List, Optional, Tuple
 
-import yaml
-
 from pipelines.base.errors import UsageError
+from pipelines.base.safe_yaml import YamlError, load_yaml
+from schemas import patterns
 
 SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.join(SCHEMA_DIR, 'transactions.yaml')
@@ -39,6 +40,8 @@ IMPUTE = ('mean', 'zero')
 RECORD_ID = 'record_id'
 # The column of a missing-value indicator of transformed feature <name>.
 MISSING_SUFFIX = '_missing'
+# The transformed (tf.Transform output) column of model input <name>.
+TRANSFORMED_SUFFIX = '_xf'
 
 _DURATION = re.compile(r'^(\d+)([smhd])$')
 _UNIT_SECONDS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
@@ -419,6 +422,39 @@ def prediction_schema(id_field: str, id_type: str = 'string',
   return pa.schema(columns)
 
 
+def output_columns() -> Dict[str, str]:
+  """Name -> table of every column the pipeline adds to a record's id in
+  its outputs (from `prediction_schema`, for every task, with risk bands):
+  no field may take one of these names."""
+  out = {}
+  for task in TASKS:
+    for name in prediction_schema('', 'string', task, True).names[1:]:
+      out.setdefault(name, 'the predictions')
+  return out
+
+
+def _check_derived_names(c: '_Checker', dataset: 'Dataset'):
+  """Names the declaration derives must not meet a field's: transformed
+  model inputs and indicators, and the columns of each aggregate table."""
+  fields = dataset.feature_types()
+  t = dataset.transform
+  derived = {f'{n}{TRANSFORMED_SUFFIX}': f'transformed {n}'
+             for n in dataset.model_features()}
+  derived.update(
+      (f'{n}{MISSING_SUFFIX}{TRANSFORMED_SUFFIX}', f'the indicator of {n}')
+      for section in ('numeric', 'bucketize')
+      for n, opts in t.get(section, {}).items() if opts['indicator'])
+  for name, what in derived.items():
+    if name in fields:
+      c.fail(f'fields.{name}', f'the name is the column of {what}',
+             'rename the field')
+  for key in dataset.aggregate_keys:
+    names = dataset.aggregate_schema(key).names
+    if names.count(key) > 1:
+      c.fail('aggregates.keys', f'{key} is also a column of its aggregate '
+             f'table ({", ".join(names[1:])})', 'rename the field')
+
+
 def _camel(name: str) -> str:
   return ''.join(part.capitalize() for part in re.split(r'[_\W]+', name))
 
@@ -472,15 +508,20 @@ def _check_field_options(c: _Checker, name: str, opts: Dict[str, Any]):
   for option in ('allowed', 'domain'):
     if option in opts and not isinstance(opts[option], (list, tuple)):
       c.fail(f'{key}.{option}', 'must be a list', 'write [a, b, c]')
+    for value in opts.get(option) or ():
+      if not isinstance(value, (str, int, float)):
+        c.fail(f'{key}.{option}', f'holds a {type(value).__name__}, not a '
+               'value', 'write [a, b, c] of strings or numbers')
   if 'max_length' in opts and not (isinstance(opts['max_length'], int) and
                                    opts['max_length'] >= 0):
     c.fail(f'{key}.max_length', 'must be a non-negative integer')
   if 'pattern' in opts:
-    try:
-      re.compile(opts['pattern'])
-    except (re.error, TypeError) as e:
-      c.fail(f'{key}.pattern', f'bad regular expression '
-             f'{opts["pattern"]!r}: {e}')
+    # RE2 on every path (schemas.patterns): a pattern it cannot run is
+    # refused here, not left to an engine that backtracks.
+    problem = patterns.check(opts['pattern'])
+    if problem:
+      c.fail(f'{key}.pattern', f'bad regular expression: {problem}',
+             'write it in RE2 syntax')
   for option in ('required', 'cents'):
     if option in opts and not isinstance(opts[option], bool):
       c.fail(f'{key}.{option}', 'must be true or false')
@@ -496,10 +537,81 @@ def _check_field_options(c: _Checker, name: str, opts: Dict[str, Any]):
     except (zoneinfo.ZoneInfoNotFoundError, ValueError):
       c.fail(f'{key}.zone', f'unknown time zone {opts["zone"]!r}',
              'use an IANA name such as UTC or Europe/Lisbon')
-  if 'format' in opts and not (isinstance(opts['format'], str) and
-                               '%' in opts['format']):
-    c.fail(f'{key}.format', f'{opts["format"]!r} is not a strptime format',
-           "e.g. '%Y-%m-%d %H:%M:%S'")
+  if 'format' in opts:
+    _check_time_format(c, f'{key}.format', opts['format'])
+  if 'format' in opts and not _has_year(opts['format']):
+    c.fail(f'{key}.format', f'{opts["format"]!r} has no year: every value '
+           'would fall in 1900', 'add %Y, or compose the time: from: {date: '
+           f'{name}, date_format: ..., year: 2011}}')
+
+
+def time_directives(fmt: str) -> Tuple[str, ...]:
+  """The directive letters of a strptime format: '%Y-%m-%%' -> Y, m, %."""
+  return tuple(re.findall(r'%(.)', fmt))
+
+
+# strptime directives that carry a year: a format without one dates every
+# value in 1900.
+YEAR_DIRECTIVES = frozenset('YyGcx')
+
+
+def _has_year(fmt: str) -> bool:
+  return bool(set(time_directives(fmt)) & YEAR_DIRECTIVES)
+
+
+def _check_time_format(c: _Checker, key: str, fmt):
+  """A strptime format Python's strptime compiles (the per-value
+  definition), e.g. no directive given twice."""
+  if not (isinstance(fmt, str) and '%' in fmt):
+    c.fail(key, f'{fmt!r} is not a strptime format', "e.g. '%Y-%m-%d'")
+  try:
+    datetime.datetime.strptime('', fmt)
+  except ValueError as e:
+    if 'does not match format' not in str(e):
+      c.fail(key, f'{fmt!r}: {e}', 'see the strptime directives')
+  except re.error:
+    c.fail(key, f'{fmt!r} gives a directive twice', 'give each part once')
+
+
+def _check_constant_parts(c: _Checker, key: str, compose: Dict[str, Any]):
+  """`from:` takes a date field or a fixed date `since`; a date format
+  without a year needs the constant `year`. Normalises `since` to
+  'YYYY-MM-DD'."""
+  if ('date' in compose) == ('since' in compose):
+    c.fail(key, 'needs a date field or a fixed date (since), not both',
+           'e.g. from: {date: day, hour: hour} or from: {since: 2011-01-01, '
+           'hour: hour_of_year}')
+  if 'since' in compose:
+    since = compose['since']
+    if 'hour' not in compose:
+      c.fail(key, 'a fixed date needs an hour field', 'add hour: <field>')
+    for option in ('date_format', 'year'):
+      if option in compose:
+        c.fail(f'{key}.{option}', 'goes with a date field, not with since',
+               'remove it')
+    try:
+      if isinstance(since, datetime.datetime):
+        raise ValueError
+      since = since if isinstance(since, datetime.date) else (
+          datetime.date.fromisoformat(str(since)))
+    except ValueError:
+      c.fail(f'{key}.since', f'{compose["since"]!r} is not a date',
+             'write it as 2011-01-01')
+    compose['since'] = since.isoformat()
+    return
+  date_format = compose.get('date_format', '%Y-%m-%d')
+  _check_time_format(c, f'{key}.date_format', date_format)
+  year = compose.get('year')
+  if year is None and not _has_year(date_format):
+    c.fail(f'{key}.date_format', f'{date_format!r} has no year: every date '
+           'would fall in 1900', 'add %Y, or declare the year: year: 2011')
+  if year is not None:
+    if _has_year(date_format):
+      c.fail(f'{key}.year', f'{date_format!r} has a year of its own',
+             'remove year or the year from date_format')
+    if isinstance(year, bool) or not isinstance(year, int) or not (
+        1678 <= year <= 2261):
+      c.fail(f'{key}.year', f'{year!r} is not a year 1678-2261')
 
 
 def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
@@ -508,10 +620,17 @@ def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
     c.fail('fields', 'missing or empty', 'declare a mapping of field name '
            '-> {type: string|float|int|timestamp, ...}')
   fields = {}
+  reserved = output_columns()
   for name, opts in declared.items():
     if name == RECORD_ID:
       c.fail(f'fields.{name}', 'the name is reserved for the record id of a '
              'dataset without an id role', 'rename the field')
+    if name in reserved:
+      c.fail(f'fields.{name}', f'the name is a column the pipeline adds to '
+             f'{reserved[name]}', 'rename the field')
+    if str(name).startswith('__'):
+      c.fail(f'fields.{name}', 'names starting with __ are the reader\'s own '
+             'columns', 'rename the field')
     if opts is not None and not isinstance(opts, dict):
       c.fail(f'fields.{name}', 'options must be a mapping',
              'e.g. {type: float, required: true}')
@@ -528,18 +647,17 @@ def _load_fields(c: _Checker, raw) -> Dict[str, Field]:
     compose = opts.pop('from', None)
     if compose is not None:
       compose = dict(c.mapping(compose, f'fields.{name}.from'))
-      c.known_keys(compose, ('date', 'hour', 'date_format'),
+      c.known_keys(compose, ('date', 'hour', 'date_format', 'year', 'since'),
                    f'fields.{name}.from')
-      if 'date' not in compose:
-        c.fail(f'fields.{name}.from', 'needs a date field',
-               'e.g. from: {date: day, hour: hour}')
+      _check_constant_parts(c, f'fields.{name}.from', compose)
     fields[name] = Field(name=name, type=ftype, compose=compose,
                          derived=compose is not None, **opts)
   for name, field in fields.items():
     if not field.compose:
       continue
-    date, hour = field.compose['date'], field.compose.get('hour')
-    if fields.get(date) is None or fields[date].type != 'string':
+    date, hour = field.compose.get('date'), field.compose.get('hour')
+    if date is not None and (fields.get(date) is None or
+                             fields[date].type != 'string'):
       c.fail(f'fields.{name}.from.date', f'{date!r} is not a declared '
              'string field', 'name the field holding the date text')
     if hour is not None and (fields.get(hour) is None or
@@ -583,9 +701,15 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
   field = fields[name]
   task = spec.get('task')
   if task is None:
+    if field.type == 'int' and 'classes' not in spec and not field.allowed:
+      # Read as 0/1 it dead-lettered every other value as not allowed.
+      c.fail('label.task', f'{name} is an int label with neither a task nor '
+             'classes', 'declare label.task: regression, or classes (e.g. '
+             'classes: [0, 1])')
+    known = (set(_classes(c, spec['classes']).values())
+             if spec.get('classes') is not None else set(field.allowed or ()))
     task = ('regression' if field.type == 'float' else
-            'multiclass' if spec.get('classes') is not None and
-            len(set(_classes(c, spec['classes']).values())) > 2 else 'binary')
+            'multiclass' if len(known) > 2 else 'binary')
   if task not in TASKS:
     c.fail('label.task', f'{task!r} is not a task',
            f'use one of {", ".join(TASKS)}')
@@ -602,10 +726,10 @@ def _load_label(c: _Checker, raw, fields, roles) -> Optional[LabelSpec]:
            'string or int field', 'declare task: regression for numbers')
   if 'classes' in spec:
     classes = _classes(c, spec['classes'])
-  elif field.type == 'int' and task == 'binary':
-    classes = {0: 0, 1: 1}
   elif field.allowed:
     classes = {v: i for i, v in enumerate(field.allowed)}
+  elif field.type == 'int' and task == 'binary':
+    classes = {0: 0, 1: 1}
   else:
     c.fail('label.classes', f'{name} needs its classes',
            'e.g. classes: {No: 0, Yes: 1} (raw value -> class index)')
@@ -816,12 +940,15 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
     path = os.path.join(SCHEMA_DIR, f'{path}.yaml')
   try:
     with open(path, encoding='utf-8') as f:
-      raw = yaml.safe_load(f)
+      text = f.read()
   except OSError as e:
     raise SchemaError(f'cannot read schema {path}: {e.strerror}') from None
-  except yaml.YAMLError as e:
-    raise SchemaError(f'schema {path} is not valid YAML: '
-                      f'{" ".join(str(e).split())}') from None
+  except UnicodeDecodeError:
+    raise SchemaError(f'schema {path} is not UTF-8 text') from None
+  try:
+    raw = load_yaml(text, os.path.basename(path))
+  except YamlError as e:
+    raise SchemaError(str(e)) from None
   if not isinstance(raw, dict):
     raise SchemaError(f'schema {path} must be a mapping')
   c = _Checker(os.path.basename(path))
@@ -886,13 +1013,15 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
   if not isinstance(min_examples, int) or min_examples < 0:
     c.fail('min_examples', 'must be a non-negative integer')
 
-  return Dataset(
+  dataset = Dataset(
       name=str(raw.get('name', os.path.splitext(c.where)[0])), fields=fields,
       roles=roles, rules=tuple(rules), histories=histories,
       aggregates=aggregates, transform=transform, drift=drift,
       path=os.path.abspath(path), min_examples=min_examples,
       freshness=freshness, label=label, side_tables=side_tables,
       negatives=negatives, risk=risk)
+  _check_derived_names(c, dataset)
+  return dataset
 
 
 def transform_names(transform: Dict[str, Any]) -> List[str]:

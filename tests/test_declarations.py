@@ -359,6 +359,21 @@ def test_without_a_label_the_run_stops_after_validation(tmp_path, capsys):
      'transform.numeric.bill_amt: bill_amt is optional and may be missing'),
     (lambda t: t + 'history: {windows: {1h: 3600}}\n',
      'history: history needs roles.timestamp'),
+    # A field named like a column the pipeline adds (failed the run after
+    # training with "Field score exists 2 times", exit 3).
+    (lambda t: t.replace('  bill_amt: {type: float}',
+                         '  bill_amt: {type: float}\n  score: {type: float}'),
+     'fields.score: the name is a column the pipeline adds to the '
+     'predictions; rename the field'),
+    # YAML itself: a key twice, aliases that expand to 9**9 values.
+    (lambda t: t.replace('  pay_delay:', '  age: {type: float}\n  pay_delay:'),
+     "line 11: key 'age' is given twice (first on line 7); give each key "
+     'once'),
+    (lambda t: t.replace('[graduate, university, high_school, other]',
+                         '[&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol], '
+                         + ', '.join(f'&a{i} [' + ', '.join([f'*a{i - 1}'] * 9)
+                                     + ']' for i in range(1, 9)) + ']'),
+     'aliases expand to over 10000 more values; write the values out once'),
 ])
 def test_broken_declarations_exit_2_with_one_line(tmp_path, capsys, change,
                                                   message):

@@ -460,3 +460,70 @@ def test_bytes_that_are_not_utf8_are_kept_as_read(tmp_path):
   assert '\ufffd' in raw
   streamed = decode_message(bad, 'pubsub:t')
   assert base64.b64decode(streamed.error.rsplit(' ', 1)[1]) == bad
+
+
+# Patterns: one engine (RE2) on both paths --------------------------------------
+PATTERNS = """
+name: patterns
+roles: {id: id}
+fields:
+  id: {type: string, required: true}
+  code: {type: string, pattern: '(a+)+$'}
+  word: {type: string, pattern: 'abc$'}
+"""
+
+
+class _Hung(Exception):
+  pass
+
+
+def _within(seconds, work):
+  """work(), or _Hung if it has not returned after `seconds` (a bound on
+  a hang, far above the milliseconds the work takes: not a speed test)."""
+  import signal
+
+  def hung(*_):
+    raise _Hung(f'still running after {seconds} s')
+
+  previous = signal.signal(signal.SIGALRM, hung)
+  signal.setitimer(signal.ITIMER_REAL, seconds)
+  try:
+    return work()
+  finally:
+    signal.setitimer(signal.ITIMER_REAL, 0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+def test_a_backtracking_pattern_is_decided_by_re2_on_both_paths(tmp_path):
+  """`(a+)+$` takes Python's re ~2^40 steps on 40 a's and a '!'; RE2 is
+  linear. And 'abc\\n' matches 'abc$' in Python's re but not in RE2: both
+  paths must say what RE2 says."""
+  schema = tmp_path / 'patterns.yaml'
+  schema.write_text(PATTERNS)
+  dataset = load_dataset(str(schema))
+  hostile = 'a' * 40 + '!'
+  path = _lines(tmp_path / 'p.jsonl', [
+      json.dumps({'id': '1', 'code': hostile}),
+      json.dumps({'id': '2', 'code': 'aaaa', 'word': 'abc'}),
+      json.dumps({'id': '3', 'word': 'abc\n'})])
+  batches = list(read_batches(path, dataset))
+
+  def both_paths():
+    valid, dead = [], []
+    for batch in batches:
+      good, bad = BatchValidator(dataset).validate(batch)
+      valid += [r['id'] for r in good.to_pylist()]
+      dead += [(d['position'], d['error_kind'], d['field']) for d in bad]
+    single = []
+    for batch in batches:
+      for raw in raw_records(batch):
+        try:
+          RecordValidator(dataset).validate(raw)
+        except RecordError as e:
+          single.append((raw.position, e.kind, e.field))
+    return valid, dead, single
+
+  valid, dead, single = _within(30, both_paths)
+  assert valid == ['2']
+  assert dead == single == [(0, 'pattern_mismatch', 'code'),
+                            (2, 'pattern_mismatch', 'word')]

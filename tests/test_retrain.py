@@ -203,6 +203,8 @@ def test_shifted_amounts_retrain_and_a_better_challenger_is_promoted(
     ('max_score_psi: .inf\n', 'max_score_psi must be a finite number, not inf'),
     ('max_drifted_features: 1\npromote_margin: .NaN\n',
      'promote_margin must be a finite number'),
+    # The later of two keys no longer wins silently.
+    ('max_auc_drop: 0.5\nmax_auc_drop: 0.01\n', "key 'max_auc_drop' is given"),
 ])
 def test_a_bad_policy_is_one_line_and_exit_2(world, tmp_path, capsys, policy,
                                              message):

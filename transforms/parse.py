@@ -25,7 +25,6 @@ Every record read leaves through exactly one of the two outputs.
 import datetime
 import math
 import os
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 import apache_beam as beam
@@ -40,6 +39,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipelines.base.errors import UsageError
+from schemas import patterns
 from schemas.dataset import RECORD_ID, Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                NAMESPACE, VALID, CountElements, CountRows,
@@ -182,10 +182,11 @@ def _derive(dataset: Dataset, record: Dict[str, Any], raw: RawRecord):
     if name == RECORD_ID:
       record[name] = record_id(raw.source, raw.position)
       continue
-    date = record.get(field.compose['date'])
+    date_field = field.compose.get('date')   # None: a fixed date (since)
+    date = record.get(date_field) if date_field else None
     hour_field = field.compose.get('hour')
     hour = record.get(hour_field) if hour_field else None
-    if date is None or (hour_field and hour is None):
+    if (date_field and date is None) or (hour_field and hour is None):
       if field.required:
         raise RecordError('missing_required', name, f'{name} is required '
                           'but its date or hour is missing')
@@ -195,11 +196,12 @@ def _derive(dataset: Dataset, record: Dict[str, Any], raw: RawRecord):
       micros = timestamps.compose_value(field, date, hour)
     except timestamps.TimestampError as e:
       raise RecordError('type_error', name, str(e)) from None
-    _check_time_range(name, micros, f'{date} {hour}')
+    _check_time_range(name, micros,
+                      f'{date or field.compose["since"]} {hour}')
     record[name] = micros
 
 
-def _check(field: Field, value, patterns: Dict[str, Any]):
+def _check(field: Field, value):
   name = field.name
   if field.min is not None and value < field.min:
     raise RecordError('out_of_range', name,
@@ -213,8 +215,7 @@ def _check(field: Field, value, patterns: Dict[str, Any]):
   if field.max_length is not None and len(value) > field.max_length:
     raise RecordError('too_long', name, f'{name}: longer than '
                       f'{field.max_length} characters')
-  pattern = patterns.get(name)
-  if pattern is not None and not pattern.match(value):
+  if field.pattern is not None and not patterns.match(value, field.pattern):
     raise RecordError('pattern_mismatch', name,
                       f'{name}: {value!r} does not match {field.pattern}')
 
@@ -243,8 +244,6 @@ class RecordValidator:
   def __init__(self, dataset: Dataset, reference_micros: Optional[int] = None):
     self.dataset = dataset
     self._reference = reference_micros
-    self._patterns = {n: re.compile(f.pattern)
-                      for n, f in dataset.fields.items() if f.pattern}
 
   def validate(self, raw: RawRecord) -> Dict[str, Any]:
     if raw.error is not None:
@@ -259,7 +258,7 @@ class RecordValidator:
         record[name] = None
         continue
       value = _coerce(field, value)
-      _check(field, value, self._patterns)
+      _check(field, value)
       record[name] = value
     _derive(self.dataset, record, raw)
     for rule in self.dataset.rules:
@@ -353,19 +352,6 @@ def _parse_rfc3339_offsets(column: pa.Array) -> Tuple[np.ndarray, np.ndarray]:
   return micros, parsed
 
 
-def _regex_or_none(pattern: str) -> Optional[str]:
-  """`pattern` as re.match applies it (anchored at the start) for RE2, or
-  None when RE2 cannot run it (then every value takes the per-record path).
-  RE2's '$' only matches at the very end, stricter than Python's, which
-  only sends more rows to the per-record path."""
-  anchored = f'^(?:{pattern})'
-  try:
-    pc.match_substring_regex(pa.array(['']), anchored)
-  except pa.ArrowInvalid:
-    return None
-  return anchored
-
-
 class BatchValidator:
   """Raw RecordBatch -> (valid RecordBatch, dead-letter rows).
 
@@ -379,8 +365,6 @@ class BatchValidator:
     self._reference = reference_micros
     self._record_validator = RecordValidator(dataset, reference_micros)
     self._schema = dataset.batch_schema()
-    self._patterns = {n: _regex_or_none(f.pattern)
-                      for n, f in dataset.fields.items() if f.pattern}
     self._out_schema = self._schema
     for name in KEEP_META:
       self._out_schema = self._out_schema.append(
@@ -485,11 +469,8 @@ class BatchValidator:
       doubt |= ~true_rows(pc.is_in(values, value_set=allowed))
     if field.max_length is not None:
       doubt |= true_rows(pc.greater(pc.utf8_length(values), field.max_length))
-    if field.name in self._patterns:
-      pattern = self._patterns[field.name]
-      if pattern is None:
-        return ~doubt
-      doubt |= ~true_rows(pc.match_substring_regex(values, pattern))
+    if field.pattern is not None:
+      doubt |= ~patterns.matches(values, field.pattern)
     return doubt
 
   def _cross_field_doubts(self, columns: Dict[str, pa.Array], n: int
@@ -535,13 +516,15 @@ class BatchValidator:
             pc.replace_substring_regex(pc.fill_null(source, ''), '^.*/', ''),
             pc.cast(position, pa.string()), ':')
         continue
-      date = columns[field.compose['date']]
+      date_field = field.compose.get('date')   # None: a fixed date (since)
+      date = columns[date_field] if date_field else None
       hour_field = field.compose.get('hour')
       hours = columns[hour_field] if hour_field else None
-      present = true_rows(date.is_valid())
-      if hours is not None:
-        present &= true_rows(hours.is_valid())
-      micros, sure = timestamps.compose_column(field, date, hours)
+      present = np.ones(n, bool)
+      for part in (date, hours):
+        if part is not None:
+          present &= true_rows(part.is_valid())
+      micros, sure = timestamps.compose_column(field, date, hours, n)
       sure &= (micros >= EARLIEST_MICROS) & (micros <= LATEST_MICROS)
       doubt |= (present & ~sure) | (~present & field.required)
       columns[name] = pa.array(micros, pa.int64(), mask=~(present & sure))

@@ -43,7 +43,7 @@ from tensorflow_transform.tf_metadata import schema_utils
 from tfx_bsl.tfxio import tensor_adapter
 from tfx_bsl.tfxio import tensor_representation_util
 
-from schemas.dataset import MISSING_SUFFIX
+from schemas.dataset import MISSING_SUFFIX, TRANSFORMED_SUFFIX
 from transforms import arrow
 
 _TF_TYPES = {'string': tf.string, 'float': tf.float32, 'int': tf.int64}
@@ -51,7 +51,7 @@ _TF_TYPES = {'string': tf.string, 'float': tf.float32, 'int': tf.int64}
 
 def transformed_name(name: str) -> str:
   """Output column of raw feature `name`."""
-  return f'{name}_xf'
+  return f'{name}{TRANSFORMED_SUFFIX}'
 
 
 def indicator_name(name: str) -> str:

@@ -29,6 +29,7 @@ latest event time of the run's feature rows, never from the clock.
 
 from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 from pipelines.base.errors import UsageError
+from pipelines.base.safe_yaml import YamlError, load_yaml
 
 import contextlib
 import io
@@ -41,7 +42,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import yaml
 
 from pipelines.model import monitoring as monitor
 from pipelines.outputs import files
@@ -84,10 +84,13 @@ def load_policy(path: str) -> Dict[str, Any]:
   """The policy YAML, checked, with defaults filled in."""
   try:
     with FileSystems.open(path) as f:
-      raw = yaml.safe_load(f.read().decode('utf-8'))
-  except (OSError, yaml.YAMLError) as e:
+      # The project's YAML loader: duplicate keys and alias bombs refused.
+      raw = load_yaml(f.read(), f'--policy {path}')
+  except OSError as e:
     raise RetrainError(f'--policy {path}: cannot read it: '
                        f'{" ".join(str(e).split())}') from None
+  except YamlError as e:
+    raise RetrainError(str(e)) from None
   if not isinstance(raw, dict):
     raise RetrainError(f'--policy {path}: must be a mapping of settings')
   known = {**TRIGGERS, **SETTINGS}
