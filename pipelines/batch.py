@@ -248,7 +248,7 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   report what was done) and returns it."""
   out = opts.output_dir
   scoring_only = bool(opts.model_dir)
-  features_glob = files.join(out, FEATURES, '*.parquet')
+  features_glob = files.pattern_in(files.join(out, FEATURES), '*.parquet')
   _stage = _Stages()
 
   _stage(f'Ingest and features: {len(paths)} file(s) from {opts.input}')
@@ -305,7 +305,9 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     _stage('Transform: tf.Transform analyse and transform')
     p = beam.Pipeline(options=options)
     model_stages.build_transform(
-        p, dataset, files.join(out, TRAINING, '*.parquet') if dataset.negatives
+        p, dataset,
+        files.pattern_in(files.join(out, TRAINING), '*.parquet')
+        if dataset.negatives
         else features_glob, out, label_learned=bool(dataset.negatives))
     _run_beam(p)
     outputs['transform'] = files.join(out, model_stages.TRANSFORM)

@@ -190,3 +190,29 @@ def test_retention_never_deletes_a_run_folder_inside_a_registry(tmp_path):
 
   assert result['deleted'] == [] and result['kept'] == [inside]
   assert os.path.exists(os.path.join(inside, 'run_summary.json'))
+
+
+def test_a_runs_features_are_read_from_its_own_folder_not_a_sibling(
+    tmp_path):
+  """The batch job reads back its feature table (and the retrain command a
+  run's) through files.pattern_in: in a folder named 'run[1]' it must read
+  run[1]'s rows, never those of the sibling 'run1' that the unescaped
+  pattern 'run[1]/features/*.parquet' matches (this test fails with it)."""
+  import apache_beam as beam  # pylint: disable=g-import-not-at-top
+  from apache_beam.testing.util import assert_that, equal_to  # pylint: disable=g-import-not-at-top
+  import pyarrow as pa  # pylint: disable=g-import-not-at-top
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  from transforms.feature_rows import ReadFeatureRows  # pylint: disable=g-import-not-at-top
+  for name, ids in (('run[1]', ['own']), ('run1', ['sibling'])):
+    os.makedirs(tmp_path / name / 'features')
+    pq.write_table(pa.table({'id': ids}),
+                   str(tmp_path / name / 'features' / 'part-0.parquet'))
+  glob = files.pattern_in(str(tmp_path / 'run[1]' / 'features'), '*.parquet')
+  assert files.files_in(str(tmp_path / 'run[1]' / 'features'),
+                        '*.parquet') == [
+                            str(tmp_path / 'run[1]' / 'features' /
+                                'part-0.parquet')]
+  with beam.Pipeline() as p:
+    ids = (p | ReadFeatureRows(glob)
+           | beam.FlatMap(lambda b: b.column(0).to_pylist()))
+    assert_that(ids, equal_to(['own']))

@@ -200,7 +200,7 @@ def triggers(policy: Dict[str, Any], drift: Optional[Dict[str, Any]],
 # Evaluation -----------------------------------------------------------------
 def read_features(run_dir: str) -> pa.Table:
   """A run's feature rows (Parquet), timestamps as int64 epoch us."""
-  pattern = files.join(run_dir, 'features', '*.parquet')
+  pattern = files.pattern_in(files.join(run_dir, 'features'), '*.parquet')
   paths = sorted(m.path for m in FileSystems.match([pattern])[0]
                  .metadata_list)
   if not paths:

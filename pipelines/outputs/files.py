@@ -62,11 +62,17 @@ def _entry(path: str) -> str:
                       os.path.basename(path))
 
 
+def pattern_in(folder: str, pattern: str) -> str:
+  """A glob of the files of `folder` whose names match `pattern` (e.g.
+  '*.parquet'): the folder is a name, its glob characters escaped, so a
+  run into 'run[1]' never reads the sibling 'run1'."""
+  return join(glob.escape(folder), pattern)
+
+
 def files_in(folder: str, pattern: str) -> List[str]:
-  """The files of `folder` (a name: its glob characters are escaped) whose
-  names match `pattern` (e.g. '*.parquet'), sorted."""
+  """The files of `folder` (a name) whose names match `pattern`, sorted."""
   return sorted(m.path for m in FileSystems.match(
-      [join(glob.escape(folder), pattern)])[0].metadata_list)
+      [pattern_in(folder, pattern)])[0].metadata_list)
 
 
 def write_json(path: str, value):
