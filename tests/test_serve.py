@@ -320,18 +320,16 @@ def test_an_update_outside_the_declared_freshness_is_refused(run):
 
   far = json.dumps(dict(record, transaction_id='tx999999990',
                         event_time='2261-01-01T00:00:00Z'))
-  for client, body in [
+  client = _client(run, db=6, reference_time=record['event_time'])
+  for asked, body in [
       (_client(run, db=6), far),
-      (_client(run, db=6, reference_time=record['event_time']),
-       at(t + 301 * 1_000_000, 'tx999999991')),
-      (_client(run, db=6, reference_time=record['event_time']),
-       at(t - 91 * 86400 * 1_000_000, 'tx999999992'))]:
-    response = client.post('/score?update=true', content=body)
+      (client, at(t + 301 * 1_000_000, 'tx999999991')),
+      (client, at(t - 91 * 86400 * 1_000_000, 'tx999999992'))]:
+    response = asked.post('/score?update=true', content=body)
     assert response.status_code == 400, response.text
     assert response.json()['error_kind'] == 'stale'
     assert response.json()['field'] == 'event_time'
     assert _state(store, user) == before
-  client = _client(run, db=6, reference_time=record['event_time'])
   soon = client.post('/score?update=true',
                      content=at(t + 240 * 1_000_000, 'tx999999993'))
   assert soon.status_code == 200, soon.text
