@@ -83,8 +83,46 @@ def test_key_layout_and_encoding():
   import pickle
   with pytest.raises(ValueError):
     online_store.decode(pickle.dumps(value))
-  with pytest.raises(online_store.StoreError):
+  with pytest.raises(online_store.BadStoredValue):
     online_store.decode('[1, 2]')
+
+
+def test_read_records_accepts_the_documented_json_only():
+  """A stored record is read only if it is a JSON object of the declared
+  types with every required field; anything else is BadStoredValue
+  (#23.8), not a row that fails a later step."""
+  good = _record('tx1', 'u1', 1.0)
+  text = online_store.encode(good).encode()
+  assert online_store.read_records([text, text], DATASET) == [good, good]
+  missing = {k: v for k, v in good.items() if k != 'event_time'}
+  for bad in [b'not json', b'\xff\xfe', b'[1, 2]', b'{}',
+              online_store.encode(dict(good, amount='ten')).encode(),
+              online_store.encode(missing).encode()]:
+    with pytest.raises(online_store.BadStoredValue):
+      online_store.read_records([text, bad], DATASET)
+
+
+def test_the_request_script_adds_or_repeats_but_never_rewrites(server):
+  """ADD_SCRIPT (the service's ?update=true): a new record is merged, the
+  same record again changes nothing, the same id with other values is
+  refused (-1) before anything is written (#23.4)."""
+  client = redis.Redis.from_url(server.url(3))
+  script = client.register_script(online_store.ADD_SCRIPT)
+  record = _record('tx1', 'u1', 1.0, amount=146.09)
+  t = record['event_time']
+
+  def add(row):
+    return script(keys=KEYS.of('u1'), args=online_store.merge_args(
+        SPEC, 100, [('tx1', t, online_store.encode(row))],
+        (t, 'tx1', online_store.encode({'n': row['amount']})), 'v1'))
+
+  assert add(record) == 1
+  stored = _snapshot(server.url(3), ['u1'])
+  assert add(record) == 1
+  assert _snapshot(server.url(3), ['u1']) == stored
+  assert add(dict(record, amount=24999.0)) == -1
+  assert _snapshot(server.url(3), ['u1']) == stored
+  assert online_store.decode(stored['u1'][1][b'tx1'])['amount'] == 146.09
 
 
 def test_an_entity_keeps_its_last_seven_days_and_newest_features():

@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -25,14 +26,16 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import batch
 from pipelines import generate
-from pipelines.serving import service as serve
+from pipelines import serve
 from pipelines import train
 from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
+from pipelines.serving.batcher import Batcher
 from transforms import online_store
 from transforms.history_features import history_features
 from transforms.inference import TransformedSklearnModelHandler, predict_table
+from transforms.common import micros_to_rfc3339
 from transforms.parse import RecordValidator, rfc3339_to_micros
 from transforms.stream_sources import decode_message
 from tests.redis_server import RedisServer, free_port
@@ -79,14 +82,14 @@ def run(tmp_path_factory):
     server.stop()
 
 
-def _app(run, db=0, **flags):
+def _app(run, db=0, url=None, **flags):
   """The application `python -m pipelines.serve` serves with these flags
   (the model of the batch run unless `registry` is given). The store
   timeout is 2 s unless given: these tests are about answers, and a
   machine busy with other jobs can hold a Redis reply past the default
   100 ms (the fault tests set it)."""
   flags.setdefault('store_timeout_ms', 2000)
-  argv = ['--online_store', run['server'].url(db)]
+  argv = ['--online_store', url or run['server'].url(db)]
   if 'registry' not in flags:
     argv += ['--model_dir', run['model_dir']]
   for k, v in flags.items():
@@ -96,6 +99,31 @@ def _app(run, db=0, **flags):
 
 def _client(run, db=0, **flags):
   return TestClient(_app(run, db, **flags))
+
+
+def _copy_users(run, users, db):
+  """A store (database `db`, emptied) holding these users' states as the
+  batch run materialised them, and the store's description."""
+  source = redis.Redis.from_url(run['server'].url(0))
+  target = redis.Redis.from_url(run['server'].url(db))
+  target.flushdb()
+  for key in [KEYS.meta] + [k for u in users for k in KEYS.of(u)]:
+    assert source.copy(key, key, destination_db=db), key
+  return target
+
+
+def _send_at_once(app, bodies, path='/score'):
+  """Posts the bodies concurrently on one event loop (as uvicorn serves
+  them): the responses in order, and the metrics text afterwards."""
+  async def send_all():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport,
+                                 base_url='http://serve') as client:
+      responses = await asyncio.gather(*(
+          client.post(path, content=body) for body in bodies))
+      metrics = (await client.get('/metrics')).text
+    return responses, metrics
+  return asyncio.run(send_all())
 
 
 def _metric(text, name):
@@ -184,7 +212,7 @@ def test_replayed_records_score_as_in_batch_and_converge(run, tmp_path):
       PipelineOptions([]), DATASET, str(tmp_path / '*.parquet'),
       run['server'].url(1), run['summary']['model']['version'], 4)
   assert written['writes_failed'] == 0
-  client = _client(run, db=1)
+  client = _client(run, db=1, reference_time=run['records'][-1]['event_time'])
   for record in later:
     response = client.post('/score?update=true', content=json.dumps(record))
     assert response.status_code == 200, response.text
@@ -251,6 +279,167 @@ def test_health_and_metrics(run):
   assert 'mlpipe_serve_score_seconds_count 2.0' in text
 
 
+def test_an_update_never_rewrites_a_stored_record(run):
+  """#23.4: the same record again (same id, same values) is idempotent;
+  the same id with other values is refused with 409, counted, and the
+  user's stored state is left as it was."""
+  record = run['records'][-1]
+  user = record['user_id']
+  store = _copy_users(run, [user], 5)
+  before = _state(store, user)
+  assert record['transaction_id'].encode() in before[1]
+  client = _client(run, db=5, reference_time=record['event_time'])
+  again = client.post('/score?update=true', content=json.dumps(record))
+  assert again.status_code == 200, again.text
+  assert again.json()['updated'] is True
+  assert _state(store, user) == before
+  rewritten = dict(record, amount=24999.0)
+  refused = client.post('/score?update=true', content=json.dumps(rewritten))
+  assert refused.status_code == 409, refused.text
+  assert record['transaction_id'] in refused.json()['error']
+  assert _state(store, user) == before
+  assert _metric(client.get('/metrics').text,
+                 'mlpipe_serve_update_conflicts_total') == 1
+
+
+def test_an_update_outside_the_declared_freshness_is_refused(run):
+  """#23.5: an update whose event time is outside the declaration's
+  freshness (max_future 5m, max_age 90d) around the service's clock is a
+  400 `stale` and leaves the store as it was; by default the clock is the
+  wall clock (a record of 2261 is refused), with --reference_time a fixed
+  instant (5 min after it is refused, 4 min after it is merged)."""
+  record = run['records'][-1]
+  user, t = record['user_id'], _order(record)[0]
+  store = _copy_users(run, [user], 6)
+  before = _state(store, user)
+  assert len(before[0]) > 1
+
+  def at(micros, rid):
+    return json.dumps(dict(record, transaction_id=rid, event_time=(
+        micros_to_rfc3339(micros))))
+
+  far = json.dumps(dict(record, transaction_id='tx999999990',
+                        event_time='2261-01-01T00:00:00Z'))
+  client = _client(run, db=6, reference_time=record['event_time'])
+  for asked, body in [
+      (_client(run, db=6), far),
+      (client, at(t + 301 * 1_000_000, 'tx999999991')),
+      (client, at(t - 91 * 86400 * 1_000_000, 'tx999999992'))]:
+    response = asked.post('/score?update=true', content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()['error_kind'] == 'stale'
+    assert response.json()['field'] == 'event_time'
+    assert _state(store, user) == before
+  soon = client.post('/score?update=true',
+                     content=at(t + 240 * 1_000_000, 'tx999999993'))
+  assert soon.status_code == 200, soon.text
+  assert b'tx999999993' in _state(store, user)[1]
+
+
+BAD_STORED_VALUES = [b'not json', b'\xff\xfe', b'[1, 2]', b'{}',
+                     b'{"amount": "ten"}']
+
+
+def test_a_bad_stored_state_fails_its_own_request_only(run):
+  """#23.8: one user's stored record that is not the documented JSON (not
+  JSON, not an object, fields missing or of the wrong type) answers 500
+  naming the user for that user's request, and is counted; the other
+  requests scored at once with it get their batch answers."""
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  records = list(newest.values())[:40]
+  victim = records[7]
+  store = _copy_users(run, [r['user_id'] for r in records], 7)
+  times, hashed, _ = KEYS.of(victim['user_id'])
+  older = [m for m in store.zrange(times, 0, -1)
+           if m.decode() != victim['transaction_id']]
+  assert older
+  app = _app(run, db=7)
+  bodies = [json.dumps(r) for r in records]
+  for n, value in enumerate(BAD_STORED_VALUES, 1):
+    store.hset(hashed, older[0], value)
+    responses, metrics = _send_at_once(app, bodies)
+    for record, response in zip(records, responses):
+      if record is victim:
+        assert response.status_code == 500, (value, response.text)
+        error = response.json()['error']
+        assert victim['user_id'] in error and 'documented JSON' in error
+      else:
+        assert response.status_code == 200, (value, response.text)
+        _assert_as_in_batch(run, record, response.json())
+    assert _metric(metrics, 'mlpipe_serve_bad_stored_states_total') == n
+    assert _metric(metrics, 'mlpipe_serve_batch_rows_count') < n * len(
+        records)
+
+
+def test_a_paused_store_answers_every_request_within_its_timeout(run,
+                                                                 tmp_path):
+  """#25.5: Redis paused (SIGSTOP) while 40 requests arrive at 50 per
+  second, open loop: every request is answered with a 503 (the timeout
+  named, or busy) within the store timeout plus a margin for a busy
+  machine, none waiting for the ones before it (late answers counted:
+  none); then, still paused, of a burst of 40 at once at most
+  --max_waiting wait for the store and the others are refused at once as
+  busy (Retry-After: 1); once Redis runs again the service scores."""
+  paused = RedisServer(tmp_path / 'redis').start()
+  timeout, sent, every, bound = 0.2, 40, 0.02, 16
+  app = _app(run, url=paused.url(), store_timeout_ms=int(timeout * 1000),
+             max_waiting=bound)
+  body = json.dumps(run['records'][-1])
+
+  async def trial():
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport,
+                                 base_url='http://serve') as client:
+      deadline = time.monotonic() + 60     # a bounded warm-up
+      while (await client.post('/score', content=body)).status_code != 200:
+        assert time.monotonic() < deadline, 'the store never answered'
+      os.kill(paused.process.pid, signal.SIGSTOP)
+      try:
+        start = time.perf_counter()
+
+        async def one(i):
+          await asyncio.sleep(i * every)
+          response = await client.post('/score', content=body)
+          # Open loop: from when the request was due, not when it left.
+          return response, time.perf_counter() - start - i * every
+
+        steady = await asyncio.gather(*(one(i) for i in range(sent)))
+        burst = await asyncio.gather(*(
+            client.post('/score', content=body) for _ in range(40)))
+      finally:
+        os.kill(paused.process.pid, signal.SIGCONT)
+      deadline = time.monotonic() + 60
+      while (await client.post('/score', content=body)).status_code != 200:
+        assert time.monotonic() < deadline, 'the service did not recover'
+        await asyncio.sleep(0.1)
+    return steady, burst
+
+  try:
+    steady, burst = asyncio.run(trial())
+  finally:
+    paused.stop()
+
+  def kind(response):
+    error = response.json().get('error', '')
+    return (response.status_code, 'busy' if error.startswith('busy') else
+            'timeout' if 'TimeoutError' in error else error)
+
+  kinds = [kind(r) for r, _ in steady]
+  assert set(kinds) <= {(503, 'timeout'), (503, 'busy')}, kinds
+  assert kinds.count((503, 'timeout')) >= sent // 2, kinds
+  late = [round(s, 3) for _, s in steady if s > timeout + 0.8]
+  assert not late, f'{len(late)} of {sent} answered late: {late}'
+  kinds = [kind(r) for r in burst]
+  assert set(kinds) == {(503, 'timeout'), (503, 'busy')}, kinds
+  # The first `bound` to arrive wait for the store; one more is refused
+  # while they wait (a slot frees only when one of them times out).
+  assert kinds.count((503, 'timeout')) >= bound, kinds
+  assert all(r.headers['retry-after'] == '1' for r in burst
+             if kind(r)[1] == 'busy')
+
+
 def test_a_slow_store_is_a_503_and_then_recovers(run):
   """A store that does not answer within --store_timeout_ms (all clients
   paused) gets a 503 naming the timeout, never a hang; once it answers
@@ -289,13 +478,15 @@ def test_the_service_process_survives_redis_going_away(run, tmp_path):
   port = free_port()
   process = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.serve', '--model_dir',
-       run['model_dir'], '--online_store', fault.url(), '--port', str(port)],
+       run['model_dir'], '--online_store', fault.url(), '--port', str(port),
+       '--reference_time', run['records'][-1]['event_time']],
       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   base = f'http://127.0.0.1:{port}'
   record = json.dumps(run['records'][-1])
   try:
+    # Loading TensorFlow and the model takes 80 s on a machine at load 22.
     assert _wait_for(f'{base}/healthz',
-                     time.monotonic() + 120).status_code == 200
+                     time.monotonic() + 300).status_code == 200
     assert httpx.post(f'{base}/score', content=record,
                       timeout=60).status_code == 200
     fault.stop()
@@ -380,16 +571,7 @@ def test_concurrent_requests_are_scored_together_as_in_batch(run):
   records += [r for u in users for r in many[u]]
   assert len(records) >= 115
 
-  async def send_all():
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport,
-                                 base_url='http://serve') as client:
-      responses = await asyncio.gather(*(
-          client.post('/score', content=json.dumps(r)) for r in records))
-      metrics = (await client.get('/metrics')).text
-    return responses, metrics
-
-  responses, metrics = asyncio.run(send_all())
+  responses, metrics = _send_at_once(app, [json.dumps(r) for r in records])
   for record, response in zip(records, responses):
     assert response.status_code == 200, response.text
     assert response.json()['id'] == record['transaction_id']
@@ -400,7 +582,8 @@ def test_concurrent_requests_are_scored_together_as_in_batch(run):
 
 def test_the_batcher_keeps_each_answer_with_its_request():
   """Rows from concurrent callers come back to their own caller, batches
-  hold at most max_rows, and a failed call fails each of its requests."""
+  hold at most max_rows, and a failed call is made again row by row, so
+  only the row that cannot be scored fails (#23.8)."""
   calls = []
 
   def predict(rows):
@@ -409,7 +592,7 @@ def test_the_batcher_keeps_each_answer_with_its_request():
       raise ValueError('no score for bad')
     return [f'score of {r}' for r in rows]
 
-  batcher = serve.Batcher(predict, max_rows=4)
+  batcher = Batcher(predict, max_rows=4)
 
   async def send(rows):
     return await asyncio.gather(*(batcher.score(r) for r in rows),
@@ -421,9 +604,13 @@ def test_the_batcher_keeps_each_answer_with_its_request():
   assert [r for c in calls for r in c] == rows
   calls.clear()
   answers = asyncio.run(send(['a', 'b', 'c', 'bad', 'd']))
-  assert [str(a) for a in answers] == ['no score for bad'] * 4 + [
-      'score of d']
-  assert all(isinstance(a, ValueError) for a in answers[:4])
+  assert answers[:3] + answers[4:] == ['score of a', 'score of b',
+                                       'score of c', 'score of d']
+  assert isinstance(answers[3], ValueError)
+  assert str(answers[3]) == 'no score for bad'
+  # The failed batch, then its rows alone, then the next batch.
+  assert calls == [['a', 'b', 'c', 'bad'], ['a'], ['b'], ['c'], ['bad'],
+                   ['d']]
 
 
 @pytest.fixture(scope='module')

@@ -21,7 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from pipelines import batch
 from pipelines import generate
-from pipelines.serving import service as serve
+from pipelines import serve
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
 from transforms import online_store

@@ -41,8 +41,9 @@ Writers:
     and the run summary says how many writes failed.
   * streaming, `UpdateOnlineStore`: PCollection[dict] feature rows ->
     the same rows, each written as it passes (one script call per entity).
-  * request time, `OnlineStore.state` / `OnlineStore.append` (the scoring
-    service, pipelines/serve.py).
+  * request time, the scoring service (pipelines/serving/store.py, on
+    redis-py's asyncio client): `read_records` checks what it reads;
+    `ADD_SCRIPT` is the merge that refuses to rewrite a stored record.
 """
 
 import json
@@ -55,7 +56,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipelines.base.errors import UsageError
+from pipelines.base.errors import RunError, UsageError
 from schemas.dataset import Dataset, HistorySpec
 from transforms.common import (DEFAULT_SHARDS, MICROS, Counters,
                                concat_batches, split_by_shard)
@@ -104,6 +105,19 @@ end
 return n
 """
 
+# A request's merge: MERGE_SCRIPT, but a record id already stored with
+# other bytes is refused before anything is written (returns -1): a
+# request may add a record or repeat one, never rewrite one. (The batch
+# and streaming writers replay their own records, so they keep the plain
+# merge.) Lua allows a `local` to be declared again, so the two compose.
+ADD_SCRIPT = """
+local n = tonumber(ARGV[7])
+for i = 0, n - 1 do
+  local stored = redis.call('HGET', KEYS[2], ARGV[8 + 3 * i])
+  if stored and stored ~= ARGV[10 + 3 * i] then return -1 end
+end
+""" + MERGE_SCRIPT
+
 
 class StoreError(UsageError, RuntimeError):
   """The online store cannot be reached or refuses (a one-line reason)."""
@@ -149,10 +163,10 @@ def ping(url: str, timeout: float = DEFAULT_TIMEOUT):
     connect(url, timeout).ping()
   except redis.RedisError as e:
     raise StoreError(f'--online_store {shown_url(url)} does not answer: '
-                     f'{_reason(e)}') from None
+                     f'{reason(e)}') from None
 
 
-def _reason(error: Exception) -> str:
+def reason(error: Exception) -> str:
   text = str(error).strip().splitlines()
   return f'{type(error).__name__}: {text[0]}' if text else type(
       error).__name__
@@ -180,15 +194,44 @@ def encode(row: Dict[str, Any]) -> str:
                     allow_nan=False)
 
 
+class BadStoredValue(RunError, ValueError):
+  """A stored value is not the documented JSON (a 500 for the request that
+  read it, and for that request only)."""
+
+
 def decode(data) -> Dict[str, Any]:
   """Stored JSON -> dict. Plain JSON only: nothing in it can run code."""
-  value = json.loads(data)
+  try:
+    value = json.loads(data)
+  except ValueError as e:      # JSONDecodeError, UnicodeDecodeError
+    raise BadStoredValue(f'a stored value is not JSON: {e}') from None
   if not isinstance(value, dict):
-    raise StoreError('a stored value is not a JSON object')
+    raise BadStoredValue('a stored value is not a JSON object')
   return value
 
 
-def _merge_args(spec: HistorySpec, max_records: int,
+def read_records(values: Sequence[bytes], dataset: Dataset
+                 ) -> List[Dict[str, Any]]:
+  """An entity's stored record values -> the records, each checked to be
+  the documented JSON: an object whose fields have the declared types
+  (the whole list converted at once by Arrow, as `Dataset.batch_schema`
+  types them) and whose required fields are present; else
+  BadStoredValue naming the first fault."""
+  rows = [decode(v) for v in values]
+  try:
+    table = pa.Table.from_pylist(rows, schema=dataset.batch_schema())
+  except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError,
+          OverflowError) as e:
+    raise BadStoredValue(f'a stored record does not have the declared '
+                         f'types: {e}') from None
+  for name, field in dataset.fields.items():
+    if field.required and table.column(name).null_count:
+      raise BadStoredValue(f'a stored record lacks {name}, which '
+                           f'{dataset.name} requires')
+  return rows
+
+
+def merge_args(spec: HistorySpec, max_records: int,
                 records: Sequence[Tuple[str, int, str]],
                 latest: Optional[Tuple[int, str, str]],
                 model_version: Optional[str]) -> List:
@@ -312,7 +355,7 @@ class _WriteShards(beam.DoFn):
         pipe = self._client.pipeline(transaction=False)
         for entity, rows, latest in chunk:
           self._script(keys=self._keys.of(entity), client=pipe,
-                       args=_merge_args(self._spec, self._max, rows, latest,
+                       args=merge_args(self._spec, self._max, rows, latest,
                                         self._version))
         pipe.execute()
         counts['entities'] += len(chunk)
@@ -443,8 +486,9 @@ class UpdateOnlineStore(beam.PTransform):
 
 # Request time -----------------------------------------------------------------
 class OnlineStore:
-  """Reads and merges entity states for one dataset (the scoring service
-  and the streaming writer). Errors are redis-py's `RedisError`."""
+  """Reads and merges entity states for one dataset, synchronously (the
+  streaming writer; the scoring service's asynchronous twin is
+  pipelines/serving/store.py). Errors are redis-py's `RedisError`."""
 
   def __init__(self, client, dataset: Dataset,
                max_records: int = DEFAULT_MAX_RECORDS):
@@ -466,7 +510,7 @@ class OnlineStore:
     replies = pipe.execute()
     out = {}
     for i, spec in enumerate(self.dataset.histories):
-      rows = [decode(v) for v in replies[2 * i]]
+      rows = read_records(replies[2 * i], self.dataset)
       latest = {k.decode(): v.decode() for k, v in replies[2 * i + 1].items()}
       out[spec.entity] = (rows, latest)
     return out
@@ -483,7 +527,7 @@ class OnlineStore:
       vector = encode({name: features[name] for name in spec.feature_types()})
       self._script(keys=self._keys[spec.entity].of(record[spec.entity]),
                    client=pipe,
-                   args=_merge_args(spec, self._max, [(rid, t, text)],
+                   args=merge_args(spec, self._max, [(rid, t, text)],
                                     (t, rid, vector), model_version))
     pipe.execute()
 
