@@ -263,8 +263,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   if opts.online_store:
     features = features | 'UpdateOnlineStore' >> online_store.UpdateOnlineStore(
         dataset, opts.online_store, online_store.model_version_of(opts.model_dir))
-  features = features | 'CountFeatureRows' >> beam.ParDo(
-      CountRows('feature_rows'))
+  if scorer is None:
+    scorer = model_scorer(opts, dataset, p)
+  # One step counts both: every feature row is scored when there is a model.
+  features = features | 'CountFeatureRows' >> beam.ParDo(CountRows(
+      'feature_rows', *(['feature_rows_scored'] if scorer else [])))
 
   aggregates, late = {}, {}
   for key in dataset.aggregate_keys:
@@ -277,13 +280,9 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   dead = (([parsed[DEAD_LETTER]] + list(late.values()))
           | 'AllDeadLetters' >> beam.Flatten())
 
-  if scorer is None:
-    scorer = model_scorer(opts, dataset, p)
   predictions = None
   if scorer is not None:
     predictions = (features
-                   | 'CountScored' >> beam.ParDo(
-                       CountRows('feature_rows_scored'))
                    | 'Score' >> scorer
                    | 'CountPredictions' >> beam.ParDo(
                        CountRows('predictions_written')))

@@ -322,12 +322,15 @@ def test_a_batch_of_messages_validates_as_each_message_alone():
 def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
   tx1 = _json_line(_record(1, T0, 10.0))
   tx2 = _json_line(_record(2, T0 + HOUR, 20.0))
+  tx3 = _json_line(_record(3, T0 + HOUR + 1, 20.0))
   stream = (_stream()
             .add_elements([_messages(tx1, '{broken')])
             .add_elements([_messages(tx1, tx2)])      # tx1: a later copy
-            # The watermark passes tx1 + the 1 h horizon: tx1 is forgotten.
-            .advance_watermark_to(Timestamp(micros=T0 + 2 * HOUR))
+            # Events up to 1 h after tx1: still remembered.
             .add_elements([_messages(tx1)])
+            # tx3 moves the stream past tx1 + the 1 h horizon: tx1 is
+            # forgotten, and a copy is not recognised.
+            .add_elements([_messages(tx3, tx1)])
             .advance_watermark_to_infinity())
   with _streaming() as p:
     out = p | stream | StreamingParseAndValidate(DATASET, dedupe_horizon=3600)
@@ -336,12 +339,15 @@ def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
         lambda b, ts=beam.DoFn.TimestampParam: [
             (r['transaction_id'], ts.micros) for r in b.to_pylist()]),
                 equal_to([('tx000000001', T0), ('tx000000002', T0),
-                          ('tx000000001', T0)]), label='valid')
+                          ('tx000000003', T0), ('tx000000001', T0)]),
+                label='valid')
     assert_that(_rows(out[DEAD_LETTER], 'DeadRows') | 'Kinds' >> beam.Map(
         lambda r: (r['error_kind'], r['position'], r['message'])),
                 equal_to([('malformed', -1, 'not valid JSON: Expecting '
                            'property name enclosed in double quotes: line 1 '
                            'column 2 (char 1)'),
+                          ('duplicate', -1, 'id tx000000001 already read at '
+                           'pubsub:test:-1'),
                           ('duplicate', -1, 'id tx000000001 already read at '
                            'pubsub:test:-1')]),
                 label='dead')

@@ -346,9 +346,10 @@ def late_row(record: Dict[str, Any], dataset: Dataset, key_field: str,
 
 
 class _RouteLate(beam.DoFn):
-  """(shard, RecordBatch) -> (shard, RecordBatch of the admitted rows),
-  and a dead-letter RecordBatch (LATE) of the rows the lateness rule of
-  this module's docstring refuses.
+  """(shard, RecordBatch) -> (shard, partial sums of the admitted rows) per
+  slot, stamped at the slot's start (`_shard_partials`), and a dead-letter
+  RecordBatch (LATE) of the rows the lateness rule of this module's
+  docstring refuses.
 
   Per shard of keys, in the global window (so the runner drops nothing
   before this decision), read and written once per batch. State: the
@@ -365,6 +366,7 @@ class _RouteLate(beam.DoFn):
     self._dataset, self._key_field = dataset, key_field
     self._size, self._period = size, period
     self._lateness = allowed_lateness * MICROS
+    self._slot = math.gcd(size, period) * MICROS
 
   def setup(self):
     self._counters = Counters()
@@ -389,7 +391,10 @@ class _RouteLate(beam.DoFn):
         np.unique(deadline).tolist()))
     deadlines.write(pending)
     close.set(Timestamp(micros=pending[0]))
-    yield shard, batch
+    # The admitted rows' partial sums, each stamped at its slot's start
+    # (one step less: the DirectRunner charges each step of each bundle).
+    yield from _shard_partials((shard, batch), self._dataset,
+                               self._key_field, self._slot)
 
   def _late_rows(self, batch, rows, first_end, deadline, now):
     """Dead-letter rows of the late rows (few: built one by one)."""
@@ -496,20 +501,16 @@ class StreamingEntityAggregates(beam.PTransform):
 
   def expand(self, batches):
     key, dataset = self._key_field, self._dataset
-    slot = math.gcd(self._size, self._period) * MICROS
     routed = (
         batches
         | 'ShardByKey' >> beam.FlatMap(
             split_by_shard, key, self._shards).with_output_types(
                 Tuple[int, pa.RecordBatch])
-        | 'RouteLateEvents' >> beam.ParDo(_RouteLate(
+        | 'RouteLateEventsAndSumPerSlot' >> beam.ParDo(_RouteLate(
             dataset, key, self._size, self._period,
             self._lateness)).with_outputs(LATE, main=AGGREGATES))
     rows = (
         routed[AGGREGATES]
-        | 'SumEachBatchPerKeyAndSlot' >> beam.FlatMap(
-            _shard_partials, dataset, key, slot).with_output_types(
-                Tuple[int, pa.RecordBatch])
         | 'WindowBySlotStart' >> beam.WindowInto(
             self.windowfn(),
             trigger=trigger.AfterWatermark(

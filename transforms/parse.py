@@ -789,6 +789,35 @@ def _as_raw_text(row: Dict[str, Any], dataset: Dataset) -> str:
   return json_row(record)
 
 
+class _ValidateAndShard(ValidateBatches):
+  """Raw RecordBatch -> (shard of the id, valid RecordBatch with SOURCE and
+  POSITION), stamped with the batch's earliest event time, and dead-letter
+  RecordBatches (DEAD_LETTER): one step, as the DirectRunner charges each
+  step of each bundle."""
+
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int],
+               num_shards: int):
+    super().__init__(dataset, reference_micros)
+    self._shards = num_shards
+
+  def process(self, batch: pa.RecordBatch):
+    for out in super().process(batch):
+      if isinstance(out, beam.pvalue.TaggedOutput):
+        _count_dead_letters(self._counters, out.value)
+        yield out
+        continue
+      stamped = _earliest_event_time(out, self._dataset)
+      at = getattr(stamped, 'timestamp', None)
+      for shard in split_by_shard(out, self._dataset.id_field, self._shards):
+        yield shard if at is None else window.TimestampedValue(shard, at)
+
+
+def _count_dead_letters(counters: Counters, batch: pa.RecordBatch):
+  counters.inc('records_dead_lettered', batch.num_rows)
+  for item in pc.value_counts(batch.column('error_kind')).to_pylist():
+    counters.inc(f'dead_letter.{item["values"]}', item['counts'])
+
+
 class _FirstCopyWins(beam.DoFn):
   """(shard of the id, valid RecordBatch with SOURCE and POSITION) ->
   RecordBatch of the rows whose id this shard has not seen (main,
@@ -798,37 +827,25 @@ class _FirstCopyWins(beam.DoFn):
   In a stream the first copy to arrive wins; copies within one batch
   follow the batch rule (the earliest event time, then file and position),
   so an in-order stream keeps the batch job's copy. State, read and written
-  once per batch: the ids of the shard's winners (id, event time, source,
-  position) until the watermark passes their event time + `horizon`; a
-  copy arriving after that is not recognised as a duplicate. Ids are
-  forgotten in steps of `horizon` / FORGET_STEPS (a timer per step, not per
-  event time): an id is remembered for at least the horizon, and at most
-  an eighth of it longer.
+  once per batch, no timer: the ids of the shard's winners (id, event
+  time, source, position) while the shard's newest event time is within
+  `horizon` of theirs; a copy arriving after the stream has moved on that
+  far is not recognised as a duplicate.
   """
-  FORGET_STEPS = 8
   SEEN = ReadModifyWriteStateSpec('seen', PickleCoder())
-  FORGET_AT = ReadModifyWriteStateSpec('forget_at', PickleCoder())
-  FORGET = TimerSpec('forget', TimeDomain.WATERMARK)
 
   def __init__(self, dataset: Dataset, horizon_seconds: int):
     self._dataset = dataset
     self._horizon = horizon_seconds * MICROS
-    self._step = max(1, self._horizon // self.FORGET_STEPS)
 
-  def _forget_at(self, known: pa.Table) -> int:
-    """When the oldest remembered id may go: its time + the horizon,
-    rounded up to the next step."""
-    due = pc.min(known.column(self._dataset.timestamp_field)).as_py() + (
-        self._horizon)
-    return -(-due // self._step) * self._step
+  def setup(self):
+    self._counters = Counters()
 
-  def process(self, element, seen=beam.DoFn.StateParam(SEEN),
-              forget_at=beam.DoFn.StateParam(FORGET_AT),
-              forget=beam.DoFn.TimerParam(FORGET)):
+  def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
     _, batch = element
     dataset = self._dataset
     id_field, ts = dataset.id_field, dataset.timestamp_field
-    keys = [id_field] + ([ts] if ts else []) + [SOURCE, POSITION]
+    keys = [id_field, ts, SOURCE, POSITION]
     table = pa.Table.from_batches([batch]).sort_by(
         [(k, 'ascending') for k in keys])
     ids = table.column(id_field).combine_chunks()
@@ -837,6 +854,11 @@ class _FirstCopyWins(beam.DoFn):
     if n > 1:
       first[1:] = true_rows(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)))
     known = seen.read()
+    if known is not None and known.num_rows:
+      newest = max(pc.max(known.column(ts)).as_py(),
+                   pc.max(table.column(ts)).as_py())
+      known = known.filter(pc.greater(known.column(ts),
+                                      newest - self._horizon))
     earlier = np.full(n, -1, np.int64)
     if known is not None and known.num_rows:
       earlier = pc.fill_null(pc.index_in(ids, value_set=known.column(
@@ -845,21 +867,18 @@ class _FirstCopyWins(beam.DoFn):
     winners = table.filter(pa.array(keep))
     schema = dataset.batch_schema()
     if winners.num_rows:
+      self._counters.inc('records_valid', winners.num_rows)
       yield pa.RecordBatch.from_arrays(
           [winners.column(name).combine_chunks() for name in schema.names],
           schema=schema)
     if not keep.all():
-      yield beam.pvalue.TaggedOutput(
-          DEAD_LETTER, self._copies(table, keep, first, earlier, known))
-    if winners.num_rows and ts:
-      remembered = winners.select([id_field, ts, SOURCE, POSITION])
-      known = (remembered if known is None else
-               pa.concat_tables([known, remembered]).combine_chunks())
-      seen.write(known)
-      at = self._forget_at(known)
-      if forget_at.read() != at:
-        forget.set(Timestamp(micros=at))
-        forget_at.write(at)
+      copies = self._copies(table, keep, first, earlier, known)
+      _count_dead_letters(self._counters, copies)
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER, copies)
+    remembered = winners.select([id_field, ts, SOURCE, POSITION])
+    if known is not None and known.num_rows:
+      remembered = pa.concat_tables([known, remembered])
+    seen.write(remembered.combine_chunks())
 
   def _copies(self, table, keep, first, earlier, known) -> pa.RecordBatch:
     """Dead-letter rows of the later copies (few: built one by one)."""
@@ -878,26 +897,6 @@ class _FirstCopyWins(beam.DoFn):
           f'{where[SOURCE]}:{where[POSITION]}',
           _as_raw_text(row, self._dataset)))
     return dead_letter_batch(rows)
-
-  @on_timer(FORGET)
-  def forget_ids(self, fired=beam.DoFn.TimestampParam,
-                 seen=beam.DoFn.StateParam(SEEN),
-                 forget_at=beam.DoFn.StateParam(FORGET_AT),
-                 forget=beam.DoFn.TimerParam(FORGET)):
-    known = seen.read()
-    forget_at.clear()
-    if known is None:
-      return
-    ts = self._dataset.timestamp_field
-    times = known.column(ts).to_numpy()
-    kept = known.filter(pa.array(times + self._horizon > fired.micros))
-    if kept.num_rows == 0:
-      seen.clear()
-      return
-    seen.write(kept)
-    at = self._forget_at(kept)
-    forget.set(Timestamp(micros=at))
-    forget_at.write(at)
 
 
 class StreamingParseAndValidate(beam.PTransform):
@@ -926,30 +925,19 @@ class StreamingParseAndValidate(beam.PTransform):
 
   def expand(self, raw_batches):
     dataset = self._dataset
-    parsed = raw_batches | 'ParseAndCheckRules' >> beam.ParDo(
-        ValidateBatches(dataset, self._reference)).with_outputs(
-            DEAD_LETTER, main=VALID)
-    if dataset.has_id:
-      deduped = (
-          parsed[VALID]
-          | 'StampEarliestEventTime' >> beam.Map(_earliest_event_time,
-                                                 dataset)
-          | 'ShardById' >> beam.FlatMap(split_by_shard, dataset.id_field,
-                                        self._shards).with_output_types(
-                                            Tuple[int, pa.RecordBatch])
-          | 'DropLaterCopies' >> beam.ParDo(
-              _FirstCopyWins(dataset, self._horizon)).with_outputs(
-                  DEAD_LETTER, main=VALID))
-      valid, copies = deduped[VALID], [deduped[DEAD_LETTER]]
-    else:
-      valid = (parsed[VALID]
-               | 'DropReadPositions' >> beam.Map(_record_columns,
-                                                 dataset.batch_schema())
-               | 'StampEarliestEventTime' >> beam.Map(_earliest_event_time,
-                                                      dataset))
-      copies = []
-    dead = (([parsed[DEAD_LETTER]] + copies)
-            | 'AllDeadLetters' >> beam.Flatten()
-            | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetters()))
-    valid = valid | 'CountValid' >> beam.ParDo(CountRows('records_valid'))
-    return {VALID: valid, DEAD_LETTER: dead}
+    parsed = raw_batches | 'ParseCheckRulesAndShardById' >> beam.ParDo(
+        _ValidateAndShard(dataset, self._reference,
+                          self._shards)).with_outputs(
+                              DEAD_LETTER, main=VALID)
+    if not dataset.has_id:
+      # Ids are where records were read: no two records share one.
+      valid = parsed[VALID] | 'DropReadPositions' >> beam.Map(
+          lambda kv: _record_columns(kv[1], dataset.batch_schema()))
+      return {VALID: valid, DEAD_LETTER: parsed[DEAD_LETTER]}
+    deduped = (parsed[VALID]
+               | 'DropLaterCopies' >> beam.ParDo(
+                   _FirstCopyWins(dataset, self._horizon)).with_outputs(
+                       DEAD_LETTER, main=VALID))
+    dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
+            | 'AllDeadLetters' >> beam.Flatten())
+    return {VALID: deduped[VALID], DEAD_LETTER: dead}

@@ -167,13 +167,13 @@ class WriteJsonLinesPanes(beam.PTransform):
 
   def expand(self, batches):
     return (batches
+            | 'ToJsonBlock' >> beam.FlatMap(
+                lambda b: [(None, json_lines(b))] if b.num_rows else [])
             | 'CutByProcessingTime' >> beam.WindowInto(
                 window.GlobalWindows(),
                 trigger=trigger.AfterWatermark(
                     early=trigger.AfterProcessingTime(self._every)),
                 accumulation_mode=trigger.AccumulationMode.DISCARDING)
-            | 'SkipEmpty' >> beam.Filter(lambda b: b.num_rows > 0)
-            | 'ToJsonBlock' >> beam.Map(lambda b: (None, json_lines(b)))
             | 'OneFilePerPane' >> beam.GroupByKey()
             | 'WriteFile' >> beam.ParDo(
                 _WritePaneFile(self._directory, self._prefix)))
