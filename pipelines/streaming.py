@@ -20,12 +20,17 @@ reads JSON records from Pub/Sub until cancelled; and
         --model_dir /tmp/out/model --output_dir /tmp/stream
 
 reads Kafka (transforms.kafka, cross-language KafkaIO) until cancelled, or
-until --max_num_records records. Stages, each the streaming
-form of the module that also holds its batch form (transforms.read, parse,
-history, aggregates, inference, sinks; aggregates has the lateness rule):
-parse and validate with the batch validator, drop duplicate ids, stateful point-in-time history features,
-windowed entity aggregates with early/on-time/late panes, optional scoring
-(`--model_dir`, or any `scorer` passed to build_pipeline; with
+until --max_num_records records. Every element is a pyarrow.RecordBatch,
+as in batch, and keyed steps move (shard, RecordBatch) pairs. Stages, each
+the streaming form of the module that also holds its batch form
+(transforms.stream_sources, parse, history_features, aggregates,
+inference, online_store, sinks; aggregates has the lateness rule,
+history_features the event-order rule): parse and validate with the batch
+validator, drop duplicate ids, join side tables, point-in-time history
+features per shard of entities (batch's history_table on the shard's
+retained history), windowed entity aggregates with early/on-time/late
+panes, optional scoring (ScoreBatches: `--model_dir`, or any `scorer`
+passed to build_pipeline; with
 `--model_watch_pattern`, new models replace it without a restart, see
 model_scorer), and sinks:
 JSON lines under <output_dir>/streaming/ ({features, predictions,

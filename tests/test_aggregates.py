@@ -280,8 +280,8 @@ def _at(records):
       Timestamp(micros=min(r['event_time'] for r in records)))
 
 
-def _rows(batches):
-  return batches | beam.FlatMap(lambda b: b.to_pylist())
+def _rows(batches, label):
+  return batches | label >> beam.FlatMap(lambda b: b.to_pylist())
 
 
 def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
@@ -297,7 +297,7 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
     # The rows of test_fixed_hourly_windows, each in one on-time pane; the
     # late event is in none of them.
     on_time = {'pane': 'ON_TIME', 'pane_index': 0}
-    assert_that(_rows(out[AGGREGATES]), equal_to([
+    assert_that(_rows(out[AGGREGATES], 'AggregateRows'), equal_to([
         dict(_row('u00001', '2026-10-01T00:00:00Z', '2026-10-01T01:00:00Z',
                   2, 30.30, 0.5), **on_time),
         dict(_row('u00001', '2026-10-01T01:00:00Z', '2026-10-01T02:00:00Z',
@@ -305,7 +305,7 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
         dict(_row('u00002', '2026-10-01T00:00:00Z', '2026-10-01T01:00:00Z',
                   1, 5.00, 0.0), **on_time),
     ]), label='aggregates')
-    assert_that(_rows(out[LATE]) | beam.Map(lambda row: dict(
+    assert_that(_rows(out[LATE], 'LateRows') | beam.Map(lambda row: dict(
         row, raw=json.loads(row['raw']))), equal_to([{
             'source_file': None, 'position': None, 'error_kind': 'late',
             'field': 'user_id',

@@ -857,8 +857,8 @@ class _FirstCopyWins(beam.DoFn):
     if known is not None and known.num_rows:
       newest = max(pc.max(known.column(ts)).as_py(),
                    pc.max(table.column(ts)).as_py())
-      known = known.filter(pc.greater(known.column(ts),
-                                      newest - self._horizon))
+      known = known.filter(pc.greater_equal(known.column(ts),
+                                            newest - self._horizon))
     earlier = np.full(n, -1, np.int64)
     if known is not None and known.num_rows:
       earlier = pc.fill_null(pc.index_in(ids, value_set=known.column(
