@@ -565,8 +565,8 @@ class _ShardHistoryFn(beam.DoFn):
   it arrived does not count it (batch's row would). It joins the history
   when it is within `retention` of its entity's newest event, else it is
   computed and dropped (its oldest windows may miss expired events).
-  An `expire` timer empties the history of entities the watermark has left
-  `retention` behind, when no flush does.
+  An entity's rows stay until its own events move `retention` on (state
+  holds up to `retention` of every entity seen: see the README).
 
   A flush that leaves rows pending sets its timer again, at or behind the
   watermark: it fires in the same watermark step, except when that step
@@ -577,7 +577,6 @@ class _ShardHistoryFn(beam.DoFn):
   HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
   FLUSH_AT = ReadModifyWriteStateSpec('flush_at', PickleCoder())
   FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
-  EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
 
   def __init__(self, dataset: Dataset, spec: HistorySpec,
                allowed_lateness: int):
@@ -602,8 +601,7 @@ class _ShardHistoryFn(beam.DoFn):
                   pending=beam.DoFn.StateParam(PENDING),
                   flush_at=beam.DoFn.StateParam(FLUSH_AT),
                   history=beam.DoFn.StateParam(HISTORY),
-                  flush=beam.DoFn.TimerParam(FLUSH),
-                  expire=beam.DoFn.TimerParam(EXPIRE)):
+                  flush=beam.DoFn.TimerParam(FLUSH)):
     now = fired.micros
     batches = list(pending.read())
     pending.clear()
@@ -624,51 +622,27 @@ class _ShardHistoryFn(beam.DoFn):
     if ready.any():
       rows = table.filter(pa.array(ready)) if not ready.all() else table
       out = features_after(history.read(), rows, self._dataset, self._spec)
-      self._keep(history, rows, now, expire)
+      self._keep(history, rows)
       yield window.TimestampedValue(table_to_batch(out),
                                     Timestamp(micros=int(t[ready].min())))
 
-  def _keep(self, history, rows: pa.Table, now: int, expire):
-    """The history plus `rows`, less what no on-time event can need: rows
-    `retention` older than their entity's newest, and entities whose
-    newest the watermark (`now`) has left `retention` behind."""
+  def _keep(self, history, rows: pa.Table):
+    """The history plus `rows`, less the rows `retention` older than their
+    entity's newest event (no event within the allowed lateness can need
+    them). By the entity's own events, not the watermark: a later stage
+    (the item's history after the user's) receives rows up to one flush
+    behind its watermark, and must still count them."""
     ts, entity = self._dataset.timestamp_field, self._spec.entity
     names = self._dataset.batch_schema().names
     kept = history.read()
     added = rows.select(names)
     table = (added if kept is None else
              pa.concat_tables([kept, added.cast(kept.schema)]))
-    table = self._pruned(table, now)
-    if table.num_rows == 0:
-      history.clear()
-      return
-    history.write(table.combine_chunks())
-    newest = pc.max(table.column(ts)).as_py()
-    expire.set(Timestamp(micros=newest + self._retention + 1))
-
-  def _pruned(self, table: pa.Table, now: int) -> pa.Table:
-    ts, entity = self._dataset.timestamp_field, self._spec.entity
     t = table.column(ts).to_numpy()
-    newest = _entity_newest(table, entity, ts)
-    keep = (t >= newest - self._retention) & (
-        newest + self._retention >= now)
-    return table if keep.all() else table.filter(pa.array(keep))
-
-  @on_timer(EXPIRE)
-  def expire_history(self, fired=beam.DoFn.TimestampParam,
-                     history=beam.DoFn.StateParam(HISTORY),
-                     pending=beam.DoFn.StateParam(PENDING)):
-    # Events still waiting may need the history: their flush prunes it.
-    if any(True for _ in pending.read()):
-      return
-    kept = history.read()
-    if kept is None:
-      return
-    kept = self._pruned(kept, fired.micros)
-    if kept.num_rows:
-      history.write(kept)
-    else:
-      history.clear()
+    keep = t >= _entity_newest(table, entity, ts) - self._retention
+    if not keep.all():
+      table = table.filter(pa.array(keep))
+    history.write(table.combine_chunks())
 
 
 class StatefulHistoryFeatures(beam.PTransform):
