@@ -327,6 +327,10 @@ def test_first_window_end_is_that_of_the_earliest_window_holding_t():
       T0 + 60 * MIN, T0 + 80 * MIN, T0]
   assert first_window_end(t, 3600, 3600).tolist() == [
       T0 + 60 * MIN, T0 + 120 * MIN, T0]
+  # A size that is no multiple of the period: hourly windows every 25 min
+  # (starts at 00:00, 00:25, 00:50 of the epoch) hold 00:50 from 00:00 on.
+  assert first_window_end(np.array([50 * MIN]), 3600, 1500).tolist() == [
+      60 * MIN]
 
 
 def test_a_pane_of_no_records_is_not_a_row():

@@ -103,7 +103,11 @@ def test_the_event_order_rule_of_history_features():
   tx7 = _record(7, T0 + 55 * MIN, 2.0)      # 8 days behind it
   tx8 = _record(8, T0 + 8 * DAY + MIN, 3.0)
   stream = (_stream()
-            .add_elements([_at(tx1, tx2)])
+            .add_elements([_at(tx1)])
+            .add_elements([_at(tx2)])
+            # tx1's flush: tx2 waits (the watermark has not passed it) ...
+            .advance_watermark_to(Timestamp(micros=T0 + 5 * MIN))
+            # ... for tx3, earlier than tx2, arriving after it, on time.
             .add_elements([_at(tx3)])
             .advance_watermark_to(Timestamp(micros=T0 + 40 * MIN))
             .add_elements([_at(tx4)])
@@ -124,8 +128,9 @@ def test_the_event_order_rule_of_history_features():
                                   r['user_id_is_new_country_7d'])))
     assert_that(rows, equal_to([
         ('tx000000001', 0, 0.0, 0, 1),
-        # tx3 (earlier in event time) arrived after tx2 but before the
-        # watermark passed either: tx2 sees it, as in batch; tx4 was late,
+        # tx3 (earlier in event time) arrived after tx2 and after tx1 was
+        # computed, but before the watermark passed it: tx2 sees it, as in
+        # batch; tx4 was late,
         # and tx2's row was out by then: it does not count tx4 (batch: 3).
         ('tx000000002', 2, 50.0, 2, 0),
         ('tx000000003', 1, 10.0, 1, 0),
@@ -295,6 +300,9 @@ def test_a_batch_of_messages_validates_as_each_message_alone():
   messages = [good, '{nope', '[1]', b'\xff\xfe',
               good.replace('10.0', '"12.5"').replace('001"', '002"'),
               good.replace(', ', ',\n ').replace('001"', '003"'),
+              # Not allowed, over two lines: its dead-letter text is the
+              # message as it came.
+              good.replace(', ', ',\n ').replace('"pos"', '"nope"'),
               good.replace('tx000000001', 'bad id')]
   raw = message_batch(*zip(*(_text_and_error(
       m.encode('utf-8') if isinstance(m, str) else m) for m in messages)),
@@ -316,7 +324,7 @@ def test_a_batch_of_messages_validates_as_each_message_alone():
       'tx000000001', 'tx000000002', 'tx000000003']
   assert [(d['error_kind'], d['message'], d['raw']) for d in dead] == (
       alone_dead)
-  assert len(alone_dead) == 4 and {d['position'] for d in dead} == {-1}
+  assert len(alone_dead) == 5 and {d['position'] for d in dead} == {-1}
 
 
 def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
