@@ -20,12 +20,17 @@ reads JSON records from Pub/Sub until cancelled; and
         --model_dir /tmp/out/model --output_dir /tmp/stream
 
 reads Kafka (transforms.kafka, cross-language KafkaIO) until cancelled, or
-until --max_num_records records. Stages, each the streaming
-form of the module that also holds its batch form (transforms.read, parse,
-history, aggregates, inference, sinks; aggregates has the lateness rule):
-parse and validate with the batch validator, drop duplicate ids, stateful point-in-time history features,
-windowed entity aggregates with early/on-time/late panes, optional scoring
-(`--model_dir`, or any `scorer` passed to build_pipeline; with
+until --max_num_records records. Every element is a pyarrow.RecordBatch,
+as in batch, and keyed steps move (shard, RecordBatch) pairs. Stages, each
+the streaming form of the module that also holds its batch form
+(transforms.stream_sources, parse, history_features, aggregates,
+inference, online_store, sinks; aggregates has the lateness rule,
+history_features the event-order rule): parse and validate with the batch
+validator, drop duplicate ids, join side tables, point-in-time history
+features per shard of entities (batch's history_table on the shard's
+retained history), windowed entity aggregates with early/on-time/late
+panes, optional scoring (ScoreBatches: `--model_dir`, or any `scorer`
+passed to build_pipeline; with
 `--model_watch_pattern`, new models replace it without a restart, see
 model_scorer), and sinks:
 JSON lines under <output_dir>/streaming/ ({features, predictions,
@@ -63,11 +68,11 @@ from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
                                aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
-from transforms.inference import (ModelIntegrityError, ScoreRecords,
+from transforms.inference import (ModelIntegrityError, ScoreBatches,
                                   verify_model_dir)
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
-from transforms.common import (DEAD_LETTER, VALID, CountElements,
+from transforms.common import (DEAD_LETTER, VALID, CountRows,
                                micros_to_rfc3339)
 from transforms.history_features import StatefulHistoryFeatures
 from transforms import online_store
@@ -75,12 +80,21 @@ from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
                               kafka_expansion_service)
 from transforms.parse import StreamingParseAndValidate
 from transforms.read import InputError, check_input
-from transforms.stream_sources import ReadPubSubRecords, ReplayFile
-from transforms.sinks import WriteJsonLinesPanes, WriteJsonToPubSub
+from transforms.side_tables import (JoinSideTables, load_side_tables,
+                                    side_table_paths)
+from transforms.stream_sources import (MessageBatches, ReadPubSubRecords,
+                                       ReplayFile)
+from transforms.sinks import (WriteJsonLinesPanes, WriteJsonToPubSub,
+                              batch_rows)
 
 # Everything goes under <output_dir>/streaming/, apart from batch outputs.
 STREAMING = 'streaming'
 FEATURES, PREDICTIONS, DEAD = 'features', 'predictions', 'dead_letter'
+# Shards of each keyed step (dedupe by id, history and aggregates by
+# entity): elements are (shard, RecordBatch) pairs, and each shard's state
+# is read and written once per batch. A few per worker keep a parallel
+# runner busy; more only cut the batches smaller.
+STREAM_SHARDS = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,16 +143,21 @@ def _runner_name(options: PipelineOptions) -> str:
   return runner.rsplit('.', 1)[-1].lower()
 
 
+def stream_shards(options: PipelineOptions) -> int:
+  """Shards of the keyed steps: STREAM_SHARDS, or one on the DirectRunner,
+  which runs every shard in one process anyway and spends ~3 ms of
+  bookkeeping on each bundle of each key in each step (bench/RESULTS.md):
+  more shards there only cost more bundles."""
+  return 1 if _runner_name(options) in _DIRECT_RUNNERS else STREAM_SHARDS
+
+
 def check_streamable(dataset: Dataset):
-  """Raises InputError for a declaration the stream cannot follow yet:
-  events need a time, and the stateful history keeps one entity."""
+  """Raises InputError for a declaration the stream cannot follow: events
+  need a time (every other declaration streams: any number of histories,
+  side tables)."""
   if not dataset.timestamp_field:
     raise InputError(f'{dataset.name}: a stream needs roles.timestamp (the '
                      'event time)')
-  if len(dataset.histories) > 1 or dataset.side_tables:
-    raise InputError(f'{dataset.name}: the streaming job keeps history for '
-                     'one entity and joins no side tables yet; run it with '
-                     'pipelines.batch')
 
 
 def check_model_watch(opts, options: PipelineOptions):
@@ -161,7 +180,8 @@ def check_model_watch(opts, options: PipelineOptions):
 def model_scorer(opts, dataset: Dataset,
                  p: Optional[beam.Pipeline] = None
                  ) -> Optional[beam.PTransform]:
-  """ScoreRecords (RunInference) on --model_dir, or None without it.
+  """ScoreBatches (RunInference on feature RecordBatches, the batch job's
+  scorer) on --model_dir, or None without it.
 
   With --model_watch_pattern (a glob of model metadata.json files, e.g.
   gs://b/models/*/metadata.json; needs `p`), a WatchFilePattern on it,
@@ -191,7 +211,7 @@ def model_scorer(opts, dataset: Dataset,
     models = p | 'WatchModels' >> WatchFilePattern(
         file_pattern=opts.model_watch_pattern,
         interval=opts.model_watch_interval)
-  return ScoreRecords(opts.model_dir, id_field=dataset.id_field,
+  return ScoreBatches(opts.model_dir, id_field=dataset.id_field,
                       model_metadata_pcoll=models,
                       scored_at=micros_to_rfc3339(reference_micros(opts))
                       if opts.reference_time else None)
@@ -203,64 +223,74 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
                    ) -> Dict[str, object]:
   """Builds the streaming job; returns the PCollections that tests check.
 
-  `scorer`: PCollection[dict] feature rows -> PCollection[dict] predictions
-  (default: ScoreRecords on --model_dir when given, else no scoring).
-  Returns raw, valid, dead_letter (parse, duplicates and late rows), features,
-  aggregates {key: rows}, late {key: rows}, predictions (or None) and
+  Every element is a pyarrow.RecordBatch, as in batch: raw batches from
+  the source, then valid records, feature rows, predictions, aggregate
+  rows and dead-letter rows. `scorer`: PCollection[pa.RecordBatch] feature
+  rows -> PCollection[pa.RecordBatch] predictions (default: ScoreBatches
+  on --model_dir when given, else no scoring). Returns raw, valid,
+  dead_letter (parse, duplicates and late rows), features, aggregates
+  {key: rows}, late {key: rows}, predictions (or None) and
   records_replayed (the number of records a replay emits, else None).
   """
   opts = flags(options, StreamingOptions)
   dataset = dataset or load_dataset(opts.schema)
   s = settings(opts, dataset)
+  shards = stream_shards(options)
 
   replay = None
   kafka = (kafka_expansion_service(opts.kafka_expansion_jar)
            if opts.bootstrap_servers else None)
   if kafka:
-    raw = p | 'ReadKafka' >> ReadKafkaRecords(
-        opts.bootstrap_servers, opts.input_topic, kafka,
-        opts.max_num_records)
+    raw = (p
+           | 'ReadKafka' >> ReadKafkaRecords(
+               opts.bootstrap_servers, opts.input_topic, kafka,
+               opts.max_num_records)
+           | 'DecodeMessageBatches' >> MessageBatches(
+               dataset, f'kafka:{opts.input_topic}'))
   elif opts.input_subscription or opts.input_topic:
     raw = p | 'ReadPubSub' >> ReadPubSubRecords(
-        opts.input_subscription, opts.input_topic, opts.timestamp_attribute)
+        dataset, opts.input_subscription, opts.input_topic,
+        opts.timestamp_attribute)
   else:
     replay = ReplayFile(opts.input, dataset, opts.input_format,
                         opts.replay_speed, opts.replay_batch)
     raw = p | 'ReplayFile' >> replay
   parsed = raw | 'ParseAndValidate' >> StreamingParseAndValidate(
-      dataset, s.dedupe_horizon, reference_micros(opts))
+      dataset, s.dedupe_horizon, reference_micros(opts), shards)
   valid = parsed[VALID]
   features = valid
+  tables = load_side_tables(dataset, side_table_paths(opts, dataset))
+  if tables:
+    features = features | 'JoinSideTables' >> JoinSideTables(dataset, tables)
   if dataset.histories:
     features = features | 'HistoryFeatures' >> StatefulHistoryFeatures(
-        dataset, s.allowed_lateness)
+        dataset, s.allowed_lateness, shards)
   if opts.online_store:
     features = features | 'UpdateOnlineStore' >> online_store.UpdateOnlineStore(
         dataset, opts.online_store, online_store.model_version_of(opts.model_dir))
-  features = features | 'CountFeatureRows' >> beam.ParDo(
-      CountElements('feature_rows'))
+  if scorer is None:
+    scorer = model_scorer(opts, dataset, p)
+  # One step counts both: every feature row is scored when there is a model.
+  features = features | 'CountFeatureRows' >> beam.ParDo(CountRows(
+      'feature_rows', *(['feature_rows_scored'] if scorer else [])))
 
   aggregates, late = {}, {}
   for key in dataset.aggregate_keys:
     out = valid | f'Aggregate[{key}]' >> StreamingEntityAggregates(
         dataset, key, s.window_size, s.window_period, s.allowed_lateness,
-        s.early_firing)
+        s.early_firing, shards)
     aggregates[key] = out[AGGREGATES] | f'CountAggregates[{key}]' >> (
-        beam.ParDo(CountElements(f'aggregate_rows.{key}')))
+        beam.ParDo(CountRows(f'aggregate_rows.{key}')))
     late[key] = out[LATE]
   dead = (([parsed[DEAD_LETTER]] + list(late.values()))
           | 'AllDeadLetters' >> beam.Flatten())
 
-  if scorer is None:
-    scorer = model_scorer(opts, dataset, p)
   predictions = None
   if scorer is not None:
     predictions = (features
-                   | 'CountScored' >> beam.ParDo(
-                       CountElements('feature_rows_scored'))
                    | 'Score' >> scorer
                    | 'CountPredictions' >> beam.ParDo(
-                       CountElements('predictions_written')))
+                       CountRows('predictions_written')))
 
   root = files.join(opts.output_dir, STREAMING)
   sinks = {FEATURES: (features, files.join(root, FEATURES)),
@@ -274,13 +304,17 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
         folder, name, s.file_every)
   published = predictions if predictions is not None else features
   if kafka and opts.output_topic:
-    published | 'PublishToKafka' >> WriteJsonToKafka(
-        opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field)
+    (published
+     | 'PredictionRows' >> beam.FlatMap(batch_rows)
+     | 'PublishToKafka' >> WriteJsonToKafka(
+         opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field))
   elif opts.output_topic:
     published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
   if kafka and opts.dead_letter_topic:
-    dead | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
-        opts.bootstrap_servers, opts.dead_letter_topic, kafka)
+    (dead
+     | 'DeadLetterRows' >> beam.FlatMap(batch_rows)
+     | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
+         opts.bootstrap_servers, opts.dead_letter_topic, kafka))
   elif opts.dead_letter_topic:
     dead | 'PublishDeadLetters' >> WriteJsonToPubSub(opts.dead_letter_topic)
 
@@ -365,6 +399,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   check_streamable(dataset)
   if opts.online_store:
     online_store.preflight(opts.online_store)
+    # The store's description, as the batch job's materialisation writes it.
+    client = online_store.connect(opts.online_store, 2.0)
+    online_store.write_meta(client, dataset, online_store.DEFAULT_MAX_RECORDS)
+    client.close()
   settings(opts, dataset)
   reference_micros(opts)
   if opts.input_subscription and opts.input_topic:

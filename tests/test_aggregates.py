@@ -4,6 +4,8 @@ aggregates against per-record Beam windowing, the streaming form."""
 import json
 import random
 
+import numpy as np
+
 import apache_beam as beam
 import pyarrow as pa
 import pytest
@@ -18,9 +20,10 @@ from apache_beam.utils.windowed_value import PaneInfo, PaneInfoTiming
 
 from schemas.dataset import load_dataset
 from transforms.aggregates import (AGGREGATES, COMPACT_AT, LATE,
-                                   AggregateValues, EntityAggregates,
+                                   EntityAggregates,
                                    StreamingEntityAggregates, SumPartials,
-                                   _ToPaneRow, partial_schema)
+                                   _ToPaneRows, first_window_end,
+                                   partial_schema)
 from transforms.common import micros_to_rfc3339
 
 DATASET = load_dataset()
@@ -270,17 +273,23 @@ def _streaming():
   return TestPipeline(options=options)
 
 
-def _at(record):
-  return window.TimestampedValue(record,
-                                 Timestamp(micros=record['event_time']))
+def _at(records):
+  """A streaming batch, stamped with its earliest event time."""
+  return window.TimestampedValue(
+      pa.RecordBatch.from_pylist(records, schema=SCHEMA),
+      Timestamp(micros=min(r['event_time'] for r in records)))
+
+
+def _rows(batches, label):
+  return batches | label >> beam.FlatMap(lambda b: b.to_pylist())
 
 
 def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
   late = _record(5, 5, 1.00)     # 00:05, after the watermark passed 01:00
-  stream = (TestStream()
-            .add_elements([_at(r) for r in (TX1, TX2, TX3, TX4)])
+  stream = (TestStream(coder=beam.coders.PickleCoder())
+            .add_elements([_at([TX1, TX2, TX3, TX4])])
             .advance_watermark_to(Timestamp(micros=T0 + 65 * 60 * 1_000_000))
-            .add_elements([_at(late)])
+            .add_elements([_at([late])])
             .advance_watermark_to_infinity())
   with _streaming() as p:
     out = p | stream | StreamingEntityAggregates(
@@ -288,7 +297,7 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
     # The rows of test_fixed_hourly_windows, each in one on-time pane; the
     # late event is in none of them.
     on_time = {'pane': 'ON_TIME', 'pane_index': 0}
-    assert_that(out[AGGREGATES], equal_to([
+    assert_that(_rows(out[AGGREGATES], 'AggregateRows'), equal_to([
         dict(_row('u00001', '2026-10-01T00:00:00Z', '2026-10-01T01:00:00Z',
                   2, 30.30, 0.5), **on_time),
         dict(_row('u00001', '2026-10-01T01:00:00Z', '2026-10-01T02:00:00Z',
@@ -296,7 +305,7 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
         dict(_row('u00002', '2026-10-01T00:00:00Z', '2026-10-01T01:00:00Z',
                   1, 5.00, 0.0), **on_time),
     ]), label='aggregates')
-    assert_that(out[LATE] | beam.Map(lambda row: dict(
+    assert_that(_rows(out[LATE], 'LateRows') | beam.Map(lambda row: dict(
         row, raw=json.loads(row['raw']))), equal_to([{
             'source_file': None, 'position': None, 'error_kind': 'late',
             'field': 'user_id',
@@ -308,17 +317,37 @@ def test_streaming_rows_are_batch_rows_plus_pane_and_late_events_dead_letter():
                 label='late')
 
 
+def test_first_window_end_is_that_of_the_earliest_window_holding_t():
+  # Worked by hand: hourly windows every 20 min hold 00:50 from the one
+  # starting 00:00 (23:40's ends at 00:40, before it): first end 01:00;
+  # 01:00 from 00:20's (00:00's ends at 01:00, excluded): 01:20; 23:59:59.99
+  # from 23:00's: 00:00. Fixed hourly windows: the window of the hour.
+  t = np.array([T0 + 50 * MIN, T0 + 60 * MIN, T0 - 1])
+  assert first_window_end(t, 3600, 1200).tolist() == [
+      T0 + 60 * MIN, T0 + 80 * MIN, T0]
+  assert first_window_end(t, 3600, 3600).tolist() == [
+      T0 + 60 * MIN, T0 + 120 * MIN, T0]
+  # A size that is no multiple of the period: hourly windows every 25 min
+  # (starts at 00:00, 00:25, 00:50 of the epoch) hold 00:50 from 00:00 on.
+  assert first_window_end(np.array([50 * MIN]), 3600, 1500).tolist() == [
+      60 * MIN]
+
+
 def test_a_pane_of_no_records_is_not_a_row():
   # Flink emits such on-time panes (Beam's Python SDK asks for on-time
-  # panes even when empty); a row with records is kept.
-  to_row = _ToPaneRow(DATASET, 'user_id')
-  values = AggregateValues(DATASET)
+  # panes even when empty); a pane with records is a row per key.
+  to_rows = _ToPaneRows(DATASET, 'user_id')
+  schema = partial_schema(DATASET, 'user_id')
   w = window.IntervalWindow(Timestamp(micros=T0),
                             Timestamp(micros=T0 + 3600 * 1_000_000))
   pane = PaneInfo(True, True, PaneInfoTiming.ON_TIME, 0, 0)
-  empty = values.create_accumulator()
-  one = values.add_input(empty, ((12.5,), 0))
-  assert list(to_row.process(('u00001', empty), w=w, pane=pane)) == []
-  [row] = to_row.process(('u00001', one), w=w, pane=pane)
+  empty = schema.empty_table().to_batches() or [pa.RecordBatch.from_pylist(
+      [], schema=schema)]
+  assert list(to_rows.process((0, empty[0]), w=w, pane=pane)) == []
+  one = pa.RecordBatch.from_pylist([{
+      'user_id': 'u00001', 'count': 1, 'sum_amount': 1250, 'labelled': 1,
+      'positives': 0}], schema=schema)
+  [rows] = to_rows.process((0, one), w=w, pane=pane)
+  [row] = rows.to_pylist()
   assert (row['count'], row['total_amount'], row['pane']) == (
       1, 12.5, 'ON_TIME')

@@ -179,3 +179,22 @@ def test_history_at_equals_an_inserted_record(events, query):
   row = out.filter(pa.compute.equal(out.column('interaction_id'), 0))
   for name, values in at.items():
     assert row.column(name).to_pylist() == values.tolist(), name
+
+
+# The stream: both histories, the items table, the model, as batch ---------
+def test_the_stream_gives_the_batch_jobs_features_and_scores(run, tmp_path):
+  """The replay of the batch job's input, with its items table and model,
+  writes the batch job's feature rows (user and item histories, the items'
+  columns) and its scores, row for row."""
+  from pipelines import streaming  # pylint: disable=import-outside-toplevel
+  from tests.test_streaming import assert_stream_equals_batch  # pylint: disable=import-outside-toplevel
+  _, out = run
+  folder = os.path.dirname(out)
+  summary = streaming.run([
+      '--schema', 'interactions', '--input', f'{folder}/interactions.jsonl',
+      '--side_table', f'items={folder}/items.csv', '--output_dir',
+      str(tmp_path / 'stream'), '--model_dir', f'{out}/model',
+      '--replay_batch', '1500'])
+  assert summary['records_dead_lettered'] == 3
+  assert_stream_equals_batch(tmp_path / 'stream' / 'streaming', out,
+                             DATASET.id_field)

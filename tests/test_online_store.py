@@ -165,18 +165,21 @@ def test_batch_writes_are_idempotent_and_converge_in_any_order(server,
   assert _snapshot(server.url(1), users) == once
 
 
-def test_streaming_updates_per_event_converge_with_batch(server, rows):
-  """The streaming DoFn, event by event in a shuffled order (late and
-  early events alike), leaves the state batch leaves."""
+def test_streaming_updates_per_batch_converge_with_batch(server, rows):
+  """The streaming DoFn, batch by batch in a shuffled order (late and
+  early events alike, an entity's events spread over batches), leaves the
+  state batch leaves."""
   users = set(rows.column('user_id').to_pylist())
   _write(rows, server.url(0))
-  events = rows.to_pylist()
-  random.Random(3).shuffle(events)
-  fn = online_store._UpdatePerEvent(DATASET, server.url(2), 'v1',  # pylint: disable=protected-access
-                                    online_store.DEFAULT_MAX_RECORDS, 3, 2.0)
+  order = list(range(rows.num_rows))
+  random.Random(3).shuffle(order)
+  shuffled = rows.take(pa.array(order))
+  fn = online_store._UpdatePerBatch(DATASET, server.url(2), 'v1',  # pylint: disable=protected-access
+                                    online_store.DEFAULT_MAX_RECORDS, 50, 3,
+                                    2.0)
   fn.setup()
-  for event in events:
-    assert list(fn.process(event)) == [event]
+  for batch in shuffled.to_batches(max_chunksize=70):
+    assert list(fn.process(batch)) == [batch]
   assert _snapshot(server.url(2), users) == _snapshot(server.url(0), users)
 
 

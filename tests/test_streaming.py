@@ -1,8 +1,14 @@
-"""Streaming: out-of-order and late events (TestStream), parity, replay."""
+"""Streaming on RecordBatches: out-of-order and late events (TestStream),
+parity of features, scores and the online store with the batch job,
+replay."""
 
 import glob
 import json
 import random
+
+import numpy as np
+import pyarrow.parquet as pq
+import redis
 
 import apache_beam as beam
 import pytest
@@ -15,16 +21,23 @@ from apache_beam.testing.util import assert_that, equal_to, equal_to_per_window
 from apache_beam.transforms.window import IntervalWindow, TimestampedValue
 from apache_beam.utils.timestamp import Timestamp
 
+from pipelines import batch
 from pipelines import streaming as pipeline
+from pipelines.synthetic import transactions as generate
 from schemas.dataset import load_dataset, parse_duration
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
 from transforms.common import DEAD_LETTER, VALID, micros_to_rfc3339
-from transforms.history_features import (HistoryFeatures, StatefulHistoryFeatures,
-                                history_features)
-from transforms.parse import ParseAndValidate, StreamingParseAndValidate
+from transforms.history_features import (StatefulHistoryFeatures,
+                                         history_features, history_table)
+from transforms.parse import (BatchValidator, ParseAndValidate,
+                              RecordError, RecordValidator,
+                              StreamingParseAndValidate)
 from transforms.read import RawRecord, ReadRecords
-from transforms.stream_sources import ReplayFile, decode_message, replay_order
+from tests.redis_server import RedisServer
+from transforms.stream_sources import (ReplayFile, _text_and_error,
+                                       decode_message, message_batch,
+                                       replay_order)
 
 DATASET = load_dataset()
 SIZE = parse_duration(DATASET.aggregates['window_size'])
@@ -49,8 +62,22 @@ def _record(i, t, amount, user='u00001', merchant='m00001', country='US',
           'country': country, 'event_time': t, 'is_fraud': label}
 
 
-def _at(record):
-  return TimestampedValue(record, Timestamp(micros=record['event_time']))
+def _at(*records):
+  """A streaming batch of `records`, stamped with its earliest event time
+  (as every streaming batch is)."""
+  return TimestampedValue(
+      pa.RecordBatch.from_pylist(list(records),
+                                 schema=DATASET.batch_schema()),
+      Timestamp(micros=min(r['event_time'] for r in records)))
+
+
+def _stream():
+  # Pickled: a RecordBatch has no Beam coder of its own.
+  return TestStream(coder=beam.coders.PickleCoder())
+
+
+def _rows(batches, label='Rows'):
+  return batches | label >> beam.FlatMap(lambda b: b.to_pylist())
 
 
 def _json_line(record):
@@ -60,41 +87,70 @@ def _json_line(record):
 
 
 # History features -----------------------------------------------------------
-def test_history_waits_for_the_watermark_and_expires_old_history():
+def test_the_event_order_rule_of_history_features():
+  """On time (the watermark had not passed it when it arrived): batch's
+  row, in any arrival order. Late (behind the watermark), within the
+  retention (7 d horizon + 1 h allowed lateness) of its entity's newest
+  event: every earlier event that arrived before it, i.e. batch's row when
+  no earlier event comes after it; rows already out do not count it. Later
+  than that: the retained history only."""
   tx1 = _record(1, T0, 10.0)
   tx2 = _record(2, T0 + 30 * MIN, 20.0)
-  tx3 = _record(3, T0 + 10 * MIN, 40.0)        # arrives after tx2
-  tx4 = _record(4, T0 + 50 * MIN, 5.0)
-  tx5 = _record(5, T0 + 50 * MIN, 7.0, country='FR')   # ties tx4
-  tx6 = _record(6, T0 + 55 * MIN, 1.0)         # arrives 8 days later
-  stream = (TestStream()
-            .add_elements([_at(tx1), _at(tx2)])
+  tx3 = _record(3, T0 + 10 * MIN, 40.0)     # after tx2, on time
+  tx4 = _record(4, T0 + 20 * MIN, 5.0)      # behind the watermark (40 min)
+  tx5 = _record(5, T0 + 50 * MIN, 7.0, country='FR')
+  tx6 = _record(6, T0 + 8 * DAY, 1.0)       # the newest moves 8 days on
+  tx7 = _record(7, T0 + 55 * MIN, 2.0)      # 8 days behind it
+  tx8 = _record(8, T0 + 8 * DAY + MIN, 3.0)
+  stream = (_stream()
+            .add_elements([_at(tx1)])
+            .add_elements([_at(tx2)])
+            # tx1's flush: tx2 waits (the watermark has not passed it) ...
+            .advance_watermark_to(Timestamp(micros=T0 + 5 * MIN))
+            # ... for tx3, earlier than tx2, arriving after it, on time.
             .add_elements([_at(tx3)])
             .advance_watermark_to(Timestamp(micros=T0 + 40 * MIN))
-            .add_elements([_at(tx4), _at(tx5)])
-            # Past the newest event + 7 d horizon + 1 h lateness: expired.
-            .advance_watermark_to(Timestamp(micros=T0 + 8 * DAY + 2 * HOUR))
+            .add_elements([_at(tx4)])
+            .add_elements([_at(tx5)])
+            .advance_watermark_to(Timestamp(micros=T0 + 60 * MIN))
             .add_elements([_at(tx6)])
+            .advance_watermark_to(Timestamp(micros=T0 + 8 * DAY))
+            .add_elements([_at(tx7)])
+            .add_elements([_at(tx8)])
+            # Past every event before the end, as a replay ends.
+            .advance_watermark_to(Timestamp(micros=T0 + 9 * DAY))
             .advance_watermark_to_infinity())
   with _streaming() as p:
-    rows = (p | stream
-            | StatefulHistoryFeatures(DATASET, allowed_lateness=3600)
+    rows = (_rows(p | stream
+                  | StatefulHistoryFeatures(DATASET, allowed_lateness=3600))
             | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_1h'],
-                                  r['user_id_sum_1h'],
+                                  r['user_id_sum_1h'], r['user_id_count_7d'],
                                   r['user_id_is_new_country_7d'])))
     assert_that(rows, equal_to([
-        ('tx000000001', 0, 0.0, 1),
-        # tx3 (earlier in event time) arrived after tx2 but before the
-        # watermark passed either: tx2 sees it, as in batch.
-        ('tx000000002', 2, 50.0, 0),
-        # tx3 sees tx1 only: tx2 is later in event time.
-        ('tx000000003', 1, 10.0, 0),
-        # tx4 and tx5 tie: each sees tx1, tx2, tx3 but not the other.
-        ('tx000000004', 3, 70.0, 0),
-        ('tx000000005', 3, 70.0, 1),
-        # tx6 is 8 days late: the entity's history was cleared by the timer.
-        ('tx000000006', 0, 0.0, 1),
+        ('tx000000001', 0, 0.0, 0, 1),
+        # tx3 (earlier in event time) arrived after tx2 and after tx1 was
+        # computed, but before the watermark passed it: tx2 sees it, as in
+        # batch; tx4 was late,
+        # and tx2's row was out by then: it does not count tx4 (batch: 3).
+        ('tx000000002', 2, 50.0, 2, 0),
+        ('tx000000003', 1, 10.0, 1, 0),
+        # tx4, late, sees tx1 and tx3, as in batch.
+        ('tx000000004', 2, 50.0, 2, 0),
+        # tx5 came after tx4: batch's row (tx1..tx4).
+        ('tx000000005', 4, 75.0, 4, 1),
+        ('tx000000006', 0, 0.0, 0, 1),
+        # tx7 is 8 days behind tx6: tx1..tx5 were dropped (more than 7 d +
+        # 1 h before tx6), so it sees none of them (batch: 5 in 1 h) ...
+        ('tx000000007', 0, 0.0, 0, 1),
+        # tx8 sees tx6 alone.
+        ('tx000000008', 1, 1.0, 1, 0),
     ]))
+
+
+def _batch_rows(records):
+  """The batch definition's rows (history_table) of `records`."""
+  table = pa.Table.from_pylist(records, schema=DATASET.batch_schema())
+  return history_table(table, DATASET).to_pylist()
 
 
 def _history(n_events=2000, n_users=50, seed=11):
@@ -113,36 +169,28 @@ def _history(n_events=2000, n_users=50, seed=11):
 
 
 @pytest.mark.parametrize('arrival', ['in_order', 'shuffled'])
-def test_streaming_history_equals_batch_history(tmp_path, arrival):
-  # Shuffled: each chunk's events arrive in random order (as the dedupe
-  # shuffle on a parallel runner delivers them), then the watermark passes.
+def test_streaming_history_equals_batch_history(arrival):
+  # Shuffled: each chunk's events arrive in three batches in random order
+  # (as the shuffles of a parallel runner deliver them), then the
+  # watermark passes them.
   records = _history()
-  with TestPipeline() as p:
-    batches = [pa.RecordBatch.from_pylist(records[i:i + 250],
-                                          schema=DATASET.batch_schema())
-               for i in range(0, len(records), 250)]
-    _ = (p | beam.Create(batches) | HistoryFeatures(DATASET)
-         | beam.FlatMap(lambda batch: batch.to_pylist())
-         | beam.Map(json.dumps, sort_keys=True)
-         | beam.io.WriteToText(str(tmp_path / 'batch')))
-  batch = [json.loads(line) for path in glob.glob(str(tmp_path / 'batch*'))
-           for line in open(path, encoding='utf-8')]
-  assert len(batch) == len(records)
-
-  stream = TestStream()
+  stream = _stream()
   for start in range(0, len(records), 100):
     chunk = records[start:start + 100]
     if arrival == 'shuffled':
       chunk = random.Random(start).sample(chunk, len(chunk))
-    stream.add_elements([_at(r) for r in chunk])
+      stream.add_elements([_at(*chunk[i:i + 34]) for i in (68, 0, 34)])
+    else:
+      stream.add_elements([_at(*chunk)])
     stream.advance_watermark_to(
         Timestamp(micros=max(r['event_time'] for r in chunk)))
   stream.advance_watermark_to_infinity()
   with _streaming() as p:
-    rows = (p | stream | StatefulHistoryFeatures(DATASET, 3600)
+    rows = (_rows(p | stream | StatefulHistoryFeatures(DATASET, 3600,
+                                                       num_shards=3))
             | beam.Map(json.dumps, sort_keys=True))
     assert_that(rows, equal_to([json.dumps(r, sort_keys=True)
-                                for r in batch]))
+                                for r in _batch_rows(records)]))
 
 
 # Windowed aggregates and late data ------------------------------------------
@@ -164,56 +212,55 @@ def _minute(i, minute, amount, user='u00001'):
 
 
 def test_aggregate_panes_and_late_events_per_window():
-  # Hourly windows, 30 minutes of allowed lateness; processing time never
-  # advances, so there are no early panes.
+  # Hourly windows, 30 minutes of allowed lateness, one shard; processing
+  # time never advances, so there are no early panes.
   a, b = _minute(1, 10, 10.0), _minute(2, 50, 20.0)
   c = _minute(3, 40, 5.0)           # behind the watermark, within lateness
   d = _minute(4, 80, 7.0)
-  e = _minute(5, 30, 100.0)         # after the key's 01:30 timer fired
+  e = _minute(5, 30, 100.0)         # after the shard's 01:30 timer fired
   f = _minute(6, 5, 1.0, user='u00002')   # first event of its key
   g = _minute(7, 160, 2.0, user='u00003')
   h = _minute(8, 65, 4.0, user='u00003')  # 95 min behind its key's newest
   i = _minute(9, 110, 3.0)
-  stream = (TestStream()
-            .add_elements([_at(a), _at(b)])
+  stream = (_stream()
+            .add_elements([_at(a, b)])
             .advance_watermark_to(Timestamp(micros=T0 + 65 * MIN))
-            .add_elements([_at(c), _at(d), _at(g)])
+            .add_elements([_at(c, d, g)])
             .advance_watermark_to(Timestamp(micros=T0 + 105 * MIN))
-            .add_elements([_at(e), _at(f), _at(h), _at(i)])
+            .add_elements([_at(e, f, h, i)])
             .advance_watermark_to_infinity())
   with _streaming() as p:
     out = p | stream | StreamingEntityAggregates(
         DATASET, 'user_id', size=3600, period=3600, allowed_lateness=1800,
-        early_firing=60)
-    assert_that(out[AGGREGATES], equal_to_per_window({
+        early_firing=60, num_shards=1)
+    assert_that(_rows(out[AGGREGATES]), equal_to_per_window({
         # On time with a and b, then c's late pane (panes accumulate).
         _window(0, 60): [_agg('u00001', 0, 2, 30.0, 'ON_TIME', 0),
                          _agg('u00001', 0, 3, 35.0, 'LATE', 1)],
+        # One on-time pane of the shard, a row per key: h is behind its
+        # key's newest event (02:40) but not behind the watermark: on time.
         _window(60, 120): [_agg('u00001', 60, 2, 10.0, 'ON_TIME', 0),
-                           # h: behind its key's newest event (02:40) but
-                           # not behind the watermark (01:45): on time.
                            _agg('u00003', 60, 1, 4.0, 'ON_TIME', 0)],
         _window(120, 180): [_agg('u00003', 120, 1, 2.0, 'ON_TIME', 0)],
-        # No window holds f: see the next assertion.
     }), label='aggregates')
-    late = out[LATE] | beam.Map(lambda row: (
+    late = _rows(out[LATE], 'LateRows') | beam.Map(lambda row: (
         row['error_kind'], row['field'],
         json.loads(row['raw'])['transaction_id'], row['message']))
+    message = ('user_id {}: event at 2026-10-01T00:{}:00Z is late: its '
+               'first window ended 2026-10-01T01:00:00Z, + allowed lateness '
+               '1800s = 2026-10-01T01:30:00Z, not after the watermark '
+               '2026-10-01T01:30:00Z')
     assert_that(late, equal_to([
-        # The key's timer at 01:00 + 30 min fired at watermark 01:45.
-        ('late', 'user_id', 'tx000000005',
-         'user_id u00001: event at 2026-10-01T00:30:00Z is late: its first '
-         'window ended 2026-10-01T01:00:00Z, + allowed lateness 1800s = '
-         '2026-10-01T01:30:00Z, not after the watermark '
-         '2026-10-01T01:30:00Z'),
-        # f is absent on purpose: the documented gap. Its key had no clock
-        # yet, so the rule admitted it, and the runner dropped it (its
-        # window closed at 01:30 by the watermark, 01:45).
+        # The shard's timer at 01:00 + 30 min fired at watermark 01:45:
+        # e and f (its key's first event, but the shard knows the clock)
+        # are late.
+        ('late', 'user_id', 'tx000000005', message.format('u00001', '30')),
+        ('late', 'user_id', 'tx000000006', message.format('u00002', '05')),
     ]), label='late')
 
 
 def test_early_panes_fire_on_processing_time():
-  stream = (TestStream()
+  stream = (_stream()
             .add_elements([_at(_minute(1, 10, 10.0))])
             .advance_processing_time(61)
             .add_elements([_at(_minute(2, 20, 5.0))])
@@ -222,18 +269,19 @@ def test_early_panes_fire_on_processing_time():
     out = p | stream | StreamingEntityAggregates(
         DATASET, 'user_id', size=3600, period=3600, allowed_lateness=0,
         early_firing=60)
-    assert_that(out[AGGREGATES], equal_to_per_window({
+    assert_that(_rows(out[AGGREGATES]), equal_to_per_window({
         _window(0, 60): [_agg('u00001', 0, 1, 10.0, 'EARLY', 0),
                          _agg('u00001', 0, 2, 15.0, 'ON_TIME', 1)],
     }))
 
 
 # Parse and validate ---------------------------------------------------------
-def _raw(position, record=None, text=None):
-  if record is None:
-    return decode_message(text.encode('utf-8'), 'pubsub:test')
-  return RawRecord('pubsub:test', position, _json_line(record),
-                   json.loads(_json_line(record)))
+def _messages(*messages, at=T0):
+  """One raw batch of Pub/Sub messages (records or texts), stamped `at`."""
+  texts, errors = zip(*(_text_and_error(
+      m.encode('utf-8') if isinstance(m, str) else m) for m in messages))
+  return TimestampedValue(message_batch(texts, errors, 'pubsub:test',
+                                        DATASET), Timestamp(micros=at))
 
 
 def test_decode_message():
@@ -243,28 +291,76 @@ def test_decode_message():
   assert decode_message(b'{nope', 's').error.startswith('not valid JSON')
 
 
+def test_a_batch_of_messages_validates_as_each_message_alone():
+  # pyarrow decodes the batch at once; a message it refuses (not JSON, not
+  # an object, not UTF-8, a number as a string, a newline inside) is
+  # decoded alone, as decode_message does: the same valid records and
+  # dead-letter rows either way.
+  good = _json_line(_record(1, T0, 10.0))
+  messages = [good, '{nope', '[1]', b'\xff\xfe',
+              good.replace('10.0', '"12.5"').replace('001"', '002"'),
+              good.replace(', ', ',\n ').replace('001"', '003"'),
+              # Not allowed, over two lines: its dead-letter text is the
+              # message as it came.
+              good.replace(', ', ',\n ').replace('"pos"', '"nope"'),
+              good.replace('tx000000001', 'bad id')]
+  raw = message_batch(*zip(*(_text_and_error(
+      m.encode('utf-8') if isinstance(m, str) else m) for m in messages)),
+                      'pubsub:test', DATASET)
+  valid, dead = BatchValidator(DATASET).validate(raw)
+  alone_valid, alone_dead = [], []
+  for m in messages:
+    record = decode_message(m.encode('utf-8') if isinstance(m, str) else m,
+                            'pubsub:test')
+    try:
+      alone_valid.append(RecordValidator(DATASET).validate(record))
+    except RecordError as e:
+      alone_dead.append((e.kind, e.message, record.text))
+  names = DATASET.batch_schema().names
+  key = lambda r: r['transaction_id']
+  assert sorted(pa.Table.from_batches([valid]).select(names).to_pylist(),
+                key=key) == alone_valid
+  assert [r['transaction_id'] for r in alone_valid] == [
+      'tx000000001', 'tx000000002', 'tx000000003']
+  assert [(d['error_kind'], d['message'], d['raw']) for d in dead] == (
+      alone_dead)
+  assert len(alone_dead) == 5 and {d['position'] for d in dead} == {-1}
+
+
 def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
-  tx1 = _record(1, T0, 10.0)
-  tx2 = _record(2, T0 + HOUR, 20.0)
-  stream = (TestStream(coder=beam.coders.PickleCoder())
-            .add_elements([_raw(0, tx1), _raw(1, text='{broken')])
-            .add_elements([_raw(2, tx1), _raw(3, tx2)])   # 2: duplicate
-            # The watermark passes tx1 + the 1 h horizon: tx1 is forgotten.
-            .advance_watermark_to(Timestamp(micros=T0 + 2 * HOUR))
-            .add_elements([_raw(4, tx1)])
+  tx1 = _json_line(_record(1, T0, 10.0))
+  tx2 = _json_line(_record(2, T0 + HOUR, 20.0))
+  tx3 = _json_line(_record(3, T0 + HOUR + 1, 20.0))
+  stream = (_stream()
+            .add_elements([_messages(tx1, '{broken')])
+            .add_elements([_messages(tx1, tx2)])      # tx1: a later copy
+            # Events up to 1 h after tx1: still remembered.
+            .add_elements([_messages(tx1)])
+            # tx3 moves the stream past tx1 + the 1 h horizon: tx1 is
+            # forgotten, and a copy is not recognised.
+            .add_elements([_messages(tx3, tx1)])
             .advance_watermark_to_infinity())
   with _streaming() as p:
-    out = p | stream | StreamingParseAndValidate(DATASET, dedupe_horizon=3600)
-    # Valid records leave stamped with their event time.
-    assert_that(out[VALID] | 'Ids' >> beam.Map(
-        lambda r, ts=beam.DoFn.TimestampParam: (r['transaction_id'],
-                                                ts.micros)),
-                equal_to([('tx000000001', T0), ('tx000000002', T0 + HOUR),
-                          ('tx000000001', T0)]), label='valid')
-    assert_that(out[DEAD_LETTER] | 'Kinds' >> beam.Map(
-        lambda r: (r['error_kind'], r['position'], r['message'][:21])),
-                equal_to([('malformed', -1, 'not valid JSON: Expec'),
-                          ('duplicate', 2, 'id tx000000001 alread')]),
+    # One shard: an id is forgotten once its shard's newest event is more
+    # than the horizon after it (with more shards, tx3 may go to another).
+    out = p | stream | StreamingParseAndValidate(DATASET, dedupe_horizon=3600,
+                                                 num_shards=1)
+    # Valid batches leave stamped with their earliest event time.
+    assert_that(out[VALID] | 'Ids' >> beam.FlatMap(
+        lambda b, ts=beam.DoFn.TimestampParam: [
+            (r['transaction_id'], ts.micros) for r in b.to_pylist()]),
+                equal_to([('tx000000001', T0), ('tx000000002', T0),
+                          ('tx000000003', T0), ('tx000000001', T0)]),
+                label='valid')
+    assert_that(_rows(out[DEAD_LETTER], 'DeadRows') | 'Kinds' >> beam.Map(
+        lambda r: (r['error_kind'], r['position'], r['message'])),
+                equal_to([('malformed', -1, 'not valid JSON: Expecting '
+                           'property name enclosed in double quotes: line 1 '
+                           'column 2 (char 1)'),
+                          ('duplicate', -1, 'id tx000000001 already read at '
+                           'pubsub:test:-1'),
+                          ('duplicate', -1, 'id tx000000001 already read at '
+                           'pubsub:test:-1')]),
                 label='dead')
 
 
@@ -283,7 +379,7 @@ def test_batch_and_a_replay_keep_the_same_copy_of_a_duplicate(tmp_path):
   with _streaming() as p:
     stream = (p | ReplayFile(str(path), DATASET)
               | StreamingParseAndValidate(DATASET))
-    assert_that(stream[VALID] | 'StreamAmount' >> beam.Map(
+    assert_that(_rows(stream[VALID]) | 'StreamAmount' >> beam.Map(
         lambda r: r['amount']), equal_to([2.0]))
 
 
@@ -313,7 +409,8 @@ def test_replay_speed_advances_processing_time_by_event_time_over_speed(
                    ('ProcessingTimeEvent', 2), ('ElementEvent', None),
                    ('WatermarkEvent', None),
                    ('ProcessingTimeEvent', 1), ('ElementEvent', None),
-                   ('WatermarkEvent', None), ('WatermarkEvent', None)]
+                   ('WatermarkEvent', None), ('WatermarkEvent', None),
+                   ('WatermarkEvent', None)]
 
 
 def _replay_input(path, n_records=300, n_users=10, seed=5):
@@ -407,11 +504,13 @@ def test_main_exits_2_with_one_line_on_bad_input(tmp_path, capsys):
 
 
 class _AmountScorer(beam.PTransform):
-  """A stand-in model: feature rows -> {id, score}."""
+  """A stand-in model: feature batches -> batches of {id, score}."""
 
-  def expand(self, rows):
-    return rows | beam.Map(lambda r: {'transaction_id': r['transaction_id'],
-                                      'score': r['amount'] / 1000})
+  def expand(self, batches):
+    return batches | beam.Map(lambda b: pa.RecordBatch.from_arrays(
+        [b.column('transaction_id'),
+         pa.compute.divide(b.column('amount'), 1000.0)],
+        names=['transaction_id', 'score']))
 
 
 def test_scorer_hook_writes_one_prediction_per_valid_event(tmp_path):
@@ -470,20 +569,93 @@ def test_history_is_not_expired_by_a_timer_its_events_outdated():
   tx2 = _record(2, T0 + 7 * DAY - 10 * MIN, 20.0)
   tx3 = _record(3, T0 + 7 * DAY + 2 * HOUR, 5.0, user='u00002')
   tx4 = _record(4, T0 + 7 * DAY + 4 * HOUR, 1.0)
-  stream = (TestStream()
+  stream = (_stream()
             .add_elements([_at(tx1)])
             .advance_watermark_to(Timestamp(micros=T0 + 1 * MIN))
-            .add_elements([_at(tx2), _at(tx3)])
+            .add_elements([_at(tx2, tx3)])
             .advance_watermark_to(Timestamp(micros=T0 + 7 * DAY + 3 * HOUR))
             .add_elements([_at(tx4)])
             .advance_watermark_to(Timestamp(micros=T0 + 7 * DAY + 5 * HOUR))
             .advance_watermark_to_infinity())
   with _streaming() as p:
-    rows = (p | stream
-            | StatefulHistoryFeatures(DATASET, allowed_lateness=3600)
+    rows = (_rows(p | stream
+                  | StatefulHistoryFeatures(DATASET, allowed_lateness=3600))
             | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_7d'],
                                   r['user_id_sum_7d'])))
     assert_that(rows, equal_to([('tx000000001', 0, 0.0),
                                 ('tx000000002', 1, 10.0),
                                 ('tx000000003', 0, 0.0),
                                 ('tx000000004', 1, 20.0)]))
+
+
+# The stream against the batch job: features, scores, the online store ------
+def parquet_rows(folder, key):
+  """The rows of a batch output folder, timestamps as int epoch micros (as
+  the stream writes them), sorted by `key`."""
+  table = pa.concat_tables([pq.read_table(path) for path in sorted(
+      glob.glob(f'{folder}/*.parquet'))])
+  columns = [c.cast(pa.int64()) if pa.types.is_timestamp(c.type) else c
+             for c in table.columns]
+  rows = pa.Table.from_arrays(columns, names=table.column_names).to_pylist()
+  return sorted(rows, key=lambda r: r[key])
+
+
+def store_contents(url):
+  """Every key of a Redis database and its value (hashes, sorted sets)."""
+  client = redis.Redis.from_url(url)
+  out = {}
+  for key in client.keys('*'):
+    kind = client.type(key)
+    out[key] = (client.hgetall(key) if kind == b'hash' else
+                client.zrange(key, 0, -1, withscores=True))
+  return out
+
+
+def assert_stream_equals_batch(stream_root, batch_out, id_field):
+  """Feature rows and predictions (scores, labels, model version) of the
+  stream equal the batch job's, row for row."""
+  features = sorted(_read_rows(f'{stream_root}/features'),
+                    key=lambda r: r[id_field])
+  expected = parquet_rows(f'{batch_out}/features', id_field)
+  assert len(features) == len(expected) > 0
+  assert features == expected
+  predictions = sorted(_read_rows(f'{stream_root}/predictions'),
+                       key=lambda r: r[id_field])
+  expected = parquet_rows(f'{batch_out}/predictions', id_field)
+  assert [r[id_field] for r in predictions] == [r[id_field] for r in expected]
+  np.testing.assert_array_equal([r['score'] for r in predictions],
+                                [r['score'] for r in expected])
+  assert predictions == expected
+
+
+@pytest.fixture(scope='module')
+def batch_job(tmp_path_factory):
+  """The batch job on 1,500 generated transactions and 2 broken lines: it
+  trains its model, scores every record and materialises the online store
+  (database 0 of a throwaway Redis)."""
+  tmp = tmp_path_factory.mktemp('batch-job')
+  data = tmp / 'tx.jsonl'
+  assert generate.run(['--output', str(data), '--rows', '1500', '--seed',
+                       '4', '--days', '10', '--broken', '2']) == 0
+  with RedisServer(tmp / 'redis') as server:
+    summary = batch.run(['--input', str(data), '--output_dir',
+                         str(tmp / 'out'), '--online_store', server.url(0)])
+    assert summary['status'] == 'ok'
+    yield {'data': str(data), 'out': str(tmp / 'out'), 'redis': server,
+           'summary': summary}
+
+
+def test_the_stream_scores_and_stores_what_the_batch_job_does(batch_job,
+                                                              tmp_path):
+  out = tmp_path / 'stream'
+  server = batch_job['redis']
+  summary = pipeline.run([
+      '--input', batch_job['data'], '--output_dir', str(out),
+      '--model_dir', f'{batch_job["out"]}/model', '--online_store',
+      server.url(1), '--replay_batch', '400'])
+  assert summary['records_valid'] == batch_job['summary']['records_valid']
+  assert_stream_equals_batch(out / 'streaming', batch_job['out'],
+                             DATASET.id_field)
+  store = store_contents(server.url(1))
+  assert len(store) > 0
+  assert store == store_contents(server.url(0))

@@ -8,11 +8,13 @@ Two forms, one row shape (`aggregate_columns`, the columns of
     PCollection[pa.RecordBatch] of aggregate rows. Each batch is summed per
     (key, time slot) with Arrow first, so Beam's windowing and combine see
     one element per batch and slot, not one per record.
-  * `StreamingEntityAggregates`: PCollection[dict] valid records (stamped
-    with event time) -> {'aggregates': PCollection[dict] rows plus pane and
-    pane_index, 'late': PCollection[dict] dead-letter rows}. One element per
-    record, so that early, on-time and late panes and the lateness rule
-    below work per event.
+  * `StreamingEntityAggregates`: PCollection[pa.RecordBatch] valid records
+    (stamped with their earliest event time) -> {'aggregates':
+    PCollection[pa.RecordBatch] rows plus pane and pane_index, 'late':
+    PCollection[pa.RecordBatch] dead-letter rows}. Batches travel by shard
+    of the key; the lateness rule below runs per shard, then the same
+    partial sums as batch are windowed with early, on-time and late
+    panes.
 
 Both give the same values for the same records, for each value field v the
 declaration lists (`aggregates.values`, default the history value):
@@ -23,10 +25,10 @@ total_<v> / count; for a binary label, <label>_rate = positives / labelled
 
 Lateness (streaming), in one place. Let L be the allowed lateness and, for
 an event at event time t, first_end(t) the end of the earliest aggregate
-window that contains t. Per aggregate key, a *lateness clock* is kept: the
-time of the key's last fired lateness timer (an event-time timer set at
-first_end + L of each admitted event; it fires only once the watermark has
-passed it), i.e. a lower bound of the watermark. An event is late, and
+window that contains t. Per shard of aggregate keys, a *lateness clock* is
+kept: the time of the shard's last fired lateness timer (an event-time
+timer set at first_end + L of each admitted event; it fires only once the
+watermark has passed it), i.e. a lower bound of the watermark. An event is late, and
 dead-lettered with error_kind 'late', when
 
     first_end(t) + L <= clock(key)
@@ -41,9 +43,9 @@ of its windows. Lateness is per aggregate table (an event may be late for
 its merchant's table and not for its user's), and late events still get
 history features and a score.
 
-The gap: a key's clock learns the watermark only from the key's own timers,
-so it can be behind it (a key's first event, or one long after the key's
-previous events). Such an event, if it arrives after the watermark passed
+The gap: a shard's clock learns the watermark only from the shard's own
+timers, so it can be behind it (a shard's first event, or one long after
+the shard's previous events). Such an event, if it arrives after the watermark passed
 first_end + L, passes the rule and is then dropped by the runner's lateness
 check at the window's GroupByKey (Beam has no late-data output), not
 dead-lettered. tests/test_streaming.py pins this case down. With in-order
@@ -57,7 +59,7 @@ import apache_beam as beam
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.coders import PickleCoder
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec,
@@ -67,7 +69,8 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 
 from schemas.dataset import Dataset
 from transforms.common import (MICROS, Counters, concat_batches,
-                               dead_letter_row, json_row, micros_to_rfc3339,
+                               dead_letter_batch, dead_letter_row, json_row,
+                               micros_to_rfc3339, split_by_shard,
                                table_to_batch)
 
 AGGREGATES = 'aggregates'
@@ -319,60 +322,14 @@ class EntityAggregates(beam.PTransform):
         | 'BackToGlobalWindow' >> beam.WindowInto(window.GlobalWindows()))
 
 
-# Streaming: one dict per record ----------------------------------------------
-class AggregateValues(beam.CombineFn):
-  """A record's (values of the declared value fields, label class index or
-  None) -> the partial sums of `sum_types`, as a tuple in its order, per
-  record: the streaming form's combine."""
-
-  def __init__(self, dataset: Dataset):
-    self._cents = [dataset.fields[v].cents for v in dataset.aggregate_values]
-    self._binary = dataset.task == 'binary'
-
-  def create_accumulator(self):
-    return (0,) * (1 + len(self._cents) + 2 * self._binary)
-
-  def add_input(self, acc, element):
-    values, label = element
-    out = [acc[0] + 1]
-    for i, (value, cents) in enumerate(zip(values, self._cents)):
-      out.append(acc[1 + i] + (round(value * 100) if cents else value))
-    if self._binary:
-      out += [acc[-2] + (label is not None), acc[-1] + (label == 1)]
-    return tuple(out)
-
-  def merge_accumulators(self, accumulators):
-    # From the zero accumulator: Flink may merge none (an empty pane).
-    return tuple(sum(parts) for parts in zip(self.create_accumulator(),
-                                             *accumulators))
-
-  def extract_output(self, acc):
-    return acc
-
-
-class AggregateRow(beam.DoFn):
-  """(key, AggregateValues output) in a window -> the aggregate row dict."""
-
-  def __init__(self, dataset: Dataset, key_field: str):
-    self._dataset, self._key_field = dataset, key_field
-    self._names = list(sum_types(dataset))
-
-  def process(self, element, w=beam.DoFn.WindowParam):
-    key, sums = element
-    columns = aggregate_columns(
-        self._dataset, self._key_field, pa.array([key]), w,
-        {name: [value] for name, value in zip(self._names, sums)})
-    yield {name: values[0].as_py() for name, values in columns.items()}
-
-
-def _values_and_label(record: Dict[str, Any], dataset: Dataset):
-  """A record -> (its aggregate values, its label's class index or None)."""
-  values = tuple(record[v] for v in dataset.aggregate_values)
-  label = None
-  if dataset.task == 'binary':
-    raw = record.get(dataset.label_field)
-    label = None if raw is None else dataset.label.classes.get(raw)
-  return values, label
+# Streaming: RecordBatches per shard of keys ----------------------------------
+def first_window_end(t: np.ndarray, size: int, period: int) -> np.ndarray:
+  """The end (micros) of the earliest window of `size` every `period`
+  seconds (starts at multiples of the period, as `window_fn`'s) that holds
+  each event time: its start is the first multiple of the period after
+  t - size."""
+  size, period = size * MICROS, period * MICROS
+  return ((t - size) // period + 1) * period + size
 
 
 def late_row(record: Dict[str, Any], dataset: Dataset, key_field: str,
@@ -389,64 +346,79 @@ def late_row(record: Dict[str, Any], dataset: Dataset, key_field: str,
 
 
 class _RouteLate(beam.DoFn):
-  """(key, record) -> (key, record) if admitted, else a 'late' dead-letter row.
+  """(shard, RecordBatch) -> (shard, partial sums of the admitted rows) per
+  slot, stamped at the slot's start (`_shard_partials`), and a dead-letter
+  RecordBatch (LATE) of the rows the lateness rule of this module's
+  docstring refuses.
 
-  Implements the lateness rule of this module's docstring, per key, in the
-  global window (so the runner drops nothing before this decision). State:
-  the key's clock and the distinct deadlines (first window end + L) of its
-  admitted events whose timers have not fired yet; the timer is set at the
+  Per shard of keys, in the global window (so the runner drops nothing
+  before this decision), read and written once per batch. State: the
+  shard's clock and the distinct deadlines (first window end + L) of its
+  admitted rows whose timers have not fired yet; the timer is set at the
   earliest of them.
   """
-  CLOCK = ReadModifyWriteStateSpec('clock', VarIntCoder())
+  CLOCK = ReadModifyWriteStateSpec('clock', PickleCoder())
   DEADLINES = ReadModifyWriteStateSpec('deadlines', PickleCoder())
   CLOSE = TimerSpec('close', TimeDomain.WATERMARK)
 
-  def __init__(self, dataset: Dataset, key_field: str,
-               windowfn: window.WindowFn, allowed_lateness: int):
+  def __init__(self, dataset: Dataset, key_field: str, size: int,
+               period: int, allowed_lateness: int):
     self._dataset, self._key_field = dataset, key_field
-    self._windowfn = windowfn
+    self._size, self._period = size, period
     self._lateness = allowed_lateness * MICROS
+    self._slot = math.gcd(size, period) * MICROS
 
   def setup(self):
     self._counters = Counters()
 
-  def _first_end(self, t: int) -> int:
-    windows = self._windowfn.assign(
-        window.WindowFn.AssignContext(Timestamp(micros=t)))
-    return min(w.end.micros for w in windows)
-
   def process(self, element, clock=beam.DoFn.StateParam(CLOCK),
               deadlines=beam.DoFn.StateParam(DEADLINES),
               close=beam.DoFn.TimerParam(CLOSE)):
-    key, record = element
-    t = record[self._dataset.timestamp_field]
-    first_end = self._first_end(t)
+    shard, batch = element
+    t = batch.column(self._dataset.timestamp_field).to_numpy()
+    first_end = first_window_end(t, self._size, self._period)
     deadline = first_end + self._lateness
     now = clock.read()
-    if now is not None and deadline <= now:
-      self._counters.inc('records_late')
-      self._counters.inc(f'dead_letter.{LATE}')
-      yield beam.pvalue.TaggedOutput(LATE, late_row(
-          record, self._dataset, self._key_field,
-          f'{self._key_field} {key}: event at {micros_to_rfc3339(t)} is '
-          f'late: its first window ended {micros_to_rfc3339(first_end)}, '
-          f'+ allowed lateness {self._lateness // MICROS}s = '
-          f'{micros_to_rfc3339(deadline)}, not after the watermark '
-          f'{micros_to_rfc3339(now)}'))
+    late = (deadline <= now) if now is not None else np.zeros(len(t), bool)
+    if late.any():
+      yield beam.pvalue.TaggedOutput(LATE, self._late_rows(
+          batch, np.flatnonzero(late), first_end, deadline, now))
+      batch = batch.filter(pa.array(~late))
+      deadline = deadline[~late]
+    if not batch.num_rows:
       return
-    pending = set(deadlines.read() or ())
-    if deadline not in pending:
-      pending.add(deadline)
-      deadlines.write(sorted(pending))
-      close.set(Timestamp(micros=min(pending)))
-    yield element
+    pending = sorted(set(deadlines.read() or ()) | set(
+        np.unique(deadline).tolist()))
+    deadlines.write(pending)
+    close.set(Timestamp(micros=pending[0]))
+    # The admitted rows' partial sums, each stamped at its slot's start
+    # (one step less: the DirectRunner charges each step of each bundle).
+    yield from _shard_partials((shard, batch), self._dataset,
+                               self._key_field, self._slot)
+
+  def _late_rows(self, batch, rows, first_end, deadline, now):
+    """Dead-letter rows of the late rows (few: built one by one)."""
+    self._counters.inc('records_late', len(rows))
+    self._counters.inc(f'dead_letter.{LATE}', len(rows))
+    key, ts = self._key_field, self._dataset.timestamp_field
+    out = []
+    for i, record in zip(rows, batch.take(pa.array(rows)).to_pylist()):
+      out.append(late_row(
+          record, self._dataset, key,
+          f'{key} {record[key]}: event at {micros_to_rfc3339(record[ts])} '
+          f'is late: its first window ended '
+          f'{micros_to_rfc3339(int(first_end[i]))}, + allowed lateness '
+          f'{self._lateness // MICROS}s = '
+          f'{micros_to_rfc3339(int(deadline[i]))}, not after the watermark '
+          f'{micros_to_rfc3339(now)}'))
+    return dead_letter_batch(out)
 
   @on_timer(CLOSE)
   def watermark_passed(self, fired=beam.DoFn.TimestampParam,
                        clock=beam.DoFn.StateParam(CLOCK),
                        deadlines=beam.DoFn.StateParam(DEADLINES),
                        close=beam.DoFn.TimerParam(CLOSE)):
-    # The watermark has passed `fired`: a lower bound the key's events use.
+    # The watermark has passed `fired`: a lower bound the shard's rows use.
     now = clock.read()
     if now is None or fired.micros > now:
       clock.write(fired.micros)
@@ -458,71 +430,95 @@ class _RouteLate(beam.DoFn):
       deadlines.clear()
 
 
-class _ToPaneRow(AggregateRow):
-  """The aggregate row plus the pane: 'EARLY', 'ON_TIME' or 'LATE' and its
-  index in the window. Panes accumulate: the row with the highest
-  pane_index of a window is its current total."""
+def _shard_partials(shard_and_batch, dataset: Dataset, key_field: str,
+                    slot: int):
+  """(shard, RecordBatch) -> (shard, partial) per slot, stamped at the
+  slot's start (in exactly the windows of its rows)."""
+  shard, batch = shard_and_batch
+  for start, partial in partial_sums(batch, dataset, key_field, slot):
+    yield window.TimestampedValue((shard, partial), Timestamp(micros=start))
+
+
+class _ToPaneRows(beam.DoFn):
+  """(shard, summed partial) in a window and pane -> RecordBatch of its
+  aggregate rows plus pane ('EARLY', 'ON_TIME', 'LATE') and pane_index."""
+
+  def __init__(self, dataset: Dataset, key_field: str):
+    self._dataset, self._key_field = dataset, key_field
+    self._schema = dataset.aggregate_schema(key_field)
 
   def process(self, element, w=beam.DoFn.WindowParam,
               pane=beam.DoFn.PaneInfoParam):
-    if element[1][0] == 0:
+    _, sums = element
+    if sums.num_rows == 0:
       # A pane of no records says nothing (batch has no such row). Beam's
-      # Python SDK asks for on-time panes even when empty (FIRE_ALWAYS), and
-      # Flink at parallelism 2 emits one per key and window beside the pane
-      # that holds the records (tests/test_flink_kafka.py).
+      # Python SDK asks for on-time panes even when empty (FIRE_ALWAYS).
       return
-    for row in super().process(element, w):
-      row['pane'] = PaneInfoTiming.to_string(pane.timing)
-      row['pane_index'] = pane.index
-      yield row
+    columns = aggregate_columns(
+        self._dataset, self._key_field, sums.column(self._key_field), w,
+        {s: sums.column(s).to_numpy() for s in sums.schema.names[1:]})
+    n = sums.num_rows
+    arrays = [columns[f.name] for f in self._schema] + [
+        pa.array([PaneInfoTiming.to_string(pane.timing)] * n, pa.string()),
+        pa.array(np.full(n, pane.index, np.int64))]
+    yield pa.RecordBatch.from_arrays(
+        arrays, schema=self._schema.append(pa.field('pane', pa.string()))
+        .append(pa.field('pane_index', pa.int64())))
 
 
 class StreamingEntityAggregates(beam.PTransform):
-  """PCollection[dict] valid records (stamped with event time) ->
-  {'aggregates': PCollection[dict], 'late': PCollection[dict]}.
+  """PCollection[pa.RecordBatch] valid records (`Dataset.batch_schema()`)
+  -> {'aggregates': PCollection[pa.RecordBatch], 'late':
+  PCollection[pa.RecordBatch]}.
 
-  'aggregates': the `EntityAggregates` row as a dict plus pane and
-  pane_index, one per key, window and pane, left in its event-time window.
-  Windows are sliding (`size` every `period` seconds; fixed when equal).
-  Panes: early every `early_firing` seconds of processing time while a
-  window is open, on time when the watermark passes its end, then one late
-  pane per late event for `allowed_lateness` seconds; panes accumulate.
-  'late': dead-letter rows (error_kind 'late') of events refused by the
-  lateness rule of this module's docstring. Counter: records_late.
+  'aggregates': `EntityAggregates`' rows plus pane and pane_index, left
+  in their event-time window. Rows travel as (shard of the key,
+  RecordBatch) pairs (`num_shards` shards): the lateness rule of this
+  module's docstring runs per shard (`_RouteLate`), then each batch is
+  summed per (key, slot) with Arrow (`partial_sums`, as batch), and the
+  partials of a shard and window are summed by `SumPartials`. Windows are
+  sliding (`size` every `period` seconds; fixed when equal). Panes, per
+  shard and window: early every `early_firing` seconds of processing time
+  while a window is open, on time when the watermark passes its end, then
+  one late pane per late batch for `allowed_lateness` seconds; panes
+  accumulate, and each holds a row for every key of the shard in the
+  window: a key's row with the highest pane_index is its current total.
+  'late': dead-letter rows (error_kind 'late') of the refused rows.
+  Counter: records_late.
   """
 
   def __init__(self, dataset: Dataset, key_field: str, size: int,
                period: Optional[int] = None, allowed_lateness: int = 3600,
-               early_firing: int = 60):
+               early_firing: int = 60, num_shards: int = 8):
     super().__init__()
     self._dataset, self._key_field = dataset, key_field
     self._size, self._period = size, period or size
     self._lateness, self._early = allowed_lateness, early_firing
+    self._shards = num_shards
 
   def windowfn(self) -> window.WindowFn:
     return window_fn(self._size, self._period)
 
-  def expand(self, records):
+  def expand(self, batches):
     key, dataset = self._key_field, self._dataset
     routed = (
-        records
-        | 'KeyByField' >> beam.Map(lambda r: (r[key], r)).with_output_types(
-            Tuple[str, Dict[str, Any]])
-        | 'RouteLateEvents' >> beam.ParDo(_RouteLate(
-            self._dataset, key, self.windowfn(),
+        batches
+        | 'ShardByKey' >> beam.FlatMap(
+            split_by_shard, key, self._shards).with_output_types(
+                Tuple[int, pa.RecordBatch])
+        | 'RouteLateEventsAndSumPerSlot' >> beam.ParDo(_RouteLate(
+            dataset, key, self._size, self._period,
             self._lateness)).with_outputs(LATE, main=AGGREGATES))
     rows = (
         routed[AGGREGATES]
-        | 'WindowByEventTime' >> beam.WindowInto(
+        | 'WindowBySlotStart' >> beam.WindowInto(
             self.windowfn(),
             trigger=trigger.AfterWatermark(
                 early=trigger.AfterProcessingTime(self._early),
                 late=trigger.AfterCount(1)),
             accumulation_mode=trigger.AccumulationMode.ACCUMULATING,
             allowed_lateness=Duration(seconds=self._lateness))
-        | 'KeyAndValue' >> beam.Map(
-            lambda kv: (kv[0], _values_and_label(kv[1], dataset)))
-        | 'AggregatePerKeyAndWindow' >> beam.CombinePerKey(
-            AggregateValues(dataset))
-        | 'ToRow' >> beam.ParDo(_ToPaneRow(dataset, key)))
+        | 'SumPartialsPerShardAndWindow' >> beam.CombinePerKey(
+            SumPartials(partial_schema(dataset, key)))
+        | 'ToRows' >> beam.ParDo(_ToPaneRows(dataset, key)))
     return {AGGREGATES: rows, LATE: routed[LATE]}

@@ -62,17 +62,18 @@ class Counters:
 
 
 class CountRows(beam.DoFn):
-  """Counts the rows of RecordBatch (or Table) elements into `name`, and
-  passes each element on unchanged."""
+  """Counts the rows of RecordBatch (or Table) elements into `name` (and
+  any `more` names), and passes each element on unchanged."""
 
-  def __init__(self, name: str):
-    self._name = name
+  def __init__(self, name: str, *more: str):
+    self._names = (name,) + more
 
   def setup(self):
     self._counters = Counters()
 
   def process(self, batch):
-    self._counters.inc(self._name, batch.num_rows)
+    for name in self._names:
+      self._counters.inc(name, batch.num_rows)
     yield batch
 
 

@@ -36,18 +36,19 @@ Both forms:
     by a hash of the entity (`transforms.common.split_by_shard`), so the
     shuffle moves a few (shard, RecordBatch) pairs and every record of an
     entity meets in one shard; each shard is one `history_table` call.
-  * streaming, `StatefulHistoryFeatures`: PCollection[dict] ->
-    PCollection[dict], a stateful DoFn per entity holding the entity's
-    recent records; each event waits for the watermark, then its features
-    are `history_features` of the entity's earlier events. With on-time
-    events (in any arrival order) both forms give equal rows.
+  * streaming, `StatefulHistoryFeatures`: PCollection[pa.RecordBatch] ->
+    PCollection[pa.RecordBatch], a stateful DoFn per shard of entities
+    holding the shard's recent records as one Arrow table; rows wait for
+    the watermark, then `history_table` runs on the retained history and
+    the ready rows at once. With on-time events (in any arrival order)
+    both forms give equal rows.
 """
 
 import math
 from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
-from apache_beam.coders import PickleCoder, VarIntCoder
+from apache_beam.coders import PickleCoder
 from apache_beam.transforms import window
 from apache_beam.transforms.timeutil import TimeDomain
 from apache_beam.transforms.userstate import (BagStateSpec,
@@ -60,6 +61,7 @@ import pyarrow.compute as pc
 
 from schemas.dataset import Dataset, HistorySpec
 from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches, slices,
+                               table_to_batch,
                                split_by_shard)
 
 _INT64_LIMIT = 2**63
@@ -501,232 +503,175 @@ class HistoryFeatures(beam.PTransform):
     return records
 
 
-# Streaming: one stateful DoFn per entity --------------------------------------
-class _EventHistory:
-  """`spec`'s features of one event from its entity's kept history, in
-  plain Python: the per-event form of `_features` (own=True), equal to
-  `history_features(history + [event])[-1]` bit for bit, in O(kept rows)
-  per event without building Arrow tables.
+# Streaming: a stateful DoFn per shard of entities -----------------------------
+_ROW = '__ready_row'    # the ready rows' own order, through history_table
 
-  History rows are tuples (event time, value, *fields): only what the
-  features read (`fields`: the distinct, novelty and rate fields).
+
+def _entity_newest(table: pa.Table, entity: str, ts: str) -> np.ndarray:
+  """Each row's entity's newest event time in `table`."""
+  newest = table.select([entity, ts]).group_by(entity).aggregate(
+      [(ts, 'max')])
+  at = pc.index_in(table.column(entity).combine_chunks(),
+                   value_set=newest.column(entity).combine_chunks())
+  return newest.column(f'{ts}_max').combine_chunks().take(at).to_numpy(
+      zero_copy_only=False).astype(np.int64)
+
+
+def features_after(history: Optional[pa.Table], ready: pa.Table,
+                   dataset: Dataset, spec: HistorySpec) -> pa.Table:
+  """`ready` rows (any columns, at least the record fields) plus `spec`'s
+  features, each computed by `history_table` over `history` (record
+  fields only) and the ready rows together: the batch definition, run on
+  one shard's retained history. Rows keep the order of `ready`."""
+  names = dataset.batch_schema().names
+  records = ready.select(names).append_column(
+      _ROW, pa.array(np.arange(ready.num_rows, dtype=np.int64)))
+  if history is not None and history.num_rows:
+    kept = history.select(names).append_column(
+        _ROW, pa.array(np.full(history.num_rows, -1, np.int64)))
+    records = pa.concat_tables([kept.cast(records.schema), records])
+  out = history_table(records, dataset, spec)
+  row = out.column(_ROW).to_numpy()
+  mine = np.flatnonzero(row >= 0)
+  order = mine[np.argsort(row[mine])]
+  types = list(spec.feature_types())
+  features = out.select(types).take(pa.array(order))
+  return pa.Table.from_arrays(
+      list(ready.columns) + list(features.columns),
+      names=ready.column_names + types)
+
+
+class _ShardHistoryFn(beam.DoFn):
+  """(shard of `spec.entity`, RecordBatch of rows) -> RecordBatch of the
+  rows plus `spec`'s history features, in batches, once the watermark has
+  passed their event times.
+
+  State per shard, each read and written once per batch or flush: the
+  pending batches (BagState: an arriving batch is appended, never read),
+  and the retained history, one Arrow table of the record fields of every
+  entity's events within `retention` = horizon + allowed lateness of its
+  newest event. A `flush` timer fires when the watermark passes the
+  newest event of the earliest pending batch; the pending rows it has
+  passed are then computed at once (`features_after`: `history_table` over
+  the history and those rows, the batch definition) and join the history;
+  the rest wait for the next flush. So every event whose time the
+  watermark had not passed when it arrived is computed with every earlier
+  event of its entity, whatever order they arrived in: its row is batch's.
+
+  An event that arrives behind the watermark (late: its time already
+  flushed) is computed at the next flush against the retained history,
+  i.e. with every earlier event of its entity that arrived before it;
+  rows already emitted are not revised, so a later event computed before
+  it arrived does not count it (batch's row would). It joins the history
+  when it is within `retention` of its entity's newest event, else it is
+  computed and dropped (its oldest windows may miss expired events).
+  An entity's rows stay until its own events move `retention` on (state
+  holds up to `retention` of every entity seen: see the README).
+
+  A flush that leaves rows pending sets its timer again, at or behind the
+  watermark: it fires in the same watermark step, except when that step
+  is the jump to the end of time, after which the DirectRunner fires no
+  timer set (ReplayFile therefore ends its stream one step before).
   """
-
-  def __init__(self, dataset: Dataset, spec: HistorySpec):
-    self._spec, self._ts, self._vf = spec, dataset.timestamp_field, spec.value
-    self._exact = spec.value is None or dataset.fields[spec.value].cents
-    self._fields = tuple(dict.fromkeys(
-        list(spec.distinct) + list(spec.novelty) + list(spec.rates)))
-    self._at = {f: 2 + i for i, f in enumerate(self._fields)}
-    self._types = spec.feature_types()
-    self._longest = max(spec.windows, key=spec.windows.get)
-    self._rates = {(field, name): frozenset(members)
-                   for field, named in spec.rates.items()
-                   for name, members in named.items()}
-
-  def row(self, record: Dict[str, Any]) -> tuple:
-    value = 0.0 if self._vf is None else float(record[self._vf])
-    return (record[self._ts], value) + tuple(
-        _as_key(record[f]) for f in self._fields)
-
-  def features(self, history: List[tuple], event: tuple) -> Dict[str, Any]:
-    h, e, t = self._spec, self._spec.entity, event[0]
-    earlier = [r for r in history if r[0] < t]      # ties excluded
-    out: Dict[str, Any] = {}
-    members, means = {}, {}
-    for window, seconds in h.windows.items():
-      since = t - seconds * MICROS
-      rows = members[window] = [r for r in earlier if r[0] >= since]
-      count = len(rows)
-      if self._exact:
-        # round() as np.rint: half to even, exact integer cents.
-        total = sum(round(r[1] * 100) for r in rows) / 100
-      else:
-        total = math.fsum(r[1] for r in rows)
-      mean = means[window] = total / count if count > 0 else 0.0
-      agg = {'count': count, 'sum': total, 'mean': mean}
-      if 'max' in h.aggregates:
-        agg['max'] = max(r[1] for r in rows) if rows else 0.0
-      for name in h.aggregates:
-        out[f'{e}_{name}_{window}'] = agg[name]
-      for (field, name), values in self._rates.items():
-        at = self._at[field]
-        hits = sum(1 for r in rows if r[at] is not None and r[at] in values)
-        out[f'{e}_{field}_{name}_rate_{window}'] = (
-            hits / count if count > 0 else 0.0)
-    for field, windows in h.distinct.items():
-      at = self._at[field]
-      for window in windows:
-        out[f'{e}_distinct_{field}_{window}'] = len(
-            {r[at] for r in members[window]})
-    for field, window in h.novelty.items():
-      at = self._at[field]
-      out[f'{e}_is_new_{field}_{window}'] = int(
-          all(r[at] != event[at] for r in members[window]))
-    if h.ratio_to_mean:
-      mean = means[h.ratio_to_mean]
-      out[f'{e}_{self._vf}_to_mean_{h.ratio_to_mean}'] = (
-          event[1] / mean if mean > 0 else 1.0)
-    if h.seconds_since_previous:
-      rows = members[self._longest]
-      out[f'{e}_seconds_since_previous'] = (
-          (t - max(r[0] for r in rows)) / MICROS if rows
-          else float(h.horizon))
-    if 'hour' in h.calendar:
-      out['event_hour'] = (t // MICROS) % 86400 // 3600
-    return {name: out[name] for name in self._types}
-
-
-def _as_key(value):
-  """A field value as `_dictionary` compares values: -0.0 is 0.0."""
-  return value + 0.0 if isinstance(value, float) else value
-
-
-class _HistoryFn(beam.DoFn):
-  """(entity, record) -> record + history features, one per event, in the
-  entity's event-time order.
-
-  An arriving event waits in state until the watermark passes its event
-  time (a `flush` timer), so every earlier event that is on time has
-  arrived by then, whatever order the runner's shuffles delivered them in
-  (the dedupe shuffle on Flink at parallelism 2 does reorder). Events are
-  then computed in event-time order, so rows equal batch rows exactly for
-  all on-time events. A late event (behind the watermark when it arrives)
-  is computed at the next flush, against the history kept at that point.
-
-  State: the pending events, and the entity's history rows
-  (`_EventHistory.row`: event time, value and the fields the features read)
-  of the last `retention` = horizon + allowed lateness before its newest
-  event. Each event's features are those of `history_features(history +
-  [event])`: kept rows strictly earlier in event time, within each window
-  (`_EventHistory.features`, without Arrow). A timer clears the history
-  once the watermark is `retention` past the entity's newest event (no
-  on-time event can need it any more).
-  """
-  HISTORY = BagStateSpec('history', PickleCoder())
   PENDING = BagStateSpec('pending', PickleCoder())
-  FLUSH_AT = ReadModifyWriteStateSpec('flush_at', VarIntCoder())
-  NEWEST = ReadModifyWriteStateSpec('newest', VarIntCoder())
+  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  FLUSH_AT = ReadModifyWriteStateSpec('flush_at', PickleCoder())
   FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
-  EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
 
-  def __init__(self, dataset: Dataset, allowed_lateness: int):
-    self._dataset = dataset
-    self._retention = (dataset.history.horizon + allowed_lateness) * MICROS
-    self._events = None
-
-  def setup(self):
-    self._events = _EventHistory(self._dataset, self._dataset.history)
+  def __init__(self, dataset: Dataset, spec: HistorySpec,
+               allowed_lateness: int):
+    self._dataset, self._spec = dataset, spec
+    self._retention = (spec.horizon + allowed_lateness) * MICROS
 
   def process(self, element, pending=beam.DoFn.StateParam(PENDING),
               flush_at=beam.DoFn.StateParam(FLUSH_AT),
               flush=beam.DoFn.TimerParam(FLUSH)):
-    _, record = element
-    t = record[self._dataset.timestamp_field]
-    pending.add((t, record))
+    _, batch = element
+    if batch.num_rows == 0:
+      return
+    pending.add(batch)
+    newest = pc.max(batch.column(self._dataset.timestamp_field)).as_py()
     at = flush_at.read()
-    # One timer per entity: the earliest time a flush can happen. A later
-    # event waits for the flush after it (see flush_ready).
-    if at is None or t < at:
-      flush.set(Timestamp(micros=t))
-      flush_at.write(t)
+    if at is None or newest < at:
+      flush.set(Timestamp(micros=newest))
+      flush_at.write(newest)
 
   @on_timer(FLUSH)
   def flush_ready(self, fired=beam.DoFn.TimestampParam,
                   pending=beam.DoFn.StateParam(PENDING),
                   flush_at=beam.DoFn.StateParam(FLUSH_AT),
                   history=beam.DoFn.StateParam(HISTORY),
-                  newest=beam.DoFn.StateParam(NEWEST),
-                  flush=beam.DoFn.TimerParam(FLUSH),
-                  expire=beam.DoFn.TimerParam(EXPIRE)):
-    if self._events is None:  # called without setup() (tests)
-      self.setup()
+                  flush=beam.DoFn.TimerParam(FLUSH)):
     now = fired.micros
-    waiting = sorted(pending.read(), key=lambda e: e[0])
-    ready = [e for e in waiting if e[0] <= now]
-    rest = waiting[len(ready):]
+    batches = list(pending.read())
     pending.clear()
     flush_at.clear()
-    if rest:
-      for e in rest:
-        pending.add(e)
-      # The watermark is past `now`, maybe past all of `rest`: one timer at
-      # the latest of them flushes them together (a timer per event would
-      # cost a firing per event).
-      last = rest[-1][0]
+    if not batches:
+      return
+    table = concat_batches(batches, batches[0].schema)
+    t = table.column(self._dataset.timestamp_field).to_numpy()
+    ready = t <= now
+    if not ready.all():
+      rest = table.filter(pa.array(~ready))
+      pending.add(table_to_batch(rest))
+      # The watermark is past `now`, maybe past all of the rest: one timer
+      # at the newest of them flushes them together.
+      last = int(t[~ready].max())
       flush.set(Timestamp(micros=last))
       flush_at.write(last)
-    yield from self._compute(ready, history, newest, expire)
+    if ready.any():
+      rows = table.filter(pa.array(ready)) if not ready.all() else table
+      out = features_after(history.read(), rows, self._dataset, self._spec)
+      self._keep(history, rows)
+      yield window.TimestampedValue(table_to_batch(out),
+                                    Timestamp(micros=int(t[ready].min())))
 
-  def _compute(self, ready, history, newest, expire):
-    """Features of `ready` (event-time order), each against the history
-    kept as of that event, as if the events had arrived one by one."""
-    previous = latest = newest.read()
-    kept = list(history.read())
-    cutoff = None
-    for t, record in ready:
-      latest = t if latest is None else max(t, latest)
-      if latest - self._retention != cutoff:
-        cutoff = latest - self._retention
-        # Filtering by the cutoff (not by what happens to be stored) keeps
-        # the result independent of when the bag was last compacted.
-        kept = [r for r in kept if r[0] >= cutoff]
-      event = self._events.row(record)
-      features = self._events.features(kept, event)
-      if t >= cutoff:
-        kept.append(event)
-      row = dict(record)
-      row.update(features)
-      yield window.TimestampedValue(row, Timestamp(micros=t))
-    history.clear()
-    for r in kept:
-      history.add(r)
-    if latest is not None:
-      if latest != previous:
-        newest.write(latest)
-      expire.set(Timestamp(micros=latest + self._retention + 1))
-
-  @on_timer(EXPIRE)
-  def expire_history(self, fired=beam.DoFn.TimestampParam,
-                     history=beam.DoFn.StateParam(HISTORY),
-                     newest=beam.DoFn.StateParam(NEWEST),
-                     pending=beam.DoFn.StateParam(PENDING)):
-    latest = newest.read()
-    # A timer set before a later event moved the expiry on can still fire
-    # in the same watermark step (the runner took it before the flush that
-    # reset it ran); and events still waiting may need the history: their
-    # flush sets the expiry again.
-    if latest is not None and latest + self._retention >= fired.micros:
-      return
-    if any(True for _ in pending.read()):
-      return
-    history.clear()
-    newest.clear()
+  def _keep(self, history, rows: pa.Table):
+    """The history plus `rows`, less the rows `retention` older than their
+    entity's newest event (no event within the allowed lateness can need
+    them). By the entity's own events, not the watermark: a later stage
+    (the item's history after the user's) receives rows up to one flush
+    behind its watermark, and must still count them."""
+    ts, entity = self._dataset.timestamp_field, self._spec.entity
+    names = self._dataset.batch_schema().names
+    kept = history.read()
+    added = rows.select(names)
+    table = (added if kept is None else
+             pa.concat_tables([kept, added.cast(kept.schema)]))
+    t = table.column(ts).to_numpy()
+    keep = t >= _entity_newest(table, entity, ts) - self._retention
+    if not keep.all():
+      table = table.filter(pa.array(keep))
+    history.write(table.combine_chunks())
 
 
 class StatefulHistoryFeatures(beam.PTransform):
-  """PCollection[dict] valid records -> PCollection[dict] feature rows.
+  """PCollection[pa.RecordBatch] valid records (or rows with further
+  columns: side-table columns) -> PCollection[pa.RecordBatch] feature rows.
 
-  The streaming twin of `HistoryFeatures`: each row is the record plus
-  `Dataset.history_feature_types()`, from the same `history_features`. An
-  event is computed once the watermark passes its event time, in the
-  entity's event-time order, so on-time events give rows equal to batch
-  rows whatever order they arrived in; a row leaves up to one watermark
-  step after its event. A late event (behind the watermark on arrival)
-  misses the earlier-in-time records that arrive after it, and one more
-  than `allowed_lateness` behind its entity's newest event may also miss
-  records older than its longest window that were already expired.
+  The streaming twin of `HistoryFeatures`: each row is the input row plus
+  `Dataset.history_feature_types()`, from the same `history_table`. For
+  each declared entity (e.g. user, then item), rows travel as (shard of
+  the entity, RecordBatch) pairs (`num_shards` shards) to a stateful DoFn
+  per shard (`_ShardHistoryFn`): a row is computed once the watermark
+  passes the newest event of the batch it came in, with every earlier
+  event of its entity, so on-time events in any arrival order give batch's
+  rows. What a late event gets: see `_ShardHistoryFn`.
   """
 
-  def __init__(self, dataset: Dataset, allowed_lateness: int = 0):
+  def __init__(self, dataset: Dataset, allowed_lateness: int = 0,
+               num_shards: int = 8):
     super().__init__()
     self._dataset, self._lateness = dataset, allowed_lateness
+    self._shards = num_shards
 
-  def expand(self, records):
-    entity = self._dataset.entity_field
-    return (records
-            | 'KeyByEntity' >> beam.Map(
-                lambda r: (r[entity], r)).with_output_types(
-                    Tuple[str, Dict[str, Any]])
-            | 'ComputeHistoryOfEachEvent' >> beam.ParDo(
-                _HistoryFn(self._dataset, self._lateness)))
+  def expand(self, rows):
+    for spec in self._dataset.histories:
+      e = spec.entity
+      rows = (rows
+              | f'ShardBy[{e}]' >> beam.FlatMap(
+                  split_by_shard, e, self._shards).with_output_types(
+                      Tuple[int, pa.RecordBatch])
+              | f'ComputeWhenTheWatermarkPasses[{e}]' >> beam.ParDo(
+                  _ShardHistoryFn(self._dataset, spec, self._lateness)))
+    return rows

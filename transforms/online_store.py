@@ -39,8 +39,9 @@ Writers:
     `entities_per_pipeline` script calls. A failed pipeline is retried
     (`attempts` in all, counted); what still fails is counted, not raised,
     and the run summary says how many writes failed.
-  * streaming, `UpdateOnlineStore`: PCollection[dict] feature rows ->
-    the same rows, each written as it passes (one script call per entity).
+  * streaming, `UpdateOnlineStore`: PCollection[pa.RecordBatch] feature
+    rows -> the same batches, each batch's entity states merged as it
+    passes (the batch writer's states and pipelines, once per batch).
   * request time, the scoring service (pipelines/serving/store.py, on
     redis-py's asyncio client): `read_records` checks what it reads;
     `ADD_SCRIPT` is the merge that refuses to rewrite a stored record.
@@ -432,56 +433,55 @@ def add_counts(counts: Sequence[Dict[str, int]]) -> Dict[str, int]:
   return total
 
 
-# Streaming: one merge per event -----------------------------------------------
-class _UpdatePerEvent(beam.DoFn):
-  """Feature row (dict) -> the same row, after merging its record and its
-  features into each of its entities' states."""
+# Streaming: one pipeline of merges per batch ----------------------------------
+class _UpdatePerBatch(beam.DoFn):
+  """Feature RecordBatch -> the same batch, after merging the state of
+  every entity it holds, for every declared history, into the store: the
+  batch writer's `entity_states` and pipelined script calls
+  (`_WriteShards`), once per batch."""
 
   def __init__(self, dataset: Dataset, url: str,
                model_version: Optional[str], max_records: int,
-               attempts: int, timeout: float):
-    self._dataset, self._url, self._version = dataset, url, model_version
-    self._max, self._attempts, self._timeout = max_records, attempts, timeout
+               entities_per_pipeline: int, attempts: int, timeout: float):
+    self._writers = [
+        _WriteShards(dataset, spec, url, model_version, max_records,
+                     entities_per_pipeline, attempts, timeout)
+        for spec in dataset.histories]
 
   def setup(self):
-    self._counters = Counters()
-    self._store = OnlineStore(connect(self._url, self._timeout),
-                              self._dataset, self._max)
+    for writer in self._writers:
+      writer.setup()
 
-  def process(self, row: Dict[str, Any]):
-    import redis  # pylint: disable=g-import-not-at-top
-    pause = RETRY_PAUSE
-    for attempt in range(self._attempts):
-      try:
-        self._store.append(row, row, self._version)
-        self._counters.inc('online_store_records_written')
-        break
-      except redis.RedisError:
-        if attempt + 1 == self._attempts:
-          self._counters.inc('online_store_records_failed')
-        else:
-          self._counters.inc('online_store_retries')
-          time.sleep(pause)
-          pause *= 2
-    yield row
+  def process(self, batch: pa.RecordBatch):
+    if batch.num_rows:
+      for writer in self._writers:
+        for _ in writer.process((None, [batch])):
+          pass   # counts go to the writer's counters
+    yield batch
+
+  def teardown(self):
+    for writer in self._writers:
+      writer.teardown()
 
 
 class UpdateOnlineStore(beam.PTransform):
-  """PCollection[dict] feature rows -> the same PCollection, each row
-  merged into the store at `url` as it passes (the streaming twin of
-  `WriteOnlineStore`: the same script, so both converge)."""
+  """PCollection[pa.RecordBatch] feature rows -> the same PCollection,
+  each batch merged into the store at `url` as it passes (the streaming
+  twin of `WriteOnlineStore`: the same states and script, so both
+  converge to the same store)."""
 
   def __init__(self, dataset: Dataset, url: str,
                model_version: Optional[str] = None, *,
-               max_records: int = DEFAULT_MAX_RECORDS, attempts: int = 3,
+               max_records: int = DEFAULT_MAX_RECORDS,
+               entities_per_pipeline: int = 500, attempts: int = 3,
                timeout: float = 2.0):
     super().__init__()
     self._args = (dataset, check_url(url), model_version, max_records,
-                  attempts, timeout)
+                  entities_per_pipeline, attempts, timeout)
 
-  def expand(self, rows):
-    return rows | 'MergeEachEventIntoStore' >> beam.ParDo(
-        _UpdatePerEvent(*self._args))
+  def expand(self, batches):
+    return batches | 'MergeEachBatchIntoStore' >> beam.ParDo(
+        _UpdatePerBatch(*self._args))
 
 
 # Request time -----------------------------------------------------------------

@@ -14,10 +14,11 @@ breaks several), and two ways of applying it:
     then removed by shuffling (shard, RecordBatch) pairs by a hash of the
     id: the copy with the earliest event time wins, then the one read
     first (by file, then position).
-  * streaming, `StreamingParseAndValidate`: one RawRecord per event through
-    `RecordValidator`, then a stateful DoFn keyed by id that keeps the
-    first copy to arrive within a horizon. In a stream in event-time order
-    (a replay) that is the batch rule's copy.
+  * streaming, `StreamingParseAndValidate`: the same `BatchValidator` on
+    each raw batch of the stream, then a stateful DoFn per shard of ids,
+    whose state is read and written once per batch, that keeps the first
+    copy to arrive within a horizon. In a stream in event-time order (a
+    replay) that is the batch rule's copy.
 
 Every record read leaves through exactly one of the two outputs.
 """
@@ -42,6 +43,7 @@ from pipelines.base.errors import UsageError
 from schemas import patterns
 from schemas.dataset import RECORD_ID, Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
+                               json_row, micros_to_rfc3339,
                                NAMESPACE, VALID, CountElements, CountRows,
                                Counters, concat_batches, dead_letter_batch,
                                dead_letter_row, split_by_shard, to_micros,
@@ -750,106 +752,175 @@ class ParseAndValidate(beam.PTransform):
 
 
 # Streaming --------------------------------------------------------------------
-class ValidateRecords(beam.DoFn):
-  """RawRecord -> (id, (RawRecord, record)) or a dead-letter row (dict)."""
+def _earliest_event_time(batch: pa.RecordBatch, dataset: Dataset):
+  """A valid batch stamped with its earliest event time (the element
+  timestamp every streaming batch carries)."""
+  ts = dataset.timestamp_field
+  if not ts or batch.num_rows == 0:
+    return batch
+  return window.TimestampedValue(
+      batch, Timestamp(micros=pc.min(batch.column(ts)).as_py()))
 
-  def __init__(self, dataset: Dataset, reference_micros: Optional[int]):
-    self._dataset = dataset
-    self._reference = reference_micros
 
-  def setup(self):
-    self._validator = RecordValidator(self._dataset, self._reference)
-    self._counters = Counters()
+def _as_raw_text(row: Dict[str, Any], dataset: Dataset) -> str:
+  """A valid record as JSON, its event time in RFC 3339 (the dead-letter
+  text of a later copy: ready to re-ingest)."""
+  ts = dataset.timestamp_field
+  record = {n: row[n] for n in dataset.batch_schema().names}
+  if ts and record.get(ts) is not None:
+    record[ts] = micros_to_rfc3339(record[ts])
+  return json_row(record)
 
-  def process(self, raw: RawRecord):
-    self._counters.inc('records_read')
-    try:
-      record = self._validator.validate(raw)
-    except RecordError as e:
-      yield beam.pvalue.TaggedOutput(
-          DEAD_LETTER, _dead_row(raw, e.kind, e.field, e.message))
-      return
-    yield (record[self._dataset.id_field], (raw, record))
+
+class _ValidateAndShard(ValidateBatches):
+  """Raw RecordBatch -> (shard of the id, valid RecordBatch with SOURCE and
+  POSITION), stamped with the batch's earliest event time, and dead-letter
+  RecordBatches (DEAD_LETTER): one step, as the DirectRunner charges each
+  step of each bundle."""
+
+  def __init__(self, dataset: Dataset, reference_micros: Optional[int],
+               num_shards: int):
+    super().__init__(dataset, reference_micros)
+    self._shards = num_shards
+
+  def process(self, batch: pa.RecordBatch):
+    for out in super().process(batch):
+      if isinstance(out, beam.pvalue.TaggedOutput):
+        _count_dead_letters(self._counters, out.value)
+        yield out
+        continue
+      stamped = _earliest_event_time(out, self._dataset)
+      at = getattr(stamped, 'timestamp', None)
+      for shard in split_by_shard(out, self._dataset.id_field, self._shards):
+        yield shard if at is None else window.TimestampedValue(shard, at)
+
+
+def _count_dead_letters(counters: Counters, batch: pa.RecordBatch):
+  counters.inc('records_dead_lettered', batch.num_rows)
+  for item in pc.value_counts(batch.column('error_kind')).to_pylist():
+    counters.inc(f'dead_letter.{item["values"]}', item['counts'])
 
 
 class _FirstCopyWins(beam.DoFn):
-  """(id, (RawRecord, record)) -> record; later copies -> dead letter.
+  """(shard of the id, valid RecordBatch with SOURCE and POSITION) ->
+  RecordBatch of the rows whose id this shard has not seen (main,
+  `dataset.batch_schema()`), and a dead-letter RecordBatch of the later
+  copies (DEAD_LETTER).
 
-  In a stream the first copy to arrive wins. An id is remembered until the
-  watermark passes its event time + `horizon`; a copy arriving after that
-  is not recognised as a duplicate.
+  In a stream the first copy to arrive wins; copies within one batch
+  follow the batch rule (the earliest event time, then file and position),
+  so an in-order stream keeps the batch job's copy. State, read and written
+  once per batch, no timer: the ids of the shard's winners (id, event
+  time, source, position) while the shard's newest event time is within
+  `horizon` of theirs; a copy arriving after the stream has moved on that
+  far is not recognised as a duplicate.
   """
-  FIRST = ReadModifyWriteStateSpec('first', PickleCoder())
-  FORGET = TimerSpec('forget', TimeDomain.WATERMARK)
+  SEEN = ReadModifyWriteStateSpec('seen', PickleCoder())
 
-  def __init__(self, horizon_seconds: int):
-    self._horizon = Duration(seconds=horizon_seconds)
+  def __init__(self, dataset: Dataset, horizon_seconds: int):
+    self._dataset = dataset
+    self._horizon = horizon_seconds * MICROS
 
-  def process(self, element, timestamp=beam.DoFn.TimestampParam,
-              first=beam.DoFn.StateParam(FIRST),
-              forget=beam.DoFn.TimerParam(FORGET)):
-    record_id, (raw, record) = element
-    seen = first.read()
-    if seen is None:
-      first.write((raw.source, raw.position))
-      forget.set(timestamp + self._horizon)
-      yield record
-      return
-    yield beam.pvalue.TaggedOutput(DEAD_LETTER, _dead_row(
-        raw, 'duplicate', None,
-        f'id {record_id} already read at {seen[0]}:{seen[1]}'))
+  def setup(self):
+    self._counters = Counters()
 
-  @on_timer(FORGET)
-  def forget_id(self, first=beam.DoFn.StateParam(FIRST)):
-    first.clear()
+  def process(self, element, seen=beam.DoFn.StateParam(SEEN)):
+    _, batch = element
+    dataset = self._dataset
+    id_field, ts = dataset.id_field, dataset.timestamp_field
+    keys = [id_field, ts, SOURCE, POSITION]
+    table = pa.Table.from_batches([batch]).sort_by(
+        [(k, 'ascending') for k in keys])
+    ids = table.column(id_field).combine_chunks()
+    n = len(ids)
+    first = np.ones(n, bool)
+    if n > 1:
+      first[1:] = true_rows(pc.not_equal(ids.slice(1), ids.slice(0, n - 1)))
+    known = seen.read()
+    if known is not None and known.num_rows:
+      newest = max(pc.max(known.column(ts)).as_py(),
+                   pc.max(table.column(ts)).as_py())
+      known = known.filter(pc.greater_equal(known.column(ts),
+                                            newest - self._horizon))
+    earlier = np.full(n, -1, np.int64)
+    if known is not None and known.num_rows:
+      earlier = pc.fill_null(pc.index_in(ids, value_set=known.column(
+          id_field)), -1).to_numpy(zero_copy_only=False).astype(np.int64)
+    keep = first & (earlier < 0)
+    winners = table.filter(pa.array(keep))
+    schema = dataset.batch_schema()
+    if winners.num_rows:
+      self._counters.inc('records_valid', winners.num_rows)
+      yield pa.RecordBatch.from_arrays(
+          [winners.column(name).combine_chunks() for name in schema.names],
+          schema=schema)
+    if not keep.all():
+      copies = self._copies(table, keep, first, earlier, known)
+      _count_dead_letters(self._counters, copies)
+      yield beam.pvalue.TaggedOutput(DEAD_LETTER, copies)
+    remembered = winners.select([id_field, ts, SOURCE, POSITION])
+    if known is not None and known.num_rows:
+      remembered = pa.concat_tables([known, remembered])
+    seen.write(remembered.combine_chunks())
+
+  def _copies(self, table, keep, first, earlier, known) -> pa.RecordBatch:
+    """Dead-letter rows of the later copies (few: built one by one)."""
+    firsts = np.maximum.accumulate(np.where(first, np.arange(len(keep)), 0))
+    rows = []
+    later = np.flatnonzero(~keep)
+    copies = table.take(pa.array(later)).to_pylist()
+    for i, row in zip(later, copies):
+      if earlier[i] >= 0:
+        where = known.slice(int(earlier[i]), 1).to_pylist()[0]
+      else:
+        where = table.slice(int(firsts[i]), 1).to_pylist()[0]
+      rows.append(dead_letter_row(
+          row[SOURCE], row[POSITION], 'duplicate', None,
+          f'id {row[self._dataset.id_field]} already read at '
+          f'{where[SOURCE]}:{where[POSITION]}',
+          _as_raw_text(row, self._dataset)))
+    return dead_letter_batch(rows)
 
 
 class StreamingParseAndValidate(beam.PTransform):
-  """PCollection[RawRecord] -> {'valid': PCollection[dict],
-  'dead_letter': PCollection[dict]}, for unbounded input.
+  """PCollection[pa.RecordBatch] raw batches (transforms.stream_sources) ->
+  {'valid': PCollection[pa.RecordBatch], 'dead_letter':
+  PCollection[pa.RecordBatch]}, for unbounded input.
 
-  The same `RecordValidator` and dead-letter rows as the batch form. A valid
-  record is a dict of every declared field, typed (timestamps as int epoch
-  microseconds), stamped with its event time. Duplicates: the first copy to
-  arrive wins, within `dedupe_horizon` seconds of event time. Counters:
-  records_read, records_valid, records_dead_lettered, dead_letter.<kind>.
+  The batch form's `BatchValidator` (the same dead-letter kinds and
+  messages; a record only its per-record path can decide is decided
+  alone) on each raw batch; valid batches have `dataset.batch_schema()`
+  and are stamped with their earliest event time. Duplicates: valid rows
+  travel as (shard of the id, RecordBatch) pairs (`num_shards` shards) to
+  `_FirstCopyWins`, which keeps the first copy to arrive, within
+  `dedupe_horizon` seconds of event time. Counters: records_read,
+  records_valid, records_dead_lettered, dead_letter.<kind>.
   """
 
   def __init__(self, dataset: Dataset, dedupe_horizon: int = 86400,
-               reference_micros: Optional[int] = None):
+               reference_micros: Optional[int] = None,
+               num_shards: int = 8):
     super().__init__()
     self._dataset = dataset
     self._horizon = dedupe_horizon
     self._reference = reference_micros
+    self._shards = num_shards
 
-  def expand(self, raw_records_):
-    ts = self._dataset.timestamp_field
-    parsed = raw_records_ | 'ParseAndCheckRules' >> beam.ParDo(
-        ValidateRecords(self._dataset, self._reference)).with_outputs(
-            DEAD_LETTER, main=VALID)
-    deduped = (
-        parsed[VALID]
-        | 'StampEventTime' >> beam.Map(
-            lambda kv: window.TimestampedValue(
-                kv, Timestamp(micros=kv[1][1][ts]))).with_output_types(
-                    Tuple[str, Any])
-        | 'DropLaterCopies' >> beam.ParDo(
-            _FirstCopyWins(self._horizon)).with_outputs(
-                DEAD_LETTER, main=VALID))
+  def expand(self, raw_batches):
+    dataset = self._dataset
+    parsed = raw_batches | 'ParseCheckRulesAndShardById' >> beam.ParDo(
+        _ValidateAndShard(dataset, self._reference,
+                          self._shards)).with_outputs(
+                              DEAD_LETTER, main=VALID)
+    if not dataset.has_id:
+      # Ids are where records were read: no two records share one.
+      valid = parsed[VALID] | 'DropReadPositions' >> beam.Map(
+          lambda kv: _record_columns(kv[1], dataset.batch_schema()))
+      return {VALID: valid, DEAD_LETTER: parsed[DEAD_LETTER]}
+    deduped = (parsed[VALID]
+               | 'DropLaterCopies' >> beam.ParDo(
+                   _FirstCopyWins(dataset, self._horizon)).with_outputs(
+                       DEAD_LETTER, main=VALID))
     dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
-            | 'AllDeadLetters' >> beam.Flatten()
-            | 'CountDeadLetters' >> beam.ParDo(_CountDeadLetterRows()))
-    valid = deduped[VALID] | 'CountValid' >> beam.ParDo(
-        CountElements('records_valid'))
-    return {VALID: valid, DEAD_LETTER: dead}
-
-
-class _CountDeadLetterRows(beam.DoFn):
-
-  def setup(self):
-    self._counters = Counters()
-
-  def process(self, row: Dict[str, Any]):
-    self._counters.inc('records_dead_lettered')
-    self._counters.inc(f'dead_letter.{row["error_kind"]}')
-    yield row
+            | 'AllDeadLetters' >> beam.Flatten())
+    return {VALID: deduped[VALID], DEAD_LETTER: dead}

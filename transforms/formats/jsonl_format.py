@@ -82,7 +82,14 @@ class JsonLines(TextFormat):
               dataset: Dataset) -> Iterator[pa.RecordBatch]:
     schema = json_schema(dataset)
     for before, lines in self.blocks(path, start, end):
-      yield from line_batches(
-          lines, 0, schema, path, before,
-          lambda data, rows: _json_block(data, rows, schema),
-          line_problem, _line_values)
+      yield from decode_lines(lines, path, before, schema)
+
+
+def decode_lines(lines: Lines, source: str, first_position: int,
+                 schema: pa.Schema) -> Iterator[pa.RecordBatch]:
+  """JSON lines (a file's block, or a batch of stream messages one per
+  line) -> raw batches: pyarrow's JSON reader decodes the block at once,
+  and a line it refuses is decoded alone."""
+  return line_batches(lines, 0, schema, source, first_position,
+                      lambda data, rows: _json_block(data, rows, schema),
+                      line_problem, _line_values)
