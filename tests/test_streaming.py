@@ -23,7 +23,7 @@ from apache_beam.utils.timestamp import Timestamp
 
 from pipelines import batch
 from pipelines import streaming as pipeline
-from pipelines.synthetic import transactions as generate
+from pipelines import generate
 from schemas.dataset import load_dataset, parse_duration
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
