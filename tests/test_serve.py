@@ -694,7 +694,9 @@ def test_workers_share_the_port_and_score_as_in_batch(run):
   process = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.serve', '--model_dir',
        run['model_dir'], '--online_store', run['server'].url(0), '--port',
-       str(port), '--workers', '2'],
+       str(port), '--workers', '2',
+       # A busy machine holds a Redis reply past the 100 ms default.
+       '--store_timeout_ms', '2000'],
       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   base = f'http://127.0.0.1:{port}'
   newest = {}

@@ -26,6 +26,7 @@ from transforms import preprocess
 DECLARATION = """
 name: tiny
 roles: {id: tx, timestamp: at, label: bad}
+label: {classes: [0, 1]}
 fields:
   tx: {type: string, required: true}
   at: {type: timestamp, required: true}
