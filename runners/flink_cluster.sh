@@ -6,6 +6,7 @@
 #   runners/flink_cluster.sh start    # waits until the TaskManager registered
 #   runners/flink_cluster.sh status
 #   runners/flink_cluster.sh stop
+#   runners/flink_cluster.sh crash-taskmanager   # kill -9 it, start a new one
 #
 # FLINK_REST_PORT (default 8081), FLINK_SLOTS (default 2) and
 # FLINK_TM_MEMORY (default 3072m) change the defaults; MLPIPE_RUN (default
@@ -64,6 +65,10 @@ taskmanager.memory.network.max: 512m
 # 512); a job with dozens of shuffles would run out with it.
 taskmanager.network.sort-shuffle.min-buffers: 64
 io.tmp.dirs: $STATE/tmp
+# On a machine shared far beyond its cores (load 20 on 2 here) the
+# TaskManager answered a task deployment after Flink's default 10 s and a
+# batch job failed with AskTimeoutException.
+pekko.ask.timeout: 60 s
 web.submit.enable: false
 CONF
   # What Flink's own jobmanager.sh / taskmanager.sh do: BashJavaUtils turns
@@ -83,10 +88,8 @@ CONF
       org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
       --configDir "$STATE/conf" $jm_dyn > "$STATE/jobmanager.log" 2>&1 &
   echo $! > "$STATE/jobmanager.pid"
-  # shellcheck disable=SC2086
-  nohup java $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
-      --configDir "$STATE/conf" $tm_dyn > "$STATE/taskmanager.log" 2>&1 &
-  echo $! > "$STATE/taskmanager.pid"
+  printf '%s\n%s\n' "$tm_jvm" "$tm_dyn" > "$STATE/taskmanager.flags"
+  start_taskmanager
   for _ in $(seq 1 120); do
     if [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
       echo "flink: session cluster up, REST at 127.0.0.1:$PORT ($SLOTS slots)"
@@ -98,6 +101,24 @@ CONF
   done
   stop >/dev/null
   die "the cluster did not come up; see $STATE/jobmanager.log and $STATE/taskmanager.log"
+}
+
+start_taskmanager() {  # with the flags start() worked out; appends to its log
+  local tm_jvm tm_dyn
+  tm_jvm=$(sed -n 1p "$STATE/taskmanager.flags"); tm_dyn=$(sed -n 2p "$STATE/taskmanager.flags")
+  # shellcheck disable=SC2086
+  nohup java $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
+      --configDir "$STATE/conf" $tm_dyn >> "$STATE/taskmanager.log" 2>&1 &
+  echo $! > "$STATE/taskmanager.pid"
+}
+
+# A crash, for fault tests: the TaskManager dies at once (SIGKILL) and a new
+# one registers; jobs with checkpoints restart from their last one.
+crash_taskmanager() {
+  running jobmanager || die "not running"
+  if running taskmanager; then kill -9 "$(cat "$STATE/taskmanager.pid")"; fi
+  start_taskmanager
+  echo "flink: TaskManager killed and started again"
 }
 
 stop() {
@@ -116,11 +137,12 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  crash-taskmanager) crash_taskmanager ;;
   status)
     if running jobmanager && [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
       echo "flink: up, REST at 127.0.0.1:$PORT"
     else
       echo "flink: not running"; exit 1
     fi ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|crash-taskmanager" >&2; exit 2 ;;
 esac
