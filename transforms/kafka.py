@@ -24,7 +24,7 @@ the limit in total, however the records are spread.
 
 import os
 import time
-from typing import Iterator, Optional, Tuple
+from typing import Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
@@ -63,7 +63,9 @@ class _ReadFirstRecords(beam.DoFn):
     self._servers, self._topic = servers, topic
     self._limit, self._poll_ms = limit, poll_ms
 
-  def process(self, unused) -> Iterator[TimestampedValue]:
+  def process(self, unused):
+    # No return annotation: Beam would type the output TimestampedValue,
+    # not the RawRecord it carries.
     # kafka-python, on the worker: only bounded runs need it.
     from kafka import KafkaConsumer, TopicPartition  # pylint: disable=import-outside-toplevel
     consumer = KafkaConsumer(bootstrap_servers=self._servers.split(','),
