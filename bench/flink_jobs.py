@@ -3,11 +3,14 @@ ran ten jobs still run the eleventh?
 
     python -m bench.flink_jobs --jobs 11              # EXTERNAL workers
     python -m bench.flink_jobs --jobs 11 --loopback   # LOOPBACK workers
+    python -m bench.flink_jobs --jobs 11 --kafka      # + a KafkaIO sink
 
 Starts its own cluster and worker pool (runners/flink_cluster.sh,
 runners/worker_pool.sh) on free ports under a temporary MLPIPE_RUN, runs
 `--jobs` tiny batch jobs one after another (a shuffle and a Python stage
-each), and prints one line per job (seconds, state) and, at the end, the
+each; with `--kafka` each also writes its rows to a Kafka topic through
+KafkaIO, whose Java transforms run embedded in the TaskManager, and a
+broker is started too), and prints one line per job (seconds, state) and, at the end, the
 TaskManager's metaspace, threads and the "Transport failed" lines of its
 log. Exit code 1 when a job did not finish. Measurements go to
 bench/RESULTS.md by hand, with the load average.
@@ -26,17 +29,25 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.services import JOB_SERVER_JAR, free_port, run_script
+from transforms.kafka import (DEFAULT_EXPANSION_JAR, WriteJsonToKafka,
+                              kafka_expansion_service)
 
 
-def tiny_job(flags, out_path):
+def tiny_job(flags, out_path, kafka=None):
   """100 numbers, keyed into 10 groups, summed: one shuffle, Python
   stages on both sides. Returns (seconds, final state)."""
   start = time.monotonic()
   p = beam.Pipeline(options=PipelineOptions(flags))
-  _ = (p
-       | beam.Create(range(100))
-       | beam.Map(lambda n: (n % 10, n))
-       | beam.CombinePerKey(sum)
+  sums = (p
+          | beam.Create(range(100))
+          | beam.Map(lambda n: (n % 10, n))
+          | beam.CombinePerKey(sum))
+  if kafka:
+    _ = (sums
+         | beam.Map(lambda kv: {'key': str(kv[0]), 'sum': kv[1]})
+         | WriteJsonToKafka(kafka, 'sums', kafka_expansion_service(
+             DEFAULT_EXPANSION_JAR), 'key'))
+  _ = (sums
        | beam.combiners.ToList()
        | beam.Map(lambda pairs, path: open(path, 'w').write(
            json.dumps(sorted(pairs))), out_path))
@@ -63,11 +74,17 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   parser.add_argument('--jobs', type=int, default=11)
   parser.add_argument('--loopback', action='store_true')
+  parser.add_argument('--kafka', action='store_true')
   args = parser.parse_args(argv)
   state = tempfile.mkdtemp(prefix='flink-jobs-')
   env = {'MLPIPE_RUN': state, 'FLINK_REST_PORT': str(free_port()),
          'FLINK_RPC_PORT': str(free_port()),
-         'WORKER_POOL_PORT': str(free_port()), 'PYTHON': sys.executable}
+         'WORKER_POOL_PORT': str(free_port()), 'PYTHON': sys.executable,
+         'KAFKA_PORT': str(free_port()),
+         'KAFKA_CONTROLLER_PORT': str(free_port())}
+  kafka = f'127.0.0.1:{env["KAFKA_PORT"]}' if args.kafka else None
+  services = ('worker_pool.sh', 'flink_cluster.sh') + (
+      ('kafka_broker.sh',) if args.kafka else ())
   rest = f'127.0.0.1:{env["FLINK_REST_PORT"]}'
   workers = (['--environment_type', 'LOOPBACK'] if args.loopback else
              ['--environment_type', 'EXTERNAL', '--environment_config',
@@ -78,13 +95,14 @@ def main(argv=None):
            *workers]
   failed = 0
   try:
-    for name in ('worker_pool.sh', 'flink_cluster.sh'):
+    for name in services:
       done = run_script(name, 'start', env)
       if done.returncode:
         print(done.stderr.strip(), file=sys.stderr)
         return 2
     for i in range(1, args.jobs + 1):
-      seconds, end = tiny_job(flags, os.path.join(state, f'job{i}.json'))
+      seconds, end = tiny_job(flags, os.path.join(state, f'job{i}.json'),
+                              kafka)
       failed += end != 'DONE'
       metaspace, threads = _tm_metrics(rest)
       print(f'job {i:2d}: {seconds:5.1f} s  {end}  (TaskManager metaspace '
@@ -95,7 +113,7 @@ def main(argv=None):
                                capture_output=True, text=True,
                                check=False).stdout.strip()
     print(f'"Transport failed" lines in the TaskManager log: {transport}')
-    for name in ('flink_cluster.sh', 'worker_pool.sh'):
+    for name in reversed(services):
       run_script(name, 'stop', env)
   print(f'{args.jobs - failed} of {args.jobs} jobs finished; load average '
         f'{os.getloadavg()[0]:.1f}; logs in {state}')
