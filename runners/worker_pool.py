@@ -116,7 +116,9 @@ def main(argv=None):
   parser.add_argument('--port', type=int, required=True)
   parser.add_argument('--log_dir', required=True)
   args = parser.parse_args(argv)
-  logging.basicConfig(level=logging.INFO)
+  logging.basicConfig()
+  # Beam's import may have configured the root logger already.
+  logging.getLogger().setLevel(logging.INFO)
   serve(args.port, args.log_dir)
 
 
