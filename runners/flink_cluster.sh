@@ -18,6 +18,19 @@ STATE="${MLPIPE_RUN:-$ROOT/runners/.run}/flink"
 PORT="${FLINK_REST_PORT:-8081}"
 SLOTS="${FLINK_SLOTS:-2}"
 CP="$JARS/flink/*"
+# What Flink's own launch scripts give a Java 17 JVM (its default
+# env.java.default-opts.all): without them a streaming job's state failed
+# with "InaccessibleObjectException: ... java.util does not opens java.util".
+JAVA17_OPENS="--add-exports=java.base/sun.net.util=ALL-UNNAMED
+--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED
+--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED
+--add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/java.net=ALL-UNNAMED
+--add-opens=java.base/java.io=ALL-UNNAMED --add-opens=java.base/java.nio=ALL-UNNAMED
+--add-opens=java.base/sun.nio.ch=ALL-UNNAMED --add-opens=java.base/java.lang.reflect=ALL-UNNAMED
+--add-opens=java.base/java.text=ALL-UNNAMED --add-opens=java.base/java.time=ALL-UNNAMED
+--add-opens=java.base/java.util=ALL-UNNAMED --add-opens=java.base/java.util.concurrent=ALL-UNNAMED
+--add-opens=java.base/java.util.concurrent.atomic=ALL-UNNAMED
+--add-opens=java.base/java.util.concurrent.locks=ALL-UNNAMED"
 
 die() { echo "flink: $*" >&2; exit 2; }
 running() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
@@ -84,7 +97,7 @@ CONF
   jm_jvm=$(sed -n 1p <<<"$utils"); jm_dyn=$(sed -n 2p <<<"$utils")
   [[ -n "$tm_jvm" && -n "$jm_jvm" ]] || die "cannot size the JVMs (see $STATE/utils.log)"
   # shellcheck disable=SC2086  # word-split the flag lists on purpose
-  nohup java $jm_jvm -cp "$CP" \
+  nohup java $JAVA17_OPENS $jm_jvm -cp "$CP" \
       org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
       --configDir "$STATE/conf" $jm_dyn > "$STATE/jobmanager.log" 2>&1 &
   echo $! > "$STATE/jobmanager.pid"
@@ -107,7 +120,7 @@ start_taskmanager() {  # with the flags start() worked out; appends to its log
   local tm_jvm tm_dyn
   tm_jvm=$(sed -n 1p "$STATE/taskmanager.flags"); tm_dyn=$(sed -n 2p "$STATE/taskmanager.flags")
   # shellcheck disable=SC2086
-  nohup java $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
+  nohup java $JAVA17_OPENS $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
       --configDir "$STATE/conf" $tm_dyn >> "$STATE/taskmanager.log" 2>&1 &
   echo $! > "$STATE/taskmanager.pid"
 }

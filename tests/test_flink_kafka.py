@@ -381,7 +381,11 @@ def test_unbounded_kafka_job_follows_a_promotion_and_stops_with_a_summary(
   for i, part in enumerate((events[:30], events[30:])):
     halves.append(str(tmp_path / f'part{i}.jsonl'))
     write_records(part, halves[-1], 'jsonl')
+  # Both topics exist before anyone reads: a kafka-python consumer of a
+  # topic that does not exist yet sees it only at its next metadata
+  # refresh (5 min).
   create_topic(kafka_broker, 'live')
+  create_topic(kafka_broker, 'live_predictions')
   out = tmp_path / 'out'
   job = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.streaming',
