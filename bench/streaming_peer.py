@@ -62,18 +62,17 @@ def run(bootstrap: str, topic: str, events: int, model_dir: str,
         f.write(b'\n'.join(values) + b'\n')
       for raw in read_batches(path, dataset, 'jsonl'):
         valid, _ = validator.validate(raw)
-        valid = valid.select(names)
-        ids = valid.column(dataset.id_field)
-        fresh = pc.invert(pc.is_in(ids, value_set=seen))
-        valid = valid.filter(fresh)
-        seen = pa.concat_arrays([seen, valid.column(dataset.id_field)])
-        batch = pa.Table.from_batches([valid])
+        batch = pa.Table.from_batches([valid]).select(names)
+        fresh = pc.invert(pc.is_in(batch.column(dataset.id_field),
+                                   value_set=seen))
+        batch = batch.filter(fresh)
+        ids = batch.column(dataset.id_field).combine_chunks()
+        seen = pa.concat_arrays([seen, ids])
         history = batch if history is None else pa.concat_tables(
             [history, batch])
         features = history_table(history, dataset)
         mine = features.filter(pc.is_in(features.column(dataset.id_field),
-                                        value_set=valid.column(
-                                            dataset.id_field)))
+                                        value_set=ids))
         predictions = predict_table(model, mine, dataset.id_field)
         scored += predictions.num_rows
       last = time.monotonic()
