@@ -58,7 +58,7 @@ from apache_beam.runners.runner import PipelineState
 from pipelines.cli.shell import run_command
 from pipelines.outputs import metrics
 from pipelines.outputs import files
-from pipelines.cli import preflight
+from pipelines.cli import flink_rest, preflight
 from pipelines.model.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.outputs.summary import ingest_lines
 from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
@@ -418,6 +418,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   live = metrics.serve(opts.metrics_port, result) if opts.metrics_port \
       else None
   status = wait_or_stop(result)
+  if status == STOPPED and _runner_name(options) == 'flinkrunner':
+    flink_rest.cancel_flink_job(options, result)
 
   read = built['records_replayed']
   if opts.bootstrap_servers and opts.max_num_records:

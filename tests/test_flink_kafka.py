@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import zipfile
 
 import apache_beam as beam
@@ -398,6 +399,12 @@ def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
       job.kill()
       raise
   assert job.returncode == 0, err[-2000:]
+  # Cancelled on the cluster too, not only in Beam's job server: a job
+  # left running keeps both slots and the next job waits forever.
+  with urllib.request.urlopen(f'http://{flink_cluster.master}/jobs/overview',
+                              timeout=10) as response:
+    states = {j['state'] for j in json.load(response)['jobs']}
+  assert 'RUNNING' not in states, states
   summary = json.loads((out / 'streaming' / 'run_summary.json').read_text())
   assert summary['status'] == 'stopped'
   assert summary['records_read'] == summary['records_valid'] == len(events)
