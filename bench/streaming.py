@@ -1,8 +1,11 @@
 """Streaming throughput and latency, by hand (not a test):
 
-    runners/flink_cluster.sh start; runners/kafka_broker.sh start
+    runners/worker_pool.sh start; runners/flink_cluster.sh start
+    runners/kafka_broker.sh start
     python -m bench.streaming --events 20000 --model_dir /tmp/out/model
     python -m bench.streaming --events 100000 --model_dir M --skip_replay
+    python -m bench.streaming --events 20000 --rate 1000 --model_dir M \
+        --skip_replay --skip_peer
 
 Generates `--events` transactions (pipelines.generate, seed 1) and measures
 
@@ -14,7 +17,8 @@ Generates `--events` transactions (pipelines.generate, seed 1) and measures
     emits the file as fast as it can, so its event-to-prediction latency
     is the run itself: not reported.
   * kafka-flink: `pipelines.streaming` reading Kafka on the local Flink
-    session cluster (LOOPBACK, `--parallelism`), writing predictions to a
+    session cluster (EXTERNAL workers of runners/worker_pool.sh, one
+    process per slot, or `--loopback`; `--parallelism`), writing predictions to a
     topic whose records are stamped by the broker (LogAppendTime). Once the
     job runs (an unbounded read, cancelled at the end), `--warmup` events
     go first and the bench waits for their
@@ -28,6 +32,12 @@ Generates `--events` transactions (pipelines.generate, seed 1) and measures
     second = predictions / (last prediction - first send). Each row gives
     the load average (`uptime`) before and after, as other work shares
     the machine.
+  * peer: after the Flink job, bench/streaming_peer.py (one plain Python
+    process, a Kafka client, the project's batch functions, scoring a poll
+    at a time) reads the same topic from its start, warm-up events
+    included, all of them already there; events per second = scored /
+    (last score - first poll). The table gives Flink's rate over the
+    peer's.
 
 Prints one table; results go to bench/RESULTS.md by hand.
 """
@@ -50,8 +60,10 @@ from transforms.parse import rfc3339_to_micros
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JARS = os.path.join(REPO, 'runners', '.jars')
+# The runners/ scripts' defaults; --bootstrap_servers etc. change them.
 BOOTSTRAP = '127.0.0.1:9092'
 FLINK = 'localhost:8081'
+WORKER_POOL = '127.0.0.1:50000'
 
 
 def _streaming(args, log):
@@ -110,7 +122,7 @@ def _load():
 
 
 def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
-                extra=()):
+                extra=(), loopback=False):
   # pylint: disable=import-outside-toplevel
   from kafka import KafkaConsumer, KafkaProducer
   from kafka.admin import KafkaAdminClient, NewTopic
@@ -127,7 +139,10 @@ def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
   log = open(os.path.join(work, 'flink.log'), 'w', encoding='utf-8')  # pylint: disable=consider-using-with
   job = _streaming([
       '--runner', 'FlinkRunner', '--flink_master', FLINK,
-      '--environment_type', 'LOOPBACK', '--parallelism', str(parallelism),
+      *(['--environment_type', 'LOOPBACK'] if loopback else
+        ['--environment_type', 'EXTERNAL', '--environment_config',
+         WORKER_POOL, '--sdk_worker_parallelism', str(parallelism)]),
+      '--parallelism', str(parallelism),
       '--flink_job_server_jar', os.path.join(JARS, 'beam-flink-job-server.jar'),
       '--bootstrap_servers', BOOTSTRAP, '--input_topic', source,
       '--output_topic', sink,
@@ -181,7 +196,7 @@ def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
     consumer.close()
   latency = np.array([out[i] - sent[i] for i in sent if i in out])
   span_s = (max(out.values()) - min(sent.values())) / 1000
-  return {'events': len(measured), 'scored': len(out),
+  return {'events': len(measured), 'scored': len(out), 'topic': source,
           'job_start_s': started, 'events_per_s': len(out) / span_s,
           'load': f'{load_before} -> {load_after}',
           'p50_ms': float(np.percentile(latency, 50)),
@@ -199,6 +214,13 @@ def main(argv=None):
                  help='replay: the events of the start-up run, whose wall '
                  'time is taken off the full run\'s')
   p.add_argument('--skip_flink', action='store_true')
+  p.add_argument('--skip_peer', action='store_true')
+  p.add_argument('--loopback', action='store_true',
+                 help='Flink: LOOPBACK workers (this process) instead of '
+                 'the worker pool')
+  p.add_argument('--bootstrap_servers', default=BOOTSTRAP)
+  p.add_argument('--flink_master', default=FLINK)
+  p.add_argument('--worker_pool', default=WORKER_POOL)
   p.add_argument('--rate', type=float, default=None,
                  help='Kafka: produce the measured events at this many a '
                  'second (latency below saturation); default: as fast as '
@@ -208,6 +230,9 @@ def main(argv=None):
                  help='extra flag for the Flink job, e.g. '
                  '--flink_flag=--max_bundle_time_mills=100 (repeatable)')
   args = p.parse_args(argv)
+  global BOOTSTRAP, FLINK, WORKER_POOL  # pylint: disable=global-statement
+  BOOTSTRAP, FLINK = args.bootstrap_servers, args.flink_master
+  WORKER_POOL = args.worker_pool
   work = tempfile.mkdtemp(prefix='bench-streaming-')
   records = generate_transactions(args.events + args.warmup, seed=1)
   rows = []
@@ -222,13 +247,32 @@ def main(argv=None):
                  r['load']))
   if not args.skip_flink:
     r = kafka_flink(records, args.warmup, args.model_dir, work,
-                    args.parallelism, args.rate, args.flink_flag)
+                    args.parallelism, args.rate, args.flink_flag,
+                    args.loopback)
     sent = f'{args.rate:g}/s' if args.rate else 'at once'
-    rows.append((f'Kafka on Flink, parallelism {args.parallelism}',
+    workers = 'LOOPBACK' if args.loopback else 'worker pool'
+    rows.append((f'Kafka on Flink, parallelism {args.parallelism}, '
+                 f'{workers}',
                  f'{r["scored"]} of {r["events"]}', r['events_per_s'],
                  f'sent {sent}; job up in {r["job_start_s"]:.0f} s'
                  + ''.join(f'; {f}' for f in args.flink_flag),
                  f'{r["p50_ms"]:.0f}', f'{r["p99_ms"]:.0f}', r['load']))
+    if not args.skip_peer:
+      load_before = _load()
+      done = subprocess.run(
+          [sys.executable, '-m', 'bench.streaming_peer',
+           '--bootstrap_servers', BOOTSTRAP, '--topic', r['topic'],
+           '--events', str(len(records)), '--model_dir', args.model_dir],
+          cwd=REPO, capture_output=True, text=True, check=False)
+      if done.returncode:
+        sys.exit(f'error: the peer failed: {done.stderr[-2000:]}')
+      peer = json.loads(done.stdout.strip().splitlines()[-1])
+      rows.append(('peer: one Python process, Kafka client, batch '
+                   'functions', f'{peer["scored"]} of {peer["events"]}',
+                   peer['events_per_s'],
+                   f'Flink / peer = '
+                   f'{r["events_per_s"] / peer["events_per_s"]:.2f}',
+                   '', '', f'{load_before} -> {_load()}'))
   print('| run | events | events/s | notes | p50 ms | p99 ms | load 1/5/15 min '
         '(before -> after) |')
   print('|---|---|---|---|---|---|---|')

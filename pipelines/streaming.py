@@ -46,7 +46,9 @@ a replay counts the output files instead: see summarize_outputs).
 import collections
 import dataclasses
 import json
+import signal
 import sys
+import threading
 from typing import Dict, List, Optional
 
 import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
@@ -56,11 +58,12 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
+from apache_beam.runners.runner import PipelineState
 
 from pipelines.cli.shell import run_command
 from pipelines.outputs import metrics
 from pipelines.outputs import files
-from pipelines.cli import preflight
+from pipelines.cli import flink_rest, preflight
 from pipelines.model.registry import PROMOTIONS, Registry, RegistryError
 from pipelines.outputs.summary import ingest_lines
 from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
@@ -336,6 +339,8 @@ def _rows(folder: str) -> List[dict]:
 def summarize_outputs(root: str, dataset: Dataset,
                       records_replayed: Optional[int]) -> Dict[str, object]:
   """The run summary of a finished replay, counted from the files written.
+  `records_replayed` None (an unbounded read that was stopped): the records
+  read are those the files account for.
 
   The steps also increment Beam counters (namespace mlpipe) for runners
   that report them, but the DirectRunner in streaming mode (Beam 2.72)
@@ -347,6 +352,8 @@ def summarize_outputs(root: str, dataset: Dataset,
   late = kinds.pop(LATE, 0)
   valid = len(_rows(files.join(root, FEATURES)))
   dead_lettered = sum(kinds.values())
+  if records_replayed is None:
+    records_replayed = valid + dead_lettered
   keys = dataset.aggregate_keys
   return {
       'records_read': records_replayed,
@@ -440,30 +447,70 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.clear(root)
 
   print(f'== Streaming: {source}', file=sys.stderr, flush=True)
+  # A driver killed outright leaves 'running' here.
+  files.write_json(files.join(root, SUMMARY_FILE), {'status': 'running'})
   p = beam.Pipeline(options=options)
   built = build_pipeline(p, options, dataset)
   result = p.run()
   # Live: each scrape reads the job's counters; then the final summary.
   live = metrics.serve(opts.metrics_port, result) if opts.metrics_port \
       else None
-  result.wait_until_finish()
+  status = wait_or_stop(result)
+  if status == STOPPED and _runner_name(options) == 'flinkrunner':
+    flink_rest.cancel_flink_job(options, result)
 
   read = built['records_replayed']
   if opts.bootstrap_servers and opts.max_num_records:
     read = opts.max_num_records
-  summary = summarize_outputs(root, dataset, read)
+  if status == STOPPED:
+    read = None  # what the files written before the stop account for
+  summary = dict(status=status,
+                 **summarize_outputs(root, dataset, read))
   summary['output_dir'] = root
-  files.write_json(files.join(root, 'run_summary.json'), summary)
-  metrics.write_metrics(dict(summary, status='ok'),
-                        files.join(root, metrics.METRICS_FILE))
+  files.write_json(files.join(root, SUMMARY_FILE), summary)
+  metrics.write_metrics(summary, files.join(root, metrics.METRICS_FILE))
   if live:
-    live[0].update(dict(summary, status='ok'))
+    live[0].update(summary)
   _print_summary(summary)
   return summary
 
 
+SUMMARY_FILE = 'run_summary.json'
+OK, STOPPED = 'ok', 'stopped'
+
+
+def _interrupt(signum, frame):
+  raise KeyboardInterrupt(f'signal {signum}')
+
+
+def wait_or_stop(result) -> str:
+  """Waits for the job to end: OK when it does, STOPPED when it is
+  cancelled, either here (Ctrl-C or SIGTERM to this process: the job is
+  then cancelled on the runner) or on the runner (Flink's REST API or UI).
+  Any other end raises, as a failed run does."""
+  main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  try:
+    result.wait_until_finish()
+    return OK
+  except KeyboardInterrupt:
+    try:
+      result.cancel()
+    except Exception:  # pylint: disable=broad-except
+      pass  # a runner that cannot cancel stops with this process
+    return STOPPED
+  except RuntimeError:
+    if result.state == PipelineState.CANCELLED:
+      return STOPPED
+    raise
+  finally:
+    if main:
+      signal.signal(signal.SIGTERM, previous)
+
+
 def _print_summary(summary):
-  lines = ingest_lines(summary) + [
+  lines = [f'Status:                {summary["status"]}'] + ingest_lines(
+      summary) + [
       f'Late for aggregates:   {summary["records_late"]}',
       f'Feature rows:          {summary["feature_rows"]}',
       'Aggregate rows:        ' + ', '.join(

@@ -6,6 +6,7 @@
 #   runners/flink_cluster.sh start    # waits until the TaskManager registered
 #   runners/flink_cluster.sh status
 #   runners/flink_cluster.sh stop
+#   runners/flink_cluster.sh crash-taskmanager   # kill -9 it, start a new one
 #
 # FLINK_REST_PORT (default 8081), FLINK_SLOTS (default 2) and
 # FLINK_TM_MEMORY (default 3072m) change the defaults; MLPIPE_RUN (default
@@ -17,6 +18,19 @@ STATE="${MLPIPE_RUN:-$ROOT/runners/.run}/flink"
 PORT="${FLINK_REST_PORT:-8081}"
 SLOTS="${FLINK_SLOTS:-2}"
 CP="$JARS/flink/*"
+# What Flink's own launch scripts give a Java 17 JVM (its default
+# env.java.default-opts.all): without them a streaming job's state failed
+# with "InaccessibleObjectException: ... java.util does not opens java.util".
+JAVA17_OPENS="--add-exports=java.base/sun.net.util=ALL-UNNAMED
+--add-exports=java.rmi/sun.rmi.registry=ALL-UNNAMED
+--add-exports=java.security.jgss/sun.security.krb5=ALL-UNNAMED
+--add-opens=java.base/java.lang=ALL-UNNAMED --add-opens=java.base/java.net=ALL-UNNAMED
+--add-opens=java.base/java.io=ALL-UNNAMED --add-opens=java.base/java.nio=ALL-UNNAMED
+--add-opens=java.base/sun.nio.ch=ALL-UNNAMED --add-opens=java.base/java.lang.reflect=ALL-UNNAMED
+--add-opens=java.base/java.text=ALL-UNNAMED --add-opens=java.base/java.time=ALL-UNNAMED
+--add-opens=java.base/java.util=ALL-UNNAMED --add-opens=java.base/java.util.concurrent=ALL-UNNAMED
+--add-opens=java.base/java.util.concurrent.atomic=ALL-UNNAMED
+--add-opens=java.base/java.util.concurrent.locks=ALL-UNNAMED"
 
 die() { echo "flink: $*" >&2; exit 2; }
 running() { [[ -f "$STATE/$1.pid" ]] && kill -0 "$(cat "$STATE/$1.pid")" 2>/dev/null; }
@@ -64,6 +78,10 @@ taskmanager.memory.network.max: 512m
 # 512); a job with dozens of shuffles would run out with it.
 taskmanager.network.sort-shuffle.min-buffers: 64
 io.tmp.dirs: $STATE/tmp
+# On a machine shared far beyond its cores (load 20 on 2 here) the
+# TaskManager answered a task deployment after Flink's default 10 s and a
+# batch job failed with AskTimeoutException.
+pekko.ask.timeout: 60 s
 web.submit.enable: false
 CONF
   # What Flink's own jobmanager.sh / taskmanager.sh do: BashJavaUtils turns
@@ -79,14 +97,12 @@ CONF
   jm_jvm=$(sed -n 1p <<<"$utils"); jm_dyn=$(sed -n 2p <<<"$utils")
   [[ -n "$tm_jvm" && -n "$jm_jvm" ]] || die "cannot size the JVMs (see $STATE/utils.log)"
   # shellcheck disable=SC2086  # word-split the flag lists on purpose
-  nohup java $jm_jvm -cp "$CP" \
+  nohup java $JAVA17_OPENS $jm_jvm -cp "$CP" \
       org.apache.flink.runtime.entrypoint.StandaloneSessionClusterEntrypoint \
       --configDir "$STATE/conf" $jm_dyn > "$STATE/jobmanager.log" 2>&1 &
   echo $! > "$STATE/jobmanager.pid"
-  # shellcheck disable=SC2086
-  nohup java $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
-      --configDir "$STATE/conf" $tm_dyn > "$STATE/taskmanager.log" 2>&1 &
-  echo $! > "$STATE/taskmanager.pid"
+  printf '%s\n%s\n' "$tm_jvm" "$tm_dyn" > "$STATE/taskmanager.flags"
+  start_taskmanager
   for _ in $(seq 1 120); do
     if [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
       echo "flink: session cluster up, REST at 127.0.0.1:$PORT ($SLOTS slots)"
@@ -98,6 +114,24 @@ CONF
   done
   stop >/dev/null
   die "the cluster did not come up; see $STATE/jobmanager.log and $STATE/taskmanager.log"
+}
+
+start_taskmanager() {  # with the flags start() worked out; appends to its log
+  local tm_jvm tm_dyn
+  tm_jvm=$(sed -n 1p "$STATE/taskmanager.flags"); tm_dyn=$(sed -n 2p "$STATE/taskmanager.flags")
+  # shellcheck disable=SC2086
+  nohup java $JAVA17_OPENS $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
+      --configDir "$STATE/conf" $tm_dyn >> "$STATE/taskmanager.log" 2>&1 &
+  echo $! > "$STATE/taskmanager.pid"
+}
+
+# A crash, for fault tests: the TaskManager dies at once (SIGKILL) and a new
+# one registers; jobs with checkpoints restart from their last one.
+crash_taskmanager() {
+  running jobmanager || die "not running"
+  if running taskmanager; then kill -9 "$(cat "$STATE/taskmanager.pid")"; fi
+  start_taskmanager
+  echo "flink: TaskManager killed and started again"
 }
 
 stop() {
@@ -116,11 +150,12 @@ stop() {
 case "${1:-}" in
   start) start ;;
   stop) stop ;;
+  crash-taskmanager) crash_taskmanager ;;
   status)
     if running jobmanager && [[ "$(registered)" -ge 1 ]] 2>/dev/null; then
       echo "flink: up, REST at 127.0.0.1:$PORT"
     else
       echo "flink: not running"; exit 1
     fi ;;
-  *) echo "usage: $0 start|stop|status" >&2; exit 2 ;;
+  *) echo "usage: $0 start|stop|status|crash-taskmanager" >&2; exit 2 ;;
 esac

@@ -9,9 +9,12 @@ fetches it: it is never a skip, so CI cannot pass without running these.
     def test_x(flink_cluster, kafka_broker): ...
 """
 
+import dataclasses
 import os
+import socket
 import subprocess
-from typing import Iterable, List
+import sys
+from typing import Iterable, List, Union
 
 import pytest
 
@@ -23,8 +26,23 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 JARS = os.environ.get('MLPIPE_JARS', os.path.join(REPO, 'runners', '.jars'))
 JOB_SERVER_JAR = os.path.join(JARS, 'beam-flink-job-server.jar')
 EXPANSION_JAR = os.path.join(JARS, 'beam-expansion-service.jar')
-FLINK_MASTER = 'localhost:8081'
-BOOTSTRAP = '127.0.0.1:9092'
+
+
+def free_port() -> int:
+  """A port nothing listens on (bound, then released): two test runs on one
+  machine never collide on a fixed 8081 or 9092."""
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlinkCluster:
+  """A running session cluster and its Python worker pool."""
+  master: str       # --flink_master, 127.0.0.1:<REST port>
+  worker_pool: str  # --environment_config of EXTERNAL workers
+  state: str        # MLPIPE_RUN of the scripts: conf, logs, pids
+  env: dict         # what flink_cluster.sh needs to act on this cluster
 
 
 def require_jars():
@@ -38,45 +56,88 @@ def require_jars():
                 '(make test and .ci/run do)', pytrace=False)
 
 
-def _script(name: str, action: str, state: str):
-  env = dict(os.environ, MLPIPE_JARS=JARS, MLPIPE_RUN=state)
-  done = subprocess.run([os.path.join(REPO, 'runners', name), action],
-                        env=env, capture_output=True, text=True,
-                        timeout=180, check=False)
-  if action == 'start' and done.returncode != 0:
+def run_script(name: str, action: str, env: dict,
+               timeout: float = 180) -> subprocess.CompletedProcess:
+  """runners/<name> <action> with `env` added to this process's."""
+  return subprocess.run([os.path.join(REPO, 'runners', name), action],
+                        env=dict(os.environ, MLPIPE_JARS=JARS, **env),
+                        capture_output=True, text=True, timeout=timeout,
+                        check=False)
+
+
+def _start(name: str, env: dict):
+  done = run_script(name, 'start', env)
+  if done.returncode != 0:
     pytest.fail(f'{name} start failed: {done.stderr.strip()}', pytrace=False)
 
 
 @pytest.fixture(scope='session')
 def flink_cluster(tmp_path_factory):
-  """A Flink session cluster (REST at localhost:8081, 2 slots) for the
-  session; yields --flink_master."""
+  """A Flink session cluster (2 slots) and its Python worker pool
+  (runners/worker_pool.sh) on free ports of 127.0.0.1, for the session;
+  yields a FlinkCluster (give it to flink_flags)."""
   require_jars()
   state = str(tmp_path_factory.mktemp('flink-run'))
-  _script('flink_cluster.sh', 'start', state)
+  env = {'MLPIPE_RUN': state, 'FLINK_REST_PORT': str(free_port()),
+         'FLINK_RPC_PORT': str(free_port()),
+         'WORKER_POOL_PORT': str(free_port()),
+         'PYTHON': sys.executable}
+  _start('worker_pool.sh', env)
   try:
-    yield FLINK_MASTER
+    _start('flink_cluster.sh', env)
+    try:
+      yield FlinkCluster(f'127.0.0.1:{env["FLINK_REST_PORT"]}',
+                         f'127.0.0.1:{env["WORKER_POOL_PORT"]}', state, env)
+    finally:
+      run_script('flink_cluster.sh', 'stop', env)
   finally:
-    _script('flink_cluster.sh', 'stop', state)
+    run_script('worker_pool.sh', 'stop', env)
 
 
 @pytest.fixture(scope='session')
 def kafka_broker(tmp_path_factory):
-  """A KRaft Kafka broker at 127.0.0.1:9092 for the session; yields
-  --bootstrap_servers."""
+  """A KRaft Kafka broker on a free port of 127.0.0.1 for the session;
+  yields --bootstrap_servers."""
   require_jars()
   state = str(tmp_path_factory.mktemp('kafka-run'))
-  _script('kafka_broker.sh', 'start', state)
+  env = {'MLPIPE_RUN': state, 'KAFKA_PORT': str(free_port()),
+         'KAFKA_CONTROLLER_PORT': str(free_port())}
+  _start('kafka_broker.sh', env)
   try:
-    yield BOOTSTRAP
+    yield f'127.0.0.1:{env["KAFKA_PORT"]}'
   finally:
-    _script('kafka_broker.sh', 'stop', state)
+    run_script('kafka_broker.sh', 'stop', env)
 
 
-def flink_flags(master: str = FLINK_MASTER, parallelism: int = 2) -> List[str]:
-  return ['--runner', 'FlinkRunner', '--flink_master', master,
-          '--environment_type', 'LOOPBACK', '--parallelism',
-          str(parallelism), '--flink_job_server_jar', JOB_SERVER_JAR]
+def flink_flags(cluster: Union[FlinkCluster, str],
+                parallelism: int = 2) -> List[str]:
+  """The flags of a job on `cluster` at `parallelism`: EXTERNAL workers
+  from its pool, one process per slot (a plain --flink_master string, e.g.
+  '[local]', gets LOOPBACK workers)."""
+  if isinstance(cluster, str):
+    workers = ['--environment_type', 'LOOPBACK']
+    master = cluster
+  else:
+    workers = ['--environment_type', 'EXTERNAL', '--environment_config',
+               cluster.worker_pool, '--sdk_worker_parallelism',
+               str(parallelism)]
+    master = cluster.master
+  return ['--runner', 'FlinkRunner', '--flink_master', master, *workers,
+          '--parallelism', str(parallelism), '--flink_job_server_jar',
+          JOB_SERVER_JAR]
+
+
+def create_topic(bootstrap: str, topic: str, partitions: int = 2):
+  """Creates `topic` unless it exists."""
+  from kafka.admin import KafkaAdminClient, NewTopic  # pylint: disable=import-outside-toplevel
+  from kafka.errors import TopicAlreadyExistsError  # pylint: disable=import-outside-toplevel
+  admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+  try:
+    admin.create_topics([NewTopic(topic, partitions, 1)])
+  except TopicAlreadyExistsError:
+    pass
+  finally:
+    admin.close()
 
 
 def produce_file(bootstrap: str, topic: str, paths: Iterable[str],
@@ -88,12 +149,7 @@ def produce_file(bootstrap: str, topic: str, paths: Iterable[str],
   event time cannot be read take their neighbour's (replay_order).
   Returns the number of records sent."""
   from kafka import KafkaProducer  # pylint: disable=import-outside-toplevel
-  from kafka.admin import KafkaAdminClient, NewTopic  # pylint: disable=import-outside-toplevel
-  admin = KafkaAdminClient(bootstrap_servers=bootstrap)
-  try:
-    admin.create_topics([NewTopic(topic, partitions, 1)])
-  finally:
-    admin.close()
+  create_topic(bootstrap, topic, partitions)
   events = replay_order([raw for path in paths
                          for raw in read_file(path, dataset)], dataset)
   producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)

@@ -11,21 +11,31 @@
 
 import collections
 import json
+import os
+import signal
 import socket
+import subprocess
+import sys
+import time
+import urllib.request
 import zipfile
 
 import apache_beam as beam
-from apache_beam.options.pipeline_options import PipelineOptions
+from apache_beam.options.pipeline_options import (PipelineOptions,
+                                                  StandardOptions)
+from apache_beam.runners.runner import PipelineState
 from apache_beam.testing.test_pipeline import TestPipeline
 import pyarrow as pa
 import pytest
 
 from pipelines import batch, streaming
+from pipelines.model.registry import Registry
+from transforms.kafka import ReadKafkaRecords
 from pipelines.cli.options import StreamingOptions, aggregate_window, flags
 from pipelines.synthetic.transactions import generate_transactions, write_records
 from schemas.dataset import load_dataset
-from tests.services import consume_all, flink_flags, produce_file, \
-    produce_values
+from tests.services import consume_all, create_topic, flink_flags, \
+    produce_file, produce_values
 from tests.test_runners import input_file  # noqa: F401  (fixture)
 from tests.test_train_inference import trained  # noqa: F401  (fixture)
 from transforms.aggregates import EntityAggregates
@@ -81,6 +91,21 @@ def test_batch_refuses_a_flink_cluster_that_is_not_up(input_file, launcher,
   assert not (tmp_path / 'out').exists()
 
 
+def test_batch_refuses_external_workers_without_a_pool(input_file, launcher,
+                                                       tmp_path, capsys):
+  pool = f'127.0.0.1:{_free_port()}'
+  code = batch.main(['--input', input_file, '--output_dir',
+                     str(tmp_path / 'out'), '--runner', 'FlinkRunner',
+                     '--flink_master', '[local]', '--flink_job_server_jar',
+                     launcher, '--environment_type', 'EXTERNAL',
+                     '--environment_config', pool])
+  assert code == 2
+  line = _one_error_line(capsys)
+  assert f'--environment_config {pool}: no worker pool answers' in line
+  assert 'runners/worker_pool.sh start' in line
+  assert not (tmp_path / 'out').exists()
+
+
 def test_batch_refuses_a_missing_job_server_jar(input_file, tmp_path, capsys):
   code = batch.main(['--input', input_file, '--output_dir',
                      str(tmp_path / 'out'), '--runner', 'FlinkRunner',
@@ -130,6 +155,38 @@ def test_streaming_refuses_kafka_on_the_direct_runner(tmp_path, launcher,
           '127.0.0.1:9092', '--input_topic', 'tx']
   assert streaming.main(argv) == 2
   assert 'DirectRunner cannot run KafkaIO' in _one_error_line(capsys)
+
+
+class _Job:
+  """A PipelineResult stand-in: wait_until_finish raises `raises`."""
+
+  def __init__(self, raises=None, state=PipelineState.DONE):
+    self.raises, self.state, self.cancelled = raises, state, False
+
+  def wait_until_finish(self):
+    if self.raises:
+      raise self.raises
+    return self.state
+
+  def cancel(self):
+    self.cancelled = True
+
+
+def test_wait_or_stop_cancels_the_job_on_ctrl_c_or_sigterm():
+  job = _Job(KeyboardInterrupt())
+  assert streaming.wait_or_stop(job) == 'stopped'
+  assert job.cancelled
+
+
+def test_wait_or_stop_reports_a_job_cancelled_on_the_runner_as_stopped():
+  # Beam's portable result raises for any end but DONE.
+  job = _Job(RuntimeError('Pipeline x failed in state CANCELLED'),
+             PipelineState.CANCELLED)
+  assert streaming.wait_or_stop(job) == 'stopped'
+  failed = _Job(RuntimeError('boom'), PipelineState.FAILED)
+  with pytest.raises(RuntimeError, match='boom'):
+    streaming.wait_or_stop(failed)
+  assert streaming.wait_or_stop(_Job()) == 'ok'
 
 
 # Kafka in, Kafka out, on the local Flink session cluster ----------------------
@@ -240,3 +297,115 @@ def test_kafka_on_flink_aggregates_equal_batch_aggregates(kafka_stream,
                       key=lambda r: (r[key], r['window_start']))
     assert len(got) == len(expected) > 0
     assert got == expected
+
+
+# A bounded read over uneven partitions --------------------------------------
+# From 10,000 records on, KafkaIO's own limit is split evenly over the
+# partitions (5,006 each here): partition 1 holds 3,012, so that read never
+# ended, and partition 0 stopped at 5,006 of its 7,000.
+UNEVEN = {0: 7000, 1: 3012}
+
+
+def _produce_to_partitions(bootstrap, topic, counts):
+  from kafka import KafkaProducer  # pylint: disable=import-outside-toplevel
+  from kafka.admin import KafkaAdminClient, NewTopic  # pylint: disable=import-outside-toplevel
+  admin = KafkaAdminClient(bootstrap_servers=bootstrap)
+  try:
+    admin.create_topics([NewTopic(topic, len(counts), 1)])
+  finally:
+    admin.close()
+  producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=20)
+  n = 0
+  for partition, count in counts.items():
+    for _ in range(count):
+      producer.send(topic, value=json.dumps({'n': n}).encode(),
+                    partition=partition, timestamp_ms=1_000 + n)
+      n += 1
+  producer.flush()
+  producer.close()
+  return n
+
+
+def _write_json(values, path):
+  with open(path, 'w', encoding='utf-8') as f:
+    json.dump(sorted(values), f)
+
+
+def test_bounded_kafka_read_over_uneven_partitions_ends(flink_cluster,
+                                                        kafka_broker,
+                                                        tmp_path):
+  sent = _produce_to_partitions(kafka_broker, 'uneven', UNEVEN)
+  options = PipelineOptions(flink_flags(flink_cluster))
+  options.view_as(StandardOptions).streaming = True
+  out = str(tmp_path / 'read.json')
+  p = beam.Pipeline(options=options)
+  _ = (p
+       | ReadKafkaRecords(kafka_broker, 'uneven', None, max_num_records=sent)
+       | beam.Map(lambda raw: raw.values['n'])
+       | beam.combiners.ToList()
+       | beam.Map(_write_json, out))
+  result = p.run()
+  state = result.wait_until_finish(duration=120_000)
+  if state != PipelineState.DONE:
+    result.cancel()
+  assert state == PipelineState.DONE
+  with open(out, encoding='utf-8') as f:
+    assert json.load(f) == list(range(sent))
+
+
+# An unbounded job: scores with the registry's champion, stops with a summary
+def _predictions_by_id(bootstrap, topic, expected, timeout_s=300):
+  # Returns as soon as `expected` came; the long wait is for a busy
+  # machine, where the job's start-up alone took over a minute.
+  return {row['transaction_id']: row['model_version'] for row in
+          map(json.loads, consume_all(bootstrap, topic, expected, timeout_s))}
+
+
+def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
+    flink_cluster, kafka_broker, trained, tmp_path):
+  """--registry on Flink: an unbounded KafkaIO read scored by the
+  registry's champion; SIGINT then cancels the job and writes a `stopped`
+  summary of what the files hold."""
+  registry = Registry(str(tmp_path / 'registry'))
+  champion = registry.register(trained['model_dir'], 'first')['version']
+  events = generate_transactions(40, 10, seed=5, days=7)
+  path = str(tmp_path / 'events.jsonl')
+  write_records(events, path, 'jsonl')
+  # Both topics exist before anyone reads: a kafka-python consumer of a
+  # topic that does not exist yet sees it only at its next metadata
+  # refresh (5 min).
+  create_topic(kafka_broker, 'live')
+  create_topic(kafka_broker, 'live_predictions')
+  out = tmp_path / 'out'
+  job = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.streaming',
+       *flink_flags(flink_cluster), '--bootstrap_servers', kafka_broker,
+       '--input_topic', 'live', '--output_topic', 'live_predictions',
+       '--registry', registry.root, '--file_every', '1s',
+       '--max_bundle_time_mills', '200', '--output_dir', str(out)],
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    produce_file(kafka_broker, 'live', [path], DATASET)
+    versions = _predictions_by_id(kafka_broker, 'live_predictions',
+                                  len(events))
+    assert versions == {e['transaction_id']: champion for e in events}
+    time.sleep(3)  # --file_every and a bundle: the last rows are in files
+  finally:
+    job.send_signal(signal.SIGINT)
+    try:
+      _, err = job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      job.kill()
+      raise
+  assert job.returncode == 0, err[-2000:]
+  # Cancelled on the cluster too, not only in Beam's job server: a job
+  # left running keeps both slots and the next job waits forever.
+  with urllib.request.urlopen(f'http://{flink_cluster.master}/jobs/overview',
+                              timeout=10) as response:
+    states = {j['state'] for j in json.load(response)['jobs']}
+  assert 'RUNNING' not in states, states
+  summary = json.loads((out / 'streaming' / 'run_summary.json').read_text())
+  assert summary['status'] == 'stopped'
+  assert summary['records_read'] == summary['records_valid'] == len(events)
+  assert summary['predictions_written'] == len(events)

@@ -51,12 +51,17 @@ BROKEN_LINES = [
     json.dumps({k: v for k, v in dict(GOOD, transaction_id='tx900000003')
                 .items() if k != 'user_id'}),
 ]
+# Dead letters from both branches of ParseAndValidate: the rules (above)
+# and the dedupe step (below, two later copies of valid records). On Flink
+# a counter after their Flatten lost one branch (#25.6).
+DUPLICATE_IDS = ('tx000000003', 'tx000000017')
 BROKEN_KINDS = {'malformed': 1, 'type_error': 1, 'not_allowed': 1,
-                'missing_required': 1}
+                'missing_required': 1, 'duplicate': len(DUPLICATE_IDS)}
 
 
 def _records_text() -> str:
-  """46 valid records of 5 users over 3 days, then 4 broken lines."""
+  """46 valid records of 5 users over 3 days, then 4 broken lines and
+  2 copies of valid records."""
   lines = []
   for i in range(VALID_ROWS):
     lines.append(json.dumps(dict(
@@ -64,7 +69,9 @@ def _records_text() -> str:
         merchant_id=f'm{i % 7:05d}', amount=round(5 + i * 1.25, 2),
         event_time=f'2026-10-0{1 + i % 3}T{(i * 7) % 24:02d}:{i % 60:02d}:00Z',
         is_fraud=int(i % 11 == 0))))
-  return '\n'.join(lines + BROKEN_LINES) + '\n'
+  copies = [line for line in lines
+            if json.loads(line)['transaction_id'] in DUPLICATE_IDS]
+  return '\n'.join(lines + BROKEN_LINES + copies) + '\n'
 
 
 @pytest.fixture(scope='module')
@@ -152,14 +159,16 @@ def _assert_same_outputs(out, reference_out):
     # Same data, same graph: scores equal up to float32 transform rounding.
     assert got['score'] == pytest.approx(expected['score'], abs=1e-6)
   dead = _read_dead_letters(files.join(out, 'dead_letter', '*.jsonl'))
-  assert len(dead) == len(BROKEN_LINES)
+  assert len(dead) == len(BROKEN_LINES) + len(DUPLICATE_IDS)
   assert dead == _read_dead_letters(
       files.join(reference_out, 'dead_letter', '*.jsonl'))
 
 
 def test_direct_run_is_the_expected_reference(direct_run):
   summary, out = direct_run
-  assert summary['records_read'] == VALID_ROWS + len(BROKEN_LINES)
+  assert summary['records_read'] == (VALID_ROWS + len(BROKEN_LINES) +
+                                    len(DUPLICATE_IDS))
+  assert summary['records_dead_lettered'] == sum(BROKEN_KINDS.values())
   assert summary['records_valid'] == VALID_ROWS
   assert summary['dead_letter_by_kind'] == BROKEN_KINDS
   assert summary['records_accounted_for'] is True
@@ -518,7 +527,8 @@ def _launch(script, python, *args, **env):
   clean = {k: v for k, v in os.environ.items()
            if k not in ('FLINK_MASTER', 'ENVIRONMENT_TYPE', 'PARALLELISM',
                         'FLINK_JOB_SERVER_JAR', 'FLINK_VERSION', 'JOB_ENDPOINT',
-                        'ENVIRONMENT_CONFIG', 'PROJECT', 'REGION', 'BUCKET',
+                        'ENVIRONMENT_CONFIG', 'WORKER_POOL_PORT',
+                        'SDK_WORKER_PARALLELISM', 'PROJECT', 'REGION', 'BUCKET',
                         'TEMP_LOCATION', 'STAGING_LOCATION',
                         'SDK_CONTAINER_IMAGE')}
   clean.update(env, PYTHON=python)
@@ -535,9 +545,10 @@ def test_launchers_pass_flags_through(fake_python):
                            'embed', '--environment_type', 'LOOPBACK']),
       'flink.sh': ({'FLINK_JOB_SERVER_JAR': '/jars/js.jar'},
                    ['--runner', 'FlinkRunner', '--flink_master',
-                    'localhost:8081', '--environment_type', 'LOOPBACK',
-                    '--parallelism', '2', '--flink_job_server_jar',
-                    '/jars/js.jar']),
+                    'localhost:8081', '--environment_type', 'EXTERNAL',
+                    '--parallelism', '2', '--environment_config',
+                    '127.0.0.1:50000', '--sdk_worker_parallelism', '2',
+                    '--flink_job_server_jar', '/jars/js.jar']),
       'dataflow.sh': ({'PROJECT': 'my-project', 'BUCKET': 'my-bucket'},
                       ['--runner', 'DataflowRunner', '--region',
                        'us-central1', '--project', 'my-project',
@@ -562,7 +573,11 @@ def test_flink_launcher_options_resolve(fake_python, java):
   assert flink.flink_master == 'localhost:8081'
   assert flink.parallelism == 4
   assert flink.flink_job_server_jar == java
-  assert options.view_as(PortableOptions).environment_type == 'LOOPBACK'
+  # The worker pool's processes (runners/worker_pool.sh), one per slot.
+  portable = options.view_as(PortableOptions)
+  assert portable.environment_type == 'EXTERNAL'
+  assert portable.environment_config == '127.0.0.1:50000'
+  assert int(portable.sdk_worker_parallelism) == 4
   check_runner(options)
 
 

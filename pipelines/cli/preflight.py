@@ -418,6 +418,7 @@ def check_services(options: PipelineOptions) -> None:
   if jar and is_local_path(jar):
     check_local_jar('flink_job_server_jar',
                     jar[len('file://'):] if jar.startswith('file://') else jar)
+  _check_worker_pool(flags)
   if master in _MAGIC_FLINK_MASTERS:
     return
   url = master if _SCHEME.match(master) else 'http://' + master
@@ -431,6 +432,23 @@ def check_services(options: PipelineOptions) -> None:
         f'--flink_master {master}: no Flink REST endpoint answers ({reason}); '
         'start the local cluster with runners/flink_cluster.sh start, or use '
         '--flink_master [local]') from None
+
+
+def _check_worker_pool(flags: Dict[str, object]) -> None:
+  """EXTERNAL workers: a worker pool answers at --environment_config
+  (runners/worker_pool.sh starts the local one)."""
+  if _environment_type(flags, 'flinkrunner') != 'EXTERNAL':
+    return
+  address = str(flags.get('environment_config') or '')
+  host, _, port = address.rpartition(':')
+  if not host or not port.isdigit():
+    raise PreflightError(f'--environment_config {address!r}: EXTERNAL '
+                         'workers need the worker pool\'s host:port (e.g. '
+                         '127.0.0.1:50000 of runners/worker_pool.sh)')
+  if not _answers(host.strip('[]'), int(port)):
+    raise PreflightError(
+        f'--environment_config {address}: no worker pool answers (start '
+        'one with runners/worker_pool.sh start)')
 
 
 def check_kafka(opts) -> None:
