@@ -64,15 +64,14 @@ from pipelines.cli.shell import run_command
 from pipelines.outputs import metrics
 from pipelines.outputs import files
 from pipelines.cli import flink_rest, preflight
-from pipelines.model.registry import PROMOTIONS, Registry, RegistryError
+from pipelines.model.registry import PROMOTIONS, Registry
 from pipelines.outputs.summary import ingest_lines
 from pipelines.cli.options import (FlinkJavaOptions, RecordOptions,
                                StreamingOptions,
                                aggregate_window, flags,
                                print_help, reference_micros)
 from schemas.dataset import Dataset, SchemaError, load_dataset, parse_duration
-from transforms.inference import (ModelIntegrityError, ScoreBatches,
-                                  verify_model_dir)
+from transforms.inference import ScoreBatches, verify_model_dir
 from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
 from transforms.common import (DEAD_LETTER, VALID, CountRows,

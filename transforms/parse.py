@@ -30,11 +30,9 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
-from apache_beam.transforms.timeutil import TimeDomain
-from apache_beam.transforms.userstate import (ReadModifyWriteStateSpec,
-                                              TimerSpec, on_timer)
+from apache_beam.transforms.userstate import ReadModifyWriteStateSpec
 from apache_beam.transforms import window
-from apache_beam.utils.timestamp import Duration, Timestamp
+from apache_beam.utils.timestamp import Timestamp
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
