@@ -141,7 +141,10 @@ def _read_dead_letters(pattern):
     with FileSystems.open(meta.path) as f:
       rows += [json.loads(l) for l in f.read().decode().splitlines() if l]
   for row in rows:
+    folder = row['source_file'].rsplit('/', 1)[0] + '/'
     row['source_file'] = row['source_file'].rsplit('/', 1)[-1]
+    # A duplicate's message names where the first copy was read.
+    row['message'] = row['message'].replace(folder, '')
   return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
 
