@@ -135,3 +135,20 @@ def add_common_flags(p: argparse.ArgumentParser, users_help: str):
                  help='Length of the period in days (default 28).')
   p.add_argument('--broken', type=int, default=0,
                  help='Broken records to mix in (default 0).')
+
+
+# Broken records both generators make ----------------------------------------
+def truncated(rec: dict, fmt: str, csv_columns: int) -> str:
+  """A record cut short: a CSV row of its first `csv_columns` values (too
+  few columns), or the first half of its JSON line."""
+  if fmt == 'csv':
+    return csv_line(list(rec.values())[:csv_columns])
+  line = json_line(rec)
+  return line[:len(line) // 2]
+
+
+def not_a_record(rec: dict, fmt: str) -> str:
+  """A line that is no record: a CSV row with an extra column, or text."""
+  if fmt == 'csv':
+    return csv_line(list(rec.values()) + ['manual-override'])
+  return 'export interrupted: connection reset by peer'

@@ -40,8 +40,8 @@ import numpy as np
 
 from pipelines.base.errors import UsageError
 from pipelines.synthetic.common import (
-    DEFAULT_START, TEXT_FORMATS, Broken, csv_line, json_line, open_text,
-    output_format, parse_start, write_csv, write_jsonl)
+    DEFAULT_START, TEXT_FORMATS, Broken, csv_line, not_a_record, open_text,
+    output_format, parse_start, truncated, write_csv, write_jsonl)
 from transforms.formats import FORMATS
 
 FIELDS = ('interaction_id', 'user_id', 'item_id', 'interaction_type', 'value',
@@ -218,16 +218,7 @@ def _records(epoch, t, user, item, step, price) -> List[dict]:
 
 # Broken records ------------------------------------------------------------
 def _truncated(rec, fmt):
-  if fmt == 'csv':  # a row cut short: too few columns
-    return csv_line(list(rec.values())[:3])
-  line = json_line(rec)
-  return line[:len(line) // 2]
-
-
-def _not_a_record(rec, fmt):
-  if fmt == 'csv':  # an extra column
-    return csv_line(list(rec.values()) + ['manual-override'])
-  return 'export interrupted: connection reset by peer'
+  return truncated(rec, fmt, 3)   # a CSV row of 3 columns: too few
 
 
 def _without_item(rec, fmt):
@@ -248,7 +239,7 @@ def _negative_value(rec, fmt):
 # declaring interaction_type's allowed values and value's min: 0.
 _CATALOGUE = (
     ('malformed', _truncated, TEXT_FORMATS),
-    ('malformed', _not_a_record, TEXT_FORMATS),
+    ('malformed', not_a_record, TEXT_FORMATS),
     ('missing_required', _without_item, FORMATS),
     ('not_allowed', _unknown_type, FORMATS),
     ('out_of_range', _negative_value, FORMATS),

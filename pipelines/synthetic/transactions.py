@@ -29,8 +29,8 @@ from pipelines.base.errors import UsageError
 # insert_broken is part of this module's use (generate, break, insert,
 # write), so callers of the generator need no second import.
 from pipelines.synthetic.common import (  # pylint: disable=unused-import
-    DEFAULT_START, TEXT_FORMATS, Broken, csv_line, insert_broken, json_line,
-    output_format, parse_start, write_csv, write_jsonl)
+    DEFAULT_START, TEXT_FORMATS, Broken, insert_broken, not_a_record,
+    output_format, parse_start, truncated, write_csv, write_jsonl)
 from schemas.dataset import load_dataset
 from transforms.formats import FORMATS
 
@@ -418,16 +418,7 @@ def _records(dataset, world, epoch, user, t, merchant, cents, channel, fraud):
 
 # Broken records ------------------------------------------------------------
 def _truncated(rec, fmt):
-  if fmt == 'csv':  # a row cut short: too few columns
-    return csv_line(list(rec.values())[:6])
-  line = json_line(rec)
-  return line[:len(line) // 2]
-
-
-def _not_a_record(rec, fmt):
-  if fmt == 'csv':  # an extra column
-    return csv_line(list(rec.values()) + ['manual-override'])
-  return 'export interrupted: connection reset by peer'
+  return truncated(rec, fmt, 6)   # a CSV row of 6 columns: too few
 
 
 def _without(field):
@@ -458,7 +449,7 @@ def _purchase_negative(rec, fmt):
 _ALL = FORMATS
 _CATALOGUE = (
     ('malformed', _truncated, TEXT_FORMATS),
-    ('malformed', _not_a_record, TEXT_FORMATS),
+    ('malformed', not_a_record, TEXT_FORMATS),
     ('missing_required', _without('merchant_id'), _ALL),
     ('type_error', _amount_text, TEXT_FORMATS),
     ('type_error', _naive_time, ('jsonl', 'csv', 'avro')),
