@@ -204,6 +204,7 @@ def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
 
 
 def main(argv=None):
+  global BOOTSTRAP, FLINK, WORKER_POOL  # pylint: disable=global-statement
   p = argparse.ArgumentParser(prog='bench.streaming')
   p.add_argument('--events', type=int, default=20000)
   p.add_argument('--warmup', type=int, default=500)
@@ -230,7 +231,6 @@ def main(argv=None):
                  help='extra flag for the Flink job, e.g. '
                  '--flink_flag=--max_bundle_time_mills=100 (repeatable)')
   args = p.parse_args(argv)
-  global BOOTSTRAP, FLINK, WORKER_POOL  # pylint: disable=global-statement
   BOOTSTRAP, FLINK = args.bootstrap_servers, args.flink_master
   WORKER_POOL = args.worker_pool
   work = tempfile.mkdtemp(prefix='bench-streaming-')

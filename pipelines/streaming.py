@@ -86,8 +86,7 @@ from transforms.side_tables import (JoinSideTables, load_side_tables,
                                     side_table_paths)
 from transforms.stream_sources import (MessageBatches, ReadPubSubRecords,
                                        ReplayFile)
-from transforms.sinks import (WriteJsonLinesPanes, WriteJsonToPubSub,
-                              batch_rows)
+from transforms.sinks import WriteJsonLinesPanes, WriteJsonToPubSub
 
 # Everything goes under <output_dir>/streaming/, apart from batch outputs.
 STREAMING = 'streaming'
@@ -303,18 +302,16 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     sinks[key] = (rows, files.join(root, 'aggregates', key))
   for name, (rows, folder) in sinks.items():
     rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
-        folder, name, s.file_every)
+        folder, name, s.file_every, shards)
   published = predictions if predictions is not None else features
   if kafka and opts.output_topic:
     (published
-     | 'PredictionRows' >> beam.FlatMap(batch_rows)
      | 'PublishToKafka' >> WriteJsonToKafka(
          opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field))
   elif opts.output_topic:
     published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
   if kafka and opts.dead_letter_topic:
     (dead
-     | 'DeadLetterRows' >> beam.FlatMap(batch_rows)
      | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
          opts.bootstrap_servers, opts.dead_letter_topic, kafka))
   elif opts.dead_letter_topic:
