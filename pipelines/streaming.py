@@ -148,7 +148,12 @@ def stream_shards(options: PipelineOptions) -> int:
   """Shards of the keyed steps: STREAM_SHARDS, or one on the DirectRunner,
   which runs every shard in one process anyway and spends ~3 ms of
   bookkeeping on each bundle of each key in each step (bench/RESULTS.md):
-  more shards there only cost more bundles."""
+  more shards there only cost more bundles. --stream_shards sets it."""
+  chosen = options.view_as(StreamingOptions).stream_shards
+  if chosen is not None:
+    if chosen < 1:
+      raise InputError('--stream_shards must be positive')
+    return chosen
   return 1 if _runner_name(options) in _DIRECT_RUNNERS else STREAM_SHARDS
 
 

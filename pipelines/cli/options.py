@@ -128,6 +128,12 @@ class StreamingOptions(PipelineOptions):
   @classmethod
   def _add_argparse_args(cls, parser):
     parser.add_argument(
+        '--stream_shards', default=None, type=int,
+        help='shards of the keyed steps (dedupe, histories, aggregates): '
+        'each shard\'s state is read and written once per batch. Default: '
+        '1 on the DirectRunner, 8 elsewhere; fewer make bigger batches, more '
+        'spread the keys over more workers.')
+    parser.add_argument(
         '--input_subscription', default=None,
         help='Pub/Sub subscription to read JSON records from '
         '(projects/<p>/subscriptions/<s>).')
