@@ -166,10 +166,13 @@ def test_model_dir_layout_and_metadata(trained):
                        .read_text())
   assert on_disk == metadata
   assert set(metadata['files']) == set(files) - {'metadata.json'}
-  # The version names the training data and settings, not the files
-  # (skops files differ byte for byte between equal fits).
-  assert metadata['model_version'] == train_lib.data_version(
-      trained['table'], DATASET, 'gbt')
+  # The version names the training data and settings and what was
+  # learned, not the files (skops files differ byte for byte between
+  # equal fits, tf.Transform's SavedModel between equal analyses).
+  assert metadata['model_version'] == train_lib.learned_version(
+      train_lib.data_version(trained['table'], DATASET, 'gbt'),
+      (trained['root'] / 'model' / 'model.skops').read_bytes(),
+      trained['transform_dir'])
   assert metadata['features'] == preprocess.transformed_feature_names(DATASET)
   assert 0.0 < metadata['threshold'] < 1.0
   tr = metadata['training']
@@ -581,6 +584,60 @@ def test_training_is_deterministic(trained, tmp_path):
                           model_dir=str(tmp_path / 'again'), dataset=DATASET)
   assert again['model_version'] == trained['metadata']['model_version']
   assert again['metrics'] == trained['metadata']['metrics']
+
+
+def _graph_with_one_constant_changed(transform_dir, copy_dir):
+  """A copy of a tft output dir whose transform graph has one analyzer
+  result moved by one float32 step (as an approximate quantile boundary
+  or a mean reduced in another order would be on another runner)."""
+  from tensorflow.core.protobuf import saved_model_pb2
+  shutil.copytree(transform_dir, copy_dir)
+  path = os.path.join(copy_dir, 'transform_fn', 'saved_model.pb')
+  saved = saved_model_pb2.SavedModel.FromString(open(path, 'rb').read())
+  for node in saved.meta_graphs[0].graph_def.node:
+    tensor = node.attr['value'].tensor
+    if node.op == 'Const' and tensor.dtype == 1 and tensor.float_val:
+      before = np.float32(tensor.float_val[0])
+      tensor.float_val[0] = float(np.nextafter(before, np.float32(np.inf)))
+      break
+  else:
+    raise AssertionError('no float constant in the transform graph')
+  with open(path, 'wb') as f:
+    f.write(saved.SerializeToString())
+
+
+def test_the_version_changes_with_what_was_learned(trained, tmp_path):
+  """Same rows, a different analyzer output or estimator: another
+  version; equal fits (whose skops bytes differ) and equal analyses
+  (whose SavedModel bytes differ): the same version."""
+  key = train_lib.data_version(trained['table'], DATASET, 'gbt')
+  estimator = (trained['root'] / 'model' / 'model.skops').read_bytes()
+  graph = trained['transform_dir']
+  version = train_lib.learned_version(key, estimator, graph)
+  assert version == trained['metadata']['model_version']
+
+  moved = str(tmp_path / 'moved')
+  _graph_with_one_constant_changed(graph, moved)
+  assert train_lib.learned_version(key, estimator, moved) != version
+  vocabulary = str(tmp_path / 'vocabulary')
+  shutil.copytree(graph, vocabulary)
+  asset = os.path.join(vocabulary, 'transform_fn', 'assets', 'country')
+  with open(asset, 'a', encoding='utf-8') as f:
+    f.write('ZZ\n')
+  assert train_lib.learned_version(key, estimator, vocabulary) != version
+
+  from sklearn.linear_model import LogisticRegression
+  x = np.arange(40, dtype=float).reshape(20, 2)
+  y = np.arange(20) % 2
+  fit = lambda c: inference.dumps_estimator(
+      LogisticRegression(C=c).fit(x, y))
+  one, again, other = fit(1.0), fit(1.0), fit(0.5)
+  assert one != again    # skops names its parts by object id
+  assert inference.estimator_digest(one) == inference.estimator_digest(again)
+  assert inference.estimator_digest(one) != inference.estimator_digest(other)
+  assert (train_lib.learned_version(key, one, graph) ==
+          train_lib.learned_version(key, again, graph) !=
+          train_lib.learned_version(key, other, graph))
 
 
 def test_train_refuses_non_empty_model_dir(trained):

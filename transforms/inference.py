@@ -22,6 +22,7 @@ ModelMetadata (model refresh).
 import dataclasses
 import hashlib
 import hmac
+import io
 import json
 import os
 from typing import (Any, Dict, Iterable, List, Mapping, Optional, Tuple,
@@ -259,6 +260,40 @@ def dumps_estimator(estimator) -> bytes:
   import skops.io as sio  # pylint: disable=g-import-not-at-top
   return sio.dumps(estimator)
 
+
+
+def estimator_digest(data: bytes) -> str:
+  """sha256 of what a skops file holds: its schema and arrays, with the
+  object ids skops names nodes and array files by (`id()`, different in
+  every process) replaced by their order of first appearance, so equal
+  fits give equal digests and any change to a fitted value changes it."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    schema = json.loads(archive.read('schema.json'))
+    ids: Dict[str, int] = {}
+
+    def canonical(node):
+      if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+          if key == '__id__':
+            value = ids.setdefault(str(value), len(ids))
+          elif key == 'file' and isinstance(value, str):
+            stem, _, ext = value.rpartition('.')
+            value = f'{ids.setdefault(stem, len(ids))}.{ext}'
+          out[key] = canonical(value)
+        return out
+      if isinstance(node, list):
+        return [canonical(v) for v in node]
+      return node
+
+    digest = hashlib.sha256(json.dumps(canonical(schema), sort_keys=True)
+                            .encode('utf-8'))
+    members = sorted((n for n in archive.namelist() if n != 'schema.json'),
+                     key=lambda n: ids.get(n.rpartition('.')[0], len(ids)))
+    for name in members:
+      digest.update(archive.read(name))
+  return digest.hexdigest()
 
 
 def loads_estimator(data: bytes, where: str):

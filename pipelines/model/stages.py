@@ -97,7 +97,7 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
     return train(table, transform_dir=files.join(output_dir, TRANSFORM_FN),
                  model_dir=model_dir, dataset=dataset, model=kinds[0],
                  statistics_path=statistics_path,
-                 model_version=data_version(features, dataset, kinds[0]))
+                 data_key=data_version(features, dataset, kinds[0]))
   candidates = {}
   for kind in kinds:
     folder = files.join(output_dir, CANDIDATES, kind)
@@ -106,7 +106,7 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
         table, transform_dir=files.join(output_dir, TRANSFORM_FN),
         model_dir=folder, dataset=dataset, model=kind,
         statistics_path=statistics_path,
-        model_version=data_version(features, dataset, kind)))
+        data_key=data_version(features, dataset, kind)))
   metric, higher = SELECTION_METRIC[dataset.task]
 
   def quality(kind):
