@@ -16,8 +16,9 @@ at the threshold, Brier, reliability), multiclass (macro one-vs-rest ROC
 AUC, log loss, accuracy), regression (RMSE, MAE, R2).
 
 Threshold (binary): chosen on the training split only. The model is first fitted on
-the earliest 80% of the training split; the threshold maximising F1 on the
-remaining (later) 20% of the training split is kept; the final model is then
+80% of the training split (the earliest by time, else a seeded stratified
+random 80%); the threshold maximising F1 on the remaining 20% of the
+training split is kept (`threshold_method` names which); the final model is then
 refitted on the whole training split. Evaluation metrics never influence it.
 
 Models (deterministic, random_state=0):
@@ -143,6 +144,15 @@ def split_name(dataset) -> str:
   return (f'stratified random by class, seed {RANDOM_STATE}'
           if dataset.task != 'regression' else
           f'random, seed {RANDOM_STATE}')
+
+
+def threshold_method(dataset) -> str:
+  """How the binary threshold is chosen, named by the split that holds
+  its rows out: the latest fifth of the training split by time, or a
+  seeded stratified fifth of it without a timestamp."""
+  if dataset.timestamp_field:
+    return 'max_f1_on_latest_20pct_of_train'
+  return f'max_f1_on_stratified_random_20pct_of_train_seed_{RANDOM_STATE}'
 
 
 # Models and metrics ---------------------------------------------------------
@@ -411,7 +421,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
     if pick_labels.sum() > 0:
       selection = max_f1_threshold(pick_labels,
                                    scores(fit(fit_rows), pick_rows))
-      selection['method'] = 'max_f1_on_latest_20pct_of_train'
+      selection['method'] = threshold_method(dataset)
     else:
       selection = {'threshold': 0.5, 'method': 'default_0.5_no_positives'}
     threshold = selection['threshold']
