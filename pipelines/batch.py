@@ -331,14 +331,19 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
-  model_stages.build_score(p, dataset, features_glob, model_dir, out,
-                           scored_at=_scored_at(opts))
+  trained = summary.get('trained_model')
+  model_stages.build_score(
+      p, dataset, features_glob, model_dir, out, scored_at=_scored_at(opts),
+      # This run's model scores the rows it was trained on: each
+      # prediction says whether its row trained it, evaluated it, or
+      # neither (split).
+      mark_splits=bool(trained) and
+      trained['version'] == metadata['model_version'])
   counts = _run_beam(p)
   outputs['predictions'] = files.join(out, model_stages.PREDICTIONS)
   files.mark_complete(outputs['predictions'])
   # The model that scored: this run's, or the registry's champion while
   # this run's waits as a candidate (then both are in the summary).
-  trained = summary.get('trained_model')
   summary['model'] = _model_summary(
       metadata, model_dir,
       bool(trained) and trained['version'] == metadata['model_version'])

@@ -278,6 +278,33 @@ def test_a_candidate_run_names_both_models(trained):
   assert f'AUC {new["metrics"]["eval"]["roc_auc"]:.3f}' in curves
 
 
+def test_predictions_say_which_split_their_row_was_in(trained):
+  """The first run's model trained and scored: its predictions' `split`
+  rebuilds the eval set (as many rows as the model's eval split, with the
+  ids the trainer held out). The second run scored with the champion,
+  trained on other rows: every row is `scored`."""
+  import pyarrow.parquet as pq
+  from pipelines.model import training
+  from schemas.dataset import load_dataset
+  tmp, _, _, (first, _) = trained
+  for out, summary in (('out0', first),):
+    table = pq.read_table(str(next((tmp / out / 'predictions').glob(
+        '*.parquet'))))
+    metadata = inference.read_metadata(summary['model']['dir'])
+    split = table.column('split').to_pylist()
+    assert split.count('eval') == metadata['training']['rows']['eval']
+    assert split.count('train') == metadata['training']['rows']['train']
+    transformed = training.read_transformed(
+        str(tmp / out / 'transform' / 'transformed'))
+    _, held_out = training.split(transformed, load_dataset(), 0.2)
+    ids = table.column('transaction_id').to_pylist()
+    assert {i for i, s in zip(ids, split) if s == 'eval'} == set(
+        held_out.column('transaction_id').to_pylist())
+  second = pq.read_table(str(next((tmp / 'out1' / 'predictions').glob(
+      '*.parquet'))))
+  assert set(second.column('split').to_pylist()) == {'scored'}
+
+
 def test_scoring_follows_a_promotion(trained):
   tmp, root, paths, (_, second) = trained
   new = second['registry']['registered']

@@ -348,7 +348,8 @@ def test_a_model_file_with_an_untrusted_type_is_refused(trained, tmp_path):
 @pytest.mark.parametrize('key,value', [
     ('model_file', '../elsewhere/model.skops'),
     ('model_file', '/etc/passwd'),
-    ('transform_dir', '../../transform_fn')])
+    ('transform_dir', '../../transform_fn'),
+    ('split_file', '../elsewhere/split.parquet')])
 def test_paths_that_leave_the_model_folder_are_refused(trained, tmp_path,
                                                        key, value):
   model_dir = _copy_model(trained, tmp_path)
@@ -454,9 +455,11 @@ def test_score_records_one_prediction_per_input(trained):
     assert ids == sorted(r['transaction_id'] for r in rows)
     for p in predictions:
       assert set(p) == {'transaction_id', 'score', 'predicted_label',
-                        'risk_category', 'confidence', 'model_version',
-                        'scored_at'}
+                        'risk_category', 'confidence', 'split',
+                        'model_version', 'scored_at'}
       assert p['scored_at'] is None      # no --reference_time
+      # Not the batch run that trained the model: no row is marked.
+      assert p['split'] == 'scored'
       assert p['model_version'] == version
       assert 0.0 <= p['score'] <= 1.0
       assert p['predicted_label'] == int(p['score'] >= threshold)
@@ -469,6 +472,32 @@ def test_score_records_one_prediction_per_input(trained):
     assert_that(predictions | beam.Map(lambda x: x['transaction_id']),
                 equal_to([r['transaction_id'] for r in rows]),
                 label='Ids')
+
+
+def test_each_prediction_says_the_split_its_row_was_in(trained):
+  """Scored by the run that trained it (mark_splits), a row's `split` is
+  train or eval as the trainer split it, by id; a row it never saw is
+  `scored`; without mark_splits every row is `scored`."""
+  train_rows, eval_rows = train_lib.split(trained['table'], DATASET, 0.2)
+  unseen = [dict(r, transaction_id=f'new{i}') for i, r in
+            enumerate(trained['rows'][:20])]
+  batch = to_batch(trained['rows'] + unseen)
+  marked = inference.TransformedSklearnModelHandler(
+      trained['model_dir'], mark_splits=True)
+  result, = marked.run_inference([batch], marked.load_model())
+  split = dict(zip(result.inference.column('transaction_id').to_pylist(),
+                   result.inference.column('split').to_pylist()))
+  assert {i for i, s in split.items() if s == 'eval'} == set(
+      eval_rows.column('transaction_id').to_pylist())
+  assert {i for i, s in split.items() if s == 'train'} == set(
+      train_rows.column('transaction_id').to_pylist())
+  assert {i for i, s in split.items() if s == 'scored'} == {
+      r['transaction_id'] for r in unseen}
+  rows = trained['metadata']['training']['rows']
+  assert list(split.values()).count('eval') == rows['eval']
+  plain = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  result, = plain.run_inference([batch], plain.load_model())
+  assert set(result.inference.column('split').to_pylist()) == {'scored'}
 
 
 def test_score_batches_one_prediction_row_per_input_row(trained):

@@ -28,7 +28,9 @@ Models (deterministic, random_state=0):
           the z-scored numeric columns.
 
 Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
-transform_fn/ and transformed_metadata/), metadata.json (see `train`).
+transform_fn/ and transformed_metadata/), split.parquet (a hash of each
+training and eval row's id, for the predictions' `split` column),
+metadata.json (see `train`).
 """
 
 from pipelines.base import quiet  # pylint: disable=unused-import  # noqa: F401
@@ -450,6 +452,13 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
   _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
                estimator_bytes)
   _copy_transform(transform_dir, model_dir)
+  # Which ids trained and which evaluated it: predictions say per row
+  # whether the model that made them trained on it (`split`).
+  sink = pa.BufferOutputStream()
+  pq.write_table(inference.split_table(train_rows.column(id_field),
+                                       eval_rows.column(id_field)), sink)
+  _write_bytes(inference.join_path(model_dir, inference.SPLIT_FILE),
+               sink.getvalue().to_pybytes())
   files = inference.file_digests(model_dir)
 
   metadata = {
@@ -486,6 +495,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       },
       'statistics_path': statistics_path,
       'model_file': inference.MODEL_FILE,
+      'split_file': inference.SPLIT_FILE,
       'transform_dir': inference.TRANSFORM_DIR,
       'files': files,
   }
