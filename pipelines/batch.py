@@ -318,8 +318,12 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
                                         stats_path)
     model_dir = files.join(out, model_stages.MODEL)
     outputs['model'] = model_dir
+    # The model this run trained, whether or not it scores.
+    summary['trained_model'] = _model_summary(metadata, model_dir, True)
     if opts.registry:
       summary['registry'] = _register(opts, model_dir, metadata)
+      summary['trained_model']['registry_status'] = (
+          summary['registry']['status'])
       champion = Registry(opts.registry).champion_dir()
       if summary['registry']['champion'] != metadata['model_version']:
         # The new model waits as a candidate; the champion scores.
@@ -327,24 +331,26 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
-  model_stages.build_score(p, dataset, features_glob, model_dir, out,
-                           scored_at=_scored_at(opts))
+  trained = summary.get('trained_model')
+  model_stages.build_score(
+      p, dataset, features_glob, model_dir, out, scored_at=_scored_at(opts),
+      # This run's model scores the rows it was trained on: each
+      # prediction says whether its row trained it, evaluated it, or
+      # neither (split).
+      mark_splits=bool(trained) and
+      trained['version'] == metadata['model_version'])
   counts = _run_beam(p)
   outputs['predictions'] = files.join(out, model_stages.PREDICTIONS)
   files.mark_complete(outputs['predictions'])
-  summary['model'] = {
-      'version': metadata['model_version'],
-      'dir': model_dir,
-      'type': metadata['model_type'],
-      'task': metadata.get('task', 'binary'),
-      'threshold': metadata.get('threshold'),
-      'split': metadata.get('training', {}).get('split'),
-      'metrics': {split: {k: m[k] for k in SUMMARY_METRICS if k in m}
-                  for split, m in metadata['metrics'].items()},
-      'trained_in_this_run': not scoring_only,
-  }
-  if metadata.get('compared'):
-    summary['model']['compared'] = metadata['compared']
+  # The model that scored: this run's, or the registry's champion while
+  # this run's waits as a candidate (then both are in the summary).
+  summary['model'] = _model_summary(
+      metadata, model_dir,
+      bool(trained) and trained['version'] == metadata['model_version'])
+  if opts.registry and 'registry' in summary:
+    summary['model']['registry_status'] = (
+        summary['registry']['status']
+        if summary['model']['trained_in_this_run'] else 'champion')
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
   if opts.online_store:
@@ -356,6 +362,28 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _model_summary(metadata, model_dir: str, trained_in_this_run: bool
+                   ) -> Dict[str, object]:
+  """What the run summary says of a model (the one trained in this run,
+  the one that scored)."""
+  model = {
+      'version': metadata['model_version'],
+      'dir': model_dir,
+      'type': metadata['model_type'],
+      'task': metadata.get('task', 'binary'),
+      'threshold': metadata.get('threshold'),
+      'threshold_from': (metadata.get('threshold_selection') or {}).get(
+          'method'),
+      'split': metadata.get('training', {}).get('split'),
+      'metrics': {split: {k: m[k] for k in SUMMARY_METRICS if k in m}
+                  for split, m in metadata['metrics'].items()},
+      'trained_in_this_run': trained_in_this_run,
+  }
+  if metadata.get('compared'):
+    model['compared'] = metadata['compared']
+  return model
 
 
 def _scored_at(opts) -> Optional[str]:
@@ -438,6 +466,16 @@ _METRIC_NAMES = {'roc_auc': 'ROC AUC', 'pr_auc': 'PR AUC',
                  'rmse': 'RMSE', 'mae': 'MAE', 'r2': 'R2'}
 
 
+def _model_line(model) -> str:
+  """'<version> (<type> <task>, eval <metrics>)' of a model summary."""
+  metrics = model['metrics'].get('eval', {})
+  shown = ', '.join(f'{_METRIC_NAMES[k]} {metrics[k]:.3f}'
+                    for k in SUMMARY_METRICS[:2] + SUMMARY_METRICS[4:]
+                    if metrics.get(k) is not None)
+  return (f'{model["version"]} ({model["type"]} {model["task"]}' +
+          (f', eval {shown}' if shown else '') + ')')
+
+
 def _print_summary(summary, output_dir):
   lines = summary_lib.ingest_lines(summary) + [
       f'Feature rows:          {summary["feature_rows"]}',
@@ -466,13 +504,12 @@ def _print_summary(summary, output_dir):
                  'validation was written')
   model = summary.get('model')
   if model:
-    metrics = model['metrics'].get('eval', {})
-    shown = ', '.join(f'{_METRIC_NAMES[k]} {metrics[k]:.3f}'
-                      for k in SUMMARY_METRICS[:2] + SUMMARY_METRICS[4:]
-                      if metrics.get(k) is not None)
-    lines.append(f'Model:                 {model["version"]} ({model["type"]}'
-                 f' {model["task"]}' + (f', eval {shown}' if shown else '')
-                 + ')')
+    trained = summary.get('trained_model')
+    if trained and trained['version'] != model['version']:
+      lines.append(f'Trained model:         {_model_line(trained)}, '
+                   f'{trained.get("registry_status", "not registered")}; '
+                   'it did not score')
+    lines.append(f'Model:                 {_model_line(model)}')
     lines.append(f'Predictions written:   {summary["predictions_written"]}')
     registry = summary.get('registry')
     if registry:
