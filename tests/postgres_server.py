@@ -4,7 +4,8 @@ package (.ci/run installs it), initdb in a temp folder, postgres on
 the end. A missing binary fails the test that needs it (never a skip).
 
 PostgreSQL refuses to run as root, and CI runs as root: then initdb and
-postgres run as `nobody` (runuser), in a folder handed to that user.
+postgres run as `nobody` (runuser), in a folder of /tmp handed to that
+user (pytest's own temp folders are root's alone), removed at the end.
 
     from tests.postgres_server import PostgresServer
     with PostgresServer(tmp_path) as server:
@@ -16,6 +17,8 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
+import threading
 import time
 
 import pytest
@@ -47,7 +50,9 @@ class PostgresServer:
   makes one."""
 
   def __init__(self, directory, port: int = 0):
-    self.dir = os.path.join(str(directory), 'pg')
+    self._owned = os.geteuid() == 0
+    self.dir = (tempfile.mkdtemp(prefix='mlpipe-pg-') if self._owned
+                else os.path.join(str(directory), 'pg'))
     self.port = port or free_port()
     self.process = None
     self._bin = postgres_bin()
@@ -71,11 +76,8 @@ class PostgresServer:
     return done
 
   def start(self) -> 'PostgresServer':
-    os.makedirs(self.dir)
-    if os.geteuid() == 0:
-      # The temp folder's parents are root's; postgres needs its own.
-      parent = os.path.dirname(self.dir)
-      os.chmod(parent, 0o755)
+    os.makedirs(self.dir, exist_ok=True)
+    if self._owned:
       shutil.chown(self.dir, _RUN_AS)
     data = os.path.join(self.dir, 'data')
     self._run(os.path.join(self._bin, 'initdb'), '-D', data, '-U', USER,
@@ -126,6 +128,8 @@ class PostgresServer:
         self.process.kill()
         self.process.wait(timeout=30)
     self.process = None
+    if self._owned:
+      shutil.rmtree(self.dir, ignore_errors=True)
 
   def __enter__(self):
     return self.start()
@@ -139,3 +143,61 @@ def postgres(tmp_path_factory):
   """A PostgreSQL cluster for the test session; yields a PostgresServer."""
   with PostgresServer(tmp_path_factory.mktemp('postgres')) as server:
     yield server
+
+
+class DroppingProxy:
+  """A TCP proxy on 127.0.0.1 in front of a server that cuts the first
+  connection sending more than `drop_after` bytes back to the client (a
+  database lost mid-read); every later connection passes whole.
+  `dropped` counts the cuts, `connections` the connections."""
+
+  def __init__(self, target_port: int, drop_after: int):
+    self.target_port, self.drop_after = target_port, drop_after
+    self.dropped = self.connections = 0
+    self._server = socket.create_server(('127.0.0.1', 0))
+    self.port = self._server.getsockname()[1]
+    self._lock = threading.Lock()
+    self._closed = False
+    threading.Thread(target=self._accept, daemon=True).start()
+
+  def _accept(self):
+    while not self._closed:
+      try:
+        client, _ = self._server.accept()
+      except OSError:
+        return
+      upstream = socket.create_connection(('127.0.0.1', self.target_port))
+      with self._lock:
+        self.connections += 1
+      threading.Thread(target=self._pipe, args=(client, upstream, False),
+                       daemon=True).start()
+      threading.Thread(target=self._pipe, args=(upstream, client, True),
+                       daemon=True).start()
+
+  def _pipe(self, source, target, to_client: bool):
+    sent = 0
+    try:
+      while True:
+        data = source.recv(65536)
+        if not data:
+          break
+        target.sendall(data)
+        sent += len(data)
+        if to_client and sent > self.drop_after:
+          with self._lock:
+            cut = self.dropped == 0
+            self.dropped += cut
+          if cut:
+            break
+    except OSError:
+      pass
+    for s in (source, target):
+      try:
+        s.shutdown(socket.SHUT_RDWR)
+      except OSError:
+        pass
+      s.close()
+
+  def close(self):
+    self._closed = True
+    self._server.close()

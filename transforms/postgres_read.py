@@ -47,6 +47,8 @@ from transforms.postgres import (RETRIES, STANDARD_STRINGS,
 
 # Rows per range: a million-row table is four ranges.
 RANGE_ROWS = 250_000
+# About how many bytes the driver gathers into one Arrow batch of a range.
+BATCH_BYTES = 4 << 20
 # PostgreSQL types read in their own Arrow type; any other is read as text.
 _NATIVE = ('int2', 'int4', 'int8', 'float4', 'float8', 'text', 'varchar',
            'bpchar', 'name', 'timestamptz')
@@ -221,6 +223,8 @@ def _stream(source: PgSource, sql: str) -> Iterator[pa.RecordBatch]:
   with connect(source.url) as conn:
     _session(conn)
     with conn.cursor() as cursor:
+      cursor.adbc_statement.set_options(
+          **{'adbc.postgresql.batch_size_hint_bytes': str(BATCH_BYTES)})
       cursor.execute(sql)
       for batch in cursor.fetch_record_batch():
         yield batch

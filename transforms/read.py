@@ -24,7 +24,7 @@ from transforms.formats import format_named, format_of
 from transforms.common import CountRows
 from transforms.formats.base import InputError
 from transforms import postgres_read
-from transforms.postgres import display_url, is_postgres
+from transforms.postgres import is_postgres
 from transforms.formats.raw import (ERROR, ERROR_KIND, META_COLUMNS, POSITION,
                                     RAW, SOURCE, UNDECODED, RawRecord,
                                     raw_batch, raw_records, unreadable_batch)
@@ -141,14 +141,15 @@ class ReadRecords(beam.PTransform):
     self._format, self._split = input_format, split_bytes
 
   def expand(self, pbegin):
-    count = CountRows(f'records_read_from.{_source_label(self._pattern)}')
     if is_postgres(self._pattern):
       source = postgres_read.source_of(self._pattern, self._dataset)
+      count = CountRows(f'records_read_from.{source.name}')
       return (pbegin
               | 'ReadPostgres' >> postgres_read.ReadPostgres(source,
                                                              self._dataset)
               | 'CountPerSource' >> beam.ParDo(count))
     fmt, split = self._format, self._split
+    count = CountRows(f'records_read_from.{self._pattern}')
     return (
         pbegin
         | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
@@ -158,10 +159,3 @@ class ReadRecords(beam.PTransform):
         | 'SpreadRangesOverWorkers' >> beam.Reshuffle()
         | 'DecodeRanges' >> beam.FlatMap(read_range, self._dataset)
         | 'CountPerSource' >> beam.ParDo(count))
-
-
-def _source_label(pattern: str) -> str:
-  """The name of an input in the summary: the glob, or the database URL
-  without a password."""
-  return display_url(pattern) if is_postgres(pattern) else (
-      pattern)
