@@ -97,12 +97,11 @@ def table_and_file(postgres, tmp_path_factory):
   return postgres.url('source', table='tx', range_rows=RANGE_ROWS), path
 
 
-def _ingest(inputs, out):
-  """Reads each input and parses it, on the DirectRunner; valid rows to
-  <out>/<i>/valid-*.parquet, dead letters to <out>/<i>/dead-*.jsonl."""
+def _ingest(inputs, out, runner=('--runner', 'DirectRunner')):
+  """Reads each input and parses it (default on the DirectRunner); valid
+  rows to <out>/<i>/valid-*.parquet, dead letters to <out>/<i>/dead*.jsonl."""
   dataset = load_dataset('transactions')
-  with beam.Pipeline(options=PipelineOptions(['--runner', 'DirectRunner'])
-                     ) as p:
+  with beam.Pipeline(options=PipelineOptions(list(runner))) as p:
     for i, input_ in enumerate(inputs):
       parsed = (p | f'Read[{i}]' >> ReadRecords(input_, dataset)
                 | f'Parse[{i}]' >> ParseAndValidate(dataset, num_shards=4))
@@ -177,6 +176,21 @@ def test_table_gives_the_same_records_and_dead_letters_as_jsonl(
   positions = sorted(r['position'] for r in table_dead)
   assert len(set(positions)) == len(positions)
   assert all(0 <= p < ROWS + 5 for p in positions)
+
+
+def test_table_reads_the_same_on_the_portable_runner(table_and_file,
+                                                     tmp_path):
+  # The portable path Flink takes (the job service in this process,
+  # LOOPBACK workers): key ranges split, reshuffled and read by the SDK
+  # worker.
+  url, path = table_and_file
+  _ingest([path, url], str(tmp_path), (
+      '--runner', 'PortableRunner', '--job_endpoint', 'embed',
+      '--environment_type', 'LOOPBACK'))
+  assert _valid(tmp_path / '1') == _valid(tmp_path / '0')
+  assert len(_valid(tmp_path / '1')) > ROWS - 100
+  assert sorted(map(_dead_key, _dead(tmp_path / '1'))) == sorted(
+      map(_dead_key, _dead(tmp_path / '0')))
 
 
 def test_source_splits_into_key_ranges_covering_every_row(table_and_file):
