@@ -502,7 +502,7 @@ def _print_summary(summary, output_dir):
                      f'{", ".join(checked[kind]) or "none over threshold"}')
   sink = summary.get('sink')
   if sink:
-    lines.append(f'PostgreSQL sink:       ' + ', '.join(
+    lines.append('PostgreSQL sink:       ' + ', '.join(
         f'{n} rows to {t}' for t, n in sink['rows'].items()) +
                  f' (run {sink["run_id"]}, {sink["url"]})')
   store = summary.get('online_store')

@@ -6,6 +6,7 @@ The data: the first records of the committed sample that PostgreSQL can
 type (their event times are RFC 3339), plus hand-made broken ones, both as
 a JSON-lines file and as a table whose amount column is text (so it can
 hold a value that is not a number) and whose event time is timestamptz.
+The `postgres` fixture (the session's cluster) comes from conftest.py.
 """
 
 import glob
@@ -21,8 +22,7 @@ import pytest
 
 from pipelines import batch
 from schemas.dataset import load_dataset
-from tests.postgres_server import (DroppingProxy, free_port,  # noqa: F401
-                                   postgres)
+from tests.postgres_server import DroppingProxy, free_port
 from transforms import postgres_read, postgres_sink
 from transforms.common import DEAD_LETTER, VALID
 from transforms.parse import ParseAndValidate
@@ -358,3 +358,12 @@ def test_cluster_runs_unprivileged_when_tests_run_as_root(postgres):
   data = postgres.execute('SHOW data_directory').strip()
   owner = os.stat(data).st_uid
   assert (owner != 0) if os.geteuid() == 0 else owner == os.geteuid()
+
+
+def test_a_postgres_input_where_only_files_work_is_exit_2(tmp_path, capsys):
+  from pipelines import streaming  # pylint: disable=import-outside-toplevel
+  url = f'postgresql://postgres@127.0.0.1:{free_port()}/db?table=tx'
+  assert streaming.main(['--input', url, '--output_dir',
+                         str(tmp_path / 'out')]) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and 'pipelines.batch only' in err

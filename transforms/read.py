@@ -45,6 +45,10 @@ def check_input(pattern: str, explicit_format: Optional[str] = None,
   (none for a postgresql:// source, whose server, table and key are
   checked instead)."""
   if is_postgres(pattern):
+    if dataset is None:
+      raise InputError(f'{postgres_read.display_url(pattern)}: a PostgreSQL '
+                       'source is read by pipelines.batch only (give files '
+                       'here)')
     postgres_read.check_source(pattern, dataset)
     return []
   try:
