@@ -11,6 +11,7 @@ with no other flags runs every stage on the committed sample. Stages:
 """
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -48,6 +49,8 @@ from transforms.inference import ModelIntegrityError, verify_model_dir
 from pipelines.serving import materialise
 from transforms import online_store
 from transforms.read import InputError, ReadRecords, check_input
+from transforms import postgres_read, postgres_sink
+from transforms.postgres import is_postgres
 from transforms.sinks import WriteJsonLines, WriteParquet
 from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
                                    WriteStatistics, read_statistics)
@@ -81,8 +84,9 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   out = opts.output_dir
   size, period = aggregate_window(opts, dataset)
 
-  raw = p | 'ReadRecords' >> ReadRecords(opts.input, dataset,
-                                         opts.input_format)
+  raw = p | 'ReadRecords' >> ReadRecords(
+      postgres_read.input_url(opts.input, opts.input_query, opts.input_db),
+      dataset, opts.input_format)
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
       dataset, reference_micros(opts), shards, opts.input_format)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
@@ -103,6 +107,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   features | 'WriteFeatures' >> WriteParquet(
       files.join(out, FEATURES, dataset.name),
       dataset.arrow_schema(dataset.feature_types()))
+  if opts.sink:
+    for name, rows in ((postgres_sink.FEATURES, features),
+                       (postgres_sink.DEAD_LETTERS, dead)):
+      rows | f'WriteToPostgres[{name}]' >> postgres_sink.WriteToPostgres(
+          opts.sink, dataset, name, run_id(opts), shards)
 
   examples = None
   if dataset.negatives:
@@ -187,7 +196,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   preflight.check_services(options)
   if opts.online_store:
     online_store.preflight(opts.online_store)
-  paths = check_input(opts.input, opts.input_format)
+  paths = check_input(
+      postgres_read.input_url(opts.input, opts.input_query, opts.input_db),
+      opts.input_format, dataset)
+  if opts.sink:
+    if not is_postgres(opts.sink):
+      raise InputError(f'--sink {opts.sink}: give a postgresql:// URL')
+    postgres_sink.check(opts.sink, dataset)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   try:
@@ -220,6 +235,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.write_json(files.join(out, SUMMARY_FILE), {'status': 'running'})
   for folder in folders:
     files.clear(folder)
+  if opts.sink:
+    postgres_sink.prepare(opts.sink, dataset, run_id(opts))
   summary = {}
   try:
     _run_stages(options, opts, dataset, paths, summary, metadata,
@@ -251,7 +268,11 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   features_glob = files.pattern_in(files.join(out, FEATURES), '*.parquet')
   _stage = _Stages()
 
-  _stage(f'Ingest and features: {len(paths)} file(s) from {opts.input}')
+  source = postgres_read.input_url(opts.input, opts.input_query,
+                                   opts.input_db)
+  _stage('Ingest and features: ' + (
+      f'{len(paths)} file(s) from {opts.input}' if paths else
+      postgres_read.source_of(source, dataset).name))
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
   counts = _run_beam(p)
@@ -260,6 +281,9 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   for folder in written:
     files.mark_complete(files.join(out, folder))
   summary.update(summary_lib.ingest_summary(counts))
+  sink_counts = dict(counts)
+  if opts.sink:
+    summary['sink'] = _sink_summary(opts, dataset, sink_counts)
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
@@ -332,14 +356,19 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
   trained = summary.get('trained_model')
-  model_stages.build_score(
+  predictions = model_stages.build_score(
       p, dataset, features_glob, model_dir, out, scored_at=_scored_at(opts),
       # This run's model scores the rows it was trained on: each
       # prediction says whether its row trained it, evaluated it, or
       # neither (split).
       mark_splits=bool(trained) and
       trained['version'] == metadata['model_version'])
+  if opts.sink:
+    predictions | 'WriteToPostgres' >> postgres_sink.WriteToPostgres(
+        opts.sink, dataset, postgres_sink.PREDICTIONS, run_id(opts),
+        opts.shards)
   counts = _run_beam(p)
+  sink_counts.update(counts)
   outputs['predictions'] = files.join(out, model_stages.PREDICTIONS)
   files.mark_complete(outputs['predictions'])
   # The model that scored: this run's, or the registry's champion while
@@ -359,6 +388,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
         options, dataset, features_glob, opts.online_store,
         metadata['model_version'], opts.shards)
 
+  if opts.sink:
+    summary['sink'] = _sink_summary(opts, dataset, sink_counts)
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
@@ -384,6 +415,18 @@ def _model_summary(metadata, model_dir: str, trained_in_this_run: bool
   if metadata.get('compared'):
     model['compared'] = metadata['compared']
   return model
+
+
+def run_id(opts) -> str:
+  """--run_id, else the name of the run's folder (data/run1 -> run1)."""
+  return opts.run_id or os.path.basename(opts.output_dir.rstrip('/'))
+
+
+def _sink_summary(opts, dataset, counts) -> Dict[str, object]:
+  """Where --sink wrote and how many rows went to each table."""
+  return {'url': postgres_sink.display_url(opts.sink), 'run_id': run_id(opts),
+          'rows': {t.name: counts.get(f'sink_rows.{t.name}', 0)
+                   for t in postgres_sink.tables(dataset).values()}}
 
 
 def _scored_at(opts) -> Optional[str]:
@@ -494,6 +537,11 @@ def _print_summary(summary, output_dir):
       if checked[kind] is not None:
         lines.append(f'{kind.capitalize() + ":":<23}'
                      f'{", ".join(checked[kind]) or "none over threshold"}')
+  sink = summary.get('sink')
+  if sink:
+    lines.append('PostgreSQL sink:       ' + ', '.join(
+        f'{n} rows to {t}' for t, n in sink['rows'].items()) +
+                 f' (run {sink["run_id"]}, {sink["url"]})')
   store = summary.get('online_store')
   if store:
     lines.append(f'Online store:          {store["entities_written"]} '

@@ -7,7 +7,9 @@ the file gave them plus SOURCE, POSITION, RAW, ERROR, ERROR_KIND and
 UNDECODED). Each format is one module of transforms.formats, which says
 how a file of it splits and reads a range of it; this module matches the
 files, splits them into ranges, spreads the ranges over the workers and
-turns a break in a file into one `unreadable_file` row.
+turns a break in a file into one `unreadable_file` row. A postgresql://
+URL is read by transforms.postgres_read instead, into the same raw
+batches.
 """
 
 from typing import Iterator, List, NamedTuple, Optional, Sequence
@@ -19,7 +21,10 @@ import pyarrow as pa
 
 from schemas.dataset import Dataset
 from transforms.formats import format_named, format_of
+from transforms.common import CountRows
 from transforms.formats.base import InputError
+from transforms import postgres_read
+from transforms.postgres import is_postgres
 from transforms.formats.raw import (ERROR, ERROR_KIND, META_COLUMNS, POSITION,
                                     RAW, SOURCE, UNDECODED, RawRecord,
                                     raw_batch, raw_records, unreadable_batch)
@@ -34,8 +39,18 @@ __all__ = ['ERROR', 'ERROR_KIND', 'META_COLUMNS', 'POSITION', 'RAW', 'SOURCE',
 SPLIT_BYTES = 64 << 20
 
 
-def check_input(pattern: str, explicit_format: Optional[str] = None):
-  """Preflight: the pattern matches files of a known format. Returns paths."""
+def check_input(pattern: str, explicit_format: Optional[str] = None,
+                dataset: Optional[Dataset] = None):
+  """Preflight: the pattern matches files of a known format. Returns paths
+  (none for a postgresql:// source, whose server, table and key are
+  checked instead)."""
+  if is_postgres(pattern):
+    if dataset is None:
+      raise InputError(f'{postgres_read.display_url(pattern)}: a PostgreSQL '
+                       'source is read by pipelines.batch only (give files '
+                       'here)')
+    postgres_read.check_source(pattern, dataset)
+    return []
   try:
     match = FileSystems.match([pattern])[0]
   except Exception as e:  # pylint: disable=broad-except
@@ -96,7 +111,10 @@ def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
                  explicit_format: Optional[str] = None) -> dict:
   """{position: the record's text} for a few records of one file, read
   again (the dead-letter text of a duplicate). Text formats give the
-  record as written; Avro and Parquet the record's values as JSON."""
+  record as written; Avro, Parquet and PostgreSQL the record's values as
+  JSON."""
+  if is_postgres(path):
+    return postgres_read.record_texts(path, dataset, positions)
   return format_named(format_of(path, explicit_format)).record_texts(
       path, dataset, positions)
 
@@ -110,7 +128,9 @@ def read_file(path: str, dataset: Dataset,
 
 class ReadRecords(beam.PTransform):
   """PBegin -> PCollection[pa.RecordBatch] of raw batches (module docstring)
-  from a glob of local or gs:// files.
+  from a glob of local or gs:// files, or a postgresql:// source
+  (transforms.postgres_read). The records read are counted per source
+  (`records_read_from.<source>`).
 
   The format comes from each file's extension (transforms.formats: .jsonl,
   .csv, .avro, .parquet, each optionally .gz) unless `input_format` names
@@ -125,7 +145,15 @@ class ReadRecords(beam.PTransform):
     self._format, self._split = input_format, split_bytes
 
   def expand(self, pbegin):
+    if is_postgres(self._pattern):
+      source = postgres_read.source_of(self._pattern, self._dataset)
+      count = CountRows(f'records_read_from.{source.name}')
+      return (pbegin
+              | 'ReadPostgres' >> postgres_read.ReadPostgres(source,
+                                                             self._dataset)
+              | 'CountPerSource' >> beam.ParDo(count))
     fmt, split = self._format, self._split
+    count = CountRows(f'records_read_from.{self._pattern}')
     return (
         pbegin
         | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
@@ -133,4 +161,5 @@ class ReadRecords(beam.PTransform):
             lambda meta: file_ranges(meta.path, meta.size_in_bytes, fmt,
                                      split))
         | 'SpreadRangesOverWorkers' >> beam.Reshuffle()
-        | 'DecodeRanges' >> beam.FlatMap(read_range, self._dataset))
+        | 'DecodeRanges' >> beam.FlatMap(read_range, self._dataset)
+        | 'CountPerSource' >> beam.ParDo(count))

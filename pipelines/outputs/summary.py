@@ -20,6 +20,9 @@ def counters(result) -> Dict[str, int]:
   return counts
 
 
+_BY_SOURCE = 'records_read_from.'
+
+
 def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
   read = counts.get('records_read', 0)
   valid = counts.get('records_valid', 0)
@@ -32,15 +35,22 @@ def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
                               for k in ERROR_KINDS
                               if counts.get(f'dead_letter.{k}')},
       'records_accounted_for': read == valid + dead,
+      # What each --input gave (transforms.read.ReadRecords).
+      'records_read_by_source': {
+          k[len(_BY_SOURCE):]: v for k, v in sorted(counts.items())
+          if k.startswith(_BY_SOURCE)},
   }
 
 
 def ingest_lines(summary: Dict[str, object]) -> List[str]:
   """The first lines of every entry point's closing summary."""
   kinds = summary['dead_letter_by_kind']
+  sources = summary.get('records_read_by_source') or {}
   return [
       '',
-      f'Records read:          {summary["records_read"]}',
+      f'Records read:          {summary["records_read"]}' + (
+          '  (' + ', '.join(f'{n} from {s}' for s, n in sources.items()) +
+          ')' if sources else ''),
       f'  valid:               {summary["records_valid"]}',
       f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
           '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
