@@ -560,6 +560,28 @@ def test_unbounded_kafka_read_on_flink_keeps_sources_up():
     assert sent.get('shutdown_sources_after_idle_ms') == want, argv
 
 
+def test_flink_bundles_and_shards_default_to_bigger_batches():
+  """On Flink a bundle holds up to FLINK_BUNDLE_SIZE events unless
+  --max_bundle_size says otherwise (Flink's 1,000 cut a busy second into
+  small batches); shards: one on the DirectRunner, STREAM_SHARDS
+  elsewhere, --stream_shards over both."""
+  cases = [(['--runner', 'FlinkRunner'], pipeline.FLINK_BUNDLE_SIZE),
+           (['--runner', 'FlinkRunner', '--max_bundle_size', '70'], 70),
+           (['--runner', 'DirectRunner'], None)]
+  for argv, want in cases:
+    options = PipelineOptions(argv)
+    pipeline.bigger_bundles(options)
+    assert options.get_all_options(drop_default=True).get(
+        'max_bundle_size') == want, argv
+  assert pipeline.stream_shards(PipelineOptions(['--runner', 'FlinkRunner'])
+                                ) == pipeline.STREAM_SHARDS
+  assert pipeline.stream_shards(PipelineOptions([])) == 1
+  assert pipeline.stream_shards(PipelineOptions(
+      ['--runner', 'FlinkRunner', '--stream_shards', '3'])) == 3
+  with pytest.raises(pipeline.InputError, match="--stream_shards"):
+    pipeline.stream_shards(PipelineOptions(['--stream_shards', '0']))
+
+
 def test_history_is_not_expired_by_a_timer_its_events_outdated():
   # One watermark step passes tx2's time and the expiry timer tx1 set (7 d
   # + 1 h after it). tx2 is 10 minutes short of 7 days after tx1: it must
