@@ -12,8 +12,9 @@ resolve beside that stack today.
 from setuptools import find_packages, setup
 
 REQUIRED = [
-    # tfx-bsl imports dill, which Beam now ships only as its [dill] extra.
-    'apache-beam[gcp,dill]==2.72.0',
+    # tfx-bsl imports dill, which Beam now ships only as its [dill] extra;
+    # [aws] is Beam's own S3 file system (s3:// paths, boto3).
+    'apache-beam[gcp,aws,dill]==2.72.0',
     'tensorflow-data-validation==1.16.1',
     'tensorflow-transform==1.16.0',
     'scikit-learn==1.9.1',
@@ -43,6 +44,10 @@ REQUIRED = [
     'numpy==1.26.4',
     'pandas==1.5.3',
     'protobuf==4.25.9',
+    # What Beam's [aws] extra brings, as pip resolved it beside the stack.
+    'boto3==1.44.18',
+    'botocore==1.44.18',
+    's3transfer==0.19.3',
 ]
 
 TESTS = [
@@ -50,6 +55,8 @@ TESTS = [
     'hypothesis==6.170.17',
     # A local GCS server for the gs:// tests (127.0.0.1 only).
     'gcp-storage-emulator==2026.7.19',
+    # A local S3 server for the s3:// tests (moto's server mode, 127.0.0.1).
+    'moto[server]==5.2.6',
     # Produces and reads Kafka records in the Kafka-on-Flink tests and bench.
     'kafka-python==3.0.12',
     # Starlette's TestClient and the scoring-service tests and bench.

@@ -1,5 +1,5 @@
-"""Driver-side file helpers that work the same on local paths and gs://:
-JSON files, clearing and checking output folders, success markers."""
+"""Driver-side file helpers that work the same on local paths, gs:// and
+s3://: JSON files, clearing and checking output folders, success markers."""
 
 import glob
 import json
@@ -11,6 +11,19 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.base.errors import UsageError
+import transforms.s3_uploads  # noqa: F401  (empty files on s3://)
+
+
+def use_pipeline_options(options=None):
+  """Gives Beam's file systems the run's options on the driver. Beam's S3
+  file system (s3://) is built from pipeline options even outside a
+  pipeline (--s3_endpoint_url, --s3_region_name, ...; without them boto3
+  reads the standard AWS variables, AWS_ENDPOINT_URL among them) and
+  refuses to open anything before it has some; local and gs:// paths do
+  not need them. A Pipeline sets them too, when it is built."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  FileSystems.set_options(options if options is not None
+                          else PipelineOptions([]))
 
 
 def join(*parts: str) -> str:
