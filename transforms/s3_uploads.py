@@ -6,10 +6,11 @@ takes a single empty part, so when a file ends with no part this uploads
 one before completing: the fix boto3-based writers elsewhere made
 (arrow-rs object_store #91, distribution/distribution #3763).
 
-Imported by the modules that write files (transforms.sinks,
-pipelines.outputs.files), so it is in place in every process that writes,
-workers included. Applied once; a later Beam that uploads a part itself
-is left as it is (the added part is only for an upload with none).
+`install()` is called when the modules that write files are imported
+(transforms.sinks, pipelines.outputs.files), so it is in place in every
+process that writes, workers included. It applies once; a later Beam that
+uploads a part itself is left as it is (the added part is only for an
+upload with none).
 """
 
 try:
@@ -27,6 +28,8 @@ def _finish_with_a_part(finish):
   return finish_
 
 
-if s3io is not None and not getattr(s3io.S3Uploader.finish,
-                                    'mlpipe_one_part', False):
-  s3io.S3Uploader.finish = _finish_with_a_part(s3io.S3Uploader.finish)
+def install():
+  """Makes Beam's S3 writer upload one empty part for an empty file."""
+  if s3io is not None and not getattr(s3io.S3Uploader.finish,
+                                      'mlpipe_one_part', False):
+    s3io.S3Uploader.finish = _finish_with_a_part(s3io.S3Uploader.finish)

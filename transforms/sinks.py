@@ -12,7 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms.common import json_row
-import transforms.s3_uploads  # noqa: F401  (empty files on s3://)
+from transforms import s3_uploads
+
+
+s3_uploads.install()   # empty files on s3:// (see the module)
 
 
 def conform(batch, schema: pa.Schema) -> pa.Table:

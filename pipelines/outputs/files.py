@@ -11,7 +11,10 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.base.errors import UsageError
-import transforms.s3_uploads  # noqa: F401  (empty files on s3://)
+from transforms import s3_uploads
+
+
+s3_uploads.install()   # empty files on s3:// (see the module)
 
 
 def use_pipeline_options(options=None):
