@@ -48,6 +48,8 @@ REQUIRED = [
     'boto3==1.44.18',
     'botocore==1.44.18',
     's3transfer==0.19.3',
+    # --input https://...: a paginated JSON API (transforms/http_source.py).
+    'requests==2.34.2',
 ]
 
 TESTS = [

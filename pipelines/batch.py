@@ -189,7 +189,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   preflight.check_object_stores(options)
   if opts.online_store:
     online_store.preflight(opts.online_store)
-  paths = check_input(opts.input, opts.input_format)
+  paths = check_input(opts.input, opts.input_format, dataset)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   try:

@@ -7,7 +7,10 @@ the file gave them plus SOURCE, POSITION, RAW, ERROR, ERROR_KIND and
 UNDECODED). Each format is one module of transforms.formats, which says
 how a file of it splits and reads a range of it; this module matches the
 files, splits them into ranges, spreads the ranges over the workers and
-turns a break in a file into one `unreadable_file` row.
+turns a break in a file into one `unreadable_file` row. An http(s):// URL
+is a paginated JSON API instead (transforms.http_source), read into the
+same raw batches. Each raw batch's rows are counted by the kind of source
+they came from (`records_read_from.<kind>`: local, gs, s3, http).
 """
 
 from typing import Iterator, List, NamedTuple, Optional, Sequence
@@ -18,6 +21,8 @@ from apache_beam.io.filesystems import FileSystems
 import pyarrow as pa
 
 from schemas.dataset import Dataset
+from transforms import http_source
+from transforms.common import CountRows
 from transforms.formats import format_named, format_of
 from transforms.formats.base import InputError
 from transforms.formats.raw import (ERROR, ERROR_KIND, META_COLUMNS, POSITION,
@@ -34,8 +39,21 @@ __all__ = ['ERROR', 'ERROR_KIND', 'META_COLUMNS', 'POSITION', 'RAW', 'SOURCE',
 SPLIT_BYTES = 64 << 20
 
 
-def check_input(pattern: str, explicit_format: Optional[str] = None):
-  """Preflight: the pattern matches files of a known format. Returns paths."""
+def source_kind(pattern: str) -> str:
+  """Where records come from: 'local', or the scheme (gs, s3, http)."""
+  if http_source.is_http(pattern):
+    return 'http'
+  scheme, found, _ = pattern.partition('://')
+  return scheme.lower() if found and scheme.lower() != 'file' else 'local'
+
+
+def check_input(pattern: str, explicit_format: Optional[str] = None,
+                dataset: Optional[Dataset] = None):
+  """Preflight: the pattern matches files of a known format (an http(s)
+  URL: the declared API answers, see transforms.http_source). Returns
+  paths."""
+  if http_source.is_http(pattern) and dataset is not None:
+    return [http_source.check_source(pattern, dataset)]
   try:
     match = FileSystems.match([pattern])[0]
   except Exception as e:  # pylint: disable=broad-except
@@ -96,7 +114,10 @@ def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
                  explicit_format: Optional[str] = None) -> dict:
   """{position: the record's text} for a few records of one file, read
   again (the dead-letter text of a duplicate). Text formats give the
-  record as written; Avro and Parquet the record's values as JSON."""
+  record as written; Avro and Parquet the record's values as JSON; an API
+  page (read again, transforms.http_source) its records as JSON."""
+  if http_source.is_http(path):
+    return http_source.record_texts(path, dataset, positions)
   return format_named(format_of(path, explicit_format)).record_texts(
       path, dataset, positions)
 
@@ -110,7 +131,7 @@ def read_file(path: str, dataset: Dataset,
 
 class ReadRecords(beam.PTransform):
   """PBegin -> PCollection[pa.RecordBatch] of raw batches (module docstring)
-  from a glob of local or gs:// files.
+  from a glob of local, gs:// or s3:// files, or an http(s):// API.
 
   The format comes from each file's extension (transforms.formats: .jsonl,
   .csv, .avro, .parquet, each optionally .gz) unless `input_format` names
@@ -120,6 +141,26 @@ class ReadRecords(beam.PTransform):
   def __init__(self, pattern: str, dataset: Dataset,
                input_format: Optional[str] = None,
                split_bytes: int = SPLIT_BYTES):
+    super().__init__()
+    self._pattern, self._dataset = pattern, dataset
+    self._format, self._split = input_format, split_bytes
+
+  def expand(self, pbegin):
+    kind = source_kind(self._pattern)
+    if kind == 'http':
+      raw = pbegin | 'ReadApiPages' >> http_source.ReadHttpPages(
+          self._pattern, self._dataset)
+    else:
+      raw = pbegin | 'ReadFiles' >> _ReadFiles(self._pattern, self._dataset,
+                                               self._format, self._split)
+    return raw | f'CountRecordsFrom[{kind}]' >> beam.ParDo(
+        CountRows(f'records_read_from.{kind}'))
+
+
+class _ReadFiles(beam.PTransform):
+  """The files of a glob -> raw batches (ReadRecords)."""
+
+  def __init__(self, pattern, dataset, input_format, split_bytes):
     super().__init__()
     self._pattern, self._dataset = pattern, dataset
     self._format, self._split = input_format, split_bytes

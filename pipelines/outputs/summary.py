@@ -20,6 +20,9 @@ def counters(result) -> Dict[str, int]:
   return counts
 
 
+_FROM = 'records_read_from.'
+
+
 def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
   read = counts.get('records_read', 0)
   valid = counts.get('records_valid', 0)
@@ -32,15 +35,23 @@ def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
                               for k in ERROR_KINDS
                               if counts.get(f'dead_letter.{k}')},
       'records_accounted_for': read == valid + dead,
+      # Records read per kind of source (local, gs, s3, http): from
+      # transforms.read's counters.
+      'records_read_by_source': {
+          name[len(_FROM):]: n for name, n in sorted(counts.items())
+          if name.startswith(_FROM)},
   }
 
 
 def ingest_lines(summary: Dict[str, object]) -> List[str]:
   """The first lines of every entry point's closing summary."""
   kinds = summary['dead_letter_by_kind']
+  sources = summary.get('records_read_by_source') or {}
   return [
       '',
-      f'Records read:          {summary["records_read"]}',
+      f'Records read:          {summary["records_read"]}' + (
+          '  (' + ', '.join(f'{k}: {v}' for k, v in sources.items()) + ')'
+          if sources else ''),
       f'  valid:               {summary["records_valid"]}',
       f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
           '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'
