@@ -107,20 +107,35 @@ def write_bytes(path: str, data: bytes):
 
 
 def write_atomic(path: str, data: bytes):
-  """Writes a file whole or not at all: locally to a temporary file that is
-  flushed to disk and renamed over `path`; on an object store (gs://) one
+  """Writes a file whole or not at all: locally to a temporary file of its
+  own (hidden, unique to this call: two threads writing one path never
+  share it) that is flushed to disk and renamed over `path`, and the
+  folder's entry flushed too; on an object store (gs://, s3://) one
   upload, which is atomic already. A crash leaves the old file or the new
   one, never half of either."""
   if '://' in path:
     write_bytes(path, data)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+  import threading  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  temporary = os.path.join(folder, f'.{os.path.basename(path)}.'
+                           f'{os.getpid()}-{threading.get_ident()}.tmp')
+  try:
+    with open(temporary, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+  directory = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(directory)
+  finally:
+    os.close(directory)
 
 
 def failure_line(error: BaseException, log: str, what: str) -> str:
