@@ -302,3 +302,69 @@ def test_a_bad_source_section_is_one_line(tmp_path, section, message):
   with pytest.raises(SchemaError) as error:
     load_dataset(str(path))
   assert str(error.value).startswith(f'events.yaml: {message}')
+
+
+class _Linked(http.server.BaseHTTPRequestHandler):
+  """Three pages behind a cursor (?cursor=) and behind next links
+  (/p/<n>); while `broken` is set, the second page is not JSON."""
+
+  broken = False
+
+  def log_message(self, *args):  # quiet
+    pass
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    parts = urlsplit(self.path)
+    query = parse_qs(parts.query)
+    if parts.path.startswith('/p/'):
+      page = int(parts.path[3:])
+    else:
+      page = int(query.get('cursor', ['c0'])[0][1:])
+    records = _records()[page * 10:(page + 1) * 10]
+    last = page == 2
+    body = json.dumps({
+        'data': records,
+        'meta': {'next': None if last else f'c{page + 1}'},
+        'links': {'next': None if last else f'/p/{page + 1}'}}).encode()
+    if page == 1 and self.broken:
+      body = b'{"data": [oops'
+    self.send_response(200)
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+
+@pytest.mark.parametrize('pagination', [
+    '{type: cursor, param: cursor, next: meta.next}',
+    '{type: next_link, next: links.next}'])
+def test_cursor_and_next_link_pagination(tmp_path, pagination, token):
+  from schemas.dataset import load_dataset
+  from transforms.http_source import HttpSourceError, http_batches
+  from transforms.read import raw_records
+  path = tmp_path / 'events.yaml'
+  path.write_text(DECLARATION.replace(
+      DECLARATION[DECLARATION.index('    pagination'):
+                  DECLARATION.index('    retries')],
+      f'    pagination: {pagination}\n'))
+  dataset = load_dataset(str(path))
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Linked)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    url = f'http://127.0.0.1:{server.server_port}/v1/events'
+    rows = [(raw.source.rsplit('#', 1)[1], raw.position, raw.values)
+            for batch in http_batches(url, dataset)
+            for raw in raw_records(batch)]
+    assert [values for _, _, values in rows] == _records()[:30]
+    assert [(page, position) for page, position, _ in rows] == [
+        (f'page={p}', i) for p in (1, 2, 3) for i in range(10)]
+    # A page without its next cursor or link: the rest cannot be found,
+    # so the read stops rather than end early.
+    _Linked.broken = True
+    with pytest.raises(HttpSourceError, match='page 2 of .*: not JSON: .*'
+                       'so its next page cannot be found'):
+      list(http_batches(url, dataset))
+  finally:
+    _Linked.broken = False
+    server.shutdown()
+    server.server_close()
