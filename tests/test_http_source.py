@@ -198,6 +198,8 @@ def test_api_pages_read_as_the_same_jsonl_file(declaration, token, tmp_path):
   # Every record, plus one row for the malformed page.
   assert summary['records_read'] == 36
   assert summary['records_read_by_source'] == {'http': 36}
+  report = (tmp_path / 'api' / 'report' / 'index.html').read_text()
+  assert 'read from http' in report and 'read from local' not in report
   assert summary['records_valid'] == 30
   assert summary['records_dead_lettered'] == 6
   assert summary['records_accounted_for'] is True
