@@ -186,7 +186,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
   preflight.check_services(options)
-  preflight.check_object_stores(options)
+  preflight.check_object_stores(options, trains=bool(
+      opts.train and not opts.model_dir and dataset.label is not None))
   if opts.online_store:
     online_store.preflight(opts.online_store)
   paths = check_input(opts.input, opts.input_format, dataset)

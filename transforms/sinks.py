@@ -12,10 +12,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms.common import json_row
-from transforms import s3_uploads
+from transforms import beam_s3
 
 
-s3_uploads.install()   # empty files on s3:// (see the module)
+beam_s3.install()   # Beam's S3 file system, fixed (see the module)
 
 
 def conform(batch, schema: pa.Schema) -> pa.Table:

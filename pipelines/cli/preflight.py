@@ -498,10 +498,10 @@ def _s3_client(options: PipelineOptions, timeout: float):
                     retries={'max_attempts': 1}))
 
 
-def check_object_stores(options: PipelineOptions,
+def check_object_stores(options: PipelineOptions, trains: bool = False,
                         timeout: float = 5.0) -> None:
   """Every s3:// bucket the flags name answers (one HEAD each), before any
-  job starts; and a training run does not write into s3://, where
+  job starts; and a run that `trains` does not write into s3://, where
   tf.Transform cannot (TensorFlow 2.16 has no s3:// file system)."""
   flags = _flags(options)
   paths = [(f, str(flags[f])) for f in _STORE_PATHS
@@ -509,8 +509,7 @@ def check_object_stores(options: PipelineOptions,
   if not paths:
     return
   out = str(flags.get('output_dir') or '')
-  if (out.startswith('s3://') and flags.get('train') and
-      not flags.get('model_dir')):
+  if out.startswith('s3://') and trains:
     raise PreflightError(
         f'--output_dir {out}: training writes the transform graph through '
         'TensorFlow, which has no s3:// file system; train into a local or '

@@ -11,10 +11,10 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.base.errors import UsageError
-from transforms import s3_uploads
+from transforms import beam_s3
 
 
-s3_uploads.install()   # empty files on s3:// (see the module)
+beam_s3.install()   # Beam's S3 file system, fixed (see the module)
 
 
 def use_pipeline_options(options=None):
