@@ -370,3 +370,20 @@ def test_cursor_and_next_link_pagination(tmp_path, pagination, token):
     _Linked.broken = False
     server.shutdown()
     server.server_close()
+
+
+def test_malformed_pages_in_a_row_stop_the_read(declaration, token):
+  """A records path or URL that is wrong makes every page malformed: the
+  third in a row stops the read instead of dead-lettering pages forever."""
+  from schemas.dataset import load_dataset
+  from transforms.http_source import HttpSourceError, http_batches
+  dataset = load_dataset(declaration)
+  with Api({1: _records()[:10], 2: 'html', 3: 'html', 4: 'html',
+            5: _records()[10:20]}) as api:
+    batches = http_batches(api.url, dataset)
+    assert next(batches).num_rows == 10
+    assert next(batches).num_rows == 1   # page 2's dead-letter row
+    assert next(batches).num_rows == 1   # page 3's
+    with pytest.raises(HttpSourceError, match='pages 2 to 4 are all '
+                       'malformed'):
+      next(batches)

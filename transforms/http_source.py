@@ -19,9 +19,11 @@ What can go wrong, and what happens:
     the page is then read whole;
   * a page whose body is not JSON, or has no list at the records path, is
     one `malformed` dead-letter row naming its URL and page number, with
-    the body as `raw`, and the read goes on (page-number pagination); with
-    a cursor or next link the next page cannot be found in it, so the run
-    stops (exit 3) rather than read part of the source silently;
+    the body as `raw`, and the read goes on (page-number pagination; but
+    MALFORMED_IN_A_ROW such pages in a row stop the run: the API is not
+    what the declaration says); with a cursor or next link the next page
+    cannot be found in it, so the run stops (exit 3) rather than read part
+    of the source silently;
   * a request that still fails after its retries, a 4xx answer, or more
     than `max_pages` pages stop the run: `HttpSourceError` (exit 3, one
     line).
@@ -50,6 +52,8 @@ _RETRY_STATUSES = (408, 429, 500, 502, 503, 504)
 # At most this much of a malformed page's body is kept as its `raw`.
 _RAW_LIMIT = 1 << 20
 _PAGE_MARK = '#page='
+# Malformed pages in a row that stop a page-number read.
+MALFORMED_IN_A_ROW = 3
 
 
 class HttpSourceError(RunError, RuntimeError):
@@ -205,7 +209,7 @@ def http_batches(url: str, dataset: Dataset) -> Iterator[pa.RecordBatch]:
   """Raw batches of every page of the API at `url` (module docstring)."""
   source = declared_source(dataset, url)
   client, schema = _Client(source, url), json_schema(dataset)
-  page_url, number = _page_urls(url, source), 1
+  page_url, number, malformed = _page_urls(url, source), 1, 0
   while page_url is not None:
     if number > source.max_pages:
       raise HttpSourceError(f'{url}: more than max_pages={source.max_pages} '
@@ -217,9 +221,15 @@ def http_batches(url: str, dataset: Dataset) -> Iterator[pa.RecordBatch]:
       if source.pagination in ('cursor', 'next_link'):
         raise HttpSourceError(f'page {number} of {url} ({page_url}): '
                               f'{records}, so its next page cannot be found')
+      malformed += 1
+      if malformed == MALFORMED_IN_A_ROW:
+        raise HttpSourceError(
+            f'{url}: pages {number - malformed + 1} to {number} are all '
+            f'malformed ({records}); check source.http.records and the URL')
       yield _malformed_page(name, number, body, records)
       had_records = True   # a malformed page does not end the pages
     else:
+      malformed = 0
       had_records = bool(records)
       if records:
         yield from _records_batches(records, name, schema)
