@@ -50,6 +50,9 @@ REQUIRED = [
     's3transfer==0.19.3',
     # --input https://...: a paginated JSON API (transforms/http_source.py).
     'requests==2.34.2',
+    # pipelines.ingest --bootstrap_servers: accepted uploads to a Kafka
+    # topic (and the Kafka-on-Flink tests and bench produce and read with it).
+    'kafka-python==3.0.12',
 ]
 
 TESTS = [
@@ -59,8 +62,6 @@ TESTS = [
     'gcp-storage-emulator==2026.7.19',
     # A local S3 server for the s3:// tests (moto's server mode, 127.0.0.1).
     'moto[server]==5.2.6',
-    # Produces and reads Kafka records in the Kafka-on-Flink tests and bench.
-    'kafka-python==3.0.12',
     # Starlette's TestClient and the scoring-service tests and bench.
     'httpx==0.28.1',
     # Drives headless Chromium over the DevTools protocol (report test).

@@ -2,7 +2,8 @@
 batch job.
 
     python -m pipelines.ingest --schema interactions --landing data/landing \\
-        --port 8090 [--max_body_bytes 16777216]
+        --port 8090 [--max_body_bytes 16777216] \
+        [--bootstrap_servers 127.0.0.1:9092 --topic interactions]
 
   POST /ingest?format=jsonl|csv  a body of records -> 200 {records,
                                  accepted, dead_lettered, landed,
@@ -30,7 +31,7 @@ import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 from pipelines.base.errors import UsageError
 from pipelines.cli.shell import run_command
-from pipelines.serving.ingest import Landing, make_app
+from pipelines.serving.ingest import KafkaPublisher, Landing, make_app
 from schemas.dataset import load_dataset
 
 DEFAULT_MAX_BODY = 16 << 20
@@ -53,6 +54,11 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
                  'land in, one file per upload; the batch job\'s --input.')
   p.add_argument('--max_body_bytes', type=int, default=DEFAULT_MAX_BODY,
                  help='A larger body is answered 413 (default 16 MiB).')
+  p.add_argument('--bootstrap_servers', default=None,
+                 help='host:port[,...] of Kafka brokers: also send the '
+                 'accepted records to --topic (the streaming job\'s input).')
+  p.add_argument('--topic', default=None,
+                 help='Kafka topic of --bootstrap_servers.')
   p.add_argument('--host', default='127.0.0.1')
   p.add_argument('--port', type=int, default=8090)
   args = p.parse_args(argv)
@@ -60,6 +66,8 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
     raise UsageError(f'--port {args.port}: give a port in 1..65535')
   if args.max_body_bytes <= 0:
     raise UsageError('--max_body_bytes must be positive')
+  if bool(args.bootstrap_servers) != bool(args.topic):
+    raise UsageError('--bootstrap_servers and --topic go together')
   return args
 
 
@@ -78,10 +86,24 @@ def _check_landing(folder: str):
                      f'{e.strerror}') from None
 
 
+def _publisher(args: argparse.Namespace):
+  """A Kafka publisher when asked for; a broker that does not answer is
+  exit 2 before anything is served."""
+  if not args.bootstrap_servers:
+    return None
+  from kafka.errors import KafkaError  # pylint: disable=g-import-not-at-top
+  try:
+    return KafkaPublisher(args.bootstrap_servers, args.topic)
+  except KafkaError as e:
+    raise UsageError(f'--bootstrap_servers {args.bootstrap_servers}: no '
+                     f'Kafka broker answers ({type(e).__name__})') from None
+
+
 def build_app(args: argparse.Namespace):
   dataset = load_dataset(args.schema)
   _check_landing(args.landing)
-  return make_app(Landing(dataset, args.landing, args.max_body_bytes))
+  return make_app(Landing(dataset, args.landing, args.max_body_bytes,
+                          publisher=_publisher(args)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:

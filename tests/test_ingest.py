@@ -16,12 +16,14 @@ from apache_beam.testing.util import assert_that, equal_to
 from starlette.testclient import TestClient
 
 from pipelines import ingest
-from pipelines.serving.ingest import Landing, make_app
+from pipelines.serving.ingest import KafkaPublisher, Landing, make_app
 from schemas.dataset import load_dataset
 from tests.test_parse import GOOD
 from transforms.common import DEAD_LETTER, VALID
 from transforms.parse import ParseAndValidate
 from transforms.read import ReadRecords
+
+pytest_plugins = ['tests.services']
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE = os.path.join(REPO, 'data', 'sample', 'transactions.jsonl')
@@ -146,6 +148,43 @@ def test_the_command_refuses_bad_flags_in_one_line(tmp_path, capsys):
       (['--landing', str(blocker / 'landing')],
        f'--landing {blocker / "landing"} cannot be written: Not a directory'),
       (['--landing', str(tmp_path), '--max_body_bytes', '0'],
-       '--max_body_bytes must be positive')]:
+       '--max_body_bytes must be positive'),
+      (['--landing', str(tmp_path), '--bootstrap_servers', '127.0.0.1:9'],
+       '--bootstrap_servers and --topic go together')]:
     assert ingest.main(argv) == 2
     assert capsys.readouterr().err == f'error: {message}\n'
+
+
+def test_accepted_records_also_go_to_kafka(dataset, tmp_path, kafka_broker):
+  """With a publisher, the accepted records of a JSON-lines and a CSV
+  upload are on the topic before the answer, keyed by user, each one the
+  streaming job's decoder and validator accept."""
+  from tests.services import consume_all
+  from transforms.parse import RecordValidator
+  from transforms.stream_sources import decode_message
+  publisher = KafkaPublisher(kafka_broker, 'uploads')
+  landing = Landing(dataset, str(tmp_path / 'landing'), 1 << 20,
+                    publisher=publisher)
+  try:
+    with TestClient(make_app(landing)) as client:
+      first = client.post('/ingest?format=jsonl', content=(
+          '\n'.join(LINES[:5] + [BROKEN[0][0]]) + '\n').encode()).json()
+      second = client.post('/ingest?format=csv',
+                           content=_csv_body(LINES[5:8]).encode()).json()
+  finally:
+    publisher.close()
+  assert first['published'] == {'topic': 'uploads', 'messages': 5}
+  assert second['published'] == {'topic': 'uploads', 'messages': 3}
+  values = consume_all(kafka_broker, 'uploads', 8, timeout_s=30)
+  records = [json.loads(v) for v in values]
+  assert sorted(r['transaction_id'] for r in records) == sorted(
+      json.loads(l)['transaction_id'] for l in LINES[:8])
+  validator = RecordValidator(dataset)
+  for value in values:
+    record = validator.validate(decode_message(value, 'kafka:uploads'))
+    assert record['transaction_id'].startswith('tx')
+  by_id = {r['transaction_id']: r for r in records}
+  for line in LINES[:5]:   # JSON lines: the record's own values
+    assert by_id[json.loads(line)['transaction_id']] == json.loads(line)
+  csv_record = by_id[json.loads(LINES[5])['transaction_id']]
+  assert csv_record['amount'] == str(json.loads(LINES[5])['amount'])

@@ -27,12 +27,21 @@ gs:// or s3://) before the answer: a 200 means the records are on disk,
 and a process killed before it leaves no part of them. The same body sent
 twice lands as the same file, not twice; ids repeated within or across
 uploads are the batch job's to drop (its one duplicate rule).
+
+With a `KafkaPublisher`, the accepted records are also sent to a Kafka
+topic the streaming job reads (one JSON object per message, keyed by the
+declared entity so an entity's records stay in order on one partition),
+after they landed and before the answer, which waits for the broker's
+acknowledgement of every message (acks=all). A record of a CSV upload is
+sent as the JSON object of its declared columns as written (strings, which
+the parser converts as it does a CSV's).
 """
 
 import hashlib
+import json
 import os
 import tempfile
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import pyarrow.compute as pc
 
@@ -42,7 +51,7 @@ from schemas.dataset import Dataset
 from transforms.formats import REGISTRY, text_formats
 from transforms.formats.text import BOM
 from transforms.parse import BatchValidator
-from transforms.read import POSITION, RAW, read_batches
+from transforms.read import POSITION, RAW, raw_records, read_batches
 
 
 class BadUpload(UsageError, ValueError):
@@ -54,14 +63,39 @@ class BodyTooLarge(UsageError, ValueError):
   http_status = 413
 
 
+class KafkaPublisher:
+  """Sends accepted records to a Kafka topic and waits for the broker."""
+
+  def __init__(self, bootstrap_servers: str, topic: str,
+               timeout_s: float = 30.0):
+    from kafka import KafkaProducer  # pylint: disable=g-import-not-at-top
+    self.topic, self._timeout = topic, timeout_s
+    self._producer = KafkaProducer(bootstrap_servers=bootstrap_servers,
+                                   acks='all', linger_ms=5)
+
+  def publish(self, messages: List[Tuple[Optional[bytes], bytes]]):
+    """(key, value) pairs; returns once the broker has every one."""
+    futures = [self._producer.send(self.topic, key=key, value=value)
+               for key, value in messages]
+    self._producer.flush(self._timeout)
+    for future in futures:
+      future.get(timeout=self._timeout)   # raises when one was not taken
+
+  def close(self):
+    self._producer.close()
+
+
 class Landing:
   """Validates uploads of one declared dataset and lands the accepted
-  records in `folder` (local, gs:// or s3://)."""
+  records in `folder` (local, gs:// or s3://), and on a Kafka topic with
+  a `publisher`."""
 
   def __init__(self, dataset: Dataset, folder: str, max_body_bytes: int,
-               reference_micros: Optional[int] = None):
+               reference_micros: Optional[int] = None,
+               publisher: Optional[KafkaPublisher] = None):
     self.dataset, self.folder = dataset, folder
     self.max_body_bytes = max_body_bytes
+    self.publisher = publisher
     self._validator = BatchValidator(dataset, reference_micros)
 
   def format_of(self, name: Optional[str]):
@@ -81,7 +115,7 @@ class Landing:
       raise BodyTooLarge(self.too_large())
     name = f'upload-{hashlib.sha256(body).hexdigest()[:16]}' + (
         fmt.extensions[0])
-    texts, dead, read = [], [], 0
+    texts, dead, read, messages = [], [], 0, []
     with tempfile.TemporaryDirectory(prefix='mlpipe_upload_') as folder:
       path = os.path.join(folder, name)
       with open(path, 'wb') as f:
@@ -92,6 +126,8 @@ class Landing:
         accepted = pc.is_in(raw.column(POSITION),
                             value_set=valid.column(POSITION))
         texts += raw.column(RAW).filter(accepted).to_pylist()
+        if self.publisher is not None:
+          messages += self._messages(raw.filter(accepted))
         for row in rows:
           row['source_file'] = name
           row['message'] = row['message'].replace(path, name)
@@ -105,10 +141,29 @@ class Landing:
       landed = files.join(self.folder, name)
       files.write_atomic(landed, ('\n'.join(header + texts) + '\n').encode(
           'utf-8'))
-    return {'dataset': self.dataset.name, 'format': fmt.name,
-            'records': read, 'accepted': len(texts),
-            'dead_lettered': len(dead), 'landed': landed,
-            'dead_letter': dead}
+    if messages:
+      self.publisher.publish(messages)
+    answer = {'dataset': self.dataset.name, 'format': fmt.name,
+              'records': read, 'accepted': len(texts),
+              'dead_lettered': len(dead), 'landed': landed,
+              'dead_letter': dead}
+    if self.publisher is not None:
+      answer['published'] = {'topic': self.publisher.topic,
+                             'messages': len(messages)}
+    return answer
+
+  def _messages(self, accepted) -> List[Tuple[Optional[bytes], bytes]]:
+    """(entity key, JSON value) of each accepted record of a raw batch:
+    the record's values as read (raw_records: the fields a JSON line gave,
+    or a CSV row's strings), without the missing ones."""
+    entity = self.dataset.entity_field
+    out = []
+    for record in raw_records(accepted):
+      values = {k: v for k, v in record.values.items() if v is not None}
+      key = values.get(entity) if entity else None
+      out.append((None if key is None else str(key).encode('utf-8'),
+                  json.dumps(values, ensure_ascii=False).encode('utf-8')))
+    return out
 
   def too_large(self) -> str:
     return (f'the body is over {self.max_body_bytes} bytes '
