@@ -34,6 +34,12 @@ REQUIRED = [
     'uvicorn==0.54.0',
     # metrics.prom, the streaming job's /metrics and the service's /metrics.
     'prometheus-client==0.26.0',
+    # PostgreSQL in and out (--input postgresql://, --sink): ADBC's libpq
+    # driver (libpq inside the wheel) moves Arrow batches by binary COPY.
+    # Its DBAPI extra wants pyarrow>=14, which TFDV forbids: we use only
+    # the calls that work on pyarrow 10 (RecordBatchReader in and out).
+    'adbc-driver-manager==1.13.0',
+    'adbc-driver-postgresql==1.13.0',
     # What the three pins above bring, pinned too: without them pip's
     # resolver backtracks into old pyarrow releases that have no wheel for
     # Python 3.11 and fails building one from source.

@@ -26,6 +26,7 @@ import time
 import urllib.request
 
 import apache_beam as beam
+import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.services import JOB_SERVER_JAR, free_port, run_script
@@ -44,7 +45,8 @@ def tiny_job(flags, out_path, kafka=None):
           | beam.CombinePerKey(sum))
   if kafka:
     _ = (sums
-         | beam.Map(lambda kv: {'key': str(kv[0]), 'sum': kv[1]})
+         | beam.Map(lambda kv: pa.RecordBatch.from_pylist(
+             [{'key': str(kv[0]), 'sum': kv[1]}]))
          | WriteJsonToKafka(kafka, 'sums', kafka_expansion_service(
              DEFAULT_EXPANSION_JAR), 'key'))
   _ = (sums

@@ -11,6 +11,7 @@ with no other flags runs every stage on the committed sample. Stages:
 """
 
 import logging
+import os
 import sys
 import time
 import traceback
@@ -48,6 +49,8 @@ from transforms.inference import ModelIntegrityError, verify_model_dir
 from pipelines.serving import materialise
 from transforms import online_store
 from transforms.read import InputError, ReadRecords, check_input
+from transforms import postgres_read, postgres_sink
+from transforms.postgres import is_postgres
 from transforms.sinks import WriteJsonLines, WriteParquet
 from transforms.statistics import (STATS_FILE, GenerateFeatureStatistics,
                                    WriteStatistics, read_statistics)
@@ -81,8 +84,9 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   out = opts.output_dir
   size, period = aggregate_window(opts, dataset)
 
-  raw = p | 'ReadRecords' >> ReadRecords(opts.input, dataset,
-                                         opts.input_format)
+  raw = p | 'ReadRecords' >> ReadRecords(
+      postgres_read.input_url(opts.input, opts.input_query, opts.input_db),
+      dataset, opts.input_format)
   parsed = raw | 'ParseAndValidate' >> ParseAndValidate(
       dataset, reference_micros(opts), shards, opts.input_format)
   valid, dead = parsed[VALID], parsed[DEAD_LETTER]
@@ -103,6 +107,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   features | 'WriteFeatures' >> WriteParquet(
       files.join(out, FEATURES, dataset.name),
       dataset.arrow_schema(dataset.feature_types()))
+  if opts.sink:
+    for name, rows in ((postgres_sink.FEATURES, features),
+                       (postgres_sink.DEAD_LETTERS, dead)):
+      rows | f'WriteToPostgres[{name}]' >> postgres_sink.WriteToPostgres(
+          opts.sink, dataset, name, run_id(opts), shards)
 
   examples = None
   if dataset.negatives:
@@ -190,7 +199,13 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
       opts.train and not opts.model_dir and dataset.label is not None))
   if opts.online_store:
     online_store.preflight(opts.online_store)
-  paths = check_input(opts.input, opts.input_format, dataset)
+  paths = check_input(
+      postgres_read.input_url(opts.input, opts.input_query, opts.input_db),
+      opts.input_format, dataset)
+  if opts.sink:
+    if not is_postgres(opts.sink):
+      raise InputError(f'--sink {opts.sink}: give a postgresql:// URL')
+    postgres_sink.check(opts.sink, dataset)
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   try:
@@ -223,6 +238,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.write_json(files.join(out, SUMMARY_FILE), {'status': 'running'})
   for folder in folders:
     files.clear(folder)
+  if opts.sink:
+    postgres_sink.prepare(opts.sink, dataset, run_id(opts))
   summary = {}
   try:
     _run_stages(options, opts, dataset, paths, summary, metadata,
@@ -254,7 +271,11 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   features_glob = files.pattern_in(files.join(out, FEATURES), '*.parquet')
   _stage = _Stages()
 
-  _stage(f'Ingest and features: {len(paths)} file(s) from {opts.input}')
+  source = postgres_read.input_url(opts.input, opts.input_query,
+                                   opts.input_db)
+  _stage('Ingest and features: ' + (
+      f'{len(paths)} file(s) from {opts.input}' if paths else
+      postgres_read.source_of(source, dataset).name))
   p = beam.Pipeline(options=options)
   build_pipeline(p, options, dataset)
   counts = _run_beam(p)
@@ -263,6 +284,9 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
   for folder in written:
     files.mark_complete(files.join(out, folder))
   summary.update(summary_lib.ingest_summary(counts))
+  sink_counts = dict(counts)
+  if opts.sink:
+    summary['sink'] = _sink_summary(opts, dataset, sink_counts)
   summary['feature_rows'] = counts.get('feature_rows', 0)
   summary['aggregate_rows'] = {
       k: counts.get(f'aggregate_rows.{k}', 0)
@@ -321,8 +345,12 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
                                         stats_path)
     model_dir = files.join(out, model_stages.MODEL)
     outputs['model'] = model_dir
+    # The model this run trained, whether or not it scores.
+    summary['trained_model'] = _model_summary(metadata, model_dir, True)
     if opts.registry:
       summary['registry'] = _register(opts, model_dir, metadata)
+      summary['trained_model']['registry_status'] = (
+          summary['registry']['status'])
       champion = Registry(opts.registry).champion_dir()
       if summary['registry']['champion'] != metadata['model_version']:
         # The new model waits as a candidate; the champion scores.
@@ -330,24 +358,31 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
 
   _stage(f'Predict: RunInference with model {metadata["model_version"]}')
   p = beam.Pipeline(options=options)
-  model_stages.build_score(p, dataset, features_glob, model_dir, out,
-                           scored_at=_scored_at(opts))
+  trained = summary.get('trained_model')
+  predictions = model_stages.build_score(
+      p, dataset, features_glob, model_dir, out, scored_at=_scored_at(opts),
+      # This run's model scores the rows it was trained on: each
+      # prediction says whether its row trained it, evaluated it, or
+      # neither (split).
+      mark_splits=bool(trained) and
+      trained['version'] == metadata['model_version'])
+  if opts.sink:
+    predictions | 'WriteToPostgres' >> postgres_sink.WriteToPostgres(
+        opts.sink, dataset, postgres_sink.PREDICTIONS, run_id(opts),
+        opts.shards)
   counts = _run_beam(p)
+  sink_counts.update(counts)
   outputs['predictions'] = files.join(out, model_stages.PREDICTIONS)
   files.mark_complete(outputs['predictions'])
-  summary['model'] = {
-      'version': metadata['model_version'],
-      'dir': model_dir,
-      'type': metadata['model_type'],
-      'task': metadata.get('task', 'binary'),
-      'threshold': metadata.get('threshold'),
-      'split': metadata.get('training', {}).get('split'),
-      'metrics': {split: {k: m[k] for k in SUMMARY_METRICS if k in m}
-                  for split, m in metadata['metrics'].items()},
-      'trained_in_this_run': not scoring_only,
-  }
-  if metadata.get('compared'):
-    summary['model']['compared'] = metadata['compared']
+  # The model that scored: this run's, or the registry's champion while
+  # this run's waits as a candidate (then both are in the summary).
+  summary['model'] = _model_summary(
+      metadata, model_dir,
+      bool(trained) and trained['version'] == metadata['model_version'])
+  if opts.registry and 'registry' in summary:
+    summary['model']['registry_status'] = (
+        summary['registry']['status']
+        if summary['model']['trained_in_this_run'] else 'champion')
   summary['predictions_written'] = counts.get('predictions_written', 0)
   summary['feature_rows_scored'] = counts.get('feature_rows_scored', 0)
   if opts.online_store:
@@ -356,9 +391,45 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
         options, dataset, features_glob, opts.online_store,
         metadata['model_version'], opts.shards)
 
+  if opts.sink:
+    summary['sink'] = _sink_summary(opts, dataset, sink_counts)
   summary['status'] = 'ok'
   _finish(summary, outputs, out, _stage)
   return summary
+
+
+def _model_summary(metadata, model_dir: str, trained_in_this_run: bool
+                   ) -> Dict[str, object]:
+  """What the run summary says of a model (the one trained in this run,
+  the one that scored)."""
+  model = {
+      'version': metadata['model_version'],
+      'dir': model_dir,
+      'type': metadata['model_type'],
+      'task': metadata.get('task', 'binary'),
+      'threshold': metadata.get('threshold'),
+      'threshold_from': (metadata.get('threshold_selection') or {}).get(
+          'method'),
+      'split': metadata.get('training', {}).get('split'),
+      'metrics': {split: {k: m[k] for k in SUMMARY_METRICS if k in m}
+                  for split, m in metadata['metrics'].items()},
+      'trained_in_this_run': trained_in_this_run,
+  }
+  if metadata.get('compared'):
+    model['compared'] = metadata['compared']
+  return model
+
+
+def run_id(opts) -> str:
+  """--run_id, else the name of the run's folder (data/run1 -> run1)."""
+  return opts.run_id or os.path.basename(opts.output_dir.rstrip('/'))
+
+
+def _sink_summary(opts, dataset, counts) -> Dict[str, object]:
+  """Where --sink wrote and how many rows went to each table."""
+  return {'url': postgres_sink.display_url(opts.sink), 'run_id': run_id(opts),
+          'rows': {t.name: counts.get(f'sink_rows.{t.name}', 0)
+                   for t in postgres_sink.tables(dataset).values()}}
 
 
 def _scored_at(opts) -> Optional[str]:
@@ -441,6 +512,16 @@ _METRIC_NAMES = {'roc_auc': 'ROC AUC', 'pr_auc': 'PR AUC',
                  'rmse': 'RMSE', 'mae': 'MAE', 'r2': 'R2'}
 
 
+def _model_line(model) -> str:
+  """'<version> (<type> <task>, eval <metrics>)' of a model summary."""
+  metrics = model['metrics'].get('eval', {})
+  shown = ', '.join(f'{_METRIC_NAMES[k]} {metrics[k]:.3f}'
+                    for k in SUMMARY_METRICS[:2] + SUMMARY_METRICS[4:]
+                    if metrics.get(k) is not None)
+  return (f'{model["version"]} ({model["type"]} {model["task"]}' +
+          (f', eval {shown}' if shown else '') + ')')
+
+
 def _print_summary(summary, output_dir):
   lines = summary_lib.ingest_lines(summary) + [
       f'Feature rows:          {summary["feature_rows"]}',
@@ -459,6 +540,11 @@ def _print_summary(summary, output_dir):
       if checked[kind] is not None:
         lines.append(f'{kind.capitalize() + ":":<23}'
                      f'{", ".join(checked[kind]) or "none over threshold"}')
+  sink = summary.get('sink')
+  if sink:
+    lines.append('PostgreSQL sink:       ' + ', '.join(
+        f'{n} rows to {t}' for t, n in sink['rows'].items()) +
+                 f' (run {sink["run_id"]}, {sink["url"]})')
   store = summary.get('online_store')
   if store:
     lines.append(f'Online store:          {store["entities_written"]} '
@@ -469,13 +555,12 @@ def _print_summary(summary, output_dir):
                  'validation was written')
   model = summary.get('model')
   if model:
-    metrics = model['metrics'].get('eval', {})
-    shown = ', '.join(f'{_METRIC_NAMES[k]} {metrics[k]:.3f}'
-                      for k in SUMMARY_METRICS[:2] + SUMMARY_METRICS[4:]
-                      if metrics.get(k) is not None)
-    lines.append(f'Model:                 {model["version"]} ({model["type"]}'
-                 f' {model["task"]}' + (f', eval {shown}' if shown else '')
-                 + ')')
+    trained = summary.get('trained_model')
+    if trained and trained['version'] != model['version']:
+      lines.append(f'Trained model:         {_model_line(trained)}, '
+                   f'{trained.get("registry_status", "not registered")}; '
+                   'it did not score')
+    lines.append(f'Model:                 {_model_line(model)}')
     lines.append(f'Predictions written:   {summary["predictions_written"]}')
     registry = summary.get('registry')
     if registry:

@@ -86,8 +86,7 @@ from transforms.side_tables import (JoinSideTables, load_side_tables,
                                     side_table_paths)
 from transforms.stream_sources import (MessageBatches, ReadPubSubRecords,
                                        ReplayFile)
-from transforms.sinks import (WriteJsonLinesPanes, WriteJsonToPubSub,
-                              batch_rows)
+from transforms.sinks import WriteJsonLinesPanes, WriteJsonToPubSub
 
 # Everything goes under <output_dir>/streaming/, apart from batch outputs.
 STREAMING = 'streaming'
@@ -95,8 +94,10 @@ FEATURES, PREDICTIONS, DEAD = 'features', 'predictions', 'dead_letter'
 # Shards of each keyed step (dedupe by id, history and aggregates by
 # entity): elements are (shard, RecordBatch) pairs, and each shard's state
 # is read and written once per batch. A few per worker keep a parallel
-# runner busy; more only cut the batches smaller.
-STREAM_SHARDS = 8
+# runner busy; more only cut the batches smaller (Kafka on Flink at
+# parallelism 2, bench/RESULTS.md: 8 shards 2,565 events/s, 4 shards 3,174,
+# 2 shards 2,565, as two keys can land on one worker).
+STREAM_SHARDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,7 +150,12 @@ def stream_shards(options: PipelineOptions) -> int:
   """Shards of the keyed steps: STREAM_SHARDS, or one on the DirectRunner,
   which runs every shard in one process anyway and spends ~3 ms of
   bookkeeping on each bundle of each key in each step (bench/RESULTS.md):
-  more shards there only cost more bundles."""
+  more shards there only cost more bundles. --stream_shards sets it."""
+  chosen = options.view_as(StreamingOptions).stream_shards
+  if chosen is not None:
+    if chosen < 1:
+      raise InputError('--stream_shards must be positive')
+    return chosen
   return 1 if _runner_name(options) in _DIRECT_RUNNERS else STREAM_SHARDS
 
 
@@ -303,18 +309,16 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     sinks[key] = (rows, files.join(root, 'aggregates', key))
   for name, (rows, folder) in sinks.items():
     rows | f'WriteFiles[{name}]' >> WriteJsonLinesPanes(
-        folder, name, s.file_every)
+        folder, name, s.file_every, shards)
   published = predictions if predictions is not None else features
   if kafka and opts.output_topic:
     (published
-     | 'PredictionRows' >> beam.FlatMap(batch_rows)
      | 'PublishToKafka' >> WriteJsonToKafka(
          opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field))
   elif opts.output_topic:
     published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
   if kafka and opts.dead_letter_topic:
     (dead
-     | 'DeadLetterRows' >> beam.FlatMap(batch_rows)
      | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
          opts.bootstrap_servers, opts.dead_letter_topic, kafka))
   elif opts.dead_letter_topic:
@@ -391,6 +395,23 @@ def keep_sources_up(options: PipelineOptions, opts):
     java.shutdown_sources_after_idle_ms = _NEVER_MS
 
 
+# Flink closes a bundle after 1,000 elements by default: at thousands of
+# events a second that cuts every second's events into small batches, and
+# each batch pays every Python stage's fixed cost (bench/RESULTS.md: 1,700
+# events/s at 1,000, 2,500-3,200 at 10,000). A bundle still closes after
+# --max_bundle_time_mills (1 s), so this only matters under load.
+FLINK_BUNDLE_SIZE = 10000
+
+
+def bigger_bundles(options: PipelineOptions):
+  """On Flink, --max_bundle_size FLINK_BUNDLE_SIZE unless given."""
+  if _runner_name(options) != 'flinkrunner':
+    return
+  java = options.view_as(FlinkJavaOptions)
+  if java.max_bundle_size is None:
+    java.max_bundle_size = FLINK_BUNDLE_SIZE
+
+
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the stream until it ends (a replay) or is cancelled (Pub/Sub);
   returns the run summary (also <output_dir>/streaming/run_summary.json)."""
@@ -422,6 +443,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
                        'DirectRunner cannot run KafkaIO')
     preflight.check_kafka(opts)
     keep_sources_up(options, opts)
+    bigger_bundles(options)
     source = f'Kafka topic {opts.input_topic} at {opts.bootstrap_servers}'
   elif streamed:
     source = opts.input_subscription or opts.input_topic

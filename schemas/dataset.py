@@ -410,8 +410,9 @@ def prediction_schema(id_field: str, id_type: str = 'string',
     multiclass  id, score = P(predicted class), predicted_label (class
                 index), predicted_class (the class's declared value)
     regression  id, prediction
-  each followed by model_version and scored_at (the run's reference time,
-  RFC 3339, null without one)."""
+  each followed by split (train or eval: the row was in the scoring
+  model's training or eval split, by its id; scored: in neither), model_version
+  and scored_at (the run's reference time, RFC 3339, null without one)."""
   import pyarrow as pa
   id_types = {'string': pa.string(), 'int': pa.int64()}
   columns = [(id_field, id_types[id_type])]
@@ -423,7 +424,8 @@ def prediction_schema(id_field: str, id_type: str = 'string',
     columns.append(('predicted_class', pa.string()))
   if risk and task == 'binary':
     columns += [('risk_category', pa.string()), ('confidence', pa.float64())]
-  columns += [('model_version', pa.string()), ('scored_at', pa.string())]
+  columns += [('split', pa.string()), ('model_version', pa.string()),
+              ('scored_at', pa.string())]
   return pa.schema(columns)
 
 

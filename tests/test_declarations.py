@@ -233,7 +233,7 @@ def test_bikes_ids_and_keys_keep_their_int_type(bikes_run):
   assert 'is_fraud_rate' not in aggregates.column_names
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.schema.field('instant').type == pa.int64()
-  assert predictions.column_names == ['instant', 'prediction',
+  assert predictions.column_names == ['instant', 'prediction', 'split',
                                       'model_version', 'scored_at']
 
 
@@ -310,8 +310,8 @@ def test_multiclass_predictions_and_metrics_equal_scikit_learns(survey_run):
   predictions = _parquet(f'{out}/predictions/*.parquet')
   assert predictions.num_rows == summary['records_valid']
   assert predictions.column_names == ['household', 'score', 'predicted_label',
-                                      'predicted_class', 'model_version',
-                                      'scored_at']
+                                      'predicted_class', 'split',
+                                      'model_version', 'scored_at']
   names = np.array(metadata['classes'])
   index = predictions.column('predicted_label').to_numpy()
   assert (names[index] == np.array(predictions.column(

@@ -241,6 +241,34 @@ def test_a_quoted_csv_field_across_a_block_boundary_is_one_record(
   assert rows[0]['__raw'].endswith('that ends, here"')
 
 
+@pytest.mark.parametrize('split_bytes', [97, 200, 333, 1024])
+def test_quoted_csv_fields_across_range_boundaries_read_as_whole(
+    tmp_path, split_bytes):
+  """Byte ranges of a CSV file whose quoted fields span lines (and cross
+  the ranges' boundaries) give the rows, positions and raw texts a whole
+  read gives: a range starts at a line end outside quotes and its last
+  record goes on while its quotes are open."""
+  names = list(GOOD) + ['note']
+  lines = [','.join(names)]
+  for i in range(30):
+    row = [f'tx{i:09d}'] + [str(GOOD[k]) for k in list(GOOD)[1:]]
+    note = ('"' + 'a long note\n' * 5 + 'ends, "" here"' if i % 7 == 3
+            else 'plain')
+    lines.append(','.join(row + [note]))
+  lines.insert(9, '')   # a blank line between records: no record
+  data = '\ufeff' + '\n'.join(lines) + '\n'
+  path = tmp_path / 'notes.csv'
+  path.write_text(data, encoding='utf-8')
+  size = os.path.getsize(path)
+  whole = _rows(read_batches(str(path), DATASET))
+  assert [r[POSITION] for r in whole] == list(range(30))
+  assert not any(r[ERROR] for r in whole)
+  assert whole[3]['__raw'].endswith('ends, "" here"')
+  ranges = file_ranges(str(path), size, split_bytes=split_bytes)
+  assert len(ranges) >= 3
+  assert _rows(b for r in ranges for b in read_range(r, DATASET)) == whole
+
+
 def test_parquet_row_group_ranges_read_what_one_whole_read_does(tmp_path):
   records = _records(100)
   path = tmp_path / 'r.parquet'

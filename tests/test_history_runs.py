@@ -144,3 +144,17 @@ def test_a_broken_history_line_is_skipped_and_said_and_the_run_goes_on(
   printed = capsys.readouterr().out.splitlines()
   assert len(printed) == 1 + 3 + 2   # header, 3 runs, trend, the note
   assert printed[-1] == 'skipped 2 broken line(s) of the history'
+
+
+def test_a_feature_that_drifted_and_is_skewed_counts_once():
+  """The trend's `drifted` column counts features over their drift or
+  skew threshold: amount in both lists is one feature, not two."""
+  summary = {'records_read': 10, 'records_valid': 10,
+             'validation': {'anomalies': {}, 'drifted': ['amount', 'country'],
+                            'skewed': ['amount', 'channel']}}
+  row, = history.rows([{'seq': 1, 'output_dir': 'o', 'summary': summary}])
+  assert row['drifted'] == 3
+  only_skew = dict(summary, validation={'skewed': ['amount'],
+                                        'drifted': None})
+  row, = history.rows([{'seq': 1, 'output_dir': 'o', 'summary': only_skew}])
+  assert row['drifted'] == 1

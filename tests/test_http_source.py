@@ -194,12 +194,12 @@ def test_api_pages_read_as_the_same_jsonl_file(declaration, token, tmp_path):
   assert api.requests == {1: 2, 2: 2, 3: 1, 4: 2, 5: 2, 6: 1}
   assert file_summary['records_read'] == len(records) == 35
   assert file_summary['records_valid'] == 30
-  assert file_summary['records_read_by_source'] == {'local': 35}
+  assert file_summary['records_read_by_source'] == {str(jsonl): 35}
   # Every record, plus one row for the malformed page.
   assert summary['records_read'] == 36
-  assert summary['records_read_by_source'] == {'http': 36}
+  assert summary['records_read_by_source'] == {api.url: 36}
   report = (tmp_path / 'api' / 'report' / 'index.html').read_text()
-  assert 'read from http' in report and 'read from local' not in report
+  assert f'read from {api.url}' in report
   assert summary['records_valid'] == 30
   assert summary['records_dead_lettered'] == 6
   assert summary['records_accounted_for'] is True

@@ -235,6 +235,76 @@ def test_training_runs_register_and_the_champion_scores(trained):
       first['model']['metrics']['eval']['roc_auc'])
 
 
+def test_a_candidate_run_names_both_models(trained):
+  """The second run trained a candidate and the champion scored: the
+  summary (returned and on disk) and the report's Model section show the
+  candidate with its own metrics, curves and status, and the champion as
+  the model that scored, not trained in this run."""
+  from pipelines.reporting import report
+  tmp, root, _, (first, second) = trained
+  out = tmp / 'out1'
+  assert json.loads((out / 'run_summary.json').read_text())[
+      'trained_model'] == second['trained_model']
+  new, scored = second['trained_model'], second['model']
+  candidate = Registry(root).get(second['registry']['registered'])
+  assert new['version'] == candidate['version'] != scored['version']
+  assert new['trained_in_this_run'] and new['registry_status'] == CANDIDATE
+  assert new['dir'] == str(out / 'model')
+  assert new['metrics']['eval']['roc_auc'] == pytest.approx(
+      candidate['metrics']['roc_auc'])
+  assert scored['version'] == first['model']['version']
+  assert not scored['trained_in_this_run']
+  assert scored['registry_status'] == CHAMPION
+  assert scored['metrics'] == first['model']['metrics']
+  # The first run's own model trained and scored: one model, both ways.
+  assert first['trained_model']['version'] == first['model']['version']
+  assert first['model']['trained_in_this_run']
+
+  page = report.render(str(out))
+  model = page[page.index('<section id="model"'):]
+  model = model[:model.index('</section>')]
+  trained_at = model.index(f'Trained in this run: <span class="mono">'
+                           f'{new["version"]}</span> (candidate')
+  scored_at = model.index(f'Scored this run\'s predictions: <span '
+                          f'class="mono">{scored["version"]}</span> '
+                          '(champion)')
+  assert trained_at < scored_at
+  assert f'{new["metrics"]["eval"]["roc_auc"]:.4f}' in model[:scored_at]
+  assert f'{scored["metrics"]["eval"]["roc_auc"]:.4f}' in model[scored_at:]
+  # The curves are the candidate's, on this run's eval split.
+  curves = page[page.index('<section id="curves"'):]
+  assert f'Model <span class="mono">{new["version"]}</span>' in curves[
+      :curves.index('</section>')]
+  assert f'AUC {new["metrics"]["eval"]["roc_auc"]:.3f}' in curves
+
+
+def test_predictions_say_which_split_their_row_was_in(trained):
+  """The first run's model trained and scored: its predictions' `split`
+  rebuilds the eval set (as many rows as the model's eval split, with the
+  ids the trainer held out). The second run scored with the champion,
+  trained on other rows: every row is `scored`."""
+  import pyarrow.parquet as pq
+  from pipelines.model import training
+  from schemas.dataset import load_dataset
+  tmp, _, _, (first, _) = trained
+  for out, summary in (('out0', first),):
+    table = pq.read_table(str(next((tmp / out / 'predictions').glob(
+        '*.parquet'))))
+    metadata = inference.read_metadata(summary['model']['dir'])
+    split = table.column('split').to_pylist()
+    assert split.count('eval') == metadata['training']['rows']['eval']
+    assert split.count('train') == metadata['training']['rows']['train']
+    transformed = training.read_transformed(
+        str(tmp / out / 'transform' / 'transformed'))
+    _, held_out = training.split(transformed, load_dataset(), 0.2)
+    ids = table.column('transaction_id').to_pylist()
+    assert {i for i, s in zip(ids, split) if s == 'eval'} == set(
+        held_out.column('transaction_id').to_pylist())
+  second = pq.read_table(str(next((tmp / 'out1' / 'predictions').glob(
+      '*.parquet'))))
+  assert set(second.column('split').to_pylist()) == {'scored'}
+
+
 def test_scoring_follows_a_promotion(trained):
   tmp, root, paths, (_, second) = trained
   new = second['registry']['registered']

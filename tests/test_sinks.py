@@ -2,11 +2,20 @@
 
 import json
 import math
+import os
+import re
+import zlib
 
+from apache_beam.options.pipeline_options import (PipelineOptions,
+                                                  StandardOptions)
+from apache_beam.testing.test_pipeline import TestPipeline
+from apache_beam.testing.test_stream import TestStream
+from apache_beam.testing.util import assert_that, equal_to
 import pyarrow as pa
 from hypothesis import given, settings, strategies as st
 
-from transforms.sinks import conform, json_lines
+from transforms.kafka import keys_and_json
+from transforms.sinks import WriteJsonLinesPanes, conform, json_lines
 
 
 def _same(a, b):
@@ -48,3 +57,62 @@ def test_conform_casts_micros_and_fills_missing_columns():
   assert table.schema == schema
   assert table.column('t').cast(pa.int64()).to_pylist() == [0, 1_000_000]
   assert table.column('y').to_pylist() == [None, None]
+
+
+def _streaming_pipeline():
+  options = PipelineOptions()
+  options.view_as(StandardOptions).streaming = True
+  return TestPipeline(options=options)
+
+
+def _stream(batches):
+  return TestStream().add_elements(batches).advance_watermark_to_infinity()
+
+
+def _batches(n_batches, rows_per_batch):
+  return [pa.RecordBatch.from_pylist(
+      [{'id': f'r{b:02d}{i:03d}', 'score': (b * rows_per_batch + i) / 7}
+       for i in range(rows_per_batch)]) for b in range(n_batches)]
+
+
+def test_pane_files_spread_over_shards_keep_every_row_once(tmp_path):
+  # Twelve batches over three shards: every row lands in exactly one file,
+  # the files are named by pane and shard, and more than one shard is used
+  # (one key held a whole pane, and Flink's heap ran out copying it).
+  batches = _batches(12, 5)
+  with _streaming_pipeline() as p:
+    paths = (p | _stream(batches)
+             | WriteJsonLinesPanes(str(tmp_path), 'rows', every=60,
+                                   shards=3))
+    assert_that(paths, equal_to([
+        str(tmp_path / f'rows-000000-{s:03d}.jsonl')
+        for s in {zlib.crc32(json_lines(b).encode()) % 3 for b in batches}]))
+  names = sorted(os.listdir(tmp_path))
+  assert len(names) > 1
+  assert all(re.fullmatch(r'rows-000000-00[0-2]\.jsonl', n) for n in names)
+  rows = [json.loads(line) for n in names
+          for line in (tmp_path / n).read_text().splitlines()]
+  expected = [r for b in batches for r in b.to_pylist()]
+  assert sorted(r['id'] for r in rows) == sorted(r['id'] for r in expected)
+  assert len(rows) == len(expected)
+
+
+def test_pane_file_is_the_same_whatever_the_batch_order(tmp_path):
+  batches = _batches(6, 3)
+  for name, order in (('a', batches), ('b', batches[::-1])):
+    with _streaming_pipeline() as p:
+      _ = p | _stream(order) | WriteJsonLinesPanes(
+          str(tmp_path / name), 'rows')
+  assert ((tmp_path / 'a' / 'rows-000000.jsonl').read_bytes()
+          == (tmp_path / 'b' / 'rows-000000.jsonl').read_bytes())
+
+
+def test_kafka_records_of_a_batch_are_its_rows_keyed_by_id():
+  batch = pa.RecordBatch.from_pylist(
+      [{'id': 'a', 'score': 0.25}, {'id': None, 'score': 1.0},
+       {'id': 'c', 'score': None}])
+  records = keys_and_json(batch, 'id')
+  assert [k for k, _ in records] == [b'a', b'', b'c']
+  assert [json.loads(v) for _, v in records] == batch.to_pylist()
+  assert keys_and_json(batch, 'missing')[0][0] == b''
+  assert keys_and_json(batch.slice(0, 0), 'id') == []

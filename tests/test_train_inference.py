@@ -166,10 +166,13 @@ def test_model_dir_layout_and_metadata(trained):
                        .read_text())
   assert on_disk == metadata
   assert set(metadata['files']) == set(files) - {'metadata.json'}
-  # The version names the training data and settings, not the files
-  # (skops files differ byte for byte between equal fits).
-  assert metadata['model_version'] == train_lib.data_version(
-      trained['table'], DATASET, 'gbt')
+  # The version names the training data and settings and what was
+  # learned, not the files (skops files differ byte for byte between
+  # equal fits, tf.Transform's SavedModel between equal analyses).
+  assert metadata['model_version'] == train_lib.learned_version(
+      train_lib.data_version(trained['table'], DATASET, 'gbt'),
+      (trained['root'] / 'model' / 'model.skops').read_bytes(),
+      trained['transform_dir'])
   assert metadata['features'] == preprocess.transformed_feature_names(DATASET)
   assert 0.0 < metadata['threshold'] < 1.0
   tr = metadata['training']
@@ -345,7 +348,8 @@ def test_a_model_file_with_an_untrusted_type_is_refused(trained, tmp_path):
 @pytest.mark.parametrize('key,value', [
     ('model_file', '../elsewhere/model.skops'),
     ('model_file', '/etc/passwd'),
-    ('transform_dir', '../../transform_fn')])
+    ('transform_dir', '../../transform_fn'),
+    ('split_file', '../elsewhere/split.parquet')])
 def test_paths_that_leave_the_model_folder_are_refused(trained, tmp_path,
                                                        key, value):
   model_dir = _copy_model(trained, tmp_path)
@@ -451,9 +455,11 @@ def test_score_records_one_prediction_per_input(trained):
     assert ids == sorted(r['transaction_id'] for r in rows)
     for p in predictions:
       assert set(p) == {'transaction_id', 'score', 'predicted_label',
-                        'risk_category', 'confidence', 'model_version',
-                        'scored_at'}
+                        'risk_category', 'confidence', 'split',
+                        'model_version', 'scored_at'}
       assert p['scored_at'] is None      # no --reference_time
+      # Not the batch run that trained the model: no row is marked.
+      assert p['split'] == 'scored'
       assert p['model_version'] == version
       assert 0.0 <= p['score'] <= 1.0
       assert p['predicted_label'] == int(p['score'] >= threshold)
@@ -466,6 +472,32 @@ def test_score_records_one_prediction_per_input(trained):
     assert_that(predictions | beam.Map(lambda x: x['transaction_id']),
                 equal_to([r['transaction_id'] for r in rows]),
                 label='Ids')
+
+
+def test_each_prediction_says_the_split_its_row_was_in(trained):
+  """Scored by the run that trained it (mark_splits), a row's `split` is
+  train or eval as the trainer split it, by id; a row it never saw is
+  `scored`; without mark_splits every row is `scored`."""
+  train_rows, eval_rows = train_lib.split(trained['table'], DATASET, 0.2)
+  unseen = [dict(r, transaction_id=f'new{i}') for i, r in
+            enumerate(trained['rows'][:20])]
+  batch = to_batch(trained['rows'] + unseen)
+  marked = inference.TransformedSklearnModelHandler(
+      trained['model_dir'], mark_splits=True)
+  result, = marked.run_inference([batch], marked.load_model())
+  split = dict(zip(result.inference.column('transaction_id').to_pylist(),
+                   result.inference.column('split').to_pylist()))
+  assert {i for i, s in split.items() if s == 'eval'} == set(
+      eval_rows.column('transaction_id').to_pylist())
+  assert {i for i, s in split.items() if s == 'train'} == set(
+      train_rows.column('transaction_id').to_pylist())
+  assert {i for i, s in split.items() if s == 'scored'} == {
+      r['transaction_id'] for r in unseen}
+  rows = trained['metadata']['training']['rows']
+  assert list(split.values()).count('eval') == rows['eval']
+  plain = inference.TransformedSklearnModelHandler(trained['model_dir'])
+  result, = plain.run_inference([batch], plain.load_model())
+  assert set(result.inference.column('split').to_pylist()) == {'scored'}
 
 
 def test_score_batches_one_prediction_row_per_input_row(trained):
@@ -581,6 +613,60 @@ def test_training_is_deterministic(trained, tmp_path):
                           model_dir=str(tmp_path / 'again'), dataset=DATASET)
   assert again['model_version'] == trained['metadata']['model_version']
   assert again['metrics'] == trained['metadata']['metrics']
+
+
+def _graph_with_one_constant_changed(transform_dir, copy_dir):
+  """A copy of a tft output dir whose transform graph has one analyzer
+  result moved by one float32 step (as an approximate quantile boundary
+  or a mean reduced in another order would be on another runner)."""
+  from tensorflow.core.protobuf import saved_model_pb2
+  shutil.copytree(transform_dir, copy_dir)
+  path = os.path.join(copy_dir, 'transform_fn', 'saved_model.pb')
+  saved = saved_model_pb2.SavedModel.FromString(open(path, 'rb').read())
+  for node in saved.meta_graphs[0].graph_def.node:
+    tensor = node.attr['value'].tensor
+    if node.op == 'Const' and tensor.dtype == 1 and tensor.float_val:
+      before = np.float32(tensor.float_val[0])
+      tensor.float_val[0] = float(np.nextafter(before, np.float32(np.inf)))
+      break
+  else:
+    raise AssertionError('no float constant in the transform graph')
+  with open(path, 'wb') as f:
+    f.write(saved.SerializeToString())
+
+
+def test_the_version_changes_with_what_was_learned(trained, tmp_path):
+  """Same rows, a different analyzer output or estimator: another
+  version; equal fits (whose skops bytes differ) and equal analyses
+  (whose SavedModel bytes differ): the same version."""
+  key = train_lib.data_version(trained['table'], DATASET, 'gbt')
+  estimator = (trained['root'] / 'model' / 'model.skops').read_bytes()
+  graph = trained['transform_dir']
+  version = train_lib.learned_version(key, estimator, graph)
+  assert version == trained['metadata']['model_version']
+
+  moved = str(tmp_path / 'moved')
+  _graph_with_one_constant_changed(graph, moved)
+  assert train_lib.learned_version(key, estimator, moved) != version
+  vocabulary = str(tmp_path / 'vocabulary')
+  shutil.copytree(graph, vocabulary)
+  asset = os.path.join(vocabulary, 'transform_fn', 'assets', 'country')
+  with open(asset, 'a', encoding='utf-8') as f:
+    f.write('ZZ\n')
+  assert train_lib.learned_version(key, estimator, vocabulary) != version
+
+  from sklearn.linear_model import LogisticRegression
+  x = np.arange(40, dtype=float).reshape(20, 2)
+  y = np.arange(20) % 2
+  fit = lambda c: inference.dumps_estimator(
+      LogisticRegression(C=c).fit(x, y))
+  one, again, other = fit(1.0), fit(1.0), fit(0.5)
+  assert one != again    # skops names its parts by object id
+  assert inference.estimator_digest(one) == inference.estimator_digest(again)
+  assert inference.estimator_digest(one) != inference.estimator_digest(other)
+  assert (train_lib.learned_version(key, one, graph) ==
+          train_lib.learned_version(key, again, graph) !=
+          train_lib.learned_version(key, other, graph))
 
 
 def test_train_refuses_non_empty_model_dir(trained):

@@ -62,7 +62,8 @@ def trained(tmp_path_factory):
       'bad': labels}, schema=preprocess.transformed_arrow_schema(dataset))
   transform_dir = root / 'transform'
   (transform_dir / 'transform_fn').mkdir(parents=True)
-  (transform_dir / 'transform_fn' / 'saved_model.pb').write_bytes(b'graph')
+  # An empty SavedModel: no analyzer output to hash into the version.
+  (transform_dir / 'transform_fn' / 'saved_model.pb').write_bytes(b'')
   model_dir = root / 'model'
   training.train(table, transform_dir=str(transform_dir),
                  model_dir=str(model_dir), dataset=dataset,
@@ -105,6 +106,8 @@ def test_binary_metrics_and_threshold_equal_scikit_learns(trained):
   threshold = float(candidates[int(np.argmax(f1))])
   assert written['threshold'] == pytest.approx(threshold, abs=1e-12)
   assert written['threshold_selection']['f1'] == pytest.approx(max(f1))
+  assert written['threshold_selection']['method'] == (
+      'max_f1_on_latest_20pct_of_train')
 
   # The saved model is the refit on the whole training split.
   with open(model_dir / 'model.skops', 'rb') as f:
@@ -126,3 +129,40 @@ def test_binary_metrics_and_threshold_equal_scikit_learns(trained):
         recall_score(labels, predicted, zero_division=0))
   # The model learned: the comparisons above are not of a constant score.
   assert written['metrics']['eval']['roc_auc'] > 0.75
+
+
+def test_a_random_split_names_its_threshold_rows_truly(tmp_path, trained):
+  """Without a timestamp the rows that pick the threshold are a seeded
+  stratified fifth of the training split, not its "latest" fifth: the
+  method says so, and the threshold is the max-F1 one on those rows."""
+  dataset, table, _ = trained
+  (tmp_path / 'untimed.yaml').write_text(
+      DECLARATION.replace('timestamp: at, ', '').replace(
+          '  at: {type: timestamp, required: true}\n', ''))
+  untimed = load_dataset(str(tmp_path / 'untimed.yaml'))
+  table = table.drop(['at'])
+  transform_dir = tmp_path / 'transform' / 'transform_fn'
+  transform_dir.mkdir(parents=True)
+  (transform_dir / 'saved_model.pb').write_bytes(b'')
+  written = training.train(table, transform_dir=str(tmp_path / 'transform'),
+                           model_dir=str(tmp_path / 'model'),
+                           dataset=untimed, model='logreg')
+  selection = written['threshold_selection']
+  assert selection['method'] == (
+      'max_f1_on_stratified_random_20pct_of_train_seed_0')
+  assert 'random' in written['training']['split']
+  labelled = table.filter(table.column('bad').is_valid())
+  train_rows, _ = training.split(labelled, untimed, 0.2)
+  fit_rows, pick_rows = training.stratified_split(train_rows, 'tx', 'bad')
+  matrix = lambda rows: np.column_stack(
+      [rows.column(f).to_numpy().astype(np.float64)
+       for f in written['features']])
+  model = training.make_estimator(
+      'logreg', written['features'], written['categorical_features'], [],
+      'binary').fit(matrix(fit_rows), fit_rows.column('bad').to_numpy())
+  scores = model.predict_proba(matrix(pick_rows))[:, 1]
+  labels = pick_rows.column('bad').to_numpy()
+  f1 = {t: f1_score(labels, (scores >= t).astype(int))
+        for t in np.unique(scores)}
+  assert selection['threshold'] == pytest.approx(max(f1, key=f1.get),
+                                                 abs=1e-12)

@@ -22,9 +22,11 @@ ModelMetadata (model refresh).
 import dataclasses
 import hashlib
 import hmac
+import io
 import json
 import os
-from typing import (Any, Dict, Iterable, List, Mapping, Optional, Tuple,
+from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple,
+                    Optional, Tuple,
                     Sequence)
 
 import apache_beam as beam
@@ -238,7 +240,7 @@ def verify_model_dir(model_dir: str) -> Dict[str, Any]:
   expected = metadata.get('files')
   if not expected or not isinstance(expected, dict):
     raise ModelIntegrityError(f'{model_dir}: {METADATA_FILE} lists no files')
-  for key in ('model_file', 'transform_dir'):
+  for key in ('model_file', 'transform_dir', 'split_file'):
     if key in metadata and not _inside(metadata[key]):
       raise ModelIntegrityError(
           f'{model_dir}: {key} {metadata[key]!r} leaves the model folder')
@@ -276,6 +278,40 @@ def dumps_estimator(estimator) -> bytes:
   import skops.io as sio  # pylint: disable=g-import-not-at-top
   return sio.dumps(estimator)
 
+
+
+def estimator_digest(data: bytes) -> str:
+  """sha256 of what a skops file holds: its schema and arrays, with the
+  object ids skops names nodes and array files by (`id()`, different in
+  every process) replaced by their order of first appearance, so equal
+  fits give equal digests and any change to a fitted value changes it."""
+  import zipfile  # pylint: disable=g-import-not-at-top
+  with zipfile.ZipFile(io.BytesIO(data)) as archive:
+    schema = json.loads(archive.read('schema.json'))
+    ids: Dict[str, int] = {}
+
+    def canonical(node):
+      if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+          if key == '__id__':
+            value = ids.setdefault(str(value), len(ids))
+          elif key == 'file' and isinstance(value, str):
+            stem, _, ext = value.rpartition('.')
+            value = f'{ids.setdefault(stem, len(ids))}.{ext}'
+          out[key] = canonical(value)
+        return out
+      if isinstance(node, list):
+        return [canonical(v) for v in node]
+      return node
+
+    digest = hashlib.sha256(json.dumps(canonical(schema), sort_keys=True)
+                            .encode('utf-8'))
+    members = sorted((n for n in archive.namelist() if n != 'schema.json'),
+                     key=lambda n: ids.get(n.rpartition('.')[0], len(ids)))
+    for name in members:
+      digest.update(archive.read(name))
+  return digest.hexdigest()
 
 
 def loads_estimator(data: bytes, where: str):
@@ -421,6 +457,69 @@ class LoadedModel:
   estimator: Any
   transform_layer: Any
   metadata: Dict[str, Any]
+  # The ids of the rows it trained and evaluated on (`read_splits`).
+  splits: Optional['Splits'] = None
+
+
+# The split file of a model folder: a hash of each training row's id
+# (`id_hashes`), sorted, and whether the row was in the eval split.
+SPLIT_FILE = 'split.parquet'
+SPLITS = ('scored', 'train', 'eval')
+_ID_HASH_KEY = 'mlpipe-split-ids'
+
+
+class Splits(NamedTuple):
+  hashes: np.ndarray    # uint64, sorted
+  in_eval: np.ndarray   # bool, one per hash
+
+
+def id_hashes(ids) -> np.ndarray:
+  """uint64 hashes of record ids (an Arrow array or column, any id type),
+  of their text: pandas' vectorised hash, the same in every process."""
+  import pandas as pd  # pylint: disable=g-import-not-at-top
+  import pyarrow.compute as pc  # pylint: disable=g-import-not-at-top
+  text = pc.cast(ids, pa.string())
+  if isinstance(text, pa.ChunkedArray):
+    text = text.combine_chunks()
+  return pd.util.hash_array(text.to_numpy(zero_copy_only=False),
+                            categorize=False, hash_key=_ID_HASH_KEY)
+
+
+def split_table(train_ids, eval_ids) -> pa.Table:
+  """The split file's table of the ids of a training and an eval split."""
+  hashes = np.concatenate([id_hashes(train_ids), id_hashes(eval_ids)])
+  in_eval = np.concatenate([np.zeros(len(train_ids), bool),
+                            np.ones(len(eval_ids), bool)])
+  order = np.argsort(hashes, kind='stable')
+  return pa.table({'id_hash': pa.array(hashes[order], pa.uint64()),
+                   'eval': pa.array(in_eval[order])})
+
+
+def read_splits(model_dir: str, metadata: Mapping[str, Any]
+                ) -> Optional[Splits]:
+  """The model's split file (None for a model trained without one)."""
+  name = metadata.get('split_file')
+  if not name:
+    return None
+  import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+  with FileSystems.open(join_path(model_dir, name)) as f:
+    table = pq.read_table(io.BytesIO(f.read()))
+  return Splits(table.column('id_hash').combine_chunks().to_numpy(),
+                table.column('eval').combine_chunks().to_numpy(
+                    zero_copy_only=False))
+
+
+def row_splits(splits: Optional[Splits], ids) -> pa.Array:
+  """'train', 'eval' or 'scored' per id: whether the model trained or was
+  evaluated on the row with that id, or neither."""
+  code = np.zeros(len(ids), np.int64)
+  if splits is not None and len(splits.hashes) and len(ids):
+    hashes = id_hashes(ids)
+    at = np.minimum(np.searchsorted(splits.hashes, hashes),
+                    len(splits.hashes) - 1)
+    found = splits.hashes[at] == hashes
+    code[found] = 1 + splits.in_eval[at[found]]
+  return pa.array(SPLITS, pa.string()).take(pa.array(code))
 
 
 def transformed_matrix(model: LoadedModel, batch) -> np.ndarray:
@@ -456,13 +555,15 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 1024,
-               scored_at: Optional[str] = None, **kwargs):
+               scored_at: Optional[str] = None, mark_splits: bool = False,
+               **kwargs):
     super().__init__(min_batch_size=min_batch_size,
                      max_batch_size=max_batch_size,
                      element_size_fn=_num_rows, **kwargs)
     self._model_dir = model_dir
     self._id_field = id_field
     self._scored_at = scored_at
+    self._mark_splits = mark_splits
 
   def load_model(self) -> LoadedModel:
     import tensorflow_transform as tft
@@ -474,7 +575,9 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     with FileSystems.open(join_path(self._model_dir, model_file)) as f:
       estimator = loads_estimator(f.read(),
                                   join_path(self._model_dir, model_file))
-    return LoadedModel(estimator, layer, metadata)
+    return LoadedModel(estimator, layer, metadata,
+                       read_splits(self._model_dir, metadata)
+                       if self._mark_splits else None)
 
   def run_inference(self, batch: Sequence[pa.RecordBatch],
                     model: LoadedModel,
@@ -602,9 +705,10 @@ def predict_table(model: LoadedModel, table, id_field: str,
         category, confidence = risk_bands(scores, metadata['risk'])
         columns += [category, pa.array(confidence)]
   version = metadata['model_version']
+  ids = table.column(id_field).combine_chunks()
   return pa.RecordBatch.from_arrays(
-      [table.column(id_field).combine_chunks()] + columns +
-      [pa.repeat(pa.scalar(version, pa.string()), n),
+      [ids] + columns + [row_splits(model.splits, ids),
+       pa.repeat(pa.scalar(version, pa.string()), n),
        pa.repeat(pa.scalar(scored_at, pa.string()), n)],
       schema=prediction_schema(id_field, metadata.get('id_type', 'string'),
                                task, bool(metadata.get('risk'))))
@@ -628,14 +732,20 @@ class ScoreBatches(beam.PTransform):
 
   model_metadata_pcoll: optional PCollection[ModelMetadata] side input, as
   for `ScoreRecords`.
+  mark_splits: the rows are the ones the model was trained on (the batch
+  run that trained it scores with it): each prediction's `split` says
+  whether its id was in the model's training or eval split (its split
+  file), else `scored`. Without it every row is `scored`: ids need not be
+  unique across data sets (two generated files share theirs).
   """
 
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 4096,
                model_metadata_pcoll: Optional[beam.PCollection] = None,
-               scored_at: Optional[str] = None):
+               scored_at: Optional[str] = None, mark_splits: bool = False):
     super().__init__()
     self._scored_at = scored_at
+    self._mark_splits = mark_splits
     self._model_dir = model_dir
     self._id_field = id_field or read_metadata(model_dir)['id_field']
     self._batch = dict(min_batch_size=min_batch_size,
@@ -645,7 +755,7 @@ class ScoreBatches(beam.PTransform):
   def expand(self, batches):
     handler = TransformedSklearnModelHandler(
         self._model_dir, id_field=self._id_field, scored_at=self._scored_at,
-        **self._batch)
+        mark_splits=self._mark_splits, **self._batch)
     return (batches
             | 'SliceBatches' >> beam.FlatMap(
                 slices, self._batch['max_batch_size'])

@@ -1,7 +1,9 @@
 """Kafka in and out, through Beam's cross-language KafkaIO (Java).
 
-`ReadKafkaRecords` gives one RawRecord per Kafka record, like the Pub/Sub
-source; `WriteJsonToKafka` writes rows as JSON records. Both expand through
+`ReadKafkaRecords` gives each Kafka record's value as bytes (decoded a
+bundle at a time by transforms.stream_sources.MessageBatches, never one
+JSON parse per record); `WriteJsonToKafka` writes the rows of
+RecordBatches as JSON records, built a column at a time. Both expand through
 a Java expansion service started from a local jar
 (`kafka_expansion_service`), never one downloaded at run time: the jar is
 the launcher runners/fetch_jars.sh builds (runners/.jars/
@@ -24,16 +26,16 @@ the limit in total, however the records are spread.
 
 import os
 import time
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import apache_beam as beam
 from apache_beam.io.kafka import ReadFromKafka, WriteToKafka
 from apache_beam.transforms.external import JavaJarExpansionService
 
 from apache_beam.transforms.window import TimestampedValue
+import pyarrow as pa
 
-from transforms.common import json_row
-from transforms.stream_sources import decode_message
+from transforms.sinks import json_lines
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_EXPANSION_JAR = os.path.join(REPO_ROOT, 'runners', '.jars',
@@ -49,8 +51,8 @@ def kafka_expansion_service(jar: str) -> JavaJarExpansionService:
 
 
 class _ReadFirstRecords(beam.DoFn):
-  """(anything) -> the first `limit` records of `topic`, each a RawRecord
-  stamped with the record's Kafka timestamp (CreateTime).
+  """(anything) -> the values (bytes) of the first `limit` records of
+  `topic`, each stamped with the record's Kafka timestamp (CreateTime).
 
   One consumer, assigned every partition from its first offset (no group,
   nothing committed), polls until `limit` records came; while the topic
@@ -65,7 +67,7 @@ class _ReadFirstRecords(beam.DoFn):
 
   def process(self, unused):
     # No return annotation: Beam would type the output TimestampedValue,
-    # not the RawRecord it carries.
+    # not the bytes it carries.
     # kafka-python, on the worker: only bounded runs need it.
     from kafka import KafkaConsumer, TopicPartition  # pylint: disable=import-outside-toplevel
     consumer = KafkaConsumer(bootstrap_servers=self._servers.split(','),
@@ -80,26 +82,25 @@ class _ReadFirstRecords(beam.DoFn):
       assigned = [TopicPartition(self._topic, n) for n in sorted(partitions)]
       consumer.assign(assigned)
       consumer.seek_to_beginning(*assigned)
-      source, left = f'kafka:{self._topic}', self._limit
+      left = self._limit
       while left > 0:
         polled = consumer.poll(timeout_ms=self._poll_ms,
                                max_records=min(left, 5000))
         for partition in sorted(polled):
           for message in polled[partition][:left]:
-            yield TimestampedValue(
-                decode_message(message.value or b'', source),
-                message.timestamp / 1000)
+            yield TimestampedValue(message.value or b'',
+                                   message.timestamp / 1000)
           left -= min(left, len(polled[partition]))
     finally:
       consumer.close()
 
 
 class ReadKafkaRecords(beam.PTransform):
-  """PBegin -> PCollection[RawRecord] from a Kafka topic.
+  """PBegin -> PCollection[bytes], the value of each Kafka record.
 
-  Each record's value is one JSON object (decoded as a Pub/Sub message is:
-  transforms.stream_sources.decode_message; a value that is not a JSON object, or not
-  UTF-8, becomes a malformed RawRecord, hence a dead-letter row). Elements
+  Each value is one JSON object; `MessageBatches` decodes them a bundle at
+  a time (a value that is not a JSON object, or not UTF-8, becomes a
+  dead-letter row, as a Pub/Sub message would). Elements
   carry the record's Kafka timestamp (CreateTime: producers set it to the
   event time) and the watermark follows it; StreamingParseAndValidate
   re-stamps valid records with their event-time field either way.
@@ -122,7 +123,6 @@ class ReadKafkaRecords(beam.PTransform):
               | 'Start' >> beam.Impulse()
               | 'ReadFirstRecords' >> beam.ParDo(_ReadFirstRecords(
                   self._servers, self._topic, self._max)))
-    source = f'kafka:{self._topic}'
     return (pbegin
             | 'ReadFromKafka' >> ReadFromKafka(
                 # No group.id, nothing committed, and every partition read
@@ -134,19 +134,28 @@ class ReadKafkaRecords(beam.PTransform):
                 topics=[self._topic],
                 timestamp_policy=ReadFromKafka.create_time_policy,
                 expansion_service=self._expansion)
-            | 'DecodeRecords' >> beam.Map(
-                lambda kv: decode_message(kv[1] or b'', source)))
+            | 'RecordValues' >> beam.Map(lambda kv: kv[1] or b''))
 
 
-def _key_and_json(row: dict, key_field: Optional[str]) -> Tuple[bytes, bytes]:
-  key = row.get(key_field) if key_field else None
-  return (b'' if key is None else str(key).encode('utf-8'),
-          json_row(row).encode('utf-8'))
+def keys_and_json(batch, key_field: Optional[str]) -> List[Tuple[bytes, bytes]]:
+  """A RecordBatch -> (key, JSON) of each row, as Kafka records: the JSON
+  built a column at a time (`json_lines`), the key the row's `key_field`
+  (empty when the batch has no such column or the value is null)."""
+  if not batch.num_rows:
+    return []
+  values = [line.encode('utf-8') for line in json_lines(batch).split('\n')]
+  if key_field and key_field in batch.schema.names:
+    keys = [b'' if k is None else k.encode('utf-8') for k in
+            batch.column(key_field).cast(pa.string()).to_pylist()]
+  else:
+    keys = [b''] * batch.num_rows
+  return list(zip(keys, values))
 
 
 class WriteJsonToKafka(beam.PTransform):
-  """PCollection[dict] -> JSON records on a Kafka topic, keyed by
-  `key_field` (the record id; empty when a row has none)."""
+  """PCollection[pa.RecordBatch] -> one JSON record per row on a Kafka
+  topic, keyed by `key_field` (the record id; empty when a row has
+  none)."""
 
   def __init__(self, bootstrap_servers: str, topic: str, expansion_service,
                key_field: Optional[str] = None):
@@ -156,8 +165,8 @@ class WriteJsonToKafka(beam.PTransform):
 
   def expand(self, rows):
     return (rows
-            | 'ToKeyAndJson' >> beam.Map(
-                _key_and_json, self._key).with_output_types(
+            | 'ToKeysAndJson' >> beam.FlatMap(
+                keys_and_json, self._key).with_output_types(
                     Tuple[bytes, bytes])
             | 'WriteToKafka' >> WriteToKafka(
                 producer_config={'bootstrap.servers': self._servers},

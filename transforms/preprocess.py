@@ -316,3 +316,40 @@ class AnalyzeAndTransform(beam.PTransform):
           self._transform_dir)
     return transformed | 'FlattenColumns' >> beam.Map(
         flatten_transformed, transformed_arrow_schema(dataset))
+
+
+def analyzer_digest(transform_dir: str) -> str:
+  """sha256 of what the analyzers learned, for a tft output dir (or its
+  transform_fn/ folder): every constant of the transform graph (tf.Transform
+  writes each analyzer's result, a mean, a variance, quantile boundaries,
+  into the SavedModel as a constant) and every asset file (the
+  vocabularies). The SavedModel's own bytes cannot serve: node and function
+  names differ between two writes of one graph. The constants are hashed
+  as a sorted multiset of serialized tensors, so the digest is equal for
+  equal analyzer outputs and changes with any of them."""
+  import hashlib  # pylint: disable=g-import-not-at-top
+  from apache_beam.io.filesystems import FileSystems
+  from tensorflow.core.protobuf import saved_model_pb2
+  root = transform_dir.rstrip('/')
+  if not FileSystems.exists(f'{root}/saved_model.pb'):
+    root = f'{root}/transform_fn'
+  with FileSystems.open(f'{root}/saved_model.pb') as f:
+    saved = saved_model_pb2.SavedModel.FromString(f.read())
+  constants = []
+  for graph in saved.meta_graphs:
+    nodes = list(graph.graph_def.node)
+    for function in graph.graph_def.library.function:
+      nodes += function.node_def
+    constants += [n.attr['value'].tensor.SerializeToString(deterministic=True)
+                  for n in nodes if n.op == 'Const']
+  digest = hashlib.sha256()
+  for constant in sorted(constants):
+    digest.update(hashlib.sha256(constant).digest())
+  assets = f'{root}/assets/'
+  found = FileSystems.match([assets + '**'])[0].metadata_list if \
+      FileSystems.exists(assets) else []
+  for path in sorted(m.path for m in found):
+    with FileSystems.open(path) as f:
+      digest.update(path[len(assets):].encode('utf-8') + b'\0' +
+                    hashlib.sha256(f.read()).digest())
+  return digest.hexdigest()

@@ -7,10 +7,9 @@ the file gave them plus SOURCE, POSITION, RAW, ERROR, ERROR_KIND and
 UNDECODED). Each format is one module of transforms.formats, which says
 how a file of it splits and reads a range of it; this module matches the
 files, splits them into ranges, spreads the ranges over the workers and
-turns a break in a file into one `unreadable_file` row. An http(s):// URL
-is a paginated JSON API instead (transforms.http_source), read into the
-same raw batches. Each raw batch's rows are counted by the kind of source
-they came from (`records_read_from.<kind>`: local, gs, s3, http).
+turns a break in a file into one `unreadable_file` row. A postgresql://
+URL is read by transforms.postgres_read instead, and an http(s):// URL (a
+paginated JSON API) by transforms.http_source, into the same raw batches.
 """
 
 from typing import Iterator, List, NamedTuple, Optional, Sequence
@@ -25,6 +24,8 @@ from transforms import http_source
 from transforms.common import CountRows
 from transforms.formats import format_named, format_of
 from transforms.formats.base import InputError
+from transforms import postgres_read
+from transforms.postgres import is_postgres
 from transforms.formats.raw import (ERROR, ERROR_KIND, META_COLUMNS, POSITION,
                                     RAW, SOURCE, UNDECODED, RawRecord,
                                     raw_batch, raw_records, unreadable_batch)
@@ -39,19 +40,19 @@ __all__ = ['ERROR', 'ERROR_KIND', 'META_COLUMNS', 'POSITION', 'RAW', 'SOURCE',
 SPLIT_BYTES = 64 << 20
 
 
-def source_kind(pattern: str) -> str:
-  """Where records come from: 'local', or the scheme (gs, s3, http)."""
-  if http_source.is_http(pattern):
-    return 'http'
-  scheme, found, _ = pattern.partition('://')
-  return scheme.lower() if found and scheme.lower() != 'file' else 'local'
-
-
 def check_input(pattern: str, explicit_format: Optional[str] = None,
                 dataset: Optional[Dataset] = None):
-  """Preflight: the pattern matches files of a known format (an http(s)
-  URL: the declared API answers, see transforms.http_source). Returns
-  paths."""
+  """Preflight: the pattern matches files of a known format. Returns paths
+  (none for a postgresql:// source, whose server, table and key are
+  checked instead; an http(s):// API: its URL, once its first page
+  answered, see transforms.http_source)."""
+  if is_postgres(pattern):
+    if dataset is None:
+      raise InputError(f'{postgres_read.display_url(pattern)}: a PostgreSQL '
+                       'source is read by pipelines.batch only (give files '
+                       'here)')
+    postgres_read.check_source(pattern, dataset)
+    return []
   if http_source.is_http(pattern) and dataset is not None:
     return [http_source.check_source(pattern, dataset)]
   try:
@@ -114,8 +115,11 @@ def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
                  explicit_format: Optional[str] = None) -> dict:
   """{position: the record's text} for a few records of one file, read
   again (the dead-letter text of a duplicate). Text formats give the
-  record as written; Avro and Parquet the record's values as JSON; an API
-  page (read again, transforms.http_source) its records as JSON."""
+  record as written; Avro, Parquet and PostgreSQL the record's values as
+  JSON; an API page (read again, transforms.http_source) its records as
+  JSON."""
+  if is_postgres(path):
+    return postgres_read.record_texts(path, dataset, positions)
   if http_source.is_http(path):
     return http_source.record_texts(path, dataset, positions)
   return format_named(format_of(path, explicit_format)).record_texts(
@@ -131,7 +135,9 @@ def read_file(path: str, dataset: Dataset,
 
 class ReadRecords(beam.PTransform):
   """PBegin -> PCollection[pa.RecordBatch] of raw batches (module docstring)
-  from a glob of local, gs:// or s3:// files, or an http(s):// API.
+  from a glob of local, gs:// or s3:// files, a postgresql:// source
+  (transforms.postgres_read) or an http(s):// API (transforms.http_source).
+  The records read are counted per source (`records_read_from.<source>`).
 
   The format comes from each file's extension (transforms.formats: .jsonl,
   .csv, .avro, .parquet, each optionally .gz) unless `input_format` names
@@ -146,27 +152,21 @@ class ReadRecords(beam.PTransform):
     self._format, self._split = input_format, split_bytes
 
   def expand(self, pbegin):
-    kind = source_kind(self._pattern)
-    if kind == 'http':
-      raw = pbegin | 'ReadApiPages' >> http_source.ReadHttpPages(
-          self._pattern, self._dataset)
-    else:
-      raw = pbegin | 'ReadFiles' >> _ReadFiles(self._pattern, self._dataset,
-                                               self._format, self._split)
-    return raw | f'CountRecordsFrom[{kind}]' >> beam.ParDo(
-        CountRows(f'records_read_from.{kind}'))
-
-
-class _ReadFiles(beam.PTransform):
-  """The files of a glob -> raw batches (ReadRecords)."""
-
-  def __init__(self, pattern, dataset, input_format, split_bytes):
-    super().__init__()
-    self._pattern, self._dataset = pattern, dataset
-    self._format, self._split = input_format, split_bytes
-
-  def expand(self, pbegin):
+    if is_postgres(self._pattern):
+      source = postgres_read.source_of(self._pattern, self._dataset)
+      count = CountRows(f'records_read_from.{source.name}')
+      return (pbegin
+              | 'ReadPostgres' >> postgres_read.ReadPostgres(source,
+                                                             self._dataset)
+              | 'CountPerSource' >> beam.ParDo(count))
+    if http_source.is_http(self._pattern):
+      return (pbegin
+              | 'ReadApiPages' >> http_source.ReadHttpPages(self._pattern,
+                                                           self._dataset)
+              | 'CountPerSource' >> beam.ParDo(
+                  CountRows(f'records_read_from.{self._pattern}')))
     fmt, split = self._format, self._split
+    count = CountRows(f'records_read_from.{self._pattern}')
     return (
         pbegin
         | 'MatchFiles' >> fileio.MatchFiles(self._pattern)
@@ -174,4 +174,5 @@ class _ReadFiles(beam.PTransform):
             lambda meta: file_ranges(meta.path, meta.size_in_bytes, fmt,
                                      split))
         | 'SpreadRangesOverWorkers' >> beam.Reshuffle()
-        | 'DecodeRanges' >> beam.FlatMap(read_range, self._dataset))
+        | 'DecodeRanges' >> beam.FlatMap(read_range, self._dataset)
+        | 'CountPerSource' >> beam.ParDo(count))

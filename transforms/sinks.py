@@ -3,6 +3,7 @@ lines cut by processing time and Pub/Sub messages from rows (streaming).
 """
 
 import json
+import zlib
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
@@ -11,7 +12,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from transforms.common import json_row
 from transforms import beam_s3
 
 
@@ -139,40 +139,58 @@ class WriteJsonLines(beam.PTransform):
 # Streaming --------------------------------------------------------------------
 class _WritePaneFile(beam.DoFn):
 
-  def __init__(self, directory: str, prefix: str):
-    self._directory, self._prefix = directory, prefix
+  def __init__(self, directory: str, prefix: str, shards: int):
+    self._directory, self._prefix, self._shards = directory, prefix, shards
 
   def process(self, element, pane=beam.DoFn.PaneInfoParam):
-    _, blocks = element
-    path = FileSystems.join(self._directory,
-                            f'{self._prefix}-{pane.index:06d}.jsonl')
+    shard, blocks = element
+    name = (f'{self._prefix}-{pane.index:06d}.jsonl' if self._shards == 1
+            else f'{self._prefix}-{pane.index:06d}-{shard:03d}.jsonl')
+    path = FileSystems.join(self._directory, name)
     with FileSystems.create(path) as f:
       # Sorted: the same rows give the same file, whatever the order.
-      for block in sorted(blocks):
-        f.write(block.encode('utf-8') + b'\n')
+      for block in sorted(zlib.decompress(b) for b in blocks):
+        f.write(block + b'\n')
     yield path
+
+
+def _shard_and_block(batch, shards: int):
+  """A RecordBatch -> [(shard, its JSON lines compressed)], or [] when
+  empty. The shard is a hash of the text (crc32, the same in every
+  process), so the same rows go to the same file's shard on every run."""
+  if not batch.num_rows:
+    return []
+  text = json_lines(batch).encode('utf-8')
+  return [(zlib.crc32(text) % shards, zlib.compress(text, 1))]
 
 
 class WriteJsonLinesPanes(beam.PTransform):
   """PCollection[pa.RecordBatch] -> files
-  `<directory>/<prefix>-<pane:06d>.jsonl`, one object per row (keys
-  sorted, `json_lines`); returns PCollection[str] of the paths written.
+  `<directory>/<prefix>-<pane:06d>.jsonl` (`...-<pane:06d>-<shard:03d>.jsonl`
+  with several shards), one object per row (keys sorted, `json_lines`);
+  returns PCollection[str] of the paths written.
 
   Batches are cut into files by processing time (every `every` seconds
   while batches arrive) in the global window, and flushed when the stream
   ends. A sink windowed by event time would drop rows behind the
   watermark (late events, late aggregate panes); this one drops nothing.
-  A restarted job starts again at pane 0: give it a fresh directory.
+  A pane's text waits in the runner's state until it fires, compressed
+  (JSON text shrinks 5-10 times) and spread over `shards` keys, so that
+  neither one worker nor one state entry holds a whole pane: one key held
+  every row of a minute, and at 100,000 events Flink's TaskManager ran out
+  of heap copying it (bench/RESULTS.md). A restarted job starts again at
+  pane 0: give it a fresh directory.
   """
 
-  def __init__(self, directory: str, prefix: str, every: int = 60):
+  def __init__(self, directory: str, prefix: str, every: int = 60,
+               shards: int = 1):
     super().__init__()
     self._directory, self._prefix, self._every = directory, prefix, every
+    self._shards = shards
 
   def expand(self, batches):
     return (batches
-            | 'ToJsonBlock' >> beam.FlatMap(
-                lambda b: [(None, json_lines(b))] if b.num_rows else [])
+            | 'ToJsonBlock' >> beam.FlatMap(_shard_and_block, self._shards)
             | 'CutByProcessingTime' >> beam.WindowInto(
                 window.GlobalWindows(),
                 trigger=trigger.AfterWatermark(
@@ -180,7 +198,7 @@ class WriteJsonLinesPanes(beam.PTransform):
                 accumulation_mode=trigger.AccumulationMode.DISCARDING)
             | 'OneFilePerPane' >> beam.GroupByKey()
             | 'WriteFile' >> beam.ParDo(
-                _WritePaneFile(self._directory, self._prefix)))
+                _WritePaneFile(self._directory, self._prefix, self._shards)))
 
 
 def batch_rows(batch: pa.RecordBatch):

@@ -38,7 +38,9 @@ class RecordOptions(PipelineOptions):
     parser.add_argument(
         '--input', default=DEFAULT_INPUT,
         help='Glob of input files, local or gs:// (.jsonl, .csv, .avro, '
-        '.parquet, optionally .gz). Default: the committed sample.')
+        '.parquet, optionally .gz), or (batch) a PostgreSQL table: '
+        'postgresql://user@host:port/db?table=NAME[&key=COLUMN]. Default: '
+        'the committed sample.')
     parser.add_argument(
         '--input_format', default=None,
         choices=FORMATS,
@@ -115,6 +117,24 @@ class BatchOptions(PipelineOptions):
         help='Run history (JSON lines) this run appends to (default: '
         'runs.jsonl beside --output_dir, in its parent folder).')
     parser.add_argument(
+        '--input_query', default=None,
+        help='Read the rows of this SQL query (with --input_db) instead of '
+        '--input.')
+    parser.add_argument(
+        '--input_db', default=None,
+        help='postgresql://user@host:port/db[?key=COLUMN] that '
+        '--input_query runs on (the password from PGPASSWORD or ~/.pgpass).')
+    parser.add_argument(
+        '--sink', default=None,
+        help='postgresql://user@host:port/db: also write the feature table, '
+        'the predictions and the dead letters to <dataset>_features, '
+        '_predictions and _dead_letter there, tagged with --run_id (a rerun '
+        'replaces its own rows).')
+    parser.add_argument(
+        '--run_id', default=None,
+        help='The run\'s id in --sink tables (default: the name of '
+        '--output_dir\'s folder).')
+    parser.add_argument(
         '--retain_runs', default=None, type=int,
         help='Keep the outputs of the latest N runs of the history and '
         'delete older ones (never a folder holding a registry or its '
@@ -127,6 +147,12 @@ class StreamingOptions(PipelineOptions):
 
   @classmethod
   def _add_argparse_args(cls, parser):
+    parser.add_argument(
+        '--stream_shards', default=None, type=int,
+        help='shards of the keyed steps (dedupe, histories, aggregates): '
+        'each shard\'s state is read and written once per batch. Default: '
+        '1 on the DirectRunner, 4 elsewhere; fewer make bigger batches, more '
+        'spread the keys over more workers.')
     parser.add_argument(
         '--input_subscription', default=None,
         help='Pub/Sub subscription to read JSON records from '

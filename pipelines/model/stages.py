@@ -46,16 +46,19 @@ def build_transform(p: beam.Pipeline, dataset: Dataset, features_glob: str,
 
 def build_score(p: beam.Pipeline, dataset: Dataset, features_glob: str,
                 model_dir: str, output_dir: str,
-                scored_at: Optional[str] = None):
+                scored_at: Optional[str] = None, mark_splits: bool = False):
   """Features -> predictions (JSON lines and Parquet); returns the
-  PCollection[pa.RecordBatch] of predictions."""
+  PCollection[pa.RecordBatch] of predictions. `mark_splits`: the model
+  was trained on these feature rows (in this run), so each prediction's
+  `split` is train, eval or scored (`ScoreBatches`)."""
   predictions = (
       p
       | 'ReadFeatures' >> ReadFeatureRows(features_glob)
       | 'CountScored' >> beam.ParDo(CountRows('feature_rows_scored'))
       | 'Score' >> ScoreBatches(model_dir, id_field=dataset.id_field,
                                 scored_at=scored_at,
-                                max_batch_size=32768)
+                                max_batch_size=32768,
+                                mark_splits=mark_splits)
       | 'CountPredictions' >> beam.ParDo(CountRows('predictions_written')))
   prefix = files.join(output_dir, PREDICTIONS, 'predictions')
   predictions | 'WriteJson' >> WriteJsonLines(prefix)
@@ -97,7 +100,7 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
     return train(table, transform_dir=files.join(output_dir, TRANSFORM_FN),
                  model_dir=model_dir, dataset=dataset, model=kinds[0],
                  statistics_path=statistics_path,
-                 model_version=data_version(features, dataset, kinds[0]))
+                 data_key=data_version(features, dataset, kinds[0]))
   candidates = {}
   for kind in kinds:
     folder = files.join(output_dir, CANDIDATES, kind)
@@ -106,7 +109,7 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
         table, transform_dir=files.join(output_dir, TRANSFORM_FN),
         model_dir=folder, dataset=dataset, model=kind,
         statistics_path=statistics_path,
-        model_version=data_version(features, dataset, kind)))
+        data_key=data_version(features, dataset, kind)))
   metric, higher = SELECTION_METRIC[dataset.task]
 
   def quality(kind):

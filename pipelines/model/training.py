@@ -16,8 +16,9 @@ at the threshold, Brier, reliability), multiclass (macro one-vs-rest ROC
 AUC, log loss, accuracy), regression (RMSE, MAE, R2).
 
 Threshold (binary): chosen on the training split only. The model is first fitted on
-the earliest 80% of the training split; the threshold maximising F1 on the
-remaining (later) 20% of the training split is kept; the final model is then
+80% of the training split (the earliest by time, else a seeded stratified
+random 80%); the threshold maximising F1 on the remaining 20% of the
+training split is kept (`threshold_method` names which); the final model is then
 refitted on the whole training split. Evaluation metrics never influence it.
 
 Models (deterministic, random_state=0):
@@ -27,7 +28,9 @@ Models (deterministic, random_state=0):
           the z-scored numeric columns.
 
 Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
-transform_fn/ and transformed_metadata/), metadata.json (see `train`).
+transform_fn/ and transformed_metadata/), split.parquet (a hash of each
+training and eval row's id, for the predictions' `split` column),
+metadata.json (see `train`).
 """
 
 from pipelines.base import quiet  # pylint: disable=unused-import  # noqa: F401
@@ -143,6 +146,15 @@ def split_name(dataset) -> str:
   return (f'stratified random by class, seed {RANDOM_STATE}'
           if dataset.task != 'regression' else
           f'random, seed {RANDOM_STATE}')
+
+
+def threshold_method(dataset) -> str:
+  """How the binary threshold is chosen, named by the split that holds
+  its rows out: the latest fifth of the training split by time, or a
+  seeded stratified fifth of it without a timestamp."""
+  if dataset.timestamp_field:
+    return 'max_f1_on_latest_20pct_of_train'
+  return f'max_f1_on_stratified_random_20pct_of_train_seed_{RANDOM_STATE}'
 
 
 # Models and metrics ---------------------------------------------------------
@@ -320,13 +332,10 @@ def _file_sha256(path: str) -> str:
 
 
 def data_version(table: pa.Table, dataset, model_type: str) -> str:
-  """A model version that depends only on the training data and settings.
-
-  tf.Transform writes a different saved_model on every run even for equal
-  data, and its float reductions may differ in the last bit with bundle
-  order, so the version hashes the feature rows (sorted by id), the
-  declaration and the model type instead.
-  """
+  """A key of the training data and settings: the feature rows (sorted by
+  id), the declaration and the model type. Half of a model's version
+  (`learned_version`); alone it cannot tell two models apart that learned
+  different things from the same rows."""
   digest = hashlib.sha256(_ipc_bytes(table.sort_by(dataset.id_field)))
   with open(dataset.path, 'rb') as f:
     digest.update(f.read())
@@ -334,18 +343,39 @@ def data_version(table: pa.Table, dataset, model_type: str) -> str:
   return 'v' + digest.hexdigest()[:16]
 
 
+def learned_version(data_key: str, estimator_bytes: bytes,
+                  transform_dir: str) -> str:
+  """The version of a trained model: a hash of the data key
+  (`data_version`) and of what was learned, the tf.Transform analyzers'
+  outputs (`preprocess.analyzer_digest`: constants such as means and
+  quantile boundaries, and the vocabularies) and the fitted estimator
+  (`inference.estimator_digest`). Equal rows, settings, analyzer outputs
+  and fit give an equal version (a rerun); a change to any of them gives
+  another (an approximate analyzer that draws one quantile boundary
+  elsewhere on another runner makes another model, and another version).
+  The files' own bytes cannot serve: tf.Transform's SavedModel and skops'
+  archive name their parts differently on every write."""
+  digest = hashlib.sha256(data_key.encode('utf-8'))
+  digest.update(preprocess.analyzer_digest(transform_dir).encode())
+  digest.update(inference.estimator_digest(estimator_bytes).encode())
+  return 'v' + digest.hexdigest()[:16]
+
+
 def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                             Iterable[dict]], *, transform_dir: str,
           model_dir: str, dataset=None, model: str = 'gbt',
           eval_fraction: float = 0.2, statistics_path: Optional[str] = None,
-          model_version: Optional[str] = None) -> Dict[str, Any]:
+          model_version: Optional[str] = None,
+          data_key: Optional[str] = None) -> Dict[str, Any]:
   """Trains, evaluates and writes a model directory; returns its metadata.
 
   transformed: a table, RecordBatches or rows with the columns of
     `preprocess.transformed_arrow_schema(dataset)`; unlabelled rows dropped.
   model_version: recorded as given (e.g. a run timestamp from the caller);
-    by default `data_version` of the training rows, so equal data and
-    settings give an equal version and no clock is read.
+    by default `learned_version` of `data_key` (the caller's
+    `data_version` of the feature rows; by default that of the
+    transformed rows) and of what was learned, so equal data, settings,
+    analyzer outputs and fit give an equal version and no clock is read.
   """
   dataset = dataset or load_dataset()
   if model not in MODELS:
@@ -393,7 +423,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
     if pick_labels.sum() > 0:
       selection = max_f1_threshold(pick_labels,
                                    scores(fit(fit_rows), pick_rows))
-      selection['method'] = 'max_f1_on_latest_20pct_of_train'
+      selection['method'] = threshold_method(dataset)
     else:
       selection = {'threshold': 0.5, 'method': 'default_0.5_no_positives'}
     threshold = selection['threshold']
@@ -418,13 +448,23 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                                  bins=SCORE_BINS, range=(0.0, 1.0))
     score_distribution = {'edges': edges.tolist(), 'counts': counts.tolist()}
 
+  estimator_bytes = inference.dumps_estimator(estimator)
   _write_bytes(inference.join_path(model_dir, inference.MODEL_FILE),
-               inference.dumps_estimator(estimator))
+               estimator_bytes)
   _copy_transform(transform_dir, model_dir)
+  # Which ids trained and which evaluated it: predictions say per row
+  # whether the model that made them trained on it (`split`).
+  sink = pa.BufferOutputStream()
+  pq.write_table(inference.split_table(train_rows.column(id_field),
+                                       eval_rows.column(id_field)), sink)
+  _write_bytes(inference.join_path(model_dir, inference.SPLIT_FILE),
+               sink.getvalue().to_pybytes())
   files = inference.file_digests(model_dir)
 
   metadata = {
-      'model_version': model_version or data_version(table, dataset, model),
+      'model_version': model_version or learned_version(
+          data_key or data_version(table, dataset, model), estimator_bytes,
+          transform_dir),
       'model_type': model,
       'estimator': type(estimator).__name__,
       'dataset': dataset.name,
@@ -455,6 +495,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       },
       'statistics_path': statistics_path,
       'model_file': inference.MODEL_FILE,
+      'split_file': inference.SPLIT_FILE,
       'transform_dir': inference.TRANSFORM_DIR,
       'files': files,
   }

@@ -20,7 +20,7 @@ def counters(result) -> Dict[str, int]:
   return counts
 
 
-_FROM = 'records_read_from.'
+_BY_SOURCE = 'records_read_from.'
 
 
 def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
@@ -35,11 +35,10 @@ def ingest_summary(counts: Dict[str, int]) -> Dict[str, object]:
                               for k in ERROR_KINDS
                               if counts.get(f'dead_letter.{k}')},
       'records_accounted_for': read == valid + dead,
-      # Records read per kind of source (local, gs, s3, http): from
-      # transforms.read's counters.
+      # What each --input gave (transforms.read.ReadRecords).
       'records_read_by_source': {
-          name[len(_FROM):]: n for name, n in sorted(counts.items())
-          if name.startswith(_FROM)},
+          k[len(_BY_SOURCE):]: v for k, v in sorted(counts.items())
+          if k.startswith(_BY_SOURCE)},
   }
 
 
@@ -50,8 +49,8 @@ def ingest_lines(summary: Dict[str, object]) -> List[str]:
   return [
       '',
       f'Records read:          {summary["records_read"]}' + (
-          '  (' + ', '.join(f'{k}: {v}' for k, v in sources.items()) + ')'
-          if sources else ''),
+          '  (' + ', '.join(f'{n} from {s}' for s, n in sources.items()) +
+          ')' if sources else ''),
       f'  valid:               {summary["records_valid"]}',
       f'  dead-lettered:       {summary["records_dead_lettered"]}' + (
           '  (' + ', '.join(f'{k}: {v}' for k, v in kinds.items()) + ')'

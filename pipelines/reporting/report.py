@@ -415,8 +415,9 @@ def _stages_section(s) -> str:
 def _records_section(s, examples) -> str:
   read = s.get('records_read') or 0
   rows = [['read', _num(read), '']] + [
-      [f'read from {_e(kind)}', _num(count), _pct(count, read)]
-      for kind, count in (s.get('records_read_by_source') or {}).items()] + [
+      [f'read from {_e(source)}', _num(count), _pct(count, read)]
+      for source, count in (s.get('records_read_by_source') or {}).items()
+  ] + [
           ['valid', _num(s.get('records_valid')),
            _pct(s.get('records_valid', 0), read)],
           ['dead-lettered', _num(s.get('records_dead_lettered')),
@@ -504,10 +505,9 @@ _METRIC_ORDER = ('rows', 'positives', 'roc_auc', 'pr_auc', 'precision',
                  'r2')
 
 
-def _model_section(s, metadata) -> str:
-  model = s.get('model')
-  if not model:
-    return ''
+def _model_block(model, metadata) -> str:
+  """A model's facts and train/eval metrics (and the model types it was
+  compared with), from its summary and metadata.json."""
   full = (metadata or {}).get('metrics') or model.get('metrics') or {}
   splits = [k for k in ('train', 'eval') if k in full]
   names = [k for k in _METRIC_ORDER if any(
@@ -515,14 +515,15 @@ def _model_section(s, metadata) -> str:
   rows = [[_e(n)] + [_num(full[sp].get(n)) for sp in splits] for n in names]
   body = _table(['metric'] + splits, rows,
                 numeric=tuple(range(1, len(splits) + 1)))
+  selection = (metadata or {}).get('threshold_selection') or {}
   facts = [('version', model.get('version')), ('type', model.get('type')),
            ('task', model.get('task')), ('threshold',
                                          _num(model.get('threshold'))),
+           ('threshold from', selection.get('method') or
+            model.get('threshold_from')),
            ('split', model.get('split')),
-           ('trained in this run', model.get('trained_in_this_run'))]
-  selection = (metadata or {}).get('threshold_selection') or {}
-  if selection.get('method'):
-    facts.append(('threshold from', selection['method']))
+           ('trained in this run', model.get('trained_in_this_run')),
+           ('registry status', model.get('registry_status'))]
   kv = ''.join(f'<tr><td>{_e(k)}</td><td class="mono">{_e(v)}</td></tr>'
                for k, v in facts if v is not None)
   body = (f'<div class="grid2"><table class="kv">{kv}</table>'
@@ -538,8 +539,32 @@ def _model_section(s, metadata) -> str:
              f'{_e(compared.get("metric"))} (eval)</h3>' +
              _table(['type'] + keys, rows,
                     numeric=tuple(range(1, len(keys) + 1))))
-  return _section('model', 'Model', body, 'The model that scored this '
-                  "run's predictions, with its training-time metrics.")
+  return body
+
+
+def _model_section(s, metadata, trained_metadata=None) -> str:
+  """The model that scored; in a run whose trained model did not score
+  (a candidate while the registry's champion scores), that model first."""
+  model = s.get('model')
+  if not model:
+    return ''
+  trained = s.get('trained_model')
+  if not trained or trained.get('version') == model.get('version'):
+    return _section('model', 'Model', _model_block(model, metadata),
+                    'The model that scored this run\'s predictions, with '
+                    'its training-time metrics' +
+                    (', trained in this run.' if trained else '.'))
+  status = trained.get('registry_status') or 'not registered'
+  body = (f'<h3 class="h3">Trained in this run: <span class="mono">'
+          f'{_e(trained["version"])}</span> ({_e(status)}; it did not '
+          'score)</h3>' + _model_block(trained, trained_metadata) +
+          f'<h3 class="h3">Scored this run\'s predictions: <span '
+          f'class="mono">{_e(model["version"])}</span> '
+          f'({_e(model.get("registry_status") or "champion")})</h3>' +
+          _model_block(model, metadata))
+  return _section('model', 'Model', body,
+                  'This run trained one model and scored with another: '
+                  'both, with their training-time metrics.')
 
 
 def _curves_section(curves, metadata) -> str:
@@ -550,7 +575,8 @@ def _curves_section(curves, metadata) -> str:
   return _section('curves', 'ROC and precision-recall', (
       f'<div class="grid2"><div class="card">{roc_svg(curves)}</div>'
       f'<div class="card">{pr_svg(curves, rate)}</div></div>'),
-      f'Eval split: {_num(curves.get("rows"))} rows, '
+      f'Model <span class="mono">{_e(metadata.get("model_version"))}</span>'
+      f', eval split: {_num(curves.get("rows"))} rows, '
       f'{_num(curves.get("positives"))} positives ({_e(curves["source"])}).')
 
 
@@ -569,7 +595,9 @@ def _calibration_section(metadata) -> str:
       '</div><div>' + _table(['score bin', 'rows', 'mean score',
                               'positive rate'], rows, numeric=(1, 2, 3)) +
       '</div></div>'),
-      f'Brier score {_num(brier)} on the eval split; empty bins left out.')
+      f'Model <span class="mono">{_e(metadata.get("model_version"))}'
+      f'</span>: Brier score {_num(brier)} on the eval split; empty bins '
+      'left out.')
 
 
 def _scores_section(metadata, predictions) -> str:
@@ -768,7 +796,16 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
     predictions = _parquet_columns(
         files.join(output_dir, 'predictions'),
         ['score', 'risk_category'])
-  curves = eval_curves(output_dir, metadata) if metadata else None
+  # The model trained in this run, when it is not the one that scored
+  # (a candidate): its curves and calibration are this run's eval split.
+  trained = s.get('trained_model')
+  trained_metadata = metadata
+  if trained and trained.get('version') != (model or {}).get('version') \
+      and _exists(files.join(trained.get('dir', ''), 'metadata.json')):
+    trained_metadata = files.read_json(files.join(trained['dir'],
+                                                  'metadata.json'))
+  curves = (eval_curves(output_dir, trained_metadata) if trained_metadata
+            else None)
   timestamp = (metadata or {}).get('timestamp_field')
   dataset = (metadata or {}).get('dataset') or s.get('dataset') or 'run'
   sections = [
@@ -778,9 +815,9 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
       _anomalies_section(anomalies),
       _drift_section(_json(files.join(validation_dir, 'drift.json')),
                      _json(files.join(validation_dir, 'skew.json'))),
-      _model_section(s, metadata),
-      _curves_section(curves, metadata),
-      _calibration_section(metadata) if metadata else '',
+      _model_section(s, metadata, trained_metadata),
+      _curves_section(curves, trained_metadata),
+      _calibration_section(trained_metadata) if trained_metadata else '',
       _scores_section(metadata, predictions),
       _risk_section(metadata, predictions),
       _registry_section(s),

@@ -126,8 +126,10 @@ def rows(entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
     checked = s.get('validation') or {}
     counts = checked.get('anomalies') or {}
     read = s.get('records_read')
-    drifted = len(checked.get('drifted') or []) + len(
-        checked.get('skewed') or [])
+    # Features over their drift or skew threshold, each counted once
+    # (a feature that drifted and is skewed is one feature).
+    drifted = len(set(checked.get('drifted') or []) |
+                  set(checked.get('skewed') or []))
     out.append({
         'run': e.get('seq'),
         'status': e.get('status') or '-',

@@ -16,7 +16,10 @@ from transforms.formats.base import open_binary
 from transforms.formats.lines import (Lines, line_batches, lines_of,
                                       split_lines)
 from transforms.formats.raw import BATCH_ROWS, raw_batch, unreadable_batch
-from transforms.formats.text import BOM, TextFormat
+from transforms.formats.text import BLOCK_BYTES, BOM, TextFormat
+
+# Bytes that leave a line blank (a blank line is no record).
+_BLANK = np.frombuffer(b' \t\r\n\x0b\x0c', np.uint8)
 
 
 def _csv_row(line: str):
@@ -135,6 +138,65 @@ class Csv(TextFormat):
     quotes_before = np.searchsorted(np.flatnonzero(buffer == 34), newlines)
     outside = newlines[quotes_before % 2 == 0]
     return int(outside[-1]) + 1 if len(outside) else 0
+
+  def first_record(self, f, start: int):
+    """A record starts after a line end outside quotes: the bytes from the
+    file's start are scanned with their quote parity, as a whole read
+    splits them, so a quoted field that spans lines across `start` stays
+    one record and the records before are counted as a whole read counts
+    them (blank lines outside quotes are none)."""
+    if start == 0:
+      return 0, 0
+    f.seek(0)
+    offset, quotes, content, count = 0, 0, False, 0
+    while True:
+      chunk = f.read(BLOCK_BYTES)
+      if not chunk:
+        return None
+      buffer = np.frombuffer(chunk, np.uint8)
+      newlines = np.flatnonzero(buffer == 10)
+      quoted = np.cumsum(buffer == 34)
+      outside = newlines[(quotes + quoted[newlines]) % 2 == 0]
+      visible = np.cumsum(~np.isin(buffer, _BLANK))
+      # Whether each record ending at an outside line end holds anything
+      # but blanks (the first one also by what came before this chunk).
+      upto = visible[outside]
+      since = np.concatenate([[0], upto[:-1]])
+      filled = upto - since > 0
+      if len(filled):
+        filled[0] |= content
+      ahead = np.flatnonzero(offset + outside + 1 >= start)
+      if len(ahead):
+        at = int(ahead[0])
+        return (offset + int(outside[at]) + 1,
+                count + int(filled[:at + 1].sum()))
+      count += int(filled.sum())
+      tail = len(outside) and int(outside[-1]) + 1
+      content = (content if not len(outside) else False) or bool(
+          visible[-1] - (visible[tail - 1] if tail else 0) > 0)
+      quotes += int(quoted[-1])
+      offset += len(chunk)
+
+  def finish_record(self, f, data: bytes) -> bytes:
+    """The last record goes on to the first line end outside quotes (f is
+    not read from again: what is read past it is dropped)."""
+    odd = data[self.record_end(data):].count(b'"') % 2
+    if not odd and data.endswith(b'\n'):
+      return data
+    pieces = [data]
+    while True:
+      chunk = f.read(1 << 16)
+      if not chunk:
+        return b''.join(pieces)
+      buffer = np.frombuffer(chunk, np.uint8)
+      newlines = np.flatnonzero(buffer == 10)
+      quoted = np.cumsum(buffer == 34)
+      ends = newlines[(odd + quoted[newlines]) % 2 == 0]
+      if len(ends):
+        pieces.append(chunk[:int(ends[0]) + 1])
+        return b''.join(pieces)
+      pieces.append(chunk)
+      odd = (odd + int(quoted[-1])) % 2
 
   def records(self, data: bytes) -> Lines:
     return _quoted_records(data) or split_lines(data)

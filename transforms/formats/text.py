@@ -112,6 +112,19 @@ class TextFormat(Format):
   def records(self, data: bytes) -> Lines:
     """The records of whole-record bytes."""
 
+  def first_record(self, f, start: int) -> Optional[Tuple[int, int]]:
+    """(where the first record at or after byte `start` begins, how many
+    records come before it), or None when none begins: a record is a line."""
+    first = _skip_to_line_start(f, start)
+    if first is None:
+      return None
+    return first, (_count_records(f, first) if first > 0 else 0)
+
+  def finish_record(self, f, data: bytes) -> bytes:
+    """`data` (from a record's start) with the rest of its last record
+    read from f, which is where `data` stops."""
+    return data if data.endswith(b'\n') else data + _rest_of_line(f)
+
   def blocks(self, path: str, start: int = 0, end: Optional[int] = None,
              block_bytes: Optional[int] = None) -> Iterator[Tuple[int, Lines]]:
     """(records before the block in the file, the block's records) for
@@ -121,12 +134,11 @@ class TextFormat(Format):
     with open_binary(path) as f:
       before, limit = 0, None
       if end is not None:
-        first = _skip_to_line_start(f, start)
-        if first is None or first >= end:
-          return   # no line starts in this range
-        if first > 0:
-          before = _count_records(f, first)
-          f.seek(first)
+        found = self.first_record(f, start)
+        if found is None or found[0] >= end:
+          return   # no record starts in this range
+        first, before = found
+        f.seek(first)
         limit = end - first
       for data in self._whole_records(f, limit, block_bytes,
                                       at_file_start=start == 0):
@@ -167,8 +179,8 @@ class TextFormat(Format):
       if first:
         data, first = data.removeprefix(BOM), False
       if done:
-        if limit is not None and data and not data.endswith(b'\n'):
-          data += _rest_of_line(f)   # the range's last line goes on
+        if limit is not None and data:
+          data = self.finish_record(f, data)   # the last record goes on
         if data:
           yield data
         return
