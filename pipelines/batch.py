@@ -186,6 +186,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the batch flow; returns the run summary (also run_summary.json)."""
   preflight.check_flags(argv)
   options = PipelineOptions(argv)
+  files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, BatchOptions)
   preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
@@ -194,6 +195,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
   preflight.check_services(options)
+  preflight.check_object_stores(options, trains=bool(
+      opts.train and not opts.model_dir and dataset.label is not None))
   if opts.online_store:
     online_store.preflight(opts.online_store)
   paths = check_input(

@@ -419,6 +419,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   options = PipelineOptions(argv)
   # Processing-time triggers and timers need the streaming runner mode.
   options.view_as(StandardOptions).streaming = True
+  files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, StreamingOptions)
   preflight.check_runner(options)
   preflight.check_services(options)

@@ -414,7 +414,10 @@ def _stages_section(s) -> str:
 
 def _records_section(s, examples) -> str:
   read = s.get('records_read') or 0
-  rows = [['read', _num(read), ''],
+  rows = [['read', _num(read), '']] + [
+      [f'read from {_e(source)}', _num(count), _pct(count, read)]
+      for source, count in (s.get('records_read_by_source') or {}).items()
+  ] + [
           ['valid', _num(s.get('records_valid')),
            _pct(s.get('records_valid', 0), read)],
           ['dead-lettered', _num(s.get('records_dead_lettered')),
