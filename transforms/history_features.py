@@ -40,12 +40,14 @@ Both forms:
     PCollection[pa.RecordBatch], a stateful DoFn per shard of entities
     holding the shard's recent records as one Arrow table; rows wait for
     the watermark, then `history_table` runs on the retained history and
-    the ready rows at once. With on-time events (in any arrival order)
-    both forms give equal rows.
+    the ready rows at once. Every history runs on the input side by side
+    and a stateful join per shard of record ids reunites a record's
+    parts; state expires by the watermark. With on-time events (in any
+    arrival order, on any number of shards) both forms give equal rows.
 """
 
 import math
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
