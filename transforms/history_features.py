@@ -605,6 +605,7 @@ class _ShardHistoryFn(beam.DoFn):
       return
     pending.add(batch)
     newest = pc.max(batch.column(self._dataset.timestamp_field)).as_py()
+    newest = _whole_millis(newest)
     at = flush_at.read()
     if at is None or newest < at:
       flush.set(Timestamp(micros=newest))
@@ -631,7 +632,7 @@ class _ShardHistoryFn(beam.DoFn):
       pending.add(table_to_batch(rest))
       # The watermark is past `now`, maybe past all of the rest: one timer
       # at the newest of them flushes them together.
-      last = int(t[~ready].max())
+      last = _whole_millis(int(t[~ready].max()))
       flush.set(Timestamp(micros=last))
       flush_at.write(last)
     if ready.any():
@@ -768,6 +769,15 @@ class _JoinHistoriesFn(beam.DoFn):
     yield window.TimestampedValue(
         table_to_batch(out),
         Timestamp(micros=pc.min(out.column(self._ts)).as_py()))
+
+
+def _whole_millis(micros: int) -> int:
+  """`micros` rounded up to a whole millisecond: Flink keeps timers in
+  milliseconds, so a timer set at ...123456 us fires at ...123000 and the
+  rows at ...123456 would never be ready (seen: events stamped to the
+  microsecond waited forever). Flushing at the next millisecond is the
+  same rule: the watermark has passed every row of the batch."""
+  return -(-micros // 1000) * 1000
 
 
 class StatefulHistoryFeatures(beam.PTransform):

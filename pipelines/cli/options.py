@@ -151,7 +151,7 @@ class StreamingOptions(PipelineOptions):
         '--stream_shards', default=None, type=int,
         help='shards of the keyed steps (dedupe, histories, aggregates): '
         'each shard\'s state is read and written once per batch. Default: '
-        '1 on the DirectRunner, 8 elsewhere; fewer make bigger batches, more '
+        '1 on the DirectRunner, 4 elsewhere; fewer make bigger batches, more '
         'spread the keys over more workers.')
     parser.add_argument(
         '--input_subscription', default=None,
