@@ -673,7 +673,8 @@ class _ShardHistoryFn(beam.DoFn):
       table = table.filter(pa.array(keep))
     history.write(table.combine_chunks())
     newest = int(t[keep].max())
-    expire.set(Timestamp(micros=newest + self._retention + 1))
+    expire.set(Timestamp(micros=_whole_millis(
+        newest + self._retention + 1)))
 
   @on_timer(EXPIRE)
   def expire_history(self, fired=beam.DoFn.TimestampParam,
