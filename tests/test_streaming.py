@@ -650,7 +650,8 @@ def test_history_flushes_events_stamped_finer_than_flinks_milliseconds():
       records, schema=DATASET.batch_schema())), pending, flush_at, flush)
   fired = Timestamp(micros=flush.value.micros // 1000 * 1000)  # Flink's ms
   assert fired.micros >= T0 + 124_001
-  out = list(fn.flush_ready(fired, pending, flush_at, history, flush))
+  out = list(fn.flush_ready(fired, pending, flush_at, history, flush,
+                           _Cell()))   # the expire timer
   rows = [r for batch in out for r in batch.value.to_pylist()]
   assert sorted(r['transaction_id'] for r in rows) == [
       'tx000000001', 'tx000000002']
