@@ -18,7 +18,7 @@ permutations (with its standard deviation), on at most `MAX_ROWS` eval
 rows (seeded draw).
 """
 
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
@@ -110,3 +110,40 @@ def permutation_importance(estimator, x: np.ndarray, y: np.ndarray,
           'method': 'sklearn.inspection.permutation_importance on the eval '
                     'split, columns of one raw feature permuted together',
           'features': features}
+
+
+# Features the model relies on that moved ------------------------------------
+TOP_DRIFT = 10
+
+
+def important_drift(importance: Optional[Dict[str, Any]],
+                    comparisons: Dict[str, Optional[Dict[str, Any]]],
+                    top: int = TOP_DRIFT) -> Optional[Dict[str, Any]]:
+  """The `top` most important raw features with their distance in each
+  comparison (drift.json / skew.json of pipelines.validation, by name:
+  {'drift': ..., 'skew': ...}), and the important ones over a threshold:
+
+    {features: [{feature, importance, drift: {value, threshold, drifted},
+                 skew: {...}}], drifted: [names]}
+
+  None without importance; a feature a comparison did not measure has
+  null there."""
+  if not importance:
+    return None
+  rows, drifted = [], []
+  for f in importance['features'][:top]:
+    row = {'feature': f['feature'], 'importance': f['mean']}
+    moved = False
+    for kind, result in comparisons.items():
+      measured = ((result or {}).get('features') or {}).get(f['feature'])
+      if measured and measured.get('value') is not None:
+        row[kind] = {k: measured.get(k) for k in
+                     ('value', 'threshold', 'drifted', 'measure')}
+        moved |= bool(measured.get('drifted'))
+      else:
+        row[kind] = None
+    rows.append(row)
+    if moved:
+      drifted.append(f['feature'])
+  return {'metric': importance['metric'], 'features': rows,
+          'drifted': drifted}
