@@ -20,6 +20,7 @@ import pytest
 from pipelines import batch, declare
 from pipelines.declaring.draft import draft_declaration, scalar
 from schemas.dataset import load_dataset
+from transforms import inference
 
 ROWS = 240
 
@@ -105,12 +106,13 @@ def generated(tmp_path_factory):
     make(tmp / name)
     draft, dataset, schema = _draft_file(tmp, tmp / name, **roles)
     out[task] = expected, draft, dataset, _run(tmp, schema, tmp / name)
+    out[task] += (inference.read_metadata(str(tmp / 'out' / 'model')),)
   return out
 
 
 @pytest.mark.parametrize('task', sorted(TABLES))
 def test_generated_tables_run_as_drafted(generated, task):
-  expected, draft, dataset, summary = generated[task]
+  expected, draft, dataset, summary, _ = generated[task]
   assert draft.roles == expected
   assert dataset.task == task
   assert summary['status'] == 'ok'
@@ -122,7 +124,7 @@ def test_generated_tables_run_as_drafted(generated, task):
 
 
 def test_binary_draft_guesses_the_rest(generated):
-  _, draft, dataset, _ = generated['binary']
+  _, draft, dataset, _, metadata = generated['binary']
   # Yes/No quoted, the rarer one (Yes) the positive class.
   assert '{"No": 0, "Yes": 1}' in draft.text
   assert dataset.label.classes == {'No': 0, 'Yes': 1}
@@ -135,13 +137,21 @@ def test_binary_draft_guesses_the_rest(generated):
   assert dataset.transform['numeric']['pay_delay']['scale'] == 'z_score'
   assert set(draft.guessed) == {'id', 'entity', 'timestamp'}
   assert dataset.history.entity == 'customer_id'
+  # The label is pay_delay > 3: the model's importance ranks it first,
+  # over the raw features (bill's two columns are one feature).
+  ranked = [f['feature'] for f in metadata['importance']['features']]
+  assert ranked[0] == 'pay_delay'
+  assert set(ranked) == set(dataset.model_features())
 
 
 def test_multiclass_draft_classes(generated):
-  _, draft, dataset, _ = generated['multiclass']
+  _, draft, dataset, _, metadata = generated['multiclass']
   assert dataset.label.class_names == ['high', 'low', 'medium']
   assert draft.guessed == ['label']      # named like one: class
   assert dataset.transform['categorical'] == {'region': {'oov_buckets': 1}}
+  # The class is cut from income alone.
+  assert metadata['importance']['features'][0]['feature'] == 'income'
+  assert metadata['importance']['metric'] == 'neg_log_loss'
 
 
 # The committed samples -------------------------------------------------------

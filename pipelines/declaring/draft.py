@@ -167,7 +167,6 @@ def _example(values: List[Any]) -> str:
 def _infer_type(column: Column, values: List[Any]):
   """Sets column.type (and timestamp options, notes, undecided) from the
   present values."""
-  name = column.name
   present = [v for v in values if not (
       v is None or (isinstance(v, str) and not v.strip()))]
   column.present, column.missing = len(present), len(values) - len(present)
