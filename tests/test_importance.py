@@ -69,3 +69,27 @@ def test_regression_and_determinism():
   # One class only: nothing to score, no importance.
   assert importance.permutation_importance(
       model, x[:5], np.zeros(5, int), groups, 'binary') is None
+
+
+def test_important_features_with_their_drift_and_skew():
+  found = {'metric': 'roc_auc', 'features': [
+      {'feature': 'amount', 'mean': 0.3, 'std': 0.01, 'columns': 1},
+      {'feature': 'country', 'mean': 0.1, 'std': 0.01, 'columns': 1},
+      {'feature': 'channel', 'mean': 0.0, 'std': 0.0, 'columns': 1}]}
+  drift = {'features': {
+      'amount': {'value': 0.27, 'threshold': 0.1, 'drifted': True,
+                 'measure': 'jensen_shannon_distance'},
+      'country': {'value': 0.02, 'threshold': 0.1, 'drifted': False},
+      'channel': {'value': 0.5, 'threshold': 0.1, 'drifted': True}}}
+  skew = {'features': {'country': {'value': 0.3, 'threshold': 0.1,
+                                   'drifted': True}}}
+  moved = importance.important_drift(found, {'drift': drift, 'skew': skew},
+                                     top=2)
+  # The two most important; channel drifted but is not among them.
+  assert [f['feature'] for f in moved['features']] == ['amount', 'country']
+  assert moved['drifted'] == ['amount', 'country']
+  assert moved['features'][0]['drift']['value'] == 0.27
+  assert moved['features'][0]['skew'] is None   # not measured
+  assert importance.important_drift(None, {'drift': drift}) is None
+  nothing = importance.important_drift(found, {'drift': None, 'skew': None})
+  assert nothing['drifted'] == []

@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-N_REPEATS = 5
-MAX_ROWS = 5000
+N_REPEATS = 3
+MAX_ROWS = 2000
 RANDOM_STATE = 0
 
 
