@@ -369,10 +369,6 @@ h3.h3 { font-family:inherit; font-size:14px; margin:18px 0 8px; }
 .card.wide { max-width:780px; }
 .fbody > div { min-width:0; }
 .badge { white-space:nowrap; }
-.feature .quant { display:block; max-width:100%; }
-.feature .quant tr { display:flex; flex-wrap:wrap; }
-.feature .quant th, .feature .quant td { flex:1 0 3.2em; min-width:0;
-  overflow-wrap:anywhere; white-space:normal; }
 .kpi.health b { color:var(--ok); } .kpi.health.low b { color:var(--err); }
 .kpi.health.mid b { color:var(--warn); }
 """

@@ -72,7 +72,6 @@ a:hover { text-decoration:underline; }
 .kv td { border:none; padding:2px 8px 2px 0; }
 .kv td:first-child { color:var(--muted); width:42%; }
 .quant { margin-top:10px; font-size:12px; }
-.quant th, .quant td { padding:3px 6px; }
 .note { color:var(--muted); font-size:12px; margin:6px 0 0; }
 .empty { color:var(--muted); font-style:italic; }
 svg text { font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,
@@ -83,9 +82,14 @@ svg.hist { width:100%; height:auto; display:block; }
 svg.hist text { font:10px system-ui,-apple-system,"Segoe UI",Roboto,Arial,
   sans-serif; fill:#52606d; }
 .badge { white-space:nowrap; }
-.quant tr { display:flex; flex-wrap:wrap; }
-.quant th, .quant td { flex:1 0 3.2em; min-width:0; overflow-wrap:anywhere;
-  white-space:normal; }
+/* Quantiles: (share, value) pairs that wrap inside their card. */
+.quant { display:flex; flex-wrap:wrap; gap:0; border:1px solid var(--line);
+  border-radius:8px; overflow:hidden; background:#fff; }
+.quant .q { flex:1 0 auto; min-width:3.6em; max-width:100%; display:flex;
+  flex-direction:column; text-align:right; padding:3px 6px;
+  font-variant-numeric:tabular-nums; overflow-wrap:anywhere; }
+.quant .q b { font-size:11px; font-weight:600; color:var(--muted);
+  background:#eef1f5; margin:-3px -6px 3px; padding:3px 6px; }
 .toc { columns:4 200px; margin:0; padding:0 0 0 18px; }
 .toc li { break-inside:avoid; }
 """
@@ -209,16 +213,16 @@ def _kv_table(pairs: Iterable) -> str:
 
 
 def _quantiles(num_stats, fmt) -> str:
+  """The quantiles as a row of (share, value) pairs that wraps inside the
+  card: each pair sizes to its value, so a long one never overflows."""
   for hist in num_stats.histograms:
     if hist.type == statistics_pb2.Histogram.QUANTILES and hist.buckets:
       bounds = [hist.buckets[0].low_value] + [b.high_value
                                               for b in hist.buckets]
       n = len(bounds) - 1
-      head = ''.join(f'<th class="num">{round(100 * i / n)}%</th>'
-                     for i in range(n + 1))
-      cells = ''.join(f'<td class="num">{_e(fmt(v))}</td>' for v in bounds)
-      return (f'<table class="quant"><tr>{head}</tr><tr>{cells}</tr>'
-              '</table>')
+      pairs = ''.join(f'<span class="q"><b>{round(100 * i / n)}%</b>'
+                      f'{_e(fmt(v))}</span>' for i, v in enumerate(bounds))
+      return f'<div class="quant">{pairs}</div>'
   return ''
 
 
