@@ -492,14 +492,13 @@ def _transform(columns: Dict[str, Column], roles: Dict[str, str],
       categorical[c.name] = {'oov_buckets': 1}
       notes[c.name] = f'{c.distinct} distinct values'
   if history is not None:
-    for name, kind in history.feature_types().items():
+    # Counts, sums, means and recency are skewed (most entities have little
+    # history): log-z-scored; the hour in quantile buckets.
+    for name in history.feature_types():
       if name == 'event_hour':
         bucketize[name] = 6
-      elif name.endswith(('_count_1h', '_count_24h', '_count_7d')):
-        numeric[name] = 'log_z_score'
       else:
         numeric[name] = 'log_z_score'
-      del kind
   out = {}
   for section, entries in (('numeric', numeric), ('bucketize', bucketize),
                            ('categorical', categorical)):
@@ -525,8 +524,8 @@ def _history(columns: Dict[str, Column], roles: Dict[str, str]
       seconds_since_previous=True, calendar=('hour',))
 
 
-def _field_line(c: Column, roles: Dict[str, str], complete: bool,
-                label: Optional[Dict[str, Any]]) -> Tuple[Dict, str]:
+def _field_line(c: Column, roles: Dict[str, str], complete: bool
+                ) -> Tuple[Dict, str]:
   """(options, comment) of one field."""
   options: Dict[str, Any] = {'type': c.type}
   notes = list(c.notes)
@@ -550,7 +549,6 @@ def _field_line(c: Column, roles: Dict[str, str], complete: bool,
       options['domain'] = values
       notes.append('domain: the values seen in the sample (a new one is a '
                    'warning); allowed: [...] would dead-letter others')
-  del label
   if c.undecided:
     notes.insert(0, 'UNDECIDED: ' + c.undecided)
   return options, '; '.join(notes)
@@ -649,7 +647,7 @@ def render(sample: Sample, columns: Dict[str, Column], roles: Dict[str, str],
   out.append('')
   out.append('fields:')
   for c in columns.values():
-    options, note = _field_line(c, roles, sample.complete, label)
+    options, note = _field_line(c, roles, sample.complete)
     out.append(_comment(f'  {scalar(c.name)}: {_flow(options)}', note))
   if history is not None:
     out.append('')
