@@ -155,47 +155,45 @@ def test_multiclass_draft_classes(generated):
 
 
 # The committed samples -------------------------------------------------------
-@pytest.mark.parametrize('sample, expected', [
+def _unlabelled(draft, path):
+  """The draft without its label: the run stops after validation (the
+  generated tables train drafted models; this keeps these runs quick)."""
+  path.write_text(''.join(
+      line for line in draft.text.splitlines(keepends=True)
+      if not line.startswith(('label:', '  label:'))))
+  return str(path)
+
+
+@pytest.mark.parametrize('sample, expected, head', [
     ('transactions.jsonl', {'id': 'transaction_id', 'entity': 'user_id',
-                            'timestamp': 'event_time', 'label': 'is_fraud'}),
+                            'timestamp': 'event_time', 'label': 'is_fraud'},
+     400),
     ('interactions.jsonl', {'id': 'interaction_id', 'entity': 'user_id',
-                            'timestamp': 'event_time'}),
-    ('items.csv', {'id': 'item_id'}),
+                            'timestamp': 'event_time'}, 400),
+    ('items.csv', {'id': 'item_id'}, 120),
 ])
-def test_committed_samples(sample, expected, tmp_path):
-  draft, dataset, schema = _draft_file(tmp_path, f'data/sample/{sample}')
+def test_committed_samples(sample, expected, head, tmp_path):
+  draft, dataset, _ = _draft_file(tmp_path, f'data/sample/{sample}')
   assert draft.roles == expected
   assert draft.undecided == []
   if sample == 'transactions.jsonl':
     assert dataset.task == 'binary'
     assert dataset.fields['amount'].type == 'float'
     assert dataset.fields['event_time'].type == 'timestamp'
+    assert dataset.history.entity == 'user_id'
     # The sample's broken records are what the draft says they are.
     assert "('110.68 EUR')" in draft.text
   if sample == 'items.csv':
     assert dataset.fields['category'].allowed and not dataset.label
-    # The draft runs on the head of the file: every row valid (no label:
-    # the run stops after validation).
-    _head(f'data/sample/{sample}', tmp_path / 'items.csv', 121)
-    summary = _run(tmp_path, schema, tmp_path / 'items.csv')
-    assert summary['records_read'] == summary['records_valid'] == 120
-
-
-def test_transactions_sample_head_validates_as_drafted(tmp_path):
-  # Drafted from the whole sample, run on its first rows (no broken ones):
-  # every record valid, history features built. The label is taken out so
-  # that the run stops after validation (the generated binary table trains
-  # a drafted model with history; this keeps the test quick).
-  draft, _, _ = _draft_file(tmp_path, 'data/sample/transactions.jsonl')
-  unlabelled = tmp_path / 'unlabelled.yaml'
-  unlabelled.write_text(''.join(
-      line for line in draft.text.splitlines(keepends=True)
-      if not line.startswith(('label:', '  label:'))))
-  _head('data/sample/transactions.jsonl', tmp_path / 'head.jsonl', 400)
-  summary = _run(tmp_path, str(unlabelled), tmp_path / 'head.jsonl')
+  # Drafted from the whole sample, run on its first records (well-formed):
+  # every record valid, history features built where there is history.
+  lines = head + (sample.endswith('.csv'))
+  _head(f'data/sample/{sample}', tmp_path / sample, lines)
+  summary = _run(tmp_path, _unlabelled(draft, tmp_path / 'unlabelled.yaml'),
+                 tmp_path / sample)
   assert summary['stopped_after'] == 'validation: no label declared'
-  assert summary['records_read'] == summary['records_valid'] == 400
-  assert summary['feature_rows'] == 400
+  assert summary['records_read'] == summary['records_valid'] == head
+  assert summary['feature_rows'] == head
 
 
 # The adversarial file ---------------------------------------------------------
