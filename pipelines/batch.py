@@ -209,7 +209,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   try:
-    model_stages.model_types(opts.model_type)
+    model_stages.model_types(opts.model_type, dataset.task)
   except ValueError as e:
     raise InputError(str(e)) from None
   out = opts.output_dir
@@ -340,7 +340,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     outputs['transform'] = files.join(out, model_stages.TRANSFORM)
     files.mark_complete(outputs['transform'])
 
-    _stage(f'Train: scikit-learn {opts.model_type}')
+    kinds = model_stages.model_types(opts.model_type, dataset.task)
+    _stage(f'Train: scikit-learn {",".join(kinds)}')
     metadata = model_stages.train_stage(dataset, out, opts.model_type,
                                         stats_path)
     model_dir = files.join(out, model_stages.MODEL)
