@@ -395,5 +395,5 @@ def test_the_best_model_type_is_kept_with_the_others_beside_it(trained):
 def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
   assert batch.main(['--output_dir', str(tmp_path), '--model_type',
                      'gbt,forest']) == 2
-  assert "--model_type 'gbt,forest': give one or more of" in \
+  assert "--model_type 'gbt,forest': auto, or one or more of" in \
       capsys.readouterr().err
