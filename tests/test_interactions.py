@@ -133,10 +133,11 @@ def test_reruns_and_shard_counts_give_the_same_examples(run, tmp_path):
   a = _table(f'{out}/predictions/*.parquet').sort_by('interaction_id')
   b = _table(f'{again}/predictions/*.parquet').sort_by('interaction_id')
   assert a.column('interaction_id').equals(b.column('interaction_id'))
-  assert a.column('model_version').equals(b.column('model_version'))
   # tf.Transform's float reductions (means, variances) add in bundle
   # order, which the shard count changes: a last-bit difference can move
-  # a value across a tree split, so scores agree closely, not exactly.
+  # a value across a tree split, so scores agree closely, not exactly, and
+  # the model version, which hashes the analyzers' outputs (#25 item 7),
+  # may differ. Same flags, same version: test_batch's rerun test.
   np.testing.assert_allclose(a.column('score').to_numpy(),
                              b.column('score').to_numpy(), atol=1e-3)
 

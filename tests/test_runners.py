@@ -110,7 +110,7 @@ def _comparable(summary):
   flat = _flatten(summary)
   return {k: v for k, v in flat.items()
           if not k.startswith(('outputs.', 'stage_seconds.')) and
-          k != 'model.dir'}
+          k not in ('model.dir', 'trained_model.dir')}
 
 
 def _assert_same_summary(summary, reference):
