@@ -16,7 +16,7 @@ scores them; `feature_matrix` is the one place where columns become the
 model's input matrix, for training and serving alike. `ScoreBatches`
 (RecordBatches, batch) and `ScoreRecords` (dicts, streaming) both run that
 handler, and both can swap models in a running pipeline from a side input of
-ModelMetadata (model refresh).
+ModelMetadata (model refresh: `ScoreWithLatestModel`).
 """
 
 import dataclasses
@@ -697,6 +697,72 @@ def predict_table(model: LoadedModel, table, id_field: str,
                                task, bool(metadata.get('risk'))))
 
 
+def latest_model(announced: Iterable[Any]) -> Optional[str]:
+  """The newest model_id among the ModelMetadata announced so far, or None
+  when there is none but '' (WatchFilePattern's "nothing newer than the
+  pipeline"): the file updated last, then the greatest path (a registry's
+  promotions/<n>.json are numbered). A file gone since is oldest."""
+  paths = sorted({m.model_id for m in announced if m.model_id})
+  if len(paths) < 2:
+    return paths[0] if paths else None
+
+  def updated(path):
+    try:
+      found = FileSystems.match([path])[0].metadata_list
+    except Exception:  # pylint: disable=broad-except
+      found = []  # a match error: treated as gone
+    return found[0].last_updated_in_seconds if found else -1.0
+  return max(paths, key=lambda path: (updated(path), path))
+
+
+class ScoreWithLatestModel(beam.DoFn):
+  """RecordBatch -> PredictionResult with `handler`, on the newest model
+  that its side input of ModelMetadata (a list: every model announced so
+  far) names; `model_dir` scores until one is announced.
+
+  Why not RunInference's own model side input: RunInference reads it as a
+  singleton, and a global-window side input fired by a processing-time
+  trigger (WatchFilePattern's) is read as every pane so far, not the last
+  one, on the runners here: on Flink the second model announced made the
+  read fail ("PCollection of size 2 with more than one element accessed as
+  a singleton view") and the job never switched; the DirectRunner reads
+  the same (tests/test_model_refresh.py). Taking the newest of the list
+  works whether a runner gives the last pane or all of them. The model is
+  loaded again only when the newest model changes directory.
+  """
+
+  def __init__(self, handler: 'TransformedSklearnModelHandler',
+               model_dir: str):
+    self._handler = handler
+    self._model_dir = model_dir
+
+  def setup(self):
+    self._model, self._loaded, self._announced = None, None, None
+
+  def process(self, batch, announced):
+    ids = frozenset(m.model_id for m in announced)
+    if self._model is None or ids != self._announced:
+      self._announced = ids
+      latest = latest_model(announced)
+      target = model_dir_of(latest) if latest else self._model_dir
+      if target != self._loaded:
+        self._handler.update_model_path(target)
+        self._model = self._handler.load_model()
+        self._loaded = target
+    yield from self._handler.run_inference([batch], self._model)
+
+
+def _run_inference(batches, handler, model_dir: str,
+                   model_metadata_pcoll: Optional[beam.PCollection]):
+  """PCollection[pa.RecordBatch] -> PCollection[PredictionResult]:
+  RunInference, or ScoreWithLatestModel with a model side input."""
+  if model_metadata_pcoll is None:
+    return batches | 'RunInference' >> RunInference(handler)
+  return batches | 'ScoreWithLatestModel' >> beam.ParDo(
+      ScoreWithLatestModel(handler, model_dir),
+      beam.pvalue.AsList(model_metadata_pcoll))
+
+
 def _predictions(result: PredictionResult) -> pa.RecordBatch:
   return result.inference
 
@@ -739,11 +805,10 @@ class ScoreBatches(beam.PTransform):
     handler = TransformedSklearnModelHandler(
         self._model_dir, id_field=self._id_field, scored_at=self._scored_at,
         mark_splits=self._mark_splits, **self._batch)
-    return (batches
-            | 'SliceBatches' >> beam.FlatMap(
-                slices, self._batch['max_batch_size'])
-            | 'RunInference' >> RunInference(
-                handler, model_metadata_pcoll=self._model_metadata_pcoll)
+    sliced = batches | 'SliceBatches' >> beam.FlatMap(
+        slices, self._batch['max_batch_size'])
+    return (_run_inference(sliced, handler, self._model_dir,
+                           self._model_metadata_pcoll)
             | 'Predictions' >> beam.Map(_predictions))
 
 
@@ -768,11 +833,11 @@ class ScoreRecords(beam.PTransform):
   `ScoreBatches` uses. A refreshed model must take the same raw features.
 
   model_metadata_pcoll: optional PCollection[ModelMetadata] side input
-  (e.g. WatchFilePattern on 'gs://b/models/*/metadata.json'). RunInference
-  reads it as a singleton per window of the rows; a model_id naming a
-  model dir or its metadata.json, different from the last one seen, loads
-  and verifies that model for the following batches. While the side input
-  is empty or its model_id is '' (WatchFilePattern's value when no file is
+  (e.g. WatchFilePattern on 'gs://b/models/*/metadata.json'), read as a
+  list per window of the rows (`ScoreWithLatestModel`): when its newest
+  model_id (naming a model dir, its metadata.json or a registry pointer)
+  changes, that model is loaded and verified for the following rows. While
+  it holds no model_id but '' (WatchFilePattern's value when no file is
   newer than the pipeline), model_dir scores. A model dir that fails
   verification fails the bundle (a streaming runner retries it), so publish
   metadata.json last, as pipelines.train does.
@@ -797,8 +862,7 @@ class ScoreRecords(beam.PTransform):
     handler = TransformedSklearnModelHandler(
         self._model_dir, id_field=self._id_field, scored_at=self._scored_at,
         **self._batch)
-    return (rows
-            | 'ToRecordBatch' >> beam.Map(_row_batch, self._schema)
-            | 'RunInference' >> RunInference(
-                handler, model_metadata_pcoll=self._model_metadata_pcoll)
+    batches = rows | 'ToRecordBatch' >> beam.Map(_row_batch, self._schema)
+    return (_run_inference(batches, handler, self._model_dir,
+                           self._model_metadata_pcoll)
             | 'ToPredictions' >> beam.FlatMap(_prediction_rows))
