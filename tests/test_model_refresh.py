@@ -19,6 +19,7 @@ from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 
 import json
 import os
+import time
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelMetadata
@@ -225,7 +226,7 @@ def _options(*args):
   return options
 
 
-def test_watch_flags_wire_watch_file_pattern_into_scoring(models):
+def test_watch_flags_wire_the_pattern_into_scoring(models):
   pattern = os.path.join(os.path.dirname(models['dirs']['a']), '*',
                          inference.METADATA_FILE)
   options = _options('--input_subscription',
@@ -236,20 +237,38 @@ def test_watch_flags_wire_watch_file_pattern_into_scoring(models):
   p = beam.Pipeline(options=options)
   built = streaming.build_pipeline(p, options, DATASET)
   assert built['predictions'] is not None
-  parts = {t.full_label: t for t in p.transforms_stack[0].parts}
-  watch = parts['WatchModels'].transform
-  assert (watch.file_pattern, watch.interval) == (pattern, 5.0)
-  run_inference = [t for t in p.transforms_stack[0].parts
-                   if t.full_label == 'Score'][0]
+  [score] = [t for t in p.transforms_stack[0].parts
+             if t.full_label == 'Score']
+  assert (score.transform.model_watch_pattern,
+          score.transform.model_watch_interval) == (pattern, 5.0)
+  assert [t.full_label for t in score.parts[1:]] == [
+      'Score/ScoreWithLatestModel', 'Score/Predictions']
 
-  def side_inputs(node):
-    found = list(node.side_inputs)
-    for part in node.parts:
-      found += side_inputs(part)
-    return found
 
-  [side] = side_inputs(run_inference)
-  assert side.pvalue.producer.full_label.startswith('WatchModels/')
+def test_watching_scoring_step_follows_a_new_model_file(models, tmp_path):
+  """ScoreWithLatestModel with a watch pattern, driven directly (no side
+  input): A scores, files already there are ignored; once B's pointer
+  appears, the next look loads B."""
+  dirs = models['dirs']
+  promotions = tmp_path / 'promotions'
+  promotions.mkdir()
+  (promotions / '000001.json').write_text(json.dumps({'dir': dirs['b']}))
+  handler = inference.TransformedSklearnModelHandler(dirs['a'])
+  fn = inference.ScoreWithLatestModel(
+      handler, dirs['a'], watch_pattern=str(promotions / '*.json'),
+      watch_interval=0.0, watch_after=time.time() + 1)
+  fn.setup()
+  batch = to_batch(models['rows'][:3])
+
+  def versions():
+    return {v for r in fn.process(batch)
+            for v in r.inference.column('model_version').to_pylist()}
+  assert versions() == {'model-a'}  # 000001 is older than the pipeline
+  pointer = promotions / '000002.json'
+  pointer.write_text(json.dumps({'dir': dirs['b']}))
+  later = time.time() + 5
+  os.utime(pointer, (later, later))
+  assert versions() == {'model-b'}
 
 
 def test_watch_flags_are_checked_before_the_run(models, tmp_path, capsys):

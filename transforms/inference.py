@@ -25,6 +25,7 @@ import hmac
 import io
 import json
 import os
+import time
 from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple,
                     Optional, Tuple,
                     Sequence)
@@ -715,52 +716,89 @@ def latest_model(announced: Iterable[Any]) -> Optional[str]:
   return max(paths, key=lambda path: (updated(path), path))
 
 
+def newest_file(pattern: str, after: float) -> Optional[str]:
+  """The file matching `pattern` updated last, and after `after` (seconds
+  since the epoch), then the greatest path; None when there is none."""
+  try:
+    found = FileSystems.match([pattern])[0].metadata_list
+  except Exception:  # pylint: disable=broad-except
+    return None  # the store did not answer: keep the model, look again
+  fresh = [(m.last_updated_in_seconds, m.path) for m in found
+           if m.last_updated_in_seconds > after]
+  return max(fresh)[1] if fresh else None
+
+
 class ScoreWithLatestModel(beam.DoFn):
   """RecordBatch -> PredictionResult with `handler`, on the newest model
-  that its side input of ModelMetadata (a list: every model announced so
-  far) names; `model_dir` scores until one is announced.
+  announced; `model_dir` scores until one is.
 
-  Why not RunInference's own model side input: RunInference reads it as a
-  singleton, and a global-window side input fired by a processing-time
-  trigger (WatchFilePattern's) is read as every pane so far, not the last
-  one, on the runners here: on Flink the second model announced made the
-  read fail ("PCollection of size 2 with more than one element accessed as
-  a singleton view") and the job never switched; the DirectRunner reads
-  the same (tests/test_model_refresh.py). Taking the newest of the list
-  works whether a runner gives the last pane or all of them. The model is
+  Two ways to announce one, either or both:
+  - watch_pattern: a glob of model metadata.json files or of a registry's
+    promotions/*.json pointers, matched at most every watch_interval
+    seconds when a batch comes; the file updated last after watch_after
+    (the pipeline's construction, so files already there are ignored)
+    names the model;
+  - a side input of ModelMetadata (`announced`, a list): its newest
+    model_id (`latest_model`).
+
+  Why not RunInference's model side input (WatchFilePattern): on the Flink
+  runner here it never switched. WatchFilePattern matched the new pointer
+  within 2 s, but the scoring step's side input kept its first pane
+  (tests/test_flink_kafka.py, and a 20-line pipeline of WatchFilePattern
+  and a PeriodicImpulse main input at parallelism 2); and RunInference
+  reads the side input as a singleton, which fails ("more than one
+  element accessed as a singleton view") where a runner gives every pane
+  so far (the DirectRunner, Flink at parallelism 1). Looking at the files
+  from the scoring step depends on no runner's side inputs. The model is
   loaded again only when the newest model changes directory.
   """
 
   def __init__(self, handler: 'TransformedSklearnModelHandler',
-               model_dir: str):
+               model_dir: str, watch_pattern: Optional[str] = None,
+               watch_interval: float = 360.0, watch_after: float = 0.0):
     self._handler = handler
     self._model_dir = model_dir
+    self._pattern = watch_pattern
+    self._interval = watch_interval
+    self._after = watch_after
 
   def setup(self):
     self._model, self._loaded, self._announced = None, None, None
+    self._next_look = 0.0
 
-  def process(self, batch, announced):
-    ids = frozenset(m.model_id for m in announced)
-    if self._model is None or ids != self._announced:
-      self._announced = ids
-      latest = latest_model(announced)
-      target = model_dir_of(latest) if latest else self._model_dir
-      if target != self._loaded:
-        self._handler.update_model_path(target)
-        self._model = self._handler.load_model()
-        self._loaded = target
+  def process(self, batch, announced=None):
+    target = self._loaded or self._model_dir
+    if announced is not None:
+      ids = frozenset(m.model_id for m in announced)
+      if ids != self._announced:
+        self._announced = ids
+        latest = latest_model(announced)
+        target = model_dir_of(latest) if latest else self._model_dir
+    if self._pattern and time.monotonic() >= self._next_look:
+      self._next_look = time.monotonic() + self._interval
+      newest = newest_file(self._pattern, self._after)
+      if newest:
+        target = model_dir_of(newest)
+    if target != self._loaded:
+      self._handler.update_model_path(target)
+      self._model = self._handler.load_model()
+      self._loaded = target
     yield from self._handler.run_inference([batch], self._model)
 
 
 def _run_inference(batches, handler, model_dir: str,
-                   model_metadata_pcoll: Optional[beam.PCollection]):
+                   model_metadata_pcoll: Optional[beam.PCollection],
+                   watch: Optional[Dict[str, Any]] = None):
   """PCollection[pa.RecordBatch] -> PCollection[PredictionResult]:
-  RunInference, or ScoreWithLatestModel with a model side input."""
-  if model_metadata_pcoll is None:
+  RunInference, or ScoreWithLatestModel when models are announced (a side
+  input, or `watch`: its watch_pattern, watch_interval, watch_after)."""
+  if model_metadata_pcoll is None and not watch:
     return batches | 'RunInference' >> RunInference(handler)
+  fn = ScoreWithLatestModel(handler, model_dir, **(watch or {}))
+  if model_metadata_pcoll is None:
+    return batches | 'ScoreWithLatestModel' >> beam.ParDo(fn)
   return batches | 'ScoreWithLatestModel' >> beam.ParDo(
-      ScoreWithLatestModel(handler, model_dir),
-      beam.pvalue.AsList(model_metadata_pcoll))
+      fn, beam.pvalue.AsList(model_metadata_pcoll))
 
 
 def _predictions(result: PredictionResult) -> pa.RecordBatch:
@@ -781,6 +819,10 @@ class ScoreBatches(beam.PTransform):
 
   model_metadata_pcoll: optional PCollection[ModelMetadata] side input, as
   for `ScoreRecords`.
+  model_watch_pattern: a glob of model metadata.json files or registry
+  pointers (promotions/*.json), matched at most every model_watch_interval
+  seconds by the scoring step: a file that appears names the next model
+  (`ScoreWithLatestModel`).
   mark_splits: the rows are the ones the model was trained on (the batch
   run that trained it scores with it): each prediction's `split` says
   whether its id was in the model's training or eval split (its split
@@ -791,8 +833,17 @@ class ScoreBatches(beam.PTransform):
   def __init__(self, model_dir: str, *, id_field: Optional[str] = None,
                min_batch_size: int = 1, max_batch_size: int = 4096,
                model_metadata_pcoll: Optional[beam.PCollection] = None,
-               scored_at: Optional[str] = None, mark_splits: bool = False):
+               scored_at: Optional[str] = None, mark_splits: bool = False,
+               model_watch_pattern: Optional[str] = None,
+               model_watch_interval: float = 360.0):
     super().__init__()
+    self.model_watch_pattern = model_watch_pattern
+    self.model_watch_interval = model_watch_interval
+    # Files already there when the pipeline is built are not new models.
+    self._watch = dict(watch_pattern=model_watch_pattern,
+                       watch_interval=model_watch_interval,
+                       watch_after=time.time()) if model_watch_pattern \
+        else None
     self._scored_at = scored_at
     self._mark_splits = mark_splits
     self._model_dir = model_dir
@@ -808,7 +859,7 @@ class ScoreBatches(beam.PTransform):
     sliced = batches | 'SliceBatches' >> beam.FlatMap(
         slices, self._batch['max_batch_size'])
     return (_run_inference(sliced, handler, self._model_dir,
-                           self._model_metadata_pcoll)
+                           self._model_metadata_pcoll, self._watch)
             | 'Predictions' >> beam.Map(_predictions))
 
 
