@@ -467,33 +467,47 @@ SUMMARY_FILE = 'run_summary.json'
 OK, STOPPED = 'ok', 'stopped'
 
 
-def _interrupt(signum, frame):
-  raise KeyboardInterrupt(f'signal {signum}')
-
-
 def wait_or_stop(result) -> str:
   """Waits for the job to end: OK when it does, STOPPED when it is
   cancelled, either here (Ctrl-C or SIGTERM to this process: the job is
   then cancelled on the runner) or on the runner (Flink's REST API or UI).
-  Any other end raises, as a failed run does."""
+  Any other end raises, as a failed run does.
+
+  A signal that lands while the portable runner's job-state stream is read
+  interrupts gRPC's wait, which cancels the stream and raises the RPC
+  error instead of KeyboardInterrupt: after a signal, any error is a stop
+  (seen: a SIGINT ended the command with exit 3 and the job running on)."""
   main = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  stopping = threading.Event()
+
+  def interrupt(signum, frame):
+    stopping.set()
+    raise KeyboardInterrupt(f'signal {signum}')
+
+  previous = ({sig: signal.signal(sig, interrupt)
+               for sig in (signal.SIGINT, signal.SIGTERM)} if main else {})
   try:
     result.wait_until_finish()
     return OK
   except KeyboardInterrupt:
-    try:
-      result.cancel()
-    except Exception:  # pylint: disable=broad-except
-      pass  # a runner that cannot cancel stops with this process
-    return STOPPED
-  except RuntimeError:
-    if result.state == PipelineState.CANCELLED:
+    return _cancel(result)
+  except Exception as e:  # pylint: disable=broad-except
+    if stopping.is_set():
+      return _cancel(result)
+    if isinstance(e, RuntimeError) and result.state == PipelineState.CANCELLED:
       return STOPPED
     raise
   finally:
-    if main:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _cancel(result) -> str:
+  try:
+    result.cancel()
+  except Exception:  # pylint: disable=broad-except
+    pass  # a runner that cannot cancel stops with this process
+  return STOPPED
 
 
 def _print_summary(summary):

@@ -5,8 +5,11 @@
   * the streaming job reads generated events and two broken messages from a
     Kafka topic on the local Flink session cluster (tests/services.py) at
     parallelism 2, and writes feature rows and aggregate windows equal to
-    batch's, one prediction per valid event (RunInference) and dead-letter
-    rows to Kafka topics.
+    batch's, one prediction per valid event (RunInference) with the batch
+    scorer's score and model version, and dead-letter rows to Kafka topics;
+  * an unbounded job with --registry follows a promotion without a restart
+    and stops with a `stopped` summary;
+  * with checkpoints, a TaskManager killed mid-stream costs no event.
 """
 
 import collections
@@ -190,6 +193,27 @@ def test_wait_or_stop_reports_a_job_cancelled_on_the_runner_as_stopped():
   with pytest.raises(RuntimeError, match='boom'):
     streaming.wait_or_stop(failed)
   assert streaming.wait_or_stop(_Job()) == 'ok'
+
+
+class _InterruptedStream(_Job):
+  """What the portable runner's wait does when a signal lands while gRPC
+  reads the job-state stream: gRPC cancels the stream and raises the RPC
+  error, not KeyboardInterrupt."""
+
+  def wait_until_finish(self):
+    import grpc  # pylint: disable=import-outside-toplevel
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(10)
+    except KeyboardInterrupt:
+      raise grpc.RpcError('Locally cancelled by application!') from None
+    return self.state
+
+
+def test_wait_or_stop_stops_when_the_signal_cancels_the_state_stream():
+  job = _InterruptedStream()
+  assert streaming.wait_or_stop(job) == 'stopped'
+  assert job.cancelled
 
 
 # Kafka in, Kafka out, on the local Flink session cluster ----------------------
