@@ -881,7 +881,8 @@ class ScoreRecords(beam.PTransform):
   id and the raw features of model_dir's metadata.json (read at
   construction, with the id field it defaults to), and RunInference scores
   up to `max_batch_size` of them per model call with the handler
-  `ScoreBatches` uses. A refreshed model must take the same raw features.
+  `ScoreBatches` uses (with a model side input, ScoreWithLatestModel
+  scores each alone). A refreshed model must take the same raw features.
 
   model_metadata_pcoll: optional PCollection[ModelMetadata] side input
   (e.g. WatchFilePattern on 'gs://b/models/*/metadata.json'), read as a
