@@ -391,7 +391,7 @@ def test_bounded_kafka_read_over_uneven_partitions_ends(flink_cluster,
   p = beam.Pipeline(options=options)
   _ = (p
        | ReadKafkaRecords(kafka_broker, 'uneven', None, max_num_records=sent)
-       | beam.Map(lambda raw: raw.values['n'])
+       | beam.Map(lambda value: json.loads(value)['n'])
        | beam.combiners.ToList()
        | beam.Map(_write_json, out))
   result = p.run()
