@@ -12,8 +12,9 @@ resolve beside that stack today.
 from setuptools import find_packages, setup
 
 REQUIRED = [
-    # tfx-bsl imports dill, which Beam now ships only as its [dill] extra.
-    'apache-beam[gcp,dill]==2.72.0',
+    # tfx-bsl imports dill, which Beam now ships only as its [dill] extra;
+    # [aws] is Beam's own S3 file system (s3:// paths, boto3).
+    'apache-beam[gcp,aws,dill]==2.72.0',
     'tensorflow-data-validation==1.16.1',
     'tensorflow-transform==1.16.0',
     'scikit-learn==1.9.1',
@@ -49,6 +50,15 @@ REQUIRED = [
     'numpy==1.26.4',
     'pandas==1.5.3',
     'protobuf==4.25.9',
+    # What Beam's [aws] extra brings, as pip resolved it beside the stack.
+    'boto3==1.44.18',
+    'botocore==1.44.18',
+    's3transfer==0.19.3',
+    # --input https://...: a paginated JSON API (transforms/http_source.py).
+    'requests==2.34.2',
+    # pipelines.ingest --bootstrap_servers: accepted uploads to a Kafka
+    # topic (and the Kafka-on-Flink tests and bench produce and read with it).
+    'kafka-python==3.0.12',
 ]
 
 TESTS = [
@@ -56,8 +66,8 @@ TESTS = [
     'hypothesis==6.170.17',
     # A local GCS server for the gs:// tests (127.0.0.1 only).
     'gcp-storage-emulator==2026.7.19',
-    # Produces and reads Kafka records in the Kafka-on-Flink tests and bench.
-    'kafka-python==3.0.12',
+    # A local S3 server for the s3:// tests (moto's server mode, 127.0.0.1).
+    'moto[server]==5.2.6',
     # Starlette's TestClient and the scoring-service tests and bench.
     'httpx==0.28.1',
     # Drives headless Chromium over the DevTools protocol (report test).

@@ -186,6 +186,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the batch flow; returns the run summary (also run_summary.json)."""
   preflight.check_flags(argv)
   options = PipelineOptions(argv)
+  files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, BatchOptions)
   preflight.check_runner(options)
   dataset = load_dataset(opts.schema)
@@ -194,6 +195,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   if preflight.is_dry_run(options):
     return _dry_run(options, dataset)
   preflight.check_services(options)
+  preflight.check_object_stores(options, trains=bool(
+      opts.train and not opts.model_dir and dataset.label is not None))
   if opts.online_store:
     online_store.preflight(opts.online_store)
   paths = check_input(
@@ -206,7 +209,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   for name, path in side_table_paths(opts, dataset).items():
     load_side_table(dataset, name, path)   # a bad table stops us here
   try:
-    model_stages.model_types(opts.model_type)
+    model_stages.model_types(opts.model_type, dataset.task)
   except ValueError as e:
     raise InputError(str(e)) from None
   out = opts.output_dir
@@ -337,7 +340,8 @@ def _run_stages(options, opts, dataset, paths, summary, metadata,
     outputs['transform'] = files.join(out, model_stages.TRANSFORM)
     files.mark_complete(outputs['transform'])
 
-    _stage(f'Train: scikit-learn {opts.model_type}')
+    kinds = model_stages.model_types(opts.model_type, dataset.task)
+    _stage(f'Train: scikit-learn {",".join(kinds)}')
     metadata = model_stages.train_stage(dataset, out, opts.model_type,
                                         stats_path)
     model_dir = files.join(out, model_stages.MODEL)

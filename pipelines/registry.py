@@ -35,15 +35,16 @@ def parser() -> argparse.ArgumentParser:
 def table(entries) -> str:
   """The `list` table: one line per version, oldest first."""
   lines = [f'{"version":<20} {"status":<10} {"type":<7} {"task":<10} '
-           f'{"eval metric":<22} registered']
+           f'{"eval metric":<22} {"registered":<26} top feature']
   for e in entries:
     metrics = e.get('metrics') or {}
     key = next((k for k in ('roc_auc', 'log_loss', 'rmse') if
                 metrics.get(k) is not None), None)
     shown = f'{key} {metrics[key]:.4f}' if key else '-'
+    top = next(iter((e.get('importance') or {}).get('top', {})), '-')
     lines.append(f'{e["version"]:<20} {e["status"]:<10} '
                  f'{str(e.get("model_type")):<7} {str(e.get("task")):<10} '
-                 f'{shown:<22} {e.get("registered_at") or "-"}')
+                 f'{shown:<22} {e.get("registered_at") or "-":<26} {top}')
   return '\n'.join(lines)
 
 

@@ -93,8 +93,10 @@ FEATURES, PREDICTIONS, DEAD = 'features', 'predictions', 'dead_letter'
 # Shards of each keyed step (dedupe by id, history and aggregates by
 # entity): elements are (shard, RecordBatch) pairs, and each shard's state
 # is read and written once per batch. A few per worker keep a parallel
-# runner busy; more only cut the batches smaller.
-STREAM_SHARDS = 8
+# runner busy; more only cut the batches smaller (Kafka on Flink at
+# parallelism 2, bench/RESULTS.md: 8 shards 2,565 events/s, 4 shards 3,174,
+# 2 shards 2,565, as two keys can land on one worker).
+STREAM_SHARDS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -380,6 +382,23 @@ def keep_sources_up(options: PipelineOptions, opts):
     java.shutdown_sources_after_idle_ms = _NEVER_MS
 
 
+# Flink closes a bundle after 1,000 elements by default: at thousands of
+# events a second that cuts every second's events into small batches, and
+# each batch pays every Python stage's fixed cost (bench/RESULTS.md: 1,700
+# events/s at 1,000, 2,500-3,200 at 10,000). A bundle still closes after
+# --max_bundle_time_mills (1 s), so this only matters under load.
+FLINK_BUNDLE_SIZE = 10000
+
+
+def bigger_bundles(options: PipelineOptions):
+  """On Flink, --max_bundle_size FLINK_BUNDLE_SIZE unless given."""
+  if _runner_name(options) != 'flinkrunner':
+    return
+  java = options.view_as(FlinkJavaOptions)
+  if java.max_bundle_size is None:
+    java.max_bundle_size = FLINK_BUNDLE_SIZE
+
+
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   """Runs the stream until it ends (a replay) or is cancelled (Pub/Sub);
   returns the run summary (also <output_dir>/streaming/run_summary.json)."""
@@ -387,6 +406,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   options = PipelineOptions(argv)
   # Processing-time triggers and timers need the streaming runner mode.
   options.view_as(StandardOptions).streaming = True
+  files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, StreamingOptions)
   preflight.check_runner(options)
   preflight.check_services(options)
@@ -410,6 +430,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
                        'DirectRunner cannot run KafkaIO')
     preflight.check_kafka(opts)
     keep_sources_up(options, opts)
+    bigger_bundles(options)
     source = f'Kafka topic {opts.input_topic} at {opts.bootstrap_servers}'
   elif streamed:
     source = opts.input_subscription or opts.input_topic

@@ -14,7 +14,8 @@ every interface ([::]), starts `python` from PATH (not this interpreter,
 so not this venv), pipes each worker's stdout without ever reading it (a
 chatty worker blocks), and gives workers no state cache (every state read
 of the dedupe and history steps would then cross to the runner). This
-pool uses the same servicer with those four changed.
+pool uses the same servicer with those four changed, and its workers
+weigh cached state faster (runners/state_weights.py).
 """
 
 import argparse
@@ -36,7 +37,8 @@ from apache_beam.runners.worker.worker_pool_main import (
 STATE_CACHE_BYTES = 100 << 20
 DATA_BUFFER_TIME_LIMIT_MS = -1
 
-_WORKER = ('from apache_beam.runners.worker.sdk_worker import SdkHarness; '
+_WORKER = ('import runners.state_weights; runners.state_weights.install(); '
+           'from apache_beam.runners.worker.sdk_worker import SdkHarness; '
            'SdkHarness({control!r}, worker_id={worker!r}, '
            'state_cache_size={cache}, data_buffer_time_limit_ms={buffer})'
            '.run()')

@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from pipelines.base.errors import UsageError
 from pipelines.base.safe_yaml import YamlError, load_yaml
 from schemas import patterns
+from schemas.sources import load_source
 
 SCHEMA_DIR = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SCHEMA = os.path.join(SCHEMA_DIR, 'transactions.yaml')
@@ -47,7 +48,8 @@ _DURATION = re.compile(r'^(\d+)([smhd])$')
 _UNIT_SECONDS = {'s': 1, 'm': 60, 'h': 3600, 'd': 86400}
 _SECTIONS = ('name', 'description', 'roles', 'label', 'fields', 'rules',
              'min_examples', 'freshness', 'history', 'aggregates',
-             'transform', 'drift', 'side_tables', 'negatives', 'risk')
+             'transform', 'drift', 'side_tables', 'negatives', 'risk',
+             'source')
 _FIELD_OPTIONS = ('type', 'required', 'min', 'max', 'allowed', 'pattern',
                   'max_length', 'domain', 'cents', 'format', 'zone', 'from')
 _HISTORY_KEYS = ('entity', 'value', 'windows', 'aggregates', 'distinct',
@@ -181,6 +183,9 @@ class Dataset:
   negatives: Dict[str, Any] = dataclasses.field(default_factory=dict)
   # {'bands': [(name, lower score edge), ...], 'confidence': method}
   risk: Dict[str, Any] = dataclasses.field(default_factory=dict)
+  # Where records come from besides files: {'http': HttpSource}
+  # (schemas.sources).
+  source: Dict[str, Any] = dataclasses.field(default_factory=dict)
 
   # Roles ------------------------------------------------------------------
   @property
@@ -1021,7 +1026,8 @@ def load_dataset(path: str = DEFAULT_SCHEMA) -> Dataset:
       aggregates=aggregates, transform=transform, drift=drift,
       path=os.path.abspath(path), min_examples=min_examples,
       freshness=freshness, label=label, side_tables=side_tables,
-      negatives=negatives, risk=risk)
+      negatives=negatives, risk=risk,
+      source=load_source(raw.get('source'), c.fail))
   _check_derived_names(c, dataset)
   return dataset
 

@@ -60,6 +60,11 @@ class Page:
   visible_plots: int           # <svg class="plot"> with a non-empty box
   title: str
   screenshot: Optional[str]
+  # Layout faults: badges broken over two lines, quantile tables wider
+  # than the feature card holding them; feature histograms drawn.
+  wrapped_badges: int = 0
+  overflowing_quantiles: int = 0
+  histograms: int = 0
 
 
 class Browser:
@@ -155,7 +160,20 @@ class Browser:
           plots: [...document.querySelectorAll('svg.plot')]
                  .filter(s => { const r = s.getBoundingClientRect();
                                 return r.width > 50 && r.height > 50; })
-                 .length}))()""")
+                 .length,
+          wrapped: [...document.querySelectorAll('.badge')]
+                   .filter(b => b.getClientRects().length > 1 ||
+                                b.getBoundingClientRect().height > 24)
+                   .length,
+          overflowing: [...document.querySelectorAll('.feature .quant')]
+                       .filter(q => q.getBoundingClientRect().right >
+                                    q.closest('.feature')
+                                     .getBoundingClientRect().right + 0.5 ||
+                                    q.scrollWidth > q.clientWidth + 1)
+                       .length,
+          histograms: [...document.querySelectorAll('.feature svg.hist')]
+                      .filter(s => s.getBoundingClientRect().width > 50)
+                      .length}))()""")
       shot = None
       if screenshot:
         shot = self._screenshot(ws, events, screenshot)
@@ -173,7 +191,10 @@ class Browser:
                     for e in events
                     if e['method'] == 'Runtime.exceptionThrown'],
         sections=found['sections'], visible_plots=found['plots'],
-        title=found['title'], screenshot=shot)
+        title=found['title'], screenshot=shot,
+        wrapped_badges=found['wrapped'],
+        overflowing_quantiles=found['overflowing'],
+        histograms=found['histograms'])
 
   def _evaluate(self, ws, events, expression: str):
     result = self._send(ws, 'Runtime.evaluate',

@@ -21,7 +21,7 @@ from transforms.formats import text
 from transforms.formats.lines import split_lines
 from transforms.formats.raw import raw_batch
 from transforms.parse import BatchValidator
-from transforms.read import (ERROR, POSITION, InputError,
+from transforms.read import (ERROR, POSITION, InputError, read_file,
                              check_input, file_ranges, read_batches,
                              read_range, record_texts)
 
@@ -288,3 +288,19 @@ def test_record_texts_of_a_gz_are_read_in_blocks(tmp_path, monkeypatch):
   texts = record_texts(str(path), DATASET, [0, 31, 49, 50])
   assert sorted(texts) == [0, 31, 49]
   assert texts[31].startswith('tx000000031,')
+
+
+def test_thousands_of_refused_lines_are_each_their_own_record(tmp_path):
+  # A column declared a string that holds numbers on 3,000 lines: pyarrow
+  # refuses every block. Each line must be decoded alone (a record each),
+  # never the whole block as one unreadable file (the recursive split went
+  # over Python's recursion limit at ~1,000 refused lines).
+  records = generate.generate_transactions(3000, seed=2)
+  path = tmp_path / 'numbers.jsonl'
+  with open(path, 'w', encoding='utf-8') as f:
+    for r in records:
+      f.write(json.dumps(dict(r, merchant_id=7)) + '\n')
+  raws = list(read_file(str(path), DATASET))
+  assert len(raws) == len(records)
+  assert not [r for r in raws if r.error and 'unreadable' in r.error]
+  assert [r.position for r in raws] == list(range(len(records)))

@@ -23,6 +23,7 @@ LAYERS = (
     'pipelines.outputs',     # run folders, summary, metrics
     'pipelines.cli',         # options, preflight, the command shell
     'pipelines.validation',  # TFDV: anomalies, drift, skew, the gate
+    'pipelines.declaring',   # a declaration drafted from a sample of data
     'pipelines.model',       # training, registry, monitoring, retraining
     'pipelines.runs',        # the run history and retention
     'pipelines.reporting',   # the run report

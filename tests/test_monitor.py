@@ -332,3 +332,36 @@ def test_a_failure_exits_3_with_one_line_and_a_log(inputs, tmp_path, capsys,
   assert len(err) == 1 and 'RuntimeError: disk on fire' in err[0]
   log = (tmp_path / 'monitoring' / 'monitor.log').read_text()
   assert 'Traceback' in log and 'second line' in log
+
+
+def test_the_report_names_the_important_features_that_drifted(
+    inputs, truth, tmp_path):
+  # The same model with an importance, and the scoring run's validation
+  # files beside the report: amount (important) drifted, country did not,
+  # channel drifted but is not among the model's important features.
+  _, scores, _ = truth
+  model = _write_model(str(tmp_path / 'model'), VERSION, scores[:200] * 0.8)
+  with open(os.path.join(model, 'metadata.json')) as f:
+    metadata = json.load(f)
+  metadata['importance'] = {'metric': 'roc_auc', 'features': [
+      {'feature': f'f{i}', 'mean': 0.01 - i / 1000, 'std': 0.0,
+       'columns': 1} for i in range(12)] + [
+      {'feature': 'channel', 'mean': -0.01, 'std': 0.0, 'columns': 1}]}
+  metadata['importance']['features'][0]['feature'] = 'amount'
+  metadata['importance']['features'][1]['feature'] = 'country'
+  with open(os.path.join(model, 'metadata.json'), 'w') as f:
+    json.dump(metadata, f)
+  out = tmp_path / 'run'
+  (out / 'validation').mkdir(parents=True)
+  (out / 'validation' / 'drift.json').write_text(json.dumps({'features': {
+      'amount': {'value': 0.3, 'threshold': 0.1, 'drifted': True},
+      'country': {'value': 0.01, 'threshold': 0.1, 'drifted': False},
+      'channel': {'value': 0.5, 'threshold': 0.1, 'drifted': True}}}))
+  assert monitor.main(_argv(inputs, out, model)) == 0
+  written = json.loads((out / 'monitoring' / 'report.json').read_text())
+  important = written['important_features']
+  assert important['drifted'] == ['amount']
+  assert [f['feature'] for f in important['features']][:2] == [
+      'amount', 'country']
+  assert len(important['features']) == 10
+  assert important['features'][0]['skew'] is None   # no skew.json

@@ -17,7 +17,7 @@ from pipelines.model.registry import (CANDIDATE, CHAMPION, RETIRED, Registry,
                                 RegistryError)
 
 
-def _model(tmp_path, version, auc):
+def _model(tmp_path, version, auc, importance=None):
   """A model folder as verify_model_dir checks it (files and digests)."""
   folder = tmp_path / f'model-{version}'
   folder.mkdir()
@@ -25,7 +25,7 @@ def _model(tmp_path, version, auc):
   (folder / 'model.skops').write_bytes(data)
   (folder / 'metadata.json').write_text(json.dumps({
       'model_version': version, 'model_type': 'gbt', 'task': 'binary',
-      'metrics': {'eval': {'roc_auc': auc}},
+      'metrics': {'eval': {'roc_auc': auc}}, 'importance': importance,
       'files': {'model.skops': hashlib.sha256(data).hexdigest()}}))
   return str(folder)
 
@@ -184,6 +184,21 @@ def test_a_corrupted_index_is_one_line_and_exit_2(tmp_path, capsys, change,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and 'is not a registry index' in err[0], err
     assert message in err[0]
+
+
+def test_entry_lists_the_most_important_features(tmp_path, capsys):
+  features = [{'feature': f'f{i:02d}', 'columns': 1, 'mean': 0.5 - i / 100,
+               'std': 0.0} for i in range(12)]
+  root = str(tmp_path / 'reg')
+  entry = Registry(root).register(_model(
+      tmp_path, 'v1', 0.9, {'metric': 'roc_auc', 'features': features}),
+      'first')
+  # The ten most important, most important first, as in the metadata.
+  assert entry['importance']['metric'] == 'roc_auc'
+  assert list(entry['importance']['top']) == [f'f{i:02d}' for i in range(10)]
+  assert entry['importance']['top']['f00'] == 0.5
+  assert registry_cmd.main(['list', '--registry', root]) == 0
+  assert capsys.readouterr().out.splitlines()[1].endswith(' f00')
 
 
 def test_command_line(tmp_path, capsys):
@@ -380,5 +395,5 @@ def test_the_best_model_type_is_kept_with_the_others_beside_it(trained):
 def test_an_unknown_model_type_is_one_line(tmp_path, capsys):
   assert batch.main(['--output_dir', str(tmp_path), '--model_type',
                      'gbt,forest']) == 2
-  assert "--model_type 'gbt,forest': give one or more of" in \
+  assert "--model_type 'gbt,forest': auto, or one or more of" in \
       capsys.readouterr().err

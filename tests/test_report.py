@@ -13,9 +13,9 @@ from pipelines.reporting import report
 from tests.browser import Browser
 
 EVERY_SECTION = ['summary', 'stages', 'records', 'anomalies', 'drift',
-                 'model', 'curves', 'calibration', 'scores', 'risk',
+                 'model', 'importance', 'curves', 'calibration', 'scores', 'risk',
                  'registry', 'monitoring', 'features', 'history', 'outputs']
-MODEL_SECTIONS = {'model', 'curves', 'calibration', 'scores', 'risk',
+MODEL_SECTIONS = {'model', 'importance', 'curves', 'calibration', 'scores', 'risk',
                   'registry', 'monitoring'}
 
 # monitoring/report.json as pipelines.monitor writes it (its documented
@@ -61,7 +61,18 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
                       str(tmp_path / 'full-run.png'))
   _clean_load(page, out / 'report' / 'index.html')
   assert page.sections == [s for s in EVERY_SECTION if s != 'monitoring']
-  assert page.visible_plots == 4   # ROC, PR, calibration, scores
+  # ROC, PR, calibration, scores, importance; the log-FPR ROC beside the
+  # linear one when the eval AUC is above 0.95.
+  metadata = json.loads((out / 'model' / 'metadata.json').read_text())
+  log_roc = metadata['metrics']['eval']['roc_auc'] > 0.95
+  assert page.visible_plots == 5 + log_roc
+  assert ('aria-label="roc-log"' in (out / 'report' / 'index.html')
+          .read_text()) == log_roc
+  # Layout: no badge broken over lines, no quantile row past its card,
+  # a matplotlib histogram in every numeric feature's card.
+  assert page.wrapped_badges == 0
+  assert page.overflowing_quantiles == 0
+  assert page.histograms > 10
 
   # After pipelines.monitor: `python -m pipelines.report` adds monitoring.
   (out / 'monitoring').mkdir()
@@ -72,7 +83,7 @@ def test_full_run_report_has_every_section_in_chromium(report_runs, browser,
     page = browser.open(str(out / 'report' / 'index.html'), str(shot))
     _clean_load(page, out / 'report' / 'index.html')
     assert page.sections == EVERY_SECTION
-    assert page.visible_plots == 5
+    assert page.visible_plots == 6 + log_roc
     assert page.title == 'transactions: run report'
     assert shot.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert shot.stat().st_size > 50_000
@@ -112,8 +123,8 @@ def test_stopped_and_scoring_only_runs_show_what_they_did(report_runs,
   # Scored with a model trained elsewhere: no registry entry, and no eval
   # curves (the model stores none; its eval rows are the other run's).
   assert page.sections == ['summary', 'stages', 'records', 'anomalies',
-                           'drift', 'model', 'calibration', 'scores', 'risk',
-                           'features', 'history', 'outputs']
+                           'drift', 'model', 'importance', 'calibration',
+                           'scores', 'risk', 'features', 'history', 'outputs']
   text = scored.read_text()
   assert 'Drift against --baseline_stats' in text
   assert 'Training/serving skew' in text

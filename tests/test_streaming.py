@@ -29,7 +29,8 @@ from transforms.aggregates import (AGGREGATES, LATE,
                                    StreamingEntityAggregates)
 from transforms.common import DEAD_LETTER, VALID, micros_to_rfc3339
 from transforms.history_features import (StatefulHistoryFeatures,
-                                         history_features, history_table)
+                                         _ShardHistoryFn, history_features,
+                                         history_table)
 from transforms.parse import (BatchValidator, ParseAndValidate,
                               RecordError, RecordValidator,
                               StreamingParseAndValidate)
@@ -560,6 +561,28 @@ def test_unbounded_kafka_read_on_flink_keeps_sources_up():
     assert sent.get('shutdown_sources_after_idle_ms') == want, argv
 
 
+def test_flink_bundles_and_shards_default_to_bigger_batches():
+  """On Flink a bundle holds up to FLINK_BUNDLE_SIZE events unless
+  --max_bundle_size says otherwise (Flink's 1,000 cut a busy second into
+  small batches); shards: one on the DirectRunner, STREAM_SHARDS
+  elsewhere, --stream_shards over both."""
+  cases = [(['--runner', 'FlinkRunner'], pipeline.FLINK_BUNDLE_SIZE),
+           (['--runner', 'FlinkRunner', '--max_bundle_size', '70'], 70),
+           (['--runner', 'DirectRunner'], None)]
+  for argv, want in cases:
+    options = PipelineOptions(argv)
+    pipeline.bigger_bundles(options)
+    assert options.get_all_options(drop_default=True).get(
+        'max_bundle_size') == want, argv
+  assert pipeline.stream_shards(PipelineOptions(['--runner', 'FlinkRunner'])
+                                ) == pipeline.STREAM_SHARDS
+  assert pipeline.stream_shards(PipelineOptions([])) == 1
+  assert pipeline.stream_shards(PipelineOptions(
+      ['--runner', 'FlinkRunner', '--stream_shards', '3'])) == 3
+  with pytest.raises(pipeline.InputError, match="--stream_shards"):
+    pipeline.stream_shards(PipelineOptions(['--stream_shards', '0']))
+
+
 def test_history_is_not_expired_by_a_timer_its_events_outdated():
   # One watermark step passes tx2's time and the expiry timer tx1 set (7 d
   # + 1 h after it). tx2 is 10 minutes short of 7 days after tx1: it must
@@ -586,6 +609,53 @@ def test_history_is_not_expired_by_a_timer_its_events_outdated():
                                 ('tx000000002', 1, 10.0),
                                 ('tx000000003', 0, 0.0),
                                 ('tx000000004', 1, 20.0)]))
+
+
+class _Cell:
+  """A ReadModifyWrite state or a timer of a DoFn run by hand."""
+
+  def __init__(self):
+    self.value = None
+
+  def read(self):
+    return self.value
+
+  def write(self, value):
+    self.value = value
+
+  set = write
+
+  def clear(self):
+    self.value = None
+
+
+class _Bag(_Cell):
+
+  def read(self):
+    return list(self.value or [])
+
+  def add(self, item):
+    self.value = (self.value or []) + [item]
+
+
+def test_history_flushes_events_stamped_finer_than_flinks_milliseconds():
+  # Flink keeps timers in milliseconds: a timer set at ...123456 us fires
+  # at ...123000. The flush timer must be at a whole millisecond at or
+  # after the batch's newest event, so that the rows it waits for are
+  # ready when it fires (they waited forever on Flink).
+  fn = _ShardHistoryFn(DATASET, DATASET.histories[0], 3600)
+  records = [_record(1, T0 + 123_456, 10.0), _record(2, T0 + 124_001, 5.0)]
+  pending, flush_at, history, flush = _Bag(), _Cell(), _Cell(), _Cell()
+  fn.process((0, pa.RecordBatch.from_pylist(
+      records, schema=DATASET.batch_schema())), pending, flush_at, flush)
+  fired = Timestamp(micros=flush.value.micros // 1000 * 1000)  # Flink's ms
+  assert fired.micros >= T0 + 124_001
+  out = list(fn.flush_ready(fired, pending, flush_at, history, flush,
+                           _Cell()))   # the expire timer
+  rows = [r for batch in out for r in batch.value.to_pylist()]
+  assert sorted(r['transaction_id'] for r in rows) == [
+      'tx000000001', 'tx000000002']
+  assert pending.read() == []
 
 
 # The stream against the batch job: features, scores, the online store ------
@@ -625,7 +695,12 @@ def assert_stream_equals_batch(stream_root, batch_out, id_field):
   assert [r[id_field] for r in predictions] == [r[id_field] for r in expected]
   np.testing.assert_array_equal([r['score'] for r in predictions],
                                 [r['score'] for r in expected])
-  assert predictions == expected
+  # A stream does not know which rows trained the model: it says `scored`
+  # where the batch run that trained it says train or eval.
+  assert {r['split'] for r in predictions} == {'scored'}
+  unsplit = lambda rows: [{k: v for k, v in r.items() if k != 'split'}
+                          for r in rows]
+  assert unsplit(predictions) == unsplit(expected)
 
 
 @pytest.fixture(scope='module')

@@ -40,12 +40,14 @@ Both forms:
     PCollection[pa.RecordBatch], a stateful DoFn per shard of entities
     holding the shard's recent records as one Arrow table; rows wait for
     the watermark, then `history_table` runs on the retained history and
-    the ready rows at once. With on-time events (in any arrival order)
-    both forms give equal rows.
+    the ready rows at once. Every history runs on the input side by side
+    and a stateful join per shard of record ids reunites a record's
+    parts; state expires by the watermark. With on-time events (in any
+    arrival order, on any number of shards) both forms give equal rows.
 """
 
 import math
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Tuple, Union
 
 import apache_beam as beam
 from apache_beam.coders import PickleCoder
@@ -543,30 +545,40 @@ def features_after(history: Optional[pa.Table], ready: pa.Table,
 
 class _ShardHistoryFn(beam.DoFn):
   """(shard of `spec.entity`, RecordBatch of rows) -> RecordBatch of the
-  rows plus `spec`'s history features, in batches, once the watermark has
-  passed their event times.
+  rows plus `spec`'s history features (with `ids_only`: the record id and
+  the features alone), in batches, once the watermark has passed their
+  event times.
 
   State per shard, each read and written once per batch or flush: the
   pending batches (BagState: an arriving batch is appended, never read),
-  and the retained history, one Arrow table of the record fields of every
-  entity's events within `retention` = horizon + allowed lateness of its
-  newest event. A `flush` timer fires when the watermark passes the
-  newest event of the earliest pending batch; the pending rows it has
+  and the retained history, one Arrow table of the record fields of the
+  shard's recent events. A `flush` timer fires when the watermark passes
+  the newest event of the earliest pending batch; the pending rows it has
   passed are then computed at once (`features_after`: `history_table` over
   the history and those rows, the batch definition) and join the history;
   the rest wait for the next flush. So every event whose time the
   watermark had not passed when it arrived is computed with every earlier
   event of its entity, whatever order they arrived in: its row is batch's.
+  The input must come straight from the source's watermark (not from
+  another history's flushes, which can lag it): `StatefulHistoryFeatures`
+  runs every history on its input, side by side.
 
   An event that arrives behind the watermark (late: its time already
   flushed) is computed at the next flush against the retained history,
-  i.e. with every earlier event of its entity that arrived before it;
-  rows already emitted are not revised, so a later event computed before
-  it arrived does not count it (batch's row would). It joins the history
-  when it is within `retention` of its entity's newest event, else it is
-  computed and dropped (its oldest windows may miss expired events).
-  An entity's rows stay until its own events move `retention` on (state
-  holds up to `retention` of every entity seen: see the README).
+  i.e. with every earlier event of its entity that arrived before it and
+  is still retained; rows already emitted are not revised, so a later
+  event computed before it arrived does not count it (batch's row would).
+
+  Retention (`retention` = horizon + allowed lateness): a row leaves the
+  history once it is `retention` older than its entity's newest event, or
+  than the watermark (as far as the shard knows it: the time of the timer
+  that fired), whichever comes first; never while a pending row could
+  still need it (the cutoff is also `retention` behind the oldest pending
+  row). So an event up to the allowed lateness behind the watermark still
+  sees its entity's whole horizon, and the state holds the entities seen
+  within `retention` of the watermark, not every entity ever seen. Each
+  flush prunes so; an `expire` timer, set once per flush at the newest
+  retained event + `retention`, empties a shard no flush comes to.
 
   A flush that leaves rows pending sets its timer again, at or behind the
   watermark: it fires in the same watermark step, except when that step
@@ -577,11 +589,13 @@ class _ShardHistoryFn(beam.DoFn):
   HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
   FLUSH_AT = ReadModifyWriteStateSpec('flush_at', PickleCoder())
   FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
+  EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
 
   def __init__(self, dataset: Dataset, spec: HistorySpec,
-               allowed_lateness: int):
+               allowed_lateness: int, ids_only: bool = False):
     self._dataset, self._spec = dataset, spec
     self._retention = (spec.horizon + allowed_lateness) * MICROS
+    self._ids_only = ids_only
 
   def process(self, element, pending=beam.DoFn.StateParam(PENDING),
               flush_at=beam.DoFn.StateParam(FLUSH_AT),
@@ -591,6 +605,7 @@ class _ShardHistoryFn(beam.DoFn):
       return
     pending.add(batch)
     newest = pc.max(batch.column(self._dataset.timestamp_field)).as_py()
+    newest = _whole_millis(newest)
     at = flush_at.read()
     if at is None or newest < at:
       flush.set(Timestamp(micros=newest))
@@ -601,7 +616,8 @@ class _ShardHistoryFn(beam.DoFn):
                   pending=beam.DoFn.StateParam(PENDING),
                   flush_at=beam.DoFn.StateParam(FLUSH_AT),
                   history=beam.DoFn.StateParam(HISTORY),
-                  flush=beam.DoFn.TimerParam(FLUSH)):
+                  flush=beam.DoFn.TimerParam(FLUSH),
+                  expire=beam.DoFn.TimerParam(EXPIRE)):
     now = fired.micros
     batches = list(pending.read())
     pending.clear()
@@ -616,33 +632,153 @@ class _ShardHistoryFn(beam.DoFn):
       pending.add(table_to_batch(rest))
       # The watermark is past `now`, maybe past all of the rest: one timer
       # at the newest of them flushes them together.
-      last = int(t[~ready].max())
+      last = _whole_millis(int(t[~ready].max()))
       flush.set(Timestamp(micros=last))
       flush_at.write(last)
     if ready.any():
       rows = table.filter(pa.array(ready)) if not ready.all() else table
-      out = features_after(history.read(), rows, self._dataset, self._spec)
-      self._keep(history, rows)
+      kept = history.read()
+      out = features_after(kept, rows, self._dataset, self._spec)
+      # What is still pending is later than `now`: no row it needs is
+      # `retention` behind `now`.
+      self._keep(history, expire, kept, rows, now)
+      if self._ids_only:
+        out = out.select([self._dataset.id_field] +
+                         list(self._spec.feature_types()))
       yield window.TimestampedValue(table_to_batch(out),
                                     Timestamp(micros=int(t[ready].min())))
 
-  def _keep(self, history, rows: pa.Table):
-    """The history plus `rows`, less the rows `retention` older than their
-    entity's newest event (no event within the allowed lateness can need
-    them). By the entity's own events, not the watermark: a later stage
-    (the item's history after the user's) receives rows up to one flush
-    behind its watermark, and must still count them."""
+  def _keep(self, history, expire, kept: Optional[pa.Table],
+            rows: Optional[pa.Table], watermark: int):
+    """Writes the history `kept` plus `rows` less what no event can need
+    any more (see the class docstring), with `watermark` a lower bound of
+    the watermark that no pending row is behind; sets `expire` at the
+    newest retained event + `retention`."""
     ts, entity = self._dataset.timestamp_field, self._spec.entity
-    names = self._dataset.batch_schema().names
-    kept = history.read()
-    added = rows.select(names)
-    table = (added if kept is None else
-             pa.concat_tables([kept, added.cast(kept.schema)]))
+    table = kept
+    if rows is not None:
+      added = rows.select(self._dataset.batch_schema().names)
+      table = (added if kept is None else
+               pa.concat_tables([kept, added.cast(kept.schema)]))
+    if table is None:
+      return
     t = table.column(ts).to_numpy()
-    keep = t >= _entity_newest(table, entity, ts) - self._retention
+    keep = t >= watermark - self._retention
+    if keep.any():
+      keep &= t >= _entity_newest(table, entity, ts) - self._retention
+    if not keep.any():
+      history.clear()
+      return
     if not keep.all():
       table = table.filter(pa.array(keep))
     history.write(table.combine_chunks())
+    newest = int(t[keep].max())
+    expire.set(Timestamp(micros=_whole_millis(
+        newest + self._retention + 1)))
+
+  @on_timer(EXPIRE)
+  def expire_history(self, fired=beam.DoFn.TimestampParam,
+                     pending=beam.DoFn.StateParam(PENDING),
+                     history=beam.DoFn.StateParam(HISTORY),
+                     expire=beam.DoFn.TimerParam(EXPIRE)):
+    kept = history.read()
+    if kept is None:
+      return
+    # Rows still pending (on time when they arrived, waiting for their
+    # batch's newest) may be behind the watermark: keep what they need.
+    watermark = fired.micros
+    waiting = [b for b in pending.read() if b.num_rows]
+    if waiting:
+      watermark = min(watermark, min(
+          pc.min(b.column(self._dataset.timestamp_field)).as_py()
+          for b in waiting))
+    self._keep(history, expire, kept, None, watermark)
+
+
+_COPY = '__copy'
+
+
+def _tag_part(batch: pa.RecordBatch, part: int, id_field: str,
+              num_shards: int) -> Iterator[Tuple[int, Tuple[int,
+                                                             pa.RecordBatch]]]:
+  """(shard of the record id, (which history, rows of that shard))."""
+  for shard, rows in split_by_shard(batch, id_field, num_shards):
+    yield shard, (part, rows)
+
+
+def _with_copy(table: pa.Table, id_field: str) -> pa.Table:
+  """`table` plus _COPY: the row's rank among the rows of its record id
+  (0 but for a repeated id), so that repeats pair up one to one."""
+  codes, _ = _dictionary(table.column(id_field))
+  order = np.argsort(codes, kind='stable')
+  ranked = codes[order]
+  first = np.zeros(len(order), dtype=np.int64)
+  changed = np.flatnonzero(ranked[1:] != ranked[:-1]) + 1
+  first[changed] = changed
+  copy = np.empty(len(order), dtype=np.int64)
+  copy[order] = np.arange(len(order)) - np.maximum.accumulate(first)
+  return table.append_column(_COPY, pa.array(copy))
+
+
+class _JoinHistoriesFn(beam.DoFn):
+  """(shard of record ids, (part k, RecordBatch)) -> RecordBatch of the
+  records whose every part has come: part 0's columns (the rows and the
+  first history's features), then each further history's features.
+
+  State per shard (read and written once per batch): the rows of each
+  part still waiting for another part of their record. Every part holds
+  every record once (each history computes every row it receives), so
+  nothing waits longer than the slowest history takes to compute it.
+  """
+  WAITING = ReadModifyWriteStateSpec('waiting', PickleCoder())
+
+  def __init__(self, dataset: Dataset, parts: int):
+    self._id, self._ts = dataset.id_field, dataset.timestamp_field
+    self._parts = parts
+
+  def process(self, element, waiting=beam.DoFn.StateParam(WAITING)):
+    _, (part, batch) = element
+    if batch.num_rows == 0:
+      return
+    tables = waiting.read() or [None] * self._parts
+    added = pa.Table.from_batches([batch])
+    tables[part] = (added if tables[part] is None else pa.concat_tables(
+        [tables[part], added]).combine_chunks())
+    if any(t is None for t in tables):
+      waiting.write(tables)
+      return
+    keys = [self._id, _COPY]
+    copies = [_with_copy(t, self._id) for t in tables]
+    whole = copies[0]
+    for other in copies[1:]:
+      whole = whole.join(other, keys=keys, join_type='inner',
+                         use_threads=False)
+    if whole.num_rows == 0:
+      waiting.write(tables)
+      return
+    done = whole.select(keys)
+    rest = [t.join(done, keys=keys, join_type='left anti', use_threads=False)
+            .drop([_COPY]) for t in copies]
+    rest = [t.combine_chunks() if t.num_rows else None for t in rest]
+    if all(t is None for t in rest):
+      waiting.clear()
+    else:
+      waiting.write(rest)
+    names = tables[0].column_names + [
+        n for t in tables[1:] for n in t.column_names if n != self._id]
+    out = whole.select(names)
+    yield window.TimestampedValue(
+        table_to_batch(out),
+        Timestamp(micros=pc.min(out.column(self._ts)).as_py()))
+
+
+def _whole_millis(micros: int) -> int:
+  """`micros` rounded up to a whole millisecond: Flink keeps timers in
+  milliseconds, so a timer set at ...123456 us fires at ...123000 and the
+  rows at ...123456 would never be ready (seen: events stamped to the
+  microsecond waited forever). Flushing at the next millisecond is the
+  same rule: the watermark has passed every row of the batch."""
+  return -(-micros // 1000) * 1000
 
 
 class StatefulHistoryFeatures(beam.PTransform):
@@ -650,13 +786,19 @@ class StatefulHistoryFeatures(beam.PTransform):
   columns: side-table columns) -> PCollection[pa.RecordBatch] feature rows.
 
   The streaming twin of `HistoryFeatures`: each row is the input row plus
-  `Dataset.history_feature_types()`, from the same `history_table`. For
-  each declared entity (e.g. user, then item), rows travel as (shard of
-  the entity, RecordBatch) pairs (`num_shards` shards) to a stateful DoFn
-  per shard (`_ShardHistoryFn`): a row is computed once the watermark
-  passes the newest event of the batch it came in, with every earlier
-  event of its entity, so on-time events in any arrival order give batch's
-  rows. What a late event gets: see `_ShardHistoryFn`.
+  `Dataset.history_feature_types()`, from the same `history_table`. Each
+  declared entity's history (e.g. user and item) runs on the input
+  itself, side by side: rows travel as (shard of the entity, RecordBatch)
+  pairs (`num_shards` shards) to a stateful DoFn per shard
+  (`_ShardHistoryFn`): a row is computed once the watermark passes the
+  newest event of the batch it came in, with every earlier event of its
+  entity, so on-time events in any arrival order give batch's rows, for
+  every history, whatever the parallelism. (Chained, a second history
+  would get rows only when the first flushed them, after its watermark
+  had passed them, and could compute a later row of an item before an
+  earlier one arrived.) With two or more histories, the parts of each
+  record meet again in a stateful join per shard of record ids
+  (`_JoinHistoriesFn`). What a late event gets: see `_ShardHistoryFn`.
   """
 
   def __init__(self, dataset: Dataset, allowed_lateness: int = 0,
@@ -666,12 +808,26 @@ class StatefulHistoryFeatures(beam.PTransform):
     self._shards = num_shards
 
   def expand(self, rows):
-    for spec in self._dataset.histories:
+    specs = self._dataset.histories
+    parts = []
+    for part, spec in enumerate(specs):
       e = spec.entity
-      rows = (rows
-              | f'ShardBy[{e}]' >> beam.FlatMap(
-                  split_by_shard, e, self._shards).with_output_types(
-                      Tuple[int, pa.RecordBatch])
-              | f'ComputeWhenTheWatermarkPasses[{e}]' >> beam.ParDo(
-                  _ShardHistoryFn(self._dataset, spec, self._lateness)))
-    return rows
+      parts.append(
+          rows
+          | f'ShardBy[{e}]' >> beam.FlatMap(
+              split_by_shard, e, self._shards).with_output_types(
+                  Tuple[int, pa.RecordBatch])
+          | f'ComputeWhenTheWatermarkPasses[{e}]' >> beam.ParDo(
+              _ShardHistoryFn(self._dataset, spec, self._lateness,
+                              ids_only=part > 0)))
+    if len(parts) == 1:
+      return parts[0]
+    id_field = self._dataset.id_field
+    return (
+        [part_rows | f'ShardByRecordId[{spec.entity}]' >> beam.FlatMap(
+            _tag_part, part, id_field, self._shards).with_output_types(
+                Tuple[int, Tuple[int, pa.RecordBatch]])
+         for part, (spec, part_rows) in enumerate(zip(specs, parts))]
+        | 'AllHistoriesOfEachRecord' >> beam.Flatten()
+        | 'JoinTheHistoriesOfEachRecord' >> beam.ParDo(
+            _JoinHistoriesFn(self._dataset, len(parts))))

@@ -86,6 +86,23 @@ def list_files(root: str) -> Dict[str, str]:
   return dict(sorted(out.items()))
 
 
+def local_folder(folder: str) -> str:
+  """`folder` itself when it is local, else a copy of its files in a new
+  local temporary folder (through Beam's FileSystems). TensorFlow reads a
+  transform graph only through its own file systems, which have no s3://
+  and do not reach a gs:// emulator; the graph is a few hundred KB."""
+  if '://' not in folder or folder.startswith('file://'):
+    return folder
+  import tempfile  # pylint: disable=g-import-not-at-top
+  local = tempfile.mkdtemp(prefix='mlpipe_graph_')
+  for relative, path in list_files(folder).items():
+    target = os.path.join(local, *relative.split('/'))
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    with FileSystems.open(path) as f, open(target, 'wb') as out:
+      out.write(f.read())
+  return local
+
+
 def sha256_of(path: str) -> str:
   digest = hashlib.sha256()
   with FileSystems.open(path) as f:
@@ -554,8 +571,8 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     metadata = verify_model_dir(self._model_dir)
     transform_dir = metadata.get('transform_dir', TRANSFORM_DIR)
     model_file = metadata.get('model_file', MODEL_FILE)
-    layer = tft.TFTransformOutput(
-        join_path(self._model_dir, transform_dir)).transform_features_layer()
+    layer = tft.TFTransformOutput(local_folder(
+        join_path(self._model_dir, transform_dir))).transform_features_layer()
     with FileSystems.open(join_path(self._model_dir, model_file)) as f:
       estimator = loads_estimator(f.read(),
                                   join_path(self._model_dir, model_file))

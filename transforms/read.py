@@ -8,8 +8,8 @@ UNDECODED). Each format is one module of transforms.formats, which says
 how a file of it splits and reads a range of it; this module matches the
 files, splits them into ranges, spreads the ranges over the workers and
 turns a break in a file into one `unreadable_file` row. A postgresql://
-URL is read by transforms.postgres_read instead, into the same raw
-batches.
+URL is read by transforms.postgres_read instead, and an http(s):// URL (a
+paginated JSON API) by transforms.http_source, into the same raw batches.
 """
 
 from typing import Iterator, List, NamedTuple, Optional, Sequence
@@ -20,8 +20,9 @@ from apache_beam.io.filesystems import FileSystems
 import pyarrow as pa
 
 from schemas.dataset import Dataset
-from transforms.formats import format_named, format_of
+from transforms import http_source
 from transforms.common import CountRows
+from transforms.formats import format_named, format_of
 from transforms.formats.base import InputError
 from transforms import postgres_read
 from transforms.postgres import is_postgres
@@ -43,7 +44,8 @@ def check_input(pattern: str, explicit_format: Optional[str] = None,
                 dataset: Optional[Dataset] = None):
   """Preflight: the pattern matches files of a known format. Returns paths
   (none for a postgresql:// source, whose server, table and key are
-  checked instead)."""
+  checked instead; an http(s):// API: its URL, once its first page
+  answered, see transforms.http_source)."""
   if is_postgres(pattern):
     if dataset is None:
       raise InputError(f'{postgres_read.display_url(pattern)}: a PostgreSQL '
@@ -51,6 +53,8 @@ def check_input(pattern: str, explicit_format: Optional[str] = None,
                        'here)')
     postgres_read.check_source(pattern, dataset)
     return []
+  if http_source.is_http(pattern) and dataset is not None:
+    return [http_source.check_source(pattern, dataset)]
   try:
     match = FileSystems.match([pattern])[0]
   except Exception as e:  # pylint: disable=broad-except
@@ -112,9 +116,12 @@ def record_texts(path: str, dataset: Dataset, positions: Sequence[int],
   """{position: the record's text} for a few records of one file, read
   again (the dead-letter text of a duplicate). Text formats give the
   record as written; Avro, Parquet and PostgreSQL the record's values as
+  JSON; an API page (read again, transforms.http_source) its records as
   JSON."""
   if is_postgres(path):
     return postgres_read.record_texts(path, dataset, positions)
+  if http_source.is_http(path):
+    return http_source.record_texts(path, dataset, positions)
   return format_named(format_of(path, explicit_format)).record_texts(
       path, dataset, positions)
 
@@ -128,9 +135,9 @@ def read_file(path: str, dataset: Dataset,
 
 class ReadRecords(beam.PTransform):
   """PBegin -> PCollection[pa.RecordBatch] of raw batches (module docstring)
-  from a glob of local or gs:// files, or a postgresql:// source
-  (transforms.postgres_read). The records read are counted per source
-  (`records_read_from.<source>`).
+  from a glob of local, gs:// or s3:// files, a postgresql:// source
+  (transforms.postgres_read) or an http(s):// API (transforms.http_source).
+  The records read are counted per source (`records_read_from.<source>`).
 
   The format comes from each file's extension (transforms.formats: .jsonl,
   .csv, .avro, .parquet, each optionally .gz) unless `input_format` names
@@ -152,6 +159,12 @@ class ReadRecords(beam.PTransform):
               | 'ReadPostgres' >> postgres_read.ReadPostgres(source,
                                                              self._dataset)
               | 'CountPerSource' >> beam.ParDo(count))
+    if http_source.is_http(self._pattern):
+      return (pbegin
+              | 'ReadApiPages' >> http_source.ReadHttpPages(self._pattern,
+                                                           self._dataset)
+              | 'CountPerSource' >> beam.ParDo(
+                  CountRows(f'records_read_from.{self._pattern}')))
     fmt, split = self._format, self._split
     count = CountRows(f'records_read_from.{self._pattern}')
     return (

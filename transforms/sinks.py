@@ -12,6 +12,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from transforms import beam_s3
+
+
+beam_s3.install()   # Beam's S3 file system, fixed (see the module)
 
 
 def conform(batch, schema: pa.Schema) -> pa.Table:

@@ -98,11 +98,13 @@ class BatchOptions(PipelineOptions):
         '--baseline_stats', default=None,
         help='Statistics (stats.pb) to compare against for drift.')
     parser.add_argument(
-        '--model_type', default='gbt',
-        help='Model trained by the train stage: gbt (any task), logreg '
-        '(classes) or linear (regression); several, comma-separated (e.g. '
-        'gbt,logreg), are trained on the same split and the best by the '
-        'eval metric is kept, with the others\' metrics beside it.')
+        '--model_type', default='auto',
+        help='Model trained by the train stage: auto (default: every type '
+        'that fits the task, gbt and logreg for classes, gbt and linear for '
+        'regression), gbt (any task), logreg (classes) or linear '
+        '(regression); several, comma-separated (e.g. gbt,logreg), are '
+        'trained on the same split and the best by the eval metric is '
+        'kept, with the others\' metrics beside it.')
     parser.add_argument(
         '--train', default=True, action=argparse.BooleanOptionalAction,
         help='Train a model (default). --no-train with --registry scores '
@@ -151,7 +153,7 @@ class StreamingOptions(PipelineOptions):
         '--stream_shards', default=None, type=int,
         help='shards of the keyed steps (dedupe, histories, aggregates): '
         'each shard\'s state is read and written once per batch. Default: '
-        '1 on the DirectRunner, 8 elsewhere; fewer make bigger batches, more '
+        '1 on the DirectRunner, 4 elsewhere; fewer make bigger batches, more '
         'spread the keys over more workers.')
     parser.add_argument(
         '--input_subscription', default=None,

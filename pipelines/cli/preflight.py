@@ -471,3 +471,69 @@ def check_kafka(opts) -> None:
   raise PreflightError(
       f'--bootstrap_servers {opts.bootstrap_servers}: no Kafka broker '
       'answers (start one with runners/kafka_broker.sh start)')
+
+
+# --- object stores (network) ---------------------------------------------------
+# Flags that may name an s3:// folder or files.
+_STORE_PATHS = _ALL_PATHS + ('registry',)
+
+
+def _s3_client(options: PipelineOptions, timeout: float):
+  """A boto3 S3 client set up as Beam's S3 file system sets its own (Beam's
+  S3Options: --s3_endpoint_url, --s3_region_name, keys; boto3 reads the
+  standard AWS variables for what they leave out, AWS_ENDPOINT_URL among
+  them), with a short timeout and no retries: Beam's own client retries
+  an endpoint that does not answer for minutes."""
+  import boto3  # pylint: disable=import-outside-toplevel
+  from botocore.config import Config  # pylint: disable=import-outside-toplevel
+  from apache_beam.options.pipeline_options import S3Options  # pylint: disable=import-outside-toplevel
+  s3 = options.view_as(S3Options)
+  return boto3.session.Session().client(
+      's3', region_name=s3.s3_region_name, endpoint_url=s3.s3_endpoint_url,
+      use_ssl=not s3.s3_disable_ssl, verify=s3.s3_verify,
+      aws_access_key_id=s3.s3_access_key_id,
+      aws_secret_access_key=s3.s3_secret_access_key,
+      aws_session_token=s3.s3_session_token,
+      config=Config(connect_timeout=timeout, read_timeout=timeout,
+                    retries={'max_attempts': 1}))
+
+
+def check_object_stores(options: PipelineOptions, trains: bool = False,
+                        timeout: float = 5.0) -> None:
+  """Every s3:// bucket the flags name answers (one HEAD each), before any
+  job starts; and a run that `trains` does not write into s3://, where
+  tf.Transform cannot (TensorFlow 2.16 has no s3:// file system)."""
+  flags = _flags(options)
+  paths = [(f, str(flags[f])) for f in _STORE_PATHS
+           if str(flags.get(f) or '').startswith('s3://')]
+  if not paths:
+    return
+  out = str(flags.get('output_dir') or '')
+  if out.startswith('s3://') and trains:
+    raise PreflightError(
+        f'--output_dir {out}: training writes the transform graph through '
+        'TensorFlow, which has no s3:// file system; train into a local or '
+        'gs:// --output_dir (--registry s3://... takes the model), or score '
+        'into s3:// with --model_dir or --registry and --no-train')
+  from botocore import exceptions  # pylint: disable=import-outside-toplevel
+  client = _s3_client(options, timeout)
+  for flag, path in paths:
+    bucket = path[len('s3://'):].split('/', 1)[0]
+    try:
+      client.head_bucket(Bucket=bucket)
+    except exceptions.NoCredentialsError:
+      raise PreflightError(
+          f'--{flag} {path} needs AWS credentials: none found (set '
+          'AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)'
+      ) from None
+    except exceptions.ClientError as e:
+      code = str(e.response.get('Error', {}).get('Code', ''))
+      what = ('does not exist' if code in ('404', 'NoSuchBucket') else
+              f'cannot be used: {code or e}')
+      raise PreflightError(f'--{flag} {path}: bucket {bucket} {what}'
+                           ) from None
+    except (exceptions.BotoCoreError, ValueError) as e:
+      raise PreflightError(
+          f'--{flag} {path}: no S3 endpoint answers ({e}); set '
+          'AWS_ENDPOINT_URL or --s3_endpoint_url for an S3-compatible '
+          'server') from None

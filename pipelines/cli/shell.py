@@ -10,6 +10,7 @@ import traceback
 from typing import Callable, Optional
 
 from pipelines.base.errors import ProjectError, RunError
+from pipelines.outputs.files import use_pipeline_options
 
 
 def failure_line(error: BaseException) -> str:
@@ -28,6 +29,7 @@ def run_command(body: Callable[[], Optional[int]],
   default `failure_line`.
   """
   try:
+    use_pipeline_options()   # s3:// paths of driver-only commands
     return body() or 0
   except ProjectError as e:
     print(f'error: {e}', file=sys.stderr)

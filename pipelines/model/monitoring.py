@@ -39,8 +39,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipelines.outputs import files
+from pipelines.model import importance
 from pipelines.model.registry import Registry, RegistryError
 from pipelines.model.training import evaluate
+from pipelines.validation.checks import DRIFT_JSON, SKEW_JSON
 from schemas.dataset import RECORD_ID, Dataset, load_dataset
 from transforms.inference import verify_model_dir
 from transforms.parse import BatchValidator
@@ -322,6 +324,9 @@ def report(predictions: pa.Table, labels: pa.Table, metadata: Dict[str, Any],
                   rows_without_time}, null without a timestamp
     score_drift  every prediction's score against the model's
                  eval_score_distribution (`score_drift`)
+  (`monitor` adds important_features: the model's most important
+  features with the drift and skew measured beside the report,
+  pipelines.model.importance.important_drift.)
   """
   threshold = float(metadata['threshold'])
   joined = join(predictions, labels, metadata.get('id_field') or
@@ -402,6 +407,14 @@ def monitor(*, predictions: str, labels: str, output_dir: str,
   out['model']['dir'] = model_dir
   out['counts']['labels_rejected'] = sum(rejected.values())
   out['counts']['labels_rejected_by_kind'] = rejected
+  # The model's most important features, with the run's drift and skew
+  # (the scoring run's validation/ when the report goes beside it).
+  validation_dir = files.join(output_dir, 'validation')
+  out['important_features'] = importance.important_drift(
+      metadata.get('importance'),
+      {kind: files.read_json(path) if FileSystems.exists(path) else None
+       for kind, path in (('drift', files.join(validation_dir, DRIFT_JSON)),
+                          ('skew', files.join(validation_dir, SKEW_JSON)))})
   out['inputs'] = {'predictions': predictions,
                    'prediction_files': prediction_files,
                    'labels': labels, 'label_files': label_files}

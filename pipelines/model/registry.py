@@ -56,6 +56,22 @@ CANDIDATE, CHAMPION, RETIRED = 'candidate', 'champion', 'retired'
 STATUSES = (CANDIDATE, CHAMPION, RETIRED)
 
 
+# Raw features an entry lists by permutation importance.
+TOP_FEATURES = 10
+
+
+def top_features(importance: Optional[Dict[str, Any]]
+                 ) -> Optional[Dict[str, Any]]:
+  """The registry's view of a model's importance (pipelines.model.
+  importance): its metric and the TOP_FEATURES most important raw
+  features, {feature: mean drop of the metric}, most important first."""
+  if not importance:
+    return None
+  return {'metric': importance['metric'],
+          'top': {f['feature']: round(f['mean'], 6)
+                  for f in importance['features'][:TOP_FEATURES]}}
+
+
 class RegistryError(UsageError, ValueError):
   """The registry cannot do what was asked (exit code 2 on the command line)."""
 
@@ -237,6 +253,7 @@ class Registry:
         'dataset': metadata.get('dataset'),
         'metrics': metadata.get('metrics', {}).get('eval'),
         'compared': metadata.get('compared'),
+        'importance': top_features(metadata.get('importance')),
         'threshold': metadata.get('threshold'),
         'training': {k: training.get(k) for k in (
             'rows', 'split', 'train_time_range', 'eval_time_range')},

@@ -74,28 +74,38 @@ SELECTION_METRIC = {'binary': ('roc_auc', True),
                     'regression': ('rmse', False)}
 
 
-def model_types(text: str):
-  """'gbt,logreg' -> ['gbt', 'logreg'] (ValueError on an unknown type)."""
+# `--model_type auto` (the default): every model type that fits the task.
+AUTO = 'auto'
+AUTO_TYPES = {'binary': ('gbt', 'logreg'), 'multiclass': ('gbt', 'logreg'),
+              'regression': ('gbt', 'linear')}
+
+
+def model_types(text: str, task: Optional[str] = None):
+  """'gbt,logreg' -> ['gbt', 'logreg']; 'auto' -> the types that fit
+  `task` (AUTO_TYPES; none without a task). ValueError on an unknown
+  type."""
   from pipelines.model.training import MODELS
+  if text.strip() == AUTO:
+    return list(AUTO_TYPES.get(task, ()))
   kinds = [k.strip() for k in text.split(',') if k.strip()]
   unknown = [k for k in kinds if k not in MODELS]
   if not kinds or unknown or len(set(kinds)) != len(kinds):
-    raise ValueError(f'--model_type {text!r}: give one or more of '
+    raise ValueError(f'--model_type {text!r}: auto, or one or more of '
                      f'{", ".join(MODELS)}, comma-separated, each once')
   return kinds
 
 
 def train_stage(dataset: Dataset, output_dir: str, model_type: str,
                 statistics_path: Optional[str]) -> Dict[str, object]:
-  """Trains each model type of `model_type` ('gbt' or 'gbt,logreg') on the
-  same transformed rows and split; the best by the task's eval metric
+  """Trains each model type of `model_type` ('gbt', 'gbt,logreg', or
+  'auto': those that fit the task) on the same transformed rows and split; the best by the task's eval metric
   (SELECTION_METRIC) becomes model/, with the others' eval metrics beside
   it in its metadata ('compared'). Returns the chosen model's metadata."""
   table = read_transformed(files.join(output_dir, TRANSFORMED))
   features = read_transformed(files.join(output_dir, 'features'))
   model_dir = files.join(output_dir, MODEL)
   files.clear(model_dir)
-  kinds = model_types(model_type)
+  kinds = model_types(model_type, dataset.task)
   if len(kinds) == 1:
     return train(table, transform_dir=files.join(output_dir, TRANSFORM_FN),
                  model_dir=model_dir, dataset=dataset, model=kinds[0],

@@ -27,6 +27,9 @@ Models (deterministic, random_state=0):
   logreg  LogisticRegression on one-hot vocabulary and bucket indices plus
           the z-scored numeric columns.
 
+Feature importance (pipelines.model.importance): permutation importance
+on the eval split per raw feature, in the metadata's `importance`.
+
 Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
 transform_fn/ and transformed_metadata/), split.parquet (a hash of each
 training and eval row's id, for the predictions' `split` column),
@@ -46,7 +49,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from schemas.dataset import load_dataset
+from pipelines.model import importance
+from schemas.dataset import MISSING_SUFFIX, TRANSFORMED_SUFFIX, load_dataset
 from transforms import inference
 from transforms import preprocess
 from transforms.sinks import conform
@@ -440,6 +444,12 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
     return evaluate_regression(labels, estimator.predict(matrix(rows)))
 
   metrics = {'train': metrics_of(train_rows), 'eval': metrics_of(eval_rows)}
+  # What the model relies on, per raw feature, on the eval split.
+  feature_importance = importance.permutation_importance(
+      estimator, matrix(eval_rows), _labels(eval_rows, label, task),
+      importance.raw_groups(features, dataset.model_features(),
+                            TRANSFORMED_SUFFIX, MISSING_SUFFIX),
+      task, len(dataset.label.class_names) if task != 'regression' else 0)
   score_distribution = None
   if task == 'binary':
     # The eval split's scores, binned: the reference that monitoring
@@ -485,6 +495,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
       'eval_score_distribution': score_distribution,
       'risk': dataset.risk or None,
       'metrics': metrics,
+      'importance': feature_importance,
       'training': {
           'rows': {'train': train_rows.num_rows, 'eval': eval_rows.num_rows},
           'split': split_name(dataset),

@@ -1,5 +1,5 @@
-"""Driver-side file helpers that work the same on local paths and gs://:
-JSON files, clearing and checking output folders, success markers."""
+"""Driver-side file helpers that work the same on local paths, gs:// and
+s3://: JSON files, clearing and checking output folders, success markers."""
 
 import glob
 import json
@@ -11,6 +11,22 @@ from typing import List
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines.base.errors import UsageError
+from transforms import beam_s3
+
+
+beam_s3.install()   # Beam's S3 file system, fixed (see the module)
+
+
+def use_pipeline_options(options=None):
+  """Gives Beam's file systems the run's options on the driver. Beam's S3
+  file system (s3://) is built from pipeline options even outside a
+  pipeline (--s3_endpoint_url, --s3_region_name, ...; without them boto3
+  reads the standard AWS variables, AWS_ENDPOINT_URL among them) and
+  refuses to open anything before it has some; local and gs:// paths do
+  not need them. A Pipeline sets them too, when it is built."""
+  from apache_beam.options.pipeline_options import PipelineOptions  # pylint: disable=g-import-not-at-top
+  FileSystems.set_options(options if options is not None
+                          else PipelineOptions([]))
 
 
 def join(*parts: str) -> str:
@@ -91,20 +107,35 @@ def write_bytes(path: str, data: bytes):
 
 
 def write_atomic(path: str, data: bytes):
-  """Writes a file whole or not at all: locally to a temporary file that is
-  flushed to disk and renamed over `path`; on an object store (gs://) one
+  """Writes a file whole or not at all: locally to a temporary file of its
+  own (hidden, unique to this call: two threads writing one path never
+  share it) that is flushed to disk and renamed over `path`, and the
+  folder's entry flushed too; on an object store (gs://, s3://) one
   upload, which is atomic already. A crash leaves the old file or the new
   one, never half of either."""
   if '://' in path:
     write_bytes(path, data)
     return
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  temporary = f'{path}.tmp-{os.getpid()}'
-  with open(temporary, 'wb') as f:
-    f.write(data)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temporary, path)
+  import threading  # pylint: disable=g-import-not-at-top
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  temporary = os.path.join(folder, f'.{os.path.basename(path)}.'
+                           f'{os.getpid()}-{threading.get_ident()}.tmp')
+  try:
+    with open(temporary, 'wb') as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(temporary, path)
+  except BaseException:
+    if os.path.exists(temporary):
+      os.remove(temporary)
+    raise
+  directory = os.open(folder, os.O_RDONLY)
+  try:
+    os.fsync(directory)
+  finally:
+    os.close(directory)
 
 
 def failure_line(error: BaseException, log: str, what: str) -> str:

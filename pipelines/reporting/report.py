@@ -8,12 +8,16 @@ at its end (`write_report`), after its summary and metrics.prom
 (`finish_summary`) and its line of the run history (pipelines.runs).
 
 The page has no script and loads nothing: one <style> block, inline SVG
-(plots by matplotlib's SVG backend; the feature histograms are
-pipelines.validation.stats_report's), links relative to the page. Sections, each
+(every plot, the feature histograms of pipelines.validation.stats_report
+too, by matplotlib's SVG backend through pipelines.outputs.plots), links
+relative to the page. Sections, each
 present only when the run has what it shows (a features-only run, one the
 validation gate stopped and a scoring-only run leave out what they did not
-do): summary, stages, records, anomalies, drift, model, curves,
-calibration, scores, risk, registry, monitoring, features, history,
+do): summary, stages, records, anomalies, drift, model (with the model
+types compared), importance (permutation importance per raw feature, with
+each feature's drift and skew), curves (a log false-positive ROC beside
+the linear one when AUC > 0.95), calibration, scores, risk, registry,
+monitoring (with the important features that drifted), features, history,
 outputs. Nothing in it reads the clock: rendering the same folder twice
 gives the same page (the stage durations are the run's measurements).
 """
@@ -24,7 +28,6 @@ import html
 import io
 import json
 import os
-import re
 import types
 from typing import Any, Dict, List, Optional
 
@@ -35,6 +38,7 @@ from pipelines.runs import run_history as history
 from pipelines.validation import stats_report
 from pipelines.outputs import metrics
 from pipelines.outputs import files
+from pipelines.outputs import plots
 
 REPORT_DIR, REPORT_FILE = 'report', 'index.html'
 SUMMARY_FILE = 'run_summary.json'
@@ -153,44 +157,8 @@ def eval_curves(output_dir: str, metadata: Dict[str, Any]
 
 
 # Plots (matplotlib's SVG backend) -------------------------------------------------
-_ACCENT, _MUTED, _WARN = '#3b82c4', '#9aa5b1', '#b26a00'
-
-
-def _figure(width: float = 4.4, height: float = 3.3):
-  from matplotlib.figure import Figure
-  fig = Figure(figsize=(width, height))
-  ax = fig.add_subplot()
-  ax.spines[['top', 'right']].set_visible(False)
-  ax.grid(True, color='#e4e7eb', linewidth=0.6)
-  ax.set_axisbelow(True)
-  return fig, ax
-
-
-def svg_of(fig, name: str) -> str:
-  """The figure as inline SVG for an HTML page: no XML prologue, no
-  metadata, no namespace URLs (HTML does not need them), element ids
-  prefixed with `name` so that several plots on a page never share one."""
-  import matplotlib
-  buffer = io.StringIO()
-  with matplotlib.rc_context({'svg.hashsalt': 'mlpipe', 'svg.fonttype':
-                              'none', 'font.size': 9}):
-    fig.tight_layout()
-    fig.savefig(buffer, format='svg', metadata={'Date': None,
-                                                'Creator': None})
-  text = buffer.getvalue()
-  text = text[text.index('<svg'):]
-  text = re.sub(r'<metadata>.*?</metadata>', '', text, flags=re.S)
-  text = re.sub(r'\s+xmlns(:\w+)?="[^"]*"', '', text)
-  text = text.replace('xlink:href=', 'href=')
-  ids = re.findall(r'\bid="([^"]+)"', text)
-  for old in sorted(set(ids), key=len, reverse=True):
-    new = f'{name}-{old}'
-    text = (text.replace(f'id="{old}"', f'id="{new}"')
-            .replace(f'url(#{old})', f'url(#{new})')
-            .replace(f'href="#{old}"', f'href="#{new}"'))
-  text = re.sub(r'<svg ', f'<svg class="plot" role="img" '
-                f'aria-label="{name}" ', text, count=1)
-  return text
+_ACCENT, _MUTED, _WARN = plots.ACCENT, plots.MUTED, plots.WARN
+_figure, svg_of = plots.figure, plots.svg_of
 
 
 def roc_svg(curves) -> str:
@@ -204,6 +172,52 @@ def roc_svg(curves) -> str:
          ylabel='true positive rate', title='ROC curve (eval split)')
   ax.legend(loc='lower right', frameon=False)
   return svg_of(fig, 'roc')
+
+
+# Above this eval ROC AUC the linear curve hugs the top-left corner: the
+# curves section adds the same curve on a log-scaled false-positive axis.
+LOG_ROC_ABOVE = 0.95
+
+
+def roc_log_svg(curves) -> str:
+  """The ROC curve with the false-positive rate on a log scale, from one
+  false positive of the eval split to all of them: where a model that
+  separates well differs."""
+  fpr = np.asarray(curves['roc']['fpr'], float)
+  tpr = np.asarray(curves['roc']['tpr'], float)
+  negatives = max(int(curves.get('rows') or 0) -
+                  int(curves.get('positives') or 0), 1)
+  low = 1.0 / negatives
+  fig, ax = _figure()
+  grid = np.logspace(np.log10(low), 0, 50)
+  ax.plot(grid, grid, color=_MUTED, linestyle='--', linewidth=1,
+          label='chance')
+  keep = fpr > 0
+  ax.step(np.clip(fpr[keep], low, 1), tpr[keep], where='post',
+          color=_ACCENT, linewidth=1.8,
+          label=f'model (AUC {curves["roc_auc"]:.3f})')
+  ax.set_xscale('log')
+  ax.set(xlim=(low * 0.9, 1), ylim=(0, 1.02),
+         xlabel='false positive rate (log)', ylabel='true positive rate',
+         title='ROC curve, log false-positive axis')
+  ax.legend(loc='lower right', frameon=False)
+  return svg_of(fig, 'roc-log')
+
+
+def importance_svg(importance: Dict[str, Any], top: int = 15) -> str:
+  """Horizontal bars: each raw feature's mean drop of the eval metric when
+  permuted, with its standard deviation over the repeats."""
+  features = importance['features'][:top][::-1]
+  fig, ax = _figure(6.2, 0.9 + 0.24 * max(len(features), 1))
+  names = [f['feature'] for f in features]
+  ax.barh(names, [f['mean'] for f in features],
+          xerr=[f['std'] for f in features], color=_ACCENT, height=0.6,
+          error_kw={'ecolor': _MUTED, 'elinewidth': 1, 'capsize': 2})
+  ax.axvline(0, color=_MUTED, linewidth=0.8)
+  ax.grid(False, axis='y')
+  ax.set(xlabel=f'drop of {importance["metric"]} when permuted (eval split)',
+         title='Feature importance (permutation)')
+  return svg_of(fig, 'importance')
 
 
 def pr_svg(curves, base_rate: Optional[float]) -> str:
@@ -354,7 +368,7 @@ td { overflow-wrap:anywhere; }
 h3.h3 { font-family:inherit; font-size:14px; margin:18px 0 8px; }
 .card.wide { max-width:780px; }
 .fbody > div { min-width:0; }
-.feature .quant { display:block; overflow-x:auto; max-width:100%; }
+.badge { white-space:nowrap; }
 .kpi.health b { color:var(--ok); } .kpi.health.low b { color:var(--err); }
 .kpi.health.mid b { color:var(--warn); }
 """
@@ -414,7 +428,10 @@ def _stages_section(s) -> str:
 
 def _records_section(s, examples) -> str:
   read = s.get('records_read') or 0
-  rows = [['read', _num(read), ''],
+  rows = [['read', _num(read), '']] + [
+      [f'read from {_e(source)}', _num(count), _pct(count, read)]
+      for source, count in (s.get('records_read_by_source') or {}).items()
+  ] + [
           ['valid', _num(s.get('records_valid')),
            _pct(s.get('records_valid', 0), read)],
           ['dead-lettered', _num(s.get('records_dead_lettered')),
@@ -569,12 +586,53 @@ def _curves_section(curves, metadata) -> str:
     return ''
   ev = (metadata.get('metrics') or {}).get('eval') or {}
   rate = (ev['positives'] / ev['rows']) if ev.get('rows') else None
+  log = ''
+  if (curves.get('roc_auc') or 0) > LOG_ROC_ABOVE:
+    log = f'<div class="card">{roc_log_svg(curves)}</div>'
   return _section('curves', 'ROC and precision-recall', (
-      f'<div class="grid2"><div class="card">{roc_svg(curves)}</div>'
+      f'<div class="grid2"><div class="card">{roc_svg(curves)}</div>{log}'
       f'<div class="card">{pr_svg(curves, rate)}</div></div>'),
       f'Model <span class="mono">{_e(metadata.get("model_version"))}</span>'
       f', eval split: {_num(curves.get("rows"))} rows, '
-      f'{_num(curves.get("positives"))} positives ({_e(curves["source"])}).')
+      f'{_num(curves.get("positives"))} positives ({_e(curves["source"])})' +
+      ('; with AUC above 0.95 the curve is also drawn on a log '
+       'false-positive axis, where models that separate well differ.'
+       if log else '.'))
+
+
+def _importance_section(metadata, drift, skew) -> str:
+  """The model's permutation importance: a bar chart, and a table with each
+  feature's drift and skew in this run."""
+  found = (metadata or {}).get('importance')
+  if not found:
+    return ''
+  from pipelines.model.importance import important_drift
+  moved = important_drift(found, {'drift': drift, 'skew': skew},
+                          top=len(found['features']))
+
+  def status(measured):
+    if not measured:
+      return '–'
+    css, word = (('WARNING', 'ABOVE') if measured.get('drifted') else
+                 ('OK', 'OK'))
+    return (f'{_num(measured.get("value"))} <span class="badge {css}">'
+            f'{word}</span>')
+  spread = {f['feature']: f for f in found['features']}
+  rows = [[f'<span class="mono">{_e(r["feature"])}</span>',
+           _num(r['importance']), _num(spread[r['feature']]['std']),
+           _num(spread[r['feature']]['columns']), status(r['drift']),
+           status(r['skew'])] for r in moved['features']]
+  sub = (f'{_e(found.get("method", "permutation importance"))}; '
+         f'{_num(found.get("n_repeats"))} repeats on '
+         f'{_num(found.get("rows"))} eval rows.')
+  if moved['drifted']:
+    sub += (' <b>Important features that drifted: ' +
+            ', '.join(_e(n) for n in moved['drifted']) + '.</b>')
+  return _section('importance', 'Feature importance', (
+      f'<div class="card wide">{importance_svg(found)}</div>' +
+      _table(['feature', f'drop of {_e(found["metric"])}', 'std',
+              'model columns', 'drift', 'skew'], rows,
+             numeric=(1, 2, 3))), sub)
 
 
 def _calibration_section(metadata) -> str:
@@ -667,9 +725,12 @@ def _registry_section(s) -> str:
                  f'<span class="badge {css}">{_e(entry["status"].upper())}'
                  '</span>', _e(entry.get('model_type')),
                  f'{key} {_num(m[key])}' if key else '–',
-                 _e(entry.get('registered_at') or '–')])
+                 _e(entry.get('registered_at') or '–'),
+                 _e(', '.join(list((entry.get('importance') or {}).get(
+                     'top', {}))[:3]) or '–')])
   return _section('registry', 'Model registry', body + _table(
-      ['version', 'status', 'type', 'eval metric', 'registered at'], rows),
+      ['version', 'status', 'type', 'eval metric', 'registered at',
+       'top features'], rows),
       f'<span class="mono">{_e(registry.get("root"))}</span>')
 
 
@@ -710,6 +771,13 @@ def _monitoring_section(monitoring) -> str:
                           _num(d.get('positives')), _num(d.get('roc_auc')),
                           _num(d.get('mean_score'))] for d in trend],
                         numeric=(1, 2, 3, 4)))
+  important = monitoring.get('important_features') or {}
+  if important.get('features'):
+    moved = important.get('drifted') or []
+    parts.append('<p>Important features that drifted: ' + (
+        ', '.join(f'<span class="mono">{_e(n)}</span>' for n in moved)
+        if moved else 'none') + f' (of the top {len(important["features"])}'
+        ' by importance).</p>')
   version = (monitoring.get('model') or {}).get('version')
   return _section('monitoring', 'Monitoring', (
       f'<div class="grid2"><div>{"".join(parts)}</div>{plot}</div>'),
@@ -766,7 +834,7 @@ def _outputs_section(s, output_dir, page_dir) -> str:
 
 _TITLES = {'summary': 'Summary', 'stages': 'Stages', 'records': 'Records',
            'anomalies': 'Anomalies', 'drift': 'Drift', 'model': 'Model',
-           'curves': 'ROC / PR', 'calibration': 'Calibration',
+           'importance': 'Importance', 'curves': 'ROC / PR', 'calibration': 'Calibration',
            'scores': 'Scores', 'risk': 'Risk', 'registry': 'Registry',
            'monitoring': 'Monitoring', 'features': 'Features',
            'history': 'History', 'outputs': 'Outputs'}
@@ -813,6 +881,10 @@ def render(output_dir: str, summary: Optional[Dict[str, Any]] = None,
       _drift_section(_json(files.join(validation_dir, 'drift.json')),
                      _json(files.join(validation_dir, 'skew.json'))),
       _model_section(s, metadata, trained_metadata),
+      # The importance of the model trained in this run (else the scorer).
+      _importance_section(
+          trained_metadata, _json(files.join(validation_dir, 'drift.json')),
+          _json(files.join(validation_dir, 'skew.json'))),
       _curves_section(curves, trained_metadata),
       _calibration_section(trained_metadata) if trained_metadata else '',
       _scores_section(metadata, predictions),

@@ -16,6 +16,8 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Union
 from apache_beam.io.filesystems import FileSystems
 from tensorflow_metadata.proto.v0 import statistics_pb2
 
+from pipelines.outputs import plots
+
 DEFAULT_TITLE = 'Feature statistics'
 # TFDV's sketch-based top-k is exact only below this many distinct values.
 _EXACT_TOPK_LIMIT = 1024
@@ -70,13 +72,24 @@ a:hover { text-decoration:underline; }
 .kv td { border:none; padding:2px 8px 2px 0; }
 .kv td:first-child { color:var(--muted); width:42%; }
 .quant { margin-top:10px; font-size:12px; }
-.quant th, .quant td { padding:3px 6px; }
 .note { color:var(--muted); font-size:12px; margin:6px 0 0; }
 .empty { color:var(--muted); font-style:italic; }
 svg text { font:11px system-ui,-apple-system,"Segoe UI",Roboto,Arial,
   sans-serif; fill:#52606d; }
 svg .bar { fill:var(--bar); } svg .bar:hover { fill:#1d5fa0; }
 svg .axis { stroke:#9aa5b1; stroke-width:1; }
+svg.hist { width:100%; height:auto; display:block; }
+svg.hist text { font:10px system-ui,-apple-system,"Segoe UI",Roboto,Arial,
+  sans-serif; fill:#52606d; }
+.badge { white-space:nowrap; }
+/* Quantiles: (share, value) pairs that wrap inside their card. */
+.quant { display:flex; flex-wrap:wrap; gap:0; border:1px solid var(--line);
+  border-radius:8px; overflow:hidden; background:#fff; }
+.quant .q { flex:1 0 auto; min-width:3.6em; max-width:100%; display:flex;
+  flex-direction:column; text-align:right; padding:3px 6px;
+  font-variant-numeric:tabular-nums; overflow-wrap:anywhere; }
+.quant .q b { font-size:11px; font-weight:600; color:var(--muted);
+  background:#eef1f5; margin:-3px -6px 3px; padding:3px 6px; }
 .toc { columns:4 200px; margin:0; padding:0 0 0 18px; }
 .toc li { break-inside:avoid; }
 """
@@ -127,8 +140,9 @@ def _anchor(name: str) -> str:
 
 
 # Charts -----------------------------------------------------------------------
-def _histogram_svg(buckets, fmt=_fmt, width=400, height=150) -> str:
-  """Vertical bars of a STANDARD (equal-width) histogram.
+def _histogram_svg(buckets, fmt=_fmt, name: str = 'histogram') -> str:
+  """Bars of a STANDARD (equal-width) histogram, drawn by matplotlib as
+  the report's model plots are (pipelines.outputs.plots).
 
   Counts go on a log scale when one bucket dwarfs the typical one (a long
   tail or a few outliers would otherwise leave a single visible bar).
@@ -139,46 +153,28 @@ def _histogram_svg(buckets, fmt=_fmt, width=400, height=150) -> str:
   buckets = list(buckets)
   if not buckets:
     return '<p class="empty">no histogram</p>'
-  left, right, top, bottom = 44, 8, 8, 34
-  plot_w, plot_h = width - left - right, height - top - bottom
   counts = [b.sample_count if b.sample_count >= 0.5 else 0.0 for b in buckets]
   peak = max(counts) or 1.0
   filled = sorted(c for c in counts if c)
   log = bool(filled) and peak > 20 * filled[len(filled) // 2]
-  scale = ((lambda c: math.log10(1 + c) / math.log10(1 + peak)) if log
-           else (lambda c: c / peak))
-  step = plot_w / len(buckets)
-  parts = [f'<svg width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="histogram">']
-  for i, (b, count) in enumerate(zip(buckets, counts)):
-    if not count:
-      continue
-    h = max(plot_h * scale(count), 1.0)  # keep tiny buckets visible
-    x, y = left + i * step, top + plot_h - h
-    tip = (f'[{fmt(b.low_value)}, {fmt(b.high_value)}]: '
-           f'{_fmt(round(b.sample_count, 1))}')
-    parts.append(f'<rect class="bar" x="{x + 0.5:.1f}" y="{y:.1f}" '
-                 f'width="{max(step - 1, 1):.1f}" height="{h:.1f}">'
-                 f'<title>{_e(tip)}</title></rect>')
-  base = top + plot_h
-  caption = 'value (equal-width buckets%s)' % (
-      '; count on log scale' if log else '')
-  parts.append(f'<line class="axis" x1="{left}" y1="{base}" '
-               f'x2="{width - right}" y2="{base}"/>')
-  parts.append(f'<line class="axis" x1="{left}" y1="{top}" x2="{left}" '
-               f'y2="{base}"/>')
-  parts.append(f'<text x="{left - 4}" y="{top + 9}" text-anchor="end">'
-               f'{_e(_fmt(round(peak)))}</text>')
-  parts.append(f'<text x="{left - 4}" y="{base}" text-anchor="end">0</text>')
-  parts.append(f'<text x="{left}" y="{base + 14}" text-anchor="start">'
-               f'{_e(fmt(buckets[0].low_value))}</text>')
-  parts.append(f'<text x="{width - right}" y="{base + 14}" text-anchor="end">'
-               f'{_e(fmt(buckets[-1].high_value))}</text>')
-  parts.append(f'<text x="{left + plot_w / 2:.1f}" y="{base + 28}" '
-               f'text-anchor="middle">{_e(caption)}</text>')
-  parts.append('</svg>')
-  return ''.join(parts)
+  lows = [b.low_value for b in buckets]
+  widths = [b.high_value - b.low_value for b in buckets]
+  fig, ax = plots.figure(4.2, 1.9)
+  if all(w > 0 and math.isfinite(w) for w in widths):
+    ax.bar(lows, counts, width=widths, align='edge', color=plots.ACCENT,
+           linewidth=0)
+  else:   # a constant or unbounded bucket: bars side by side
+    ax.bar(range(len(counts)), counts, width=0.9, color=plots.ACCENT)
+    ax.set_xticks([0, len(counts) - 1], [fmt(lows[0]),
+                                         fmt(buckets[-1].high_value)])
+  if log:
+    ax.set_yscale('symlog', linthresh=1)
+  ax.set_xlabel('value (equal-width buckets%s)' % (
+      '; count on log scale' if log else ''))
+  if fmt is not _fmt:   # times: the ends, as the table writes them
+    ax.set_xticks([lows[0], buckets[-1].high_value],
+                  [fmt(lows[0]), fmt(buckets[-1].high_value)])
+  return plots.svg_of(fig, name, css_class='hist')
 
 
 def _top_values_svg(values: Sequence, total: float, width=400) -> str:
@@ -217,16 +213,16 @@ def _kv_table(pairs: Iterable) -> str:
 
 
 def _quantiles(num_stats, fmt) -> str:
+  """The quantiles as a row of (share, value) pairs that wraps inside the
+  card: each pair sizes to its value, so a long one never overflows."""
   for hist in num_stats.histograms:
     if hist.type == statistics_pb2.Histogram.QUANTILES and hist.buckets:
       bounds = [hist.buckets[0].low_value] + [b.high_value
                                               for b in hist.buckets]
       n = len(bounds) - 1
-      head = ''.join(f'<th class="num">{round(100 * i / n)}%</th>'
-                     for i in range(n + 1))
-      cells = ''.join(f'<td class="num">{_e(fmt(v))}</td>' for v in bounds)
-      return (f'<table class="quant"><tr>{head}</tr><tr>{cells}</tr>'
-              '</table>')
+      pairs = ''.join(f'<span class="q"><b>{round(100 * i / n)}%</b>'
+                      f'{_e(fmt(v))}</span>' for i, v in enumerate(bounds))
+      return f'<div class="quant">{pairs}</div>'
   return ''
 
 
@@ -242,7 +238,8 @@ def _numeric_card(feature, num_examples, fmt) -> str:
            ('min', fmt(s.min)), ('median', fmt(s.median)), ('max', fmt(s.max))]
   standard = [h for h in s.histograms
               if h.type == statistics_pb2.Histogram.STANDARD]
-  chart = _histogram_svg(standard[0].buckets if standard else [], fmt)
+  chart = _histogram_svg(standard[0].buckets if standard else [], fmt,
+                         'hist-' + _anchor(_feature_name(feature)))
   return (f'<div class="fbody"><div>{_kv_table(pairs)}'
           f'{_quantiles(s, fmt)}</div><div>{chart}</div></div>')
 

@@ -11,7 +11,8 @@ file splits into ranges, and the reader of one range into raw batches
 import abc
 import contextlib
 import gzip
-from typing import ClassVar, Iterator, List, Optional, Sequence, Tuple
+from typing import (ClassVar, Dict, Iterator, List, Optional, Sequence,
+                    Tuple)
 
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
@@ -61,6 +62,14 @@ class Format(abc.ABC):
     """How an uncompressed file larger than `split_bytes` is split."""
     del path, size, split_bytes
     return [(0, None)]
+
+  def column_types(self, path: str) -> Optional[Dict[str, str]]:
+    """{column: declared type its values decode as} of a file, for a
+    reader that decodes only declared fields (a draft declaration needs
+    them before anything is declared); None when `batches` gives every
+    column of the file, in its own types, whatever is declared."""
+    del path
+    return None
 
   @abc.abstractmethod
   def batches(self, path: str, start: int, end: Optional[int],

@@ -6,7 +6,7 @@ be known."""
 
 import csv
 import io
-from typing import Iterator, List, Optional
+from typing import Dict, Iterator, List, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -224,6 +224,14 @@ class Csv(TextFormat):
       # Record line i of the file is record i - 1: the header is line 0.
       yield from header.batches(lines, first_line, path,
                                 before + first_line - 1)
+
+  def column_types(self, path: str) -> Optional[Dict[str, str]]:
+    """The header's names, each a string (the parser converts the text)."""
+    for _, lines in self.blocks(path):
+      if len(lines):
+        names, _ = _csv_row(lines.line(0))
+        return {name: 'string' for name in names or ()}
+    return {}
 
   @staticmethod
   def _header(line: str, dataset: Dataset):

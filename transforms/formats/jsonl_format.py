@@ -4,9 +4,10 @@ by pyarrow's JSON reader with the declared types (timestamps as their RFC
 object it could not type is UNDECODED (the parser decodes it from its
 text), anything else is malformed."""
 
+import collections
 import io
 import json
-from typing import Iterator, Optional
+from typing import Dict, Iterator, Optional
 
 import pyarrow as pa
 
@@ -77,6 +78,33 @@ class JsonLines(TextFormat):
 
   def records(self, data: bytes) -> Lines:
     return split_lines(data)
+
+  def column_types(self, path: str) -> Optional[Dict[str, str]]:
+    """The keys of the objects in the file's first block, in the order
+    they first appear, each with the type most of its JSON values have
+    there (numbers: int, or float when any is not an int; else string): a
+    record holding a value of another type is decoded alone, from its
+    text, as the reader does with any such record."""
+    counts: Dict[str, collections.Counter] = {}
+    for _, lines in self.blocks(path):
+      for i in range(len(lines)):
+        try:
+          values = json.loads(lines.line(i))
+        except (ValueError, RecursionError):
+          continue
+        if isinstance(values, dict):
+          for key, value in values.items():
+            kind = (None if value is None else 'string' if isinstance(
+                value, str) else 'int' if type(value) is int else  # noqa
+                    'float' if isinstance(value, float) else 'other')
+            counts.setdefault(key, collections.Counter())[kind] += 1
+      break
+    out = {}
+    for key, seen in counts.items():
+      numbers = seen['int'] + seen['float']
+      out[key] = ('string' if seen['string'] >= numbers else
+                  'float' if seen['float'] else 'int')
+    return out
 
   def batches(self, path: str, start: int, end: Optional[int],
               dataset: Dataset) -> Iterator[pa.RecordBatch]:

@@ -21,6 +21,7 @@ from transforms.formats.raw import BATCH_ROWS, ERROR, raw_batch
 
 # A refused block of at most this many lines is decoded line by line.
 _SMALL_BLOCK = 8
+_DENSE = 4
 _ROW_IN_ERROR = re.compile(r' in row (\d+)')
 # Bytes split into lines at a time (about: to the next line end).
 _SCAN_BYTES = 1 << 18
@@ -169,23 +170,45 @@ def _decode_lines(lines: Lines, a: int, b: int, decode_block, decode_line
   fast decoder took, ('line', decode_line(text)) for single lines.
 
   A refused block is split around the row pyarrow names, or halved, so a
-  few bad lines cost a few re-reads of their neighbours."""
-  if a >= b:
-    return []
-  try:
-    return [('block', decode_block(lines.block(a, b), b - a))]
-  except (pa.ArrowException, ValueError) as e:
-    match = _ROW_IN_ERROR.search(str(e))
-  if match and int(match.group(1)) < b - a:
-    bad = a + int(match.group(1))
-    return (_decode_lines(lines, a, bad, decode_block, decode_line) +
-            [('line', decode_line(lines.line(bad)))] +
-            _decode_lines(lines, bad + 1, b, decode_block, decode_line))
-  if b - a <= _SMALL_BLOCK:
-    return [('line', decode_line(lines.line(i))) for i in range(a, b)]
-  half = (a + b) // 2
-  return (_decode_lines(lines, a, half, decode_block, decode_line) +
-          _decode_lines(lines, half, b, decode_block, decode_line))
+  few bad lines cost a few re-reads of their neighbours. A work list, not
+  recursion: a block of thousands of refused lines (a column of numbers
+  declared a string) went over Python's recursion limit and the whole
+  block became one unreadable-file row. When the named row is the block's
+  first `_DENSE` times in a row, the lines are bad one after another: the
+  next `_SMALL_BLOCK` are decoded alone, instead of re-reading the rest of
+  the block once per bad line."""
+  out, todo, streak = [], [('range', a, b)], 0
+  while todo:
+    item = todo.pop()
+    if item[0] == 'line':
+      out.append(('line', decode_line(lines.line(item[1]))))
+      continue
+    _, a, b = item
+    if a >= b:
+      continue
+    if streak >= _DENSE:
+      end = min(b, a + _SMALL_BLOCK)
+      out += [('line', decode_line(lines.line(i))) for i in range(a, end)]
+      todo.append(('range', end, b))
+      streak = 0
+      continue
+    try:
+      out.append(('block', decode_block(lines.block(a, b), b - a)))
+      streak = 0
+      continue
+    except (pa.ArrowException, ValueError) as e:
+      match = _ROW_IN_ERROR.search(str(e))
+    if match and int(match.group(1)) < b - a:
+      bad = a + int(match.group(1))
+      streak = streak + 1 if bad == a else 0
+      # Popped last first: [a, bad), the bad line, then the rest.
+      todo += [('range', bad + 1, b), ('line', bad), ('range', a, bad)]
+    elif b - a <= _SMALL_BLOCK:
+      out += [('line', decode_line(lines.line(i))) for i in range(a, b)]
+    else:
+      half = (a + b) // 2
+      todo += [('range', half, b), ('range', a, half)]
+  return out
 
 
 def _assemble(segments, schema: pa.Schema, source: str, first: int,
