@@ -55,7 +55,6 @@ import pipelines.base.quiet  # noqa: F401  (first: silences TensorFlow)
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.utils import WatchFilePattern
 from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 from apache_beam.runners.runner import PipelineState
@@ -192,35 +191,23 @@ def model_scorer(opts, dataset: Dataset,
   scorer) on --model_dir, or None without it.
 
   With --model_watch_pattern (a glob of model metadata.json files, e.g.
-  gs://b/models/*/metadata.json; needs `p`), a WatchFilePattern on it,
-  matched every --model_watch_interval seconds, is RunInference's model side
-  input: --model_dir scores first, files present at start are ignored, and
-  each metadata.json that appears later (a new, unique directory; the file
-  written last) is verified and loaded, and predictions carry its
-  model_version from then on. No restart, no drain.
-
-  WatchFilePattern is an unbounded global-window side input fired by a
-  processing-time trigger, so it needs a runner that reads side inputs as
-  their panes arrive (Dataflow, Flink). Beam 2.72's Python DirectRunner does
-  not: it holds every main-input window until the side input's watermark
-  passes the window's end, i.e. for the global window until the watch stops
-  (never), so no row is scored. A replay of --input (TestStream) fails
-  earlier still, at submission ("Transform node ... PeriodicImpulse/
-  GenSequence/ProcessKeyedElements/GroupByKey/GroupByKey ... was not
-  replaced as expected"). run() refuses the DirectRunner up front; tests
-  drive the side input per fixed window instead (tests/test_model_refresh).
+  gs://b/models/*/metadata.json, or a registry's promotions/*.json), the
+  scoring step matches it at most every --model_watch_interval seconds
+  (ScoreWithLatestModel): --model_dir scores first, files present at start
+  are ignored, and the file updated last names the model (a new, unique
+  directory, metadata.json written last; or a pointer to one), which is
+  verified and loaded; predictions carry its model_version from then on.
+  No restart, no drain. (WatchFilePattern as RunInference's side input
+  never switched on Flink: see ScoreWithLatestModel.) run() still refuses
+  the watch on the DirectRunner (check_model_watch). `p` is unused.
   """
   if not opts.model_dir:
     return None
-  models = None
-  if opts.model_watch_pattern:
-    if p is None:
-      raise ValueError('model_scorer needs the pipeline to watch models')
-    models = p | 'WatchModels' >> WatchFilePattern(
-        file_pattern=opts.model_watch_pattern,
-        interval=opts.model_watch_interval)
+  # The scoring step matches the pattern itself (ScoreWithLatestModel):
+  # WatchFilePattern's side input never switched on Flink.
   return ScoreBatches(opts.model_dir, id_field=dataset.id_field,
-                      model_metadata_pcoll=models,
+                      model_watch_pattern=opts.model_watch_pattern,
+                      model_watch_interval=opts.model_watch_interval,
                       scored_at=micros_to_rfc3339(reference_micros(opts))
                       if opts.reference_time else None)
 
@@ -501,33 +488,47 @@ SUMMARY_FILE = 'run_summary.json'
 OK, STOPPED = 'ok', 'stopped'
 
 
-def _interrupt(signum, frame):
-  raise KeyboardInterrupt(f'signal {signum}')
-
-
 def wait_or_stop(result) -> str:
   """Waits for the job to end: OK when it does, STOPPED when it is
   cancelled, either here (Ctrl-C or SIGTERM to this process: the job is
   then cancelled on the runner) or on the runner (Flink's REST API or UI).
-  Any other end raises, as a failed run does."""
+  Any other end raises, as a failed run does.
+
+  A signal that lands while the portable runner's job-state stream is read
+  interrupts gRPC's wait, which cancels the stream and raises the RPC
+  error instead of KeyboardInterrupt: after a signal, any error is a stop
+  (seen: a SIGINT ended the command with exit 3 and the job running on)."""
   main = threading.current_thread() is threading.main_thread()
-  previous = signal.signal(signal.SIGTERM, _interrupt) if main else None
+  stopping = threading.Event()
+
+  def interrupt(signum, frame):
+    stopping.set()
+    raise KeyboardInterrupt(f'signal {signum}')
+
+  previous = ({sig: signal.signal(sig, interrupt)
+               for sig in (signal.SIGINT, signal.SIGTERM)} if main else {})
   try:
     result.wait_until_finish()
     return OK
   except KeyboardInterrupt:
-    try:
-      result.cancel()
-    except Exception:  # pylint: disable=broad-except
-      pass  # a runner that cannot cancel stops with this process
-    return STOPPED
-  except RuntimeError:
-    if result.state == PipelineState.CANCELLED:
+    return _cancel(result)
+  except Exception as e:  # pylint: disable=broad-except
+    if stopping.is_set():
+      return _cancel(result)
+    if isinstance(e, RuntimeError) and result.state == PipelineState.CANCELLED:
       return STOPPED
     raise
   finally:
-    if main:
-      signal.signal(signal.SIGTERM, previous)
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
+
+
+def _cancel(result) -> str:
+  try:
+    result.cancel()
+  except Exception:  # pylint: disable=broad-except
+    pass  # a runner that cannot cancel stops with this process
+  return STOPPED
 
 
 def _print_summary(summary):

@@ -5,8 +5,11 @@
   * the streaming job reads generated events and two broken messages from a
     Kafka topic on the local Flink session cluster (tests/services.py) at
     parallelism 2, and writes feature rows and aggregate windows equal to
-    batch's, one prediction per valid event (RunInference) and dead-letter
-    rows to Kafka topics.
+    batch's, one prediction per valid event (RunInference) with the batch
+    scorer's score and model version, and dead-letter rows to Kafka topics;
+  * an unbounded job with --registry follows a promotion without a restart
+    and stops with a `stopped` summary;
+  * with checkpoints, a TaskManager killed mid-stream costs no event.
 """
 
 import collections
@@ -29,17 +32,20 @@ import pyarrow as pa
 import pytest
 
 from pipelines import batch, streaming
+from pipelines.model import training as train_lib
 from pipelines.model.registry import Registry
 from transforms.kafka import ReadKafkaRecords
 from pipelines.cli.options import StreamingOptions, aggregate_window, flags
 from pipelines.synthetic.transactions import generate_transactions, write_records
 from schemas.dataset import load_dataset
 from tests.services import consume_all, create_topic, flink_flags, \
-    produce_file, produce_values
+    produce_file, produce_values, run_script
 from tests.test_runners import input_file  # noqa: F401  (fixture)
 from tests.test_train_inference import trained  # noqa: F401  (fixture)
 from transforms.aggregates import EntityAggregates
 from transforms.history_features import history_table
+from transforms.inference import (TransformedSklearnModelHandler,
+                                  predict_table)
 from transforms.parse import RecordValidator
 from transforms.read import read_file
 
@@ -189,6 +195,27 @@ def test_wait_or_stop_reports_a_job_cancelled_on_the_runner_as_stopped():
   assert streaming.wait_or_stop(_Job()) == 'ok'
 
 
+class _InterruptedStream(_Job):
+  """What the portable runner's wait does when a signal lands while gRPC
+  reads the job-state stream: gRPC cancels the stream and raises the RPC
+  error, not KeyboardInterrupt."""
+
+  def wait_until_finish(self):
+    import grpc  # pylint: disable=import-outside-toplevel
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(10)
+    except KeyboardInterrupt:
+      raise grpc.RpcError('Locally cancelled by application!') from None
+    return self.state
+
+
+def test_wait_or_stop_stops_when_the_signal_cancels_the_state_stream():
+  job = _InterruptedStream()
+  assert streaming.wait_or_stop(job) == 'stopped'
+  assert job.cancelled
+
+
 # Kafka in, Kafka out, on the local Flink session cluster ----------------------
 # Events of the project's generator, produced to a topic in event-time order
 # keyed by user, plus two messages that are not records.
@@ -251,6 +278,29 @@ def test_kafka_on_flink_scores_every_valid_event_once(kafka_stream):
   assert ids == collections.Counter(
       r['transaction_id'] for r in kafka_stream['records'])
   assert set(ids.values()) == {1}
+
+
+def test_kafka_on_flink_scores_equal_batch_scores(kafka_stream, trained):
+  # The batch job's scorer (ScoreBatches -> TransformedSklearnModelHandler
+  # -> predict_table) on the batch features of the same records, in
+  # process: score, label and model version of every event.
+  table = pa.Table.from_pylist(kafka_stream['records'],
+                               schema=DATASET.batch_schema())
+  model = TransformedSklearnModelHandler(
+      trained['model_dir'], id_field=DATASET.id_field).load_model()
+  expected = {row['transaction_id']: row for row in predict_table(
+      model, history_table(table, DATASET), DATASET.id_field).to_pylist()}
+  got = {row['transaction_id']: row
+         for row in map(json.loads, kafka_stream['predictions'])}
+  assert set(got) == set(expected) and len(got) == N_EVENTS
+  version = trained['metadata']['model_version']
+  for key, row in got.items():
+    want = expected[key]
+    assert row['score'] == pytest.approx(want['score'], abs=1e-9), key
+    assert row['predicted_label'] == want['predicted_label'], key
+    assert row['model_version'] == want['model_version'] == version, key
+  # Not all one score: a constant would pass the comparison by luck.
+  assert len({round(r['score'], 6) for r in got.values()}) > 10
 
 
 def test_kafka_on_flink_dead_letters_what_is_not_a_record(kafka_stream):
@@ -341,7 +391,7 @@ def test_bounded_kafka_read_over_uneven_partitions_ends(flink_cluster,
   p = beam.Pipeline(options=options)
   _ = (p
        | ReadKafkaRecords(kafka_broker, 'uneven', None, max_num_records=sent)
-       | beam.Map(lambda raw: raw.values['n'])
+       | beam.Map(lambda value: json.loads(value)['n'])
        | beam.combiners.ToList()
        | beam.Map(_write_json, out))
   result = p.run()
@@ -353,27 +403,42 @@ def test_bounded_kafka_read_over_uneven_partitions_ends(flink_cluster,
     assert json.load(f) == list(range(sent))
 
 
-# An unbounded job: scores with the registry's champion, stops with a summary
-def _predictions_by_id(bootstrap, topic, expected, timeout_s=300):
-  # Returns as soon as `expected` came; the long wait is for a busy
-  # machine, where the job's start-up alone took over a minute.
-  return {row['transaction_id']: row['model_version'] for row in
-          map(json.loads, consume_all(bootstrap, topic, expected, timeout_s))}
+# An unbounded job: follows a promotion, stops with a summary ----------------
+WATCH_S = 2
 
 
-def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
+def _predictions(bootstrap, topic, expected, timeout_s=300):
+  """(id, model_version) of every prediction on `topic`, once `expected`
+  came. Returns as soon as they did; the long wait is for a busy machine,
+  where the job's start-up alone took over a minute."""
+  return [(row['transaction_id'], row['model_version']) for row in
+          map(json.loads, consume_all(bootstrap, topic, expected, timeout_s))]
+
+
+def _produce_events(bootstrap, topic, events, path):
+  write_records(events, path, 'jsonl')
+  return produce_file(bootstrap, topic, [path], DATASET)
+
+
+def test_unbounded_kafka_job_follows_a_promotion_and_stops_with_a_summary(
     flink_cluster, kafka_broker, trained, tmp_path):
   """--registry on Flink: an unbounded KafkaIO read scored by the
-  registry's champion; SIGINT then cancels the job and writes a `stopped`
-  summary of what the files hold."""
+  registry's champion, which switches to a promoted model without a
+  restart (the registry's pointer files, matched every WATCH_S); SIGINT
+  then cancels the job and writes a `stopped` summary of what the files
+  hold."""
   registry = Registry(str(tmp_path / 'registry'))
-  champion = registry.register(trained['model_dir'], 'first')['version']
-  events = generate_transactions(40, 10, seed=5, days=7)
-  path = str(tmp_path / 'events.jsonl')
-  write_records(events, path, 'jsonl')
-  # Both topics exist before anyone reads: a kafka-python consumer of a
-  # topic that does not exist yet sees it only at its next metadata
-  # refresh (5 min).
+  first = registry.register(trained['model_dir'], 'first')['version']
+  second_dir = str(tmp_path / 'second')
+  train_lib.train(trained['table'], transform_dir=trained['transform_dir'],
+                  model_dir=second_dir, dataset=DATASET, model='logreg',
+                  model_version='second-model')
+  second = registry.register(second_dir, 'second')['version']
+  assert second != first and registry.champion()['version'] == first
+  # In event-time order: before the promotion, probes while the job may
+  # still score with the old model, and the events after the switch.
+  events = generate_transactions(80, 10, seed=5, days=7)
+  before, probes, after = events[:20], events[20:60], events[60:]
   create_topic(kafka_broker, 'live')
   create_topic(kafka_broker, 'live_predictions')
   out = tmp_path / 'out'
@@ -381,16 +446,38 @@ def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
       [sys.executable, '-m', 'pipelines.streaming',
        *flink_flags(flink_cluster), '--bootstrap_servers', kafka_broker,
        '--input_topic', 'live', '--output_topic', 'live_predictions',
-       '--registry', registry.root, '--file_every', '1s',
-       '--max_bundle_time_mills', '200', '--output_dir', str(out)],
+       '--registry', registry.root, '--model_watch_interval', str(WATCH_S),
+       '--file_every', '1s', '--max_bundle_time_mills', '200',
+       '--output_dir', str(out)],
       env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  sent = 0
   try:
-    produce_file(kafka_broker, 'live', [path], DATASET)
-    versions = _predictions_by_id(kafka_broker, 'live_predictions',
-                                  len(events))
-    assert versions == {e['transaction_id']: champion for e in events}
+    sent += _produce_events(kafka_broker, 'live', before,
+                            str(tmp_path / 'before.jsonl'))
+    assert set(_predictions(kafka_broker, 'live_predictions', sent)) == {
+        (e['transaction_id'], first) for e in before}
+    registry.promote(second, 'the test promotes it')
+    # Probes, a few events every watch interval, until one is scored by
+    # the new champion.
+    switched = False
+    for i in range(0, len(probes), 4):
+      sent += _produce_events(kafka_broker, 'live', probes[i:i + 4],
+                              str(tmp_path / f'probe{i}.jsonl'))
+      seen = _predictions(kafka_broker, 'live_predictions', sent, 60)
+      if any(v == second for _, v in seen):
+        switched = True
+        break
+      time.sleep(WATCH_S)
+    assert switched, 'no prediction carried the promoted model'
+    time.sleep(2 * WATCH_S)  # every worker's side input has the new pane
+    sent += _produce_events(kafka_broker, 'live', after,
+                            str(tmp_path / 'after.jsonl'))
+    _predictions(kafka_broker, 'live_predictions', sent)
     time.sleep(3)  # --file_every and a bundle: the last rows are in files
+    # Everything on the topic, duplicates included (one more than sent
+    # never comes: this waits 5 s).
+    seen = _predictions(kafka_broker, 'live_predictions', sent + 1, 5)
   finally:
     job.send_signal(signal.SIGINT)
     try:
@@ -399,6 +486,14 @@ def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
       job.kill()
       raise
   assert job.returncode == 0, err[-2000:]
+  # Every event scored exactly once; the old events kept the old version,
+  # the events after the switch carry the new one.
+  ids = [i for i, _ in seen]
+  assert len(ids) == len(set(ids)) == sent
+  versions = dict(seen)
+  assert {versions[e['transaction_id']] for e in before} == {first}
+  assert {versions[e['transaction_id']] for e in after} == {second}
+  assert set(versions.values()) == {first, second}
   # Cancelled on the cluster too, not only in Beam's job server: a job
   # left running keeps both slots and the next job waits forever.
   with urllib.request.urlopen(f'http://{flink_cluster.master}/jobs/overview',
@@ -407,5 +502,119 @@ def test_unbounded_kafka_job_scores_with_the_champion_and_stops_with_a_summary(
   assert 'RUNNING' not in states, states
   summary = json.loads((out / 'streaming' / 'run_summary.json').read_text())
   assert summary['status'] == 'stopped'
-  assert summary['records_read'] == summary['records_valid'] == len(events)
-  assert summary['predictions_written'] == len(events)
+  assert summary['records_read'] == summary['records_valid'] == sent
+  assert summary['predictions_written'] == sent
+
+
+# A TaskManager crash mid-stream, with checkpoints ----------------------------
+CHECKPOINT_MS = 1000
+
+
+def _rest(cluster, path):
+  with urllib.request.urlopen(f'http://{cluster.master}{path}',
+                              timeout=10) as response:
+    return json.load(response)
+
+
+def _running_job(cluster):
+  jobs = [j['jid'] for j in _rest(cluster, '/jobs/overview')['jobs']
+          if j['state'] == 'RUNNING']
+  return jobs[0] if len(jobs) == 1 else None
+
+
+def _wait_for(what, check, timeout_s=300):
+  """check()'s first true value, polled every 0.5 s."""
+  deadline = time.monotonic() + timeout_s
+  while time.monotonic() < deadline:
+    value = check()
+    if value:
+      return value
+    time.sleep(0.5)
+  raise AssertionError(f'timed out waiting for {what}')
+
+
+def _checkpoint_after(cluster, jid, after_ms):
+  """The latest completed checkpoint's id once one triggered after
+  `after_ms` (epoch ms) has completed, else None."""
+  latest = (_rest(cluster, f'/jobs/{jid}/checkpoints').get('latest') or {}
+            ).get('completed')
+  if latest and latest['trigger_timestamp'] > after_ms:
+    return latest['id']
+  return None
+
+
+def _counts(bootstrap, topic, expected, timeout_s):
+  return collections.Counter(
+      json.loads(v)['transaction_id']
+      for v in consume_all(bootstrap, topic, expected, timeout_s))
+
+
+def test_taskmanager_crash_restarts_from_the_checkpoint_and_loses_nothing(
+    flink_cluster, kafka_broker, trained, tmp_path):
+  """--checkpointing_interval on the shared cluster: once a checkpoint
+  taken after the first events were scored has completed, more events
+  come and the TaskManager is killed (flink_cluster.sh crash-taskmanager,
+  which starts a new one). Flink restarts the job from the checkpoint:
+  every event gets a prediction, the first ones (before the checkpoint)
+  exactly once; KafkaIO's sink is at-least-once, so the events between
+  the checkpoint and the crash may be scored twice."""
+  events = generate_transactions(150, 15, seed=9, days=7)
+  parts = [events[:50], events[50:100], events[100:]]
+  create_topic(kafka_broker, 'crash')
+  create_topic(kafka_broker, 'crash_predictions')
+  job = subprocess.Popen(
+      [sys.executable, '-m', 'pipelines.streaming',
+       *flink_flags(flink_cluster), '--bootstrap_servers', kafka_broker,
+       '--input_topic', 'crash', '--output_topic', 'crash_predictions',
+       '--checkpointing_interval', str(CHECKPOINT_MS),
+       '--model_dir', trained['model_dir'], '--file_every', '1s',
+       '--max_bundle_time_mills', '200', '--output_dir', str(tmp_path / 'out')],
+      env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)),
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    sent = _produce_events(kafka_broker, 'crash', parts[0],
+                           str(tmp_path / 'part0.jsonl'))
+    assert len(_counts(kafka_broker, 'crash_predictions', sent, 300)) == sent
+    scored_ms = int(time.time() * 1000)
+    jid = _wait_for('the running job', lambda: _running_job(flink_cluster))
+    _wait_for('a checkpoint after the first predictions',
+              lambda: _checkpoint_after(flink_cluster, jid, scored_ms), 120)
+    sent += _produce_events(kafka_broker, 'crash', parts[1],
+                            str(tmp_path / 'part1.jsonl'))
+    crash = run_script('flink_cluster.sh', 'crash-taskmanager',
+                       flink_cluster.env)
+    assert crash.returncode == 0, crash.stderr
+    sent += _produce_events(kafka_broker, 'crash', parts[2],
+                            str(tmp_path / 'part2.jsonl'))
+    # Every event scored (duplicates make more rows than events: wait for
+    # the ids, not the rows).
+    _wait_for('a prediction of every event', lambda: len(_counts(
+        kafka_broker, 'crash_predictions', 2 * sent, 2)) == sent, 300)
+    time.sleep(3)  # rows written again after the restart, still in flight
+    counts = _counts(kafka_broker, 'crash_predictions', 2 * sent, 3)
+    checkpoints = _rest(flink_cluster, f'/jobs/{jid}/checkpoints')
+  finally:
+    job.send_signal(signal.SIGINT)
+    try:
+      job.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+      job.kill()
+      raise
+  # Restarted from a checkpoint, not from the topic's start.
+  assert checkpoints['counts']['restored'] >= 1
+  ids = [e['transaction_id'] for e in events]
+  assert set(counts) == set(ids)
+  first = {e['transaction_id'] for e in parts[0]}
+  # Restored from a checkpoint taken after the first part was scored: its
+  # predictions are never written again.
+  assert all(counts[i] == 1 for i in first)
+  twice = sum(n - 1 for n in counts.values())
+  assert twice <= len(parts[1])
+  print(f'crash: {len(ids)} events, {twice} scored twice (load '
+        f'{os.getloadavg()[0]:.1f})')
+  # The shared cluster is healthy for the tests after: one TaskManager,
+  # both slots free once the job is cancelled.
+  overview = _wait_for('both slots free', lambda: (
+      lambda o: o if o['taskmanagers'] == 1 and o['slots-available'] == 2
+      else None)(_rest(flink_cluster, '/overview')), 120)
+  assert overview['slots-total'] == 2

@@ -19,6 +19,7 @@ from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
 
 import json
 import os
+import time
 
 import apache_beam as beam
 from apache_beam.ml.inference.base import ModelMetadata
@@ -26,7 +27,7 @@ from apache_beam.options.pipeline_options import (PipelineOptions,
                                                   StandardOptions)
 from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.test_stream import TestStream
-from apache_beam.testing.util import assert_that
+from apache_beam.testing.util import assert_that, equal_to
 from apache_beam.transforms import trigger, window
 from apache_beam.transforms.window import TimestampedValue
 import pytest
@@ -183,8 +184,12 @@ def test_streaming_side_input_switches_model_mid_stream(models):
 def test_global_window_side_input_cannot_switch_on_the_direct_runner(models):
   """Pins the DirectRunner limitation the docstrings describe: with
   WatchFilePattern's shape (global window, processing-time trigger) the
-  main input waits for the whole side input and then sees both models. If
-  a Beam upgrade makes this pass, test the global-window form instead."""
+  main input waits for the whole side input and then sees both models (as
+  RunInference's singleton read it failed: "more than one element accessed
+  as a singleton view"; Flink read it the same way, which is why scoring
+  takes the newest of the list). Every row, even those sent before B was
+  announced, is therefore scored by B. If a Beam upgrade makes the first
+  rows A's, test the global-window form instead."""
   dirs = models['dirs']
   rows = models['rows']
   stream = (TestStream()
@@ -200,16 +205,18 @@ def test_global_window_side_input_cannot_switch_on_the_direct_runner(models):
                           tag='rows')
             .advance_watermark_to_infinity(tag='models')
             .advance_watermark_to_infinity(tag='rows'))
-  with pytest.raises(Exception, match='more than one element accessed as a '
-                     'singleton view'):
-    with _streaming() as p:
-      events = p | stream
-      model_side = events['models'] | beam.WindowInto(
-          window.GlobalWindows(),
-          trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
-          accumulation_mode=trigger.AccumulationMode.DISCARDING)
-      _ = events['rows'] | inference.ScoreRecords(
-          dirs['a'], model_metadata_pcoll=model_side)
+  with _streaming() as p:
+    events = p | stream
+    model_side = events['models'] | beam.WindowInto(
+        window.GlobalWindows(),
+        trigger=trigger.Repeatedly(trigger.AfterProcessingTime(1)),
+        accumulation_mode=trigger.AccumulationMode.DISCARDING)
+    predictions = events['rows'] | inference.ScoreRecords(
+        dirs['a'], model_metadata_pcoll=model_side)
+    assert_that(predictions | beam.Map(
+        lambda p: (p['transaction_id'], p['model_version'])),
+                equal_to([(r['transaction_id'], 'model-b')
+                          for r in rows[:4]]))
 
 
 # Streaming pipeline flags ---------------------------------------------------
@@ -219,7 +226,7 @@ def _options(*args):
   return options
 
 
-def test_watch_flags_wire_watch_file_pattern_into_scoring(models):
+def test_watch_flags_wire_the_pattern_into_scoring(models):
   pattern = os.path.join(os.path.dirname(models['dirs']['a']), '*',
                          inference.METADATA_FILE)
   options = _options('--input_subscription',
@@ -230,20 +237,38 @@ def test_watch_flags_wire_watch_file_pattern_into_scoring(models):
   p = beam.Pipeline(options=options)
   built = streaming.build_pipeline(p, options, DATASET)
   assert built['predictions'] is not None
-  parts = {t.full_label: t for t in p.transforms_stack[0].parts}
-  watch = parts['WatchModels'].transform
-  assert (watch.file_pattern, watch.interval) == (pattern, 5.0)
-  run_inference = [t for t in p.transforms_stack[0].parts
-                   if t.full_label == 'Score'][0]
+  [score] = [t for t in p.transforms_stack[0].parts
+             if t.full_label == 'Score']
+  assert (score.transform.model_watch_pattern,
+          score.transform.model_watch_interval) == (pattern, 5.0)
+  assert [t.full_label for t in score.parts[1:]] == [
+      'Score/ScoreWithLatestModel', 'Score/Predictions']
 
-  def side_inputs(node):
-    found = list(node.side_inputs)
-    for part in node.parts:
-      found += side_inputs(part)
-    return found
 
-  [side] = side_inputs(run_inference)
-  assert side.pvalue.producer.full_label.startswith('WatchModels/')
+def test_watching_scoring_step_follows_a_new_model_file(models, tmp_path):
+  """ScoreWithLatestModel with a watch pattern, driven directly (no side
+  input): A scores, files already there are ignored; once B's pointer
+  appears, the next look loads B."""
+  dirs = models['dirs']
+  promotions = tmp_path / 'promotions'
+  promotions.mkdir()
+  (promotions / '000001.json').write_text(json.dumps({'dir': dirs['b']}))
+  handler = inference.TransformedSklearnModelHandler(dirs['a'])
+  fn = inference.ScoreWithLatestModel(
+      handler, dirs['a'], watch_pattern=str(promotions / '*.json'),
+      watch_interval=0.0, watch_after=time.time() + 1)
+  fn.setup()
+  batch = to_batch(models['rows'][:3])
+
+  def versions():
+    return {v for r in fn.process(batch)
+            for v in r.inference.column('model_version').to_pylist()}
+  assert versions() == {'model-a'}  # 000001 is older than the pipeline
+  pointer = promotions / '000002.json'
+  pointer.write_text(json.dumps({'dir': dirs['b']}))
+  later = time.time() + 5
+  os.utime(pointer, (later, later))
+  assert versions() == {'model-b'}
 
 
 def test_watch_flags_are_checked_before_the_run(models, tmp_path, capsys):
