@@ -24,7 +24,6 @@ import tarfile
 import time
 
 import apache_beam as beam
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
@@ -38,6 +37,7 @@ from pipelines.cli import preflight
 from pipelines.cli.preflight import PreflightError, check_runner, is_dry_run
 from tests.services import flink_flags
 from tests.test_parse import GOOD
+from tests.output_rows import read_dead_letters, read_rows
 
 pytest_plugins = ['tests.gcs_emulator', 'tests.services']
 
@@ -125,45 +125,22 @@ def _assert_same_summary(summary, reference):
       assert got[key] == value, key
 
 
-def _read_rows(pattern, key='transaction_id'):
-  """Rows of every Parquet file matching `pattern` (local or gs://)."""
-  rows = []
-  for meta in FileSystems.match([pattern])[0].metadata_list:
-    with FileSystems.open(meta.path) as f:
-      rows += pq.read_table(f).to_pylist()
-  return sorted(rows, key=lambda r: r[key])
-
-
-def _read_dead_letters(pattern):
-  """Dead-letter rows, with the source file's folder dropped."""
-  rows = []
-  for meta in FileSystems.match([pattern])[0].metadata_list:
-    with FileSystems.open(meta.path) as f:
-      rows += [json.loads(l) for l in f.read().decode().splitlines() if l]
-  for row in rows:
-    folder = row['source_file'].rsplit('/', 1)[0] + '/'
-    row['source_file'] = row['source_file'].rsplit('/', 1)[-1]
-    # A duplicate's message names where the first copy was read.
-    row['message'] = row['message'].replace(folder, '')
-  return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
-
-
 def _assert_same_outputs(out, reference_out):
-  features = _read_rows(files.join(out, 'features', '*.parquet'))
+  features = read_rows(files.join(out, 'features', '*.parquet'))
   assert len(features) == VALID_ROWS
-  assert features == _read_rows(
+  assert features == read_rows(
       files.join(reference_out, 'features', '*.parquet'))
-  predictions = _read_rows(files.join(out, 'predictions', '*.parquet'))
-  want = _read_rows(files.join(reference_out, 'predictions', '*.parquet'))
+  predictions = read_rows(files.join(out, 'predictions', '*.parquet'))
+  want = read_rows(files.join(reference_out, 'predictions', '*.parquet'))
   assert len(predictions) == len(want) == VALID_ROWS
   for got, expected in zip(predictions, want):
     assert got['transaction_id'] == expected['transaction_id']
     assert got['model_version'] == expected['model_version']
     # Same data, same graph: scores equal up to float32 transform rounding.
     assert got['score'] == pytest.approx(expected['score'], abs=1e-6)
-  dead = _read_dead_letters(files.join(out, 'dead_letter', '*.jsonl'))
+  dead = read_dead_letters(files.join(out, 'dead_letter', '*.jsonl'))
   assert len(dead) == len(BROKEN_LINES) + len(DUPLICATE_IDS)
-  assert dead == _read_dead_letters(
+  assert dead == read_dead_letters(
       files.join(reference_out, 'dead_letter', '*.jsonl'))
 
 
@@ -353,9 +330,9 @@ def test_batch_run_on_gcs(gcs_emulator, input_file, direct_run):
   assert summary['model']['version'] == reference['model']['version']
   assert summary['predictions_written'] == VALID_ROWS
   assert summary['outputs']['silver'] == f'{out}/silver'
-  silver = _read_rows(f'{out}/silver/*.parquet')
+  silver = read_rows(f'{out}/silver/*.parquet')
   assert len(silver) == VALID_ROWS
-  assert silver == _read_rows(files.join(reference_out, 'silver', '*.parquet'))
+  assert silver == read_rows(files.join(reference_out, 'silver', '*.parquet'))
   _assert_same_outputs(out, reference_out)
   assert FileSystems.match([f'{out}/statistics/*'])[0].metadata_list
   assert FileSystems.match([f'{out}/predictions/*.parquet'])[0].metadata_list

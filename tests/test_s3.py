@@ -3,16 +3,15 @@ Beam's own S3 file system for the input, every output, the model and the
 registry; folders cleared by name (glob characters escaped); preflight
 refusing a bucket or endpoint that does not answer, in one line."""
 
-import json
 import os
 import socket
 
-import pyarrow.parquet as pq
 import pytest
 from apache_beam.io.filesystems import FileSystems
 
 from pipelines import batch
 from pipelines.outputs import files
+from tests.output_rows import read_dead_letters, read_rows
 
 pytest_plugins = ['tests.s3_server']
 
@@ -22,28 +21,6 @@ SAMPLE = os.path.join(REPO, 'data', 'sample', 'transactions.jsonl')
 
 def _run(*argv):
   return batch.run([*argv, '--runner', 'DirectRunner'])
-
-
-def _rows(pattern, key='transaction_id'):
-  rows = []
-  for meta in FileSystems.match([pattern])[0].metadata_list:
-    with FileSystems.open(meta.path) as f:
-      rows += pq.read_table(f).to_pylist()
-  return sorted(rows, key=lambda r: r[key])
-
-
-def _dead_letters(pattern):
-  """Dead-letter rows with the input's folder dropped."""
-  rows = []
-  for meta in FileSystems.match([pattern])[0].metadata_list:
-    with FileSystems.open(meta.path) as f:
-      rows += [json.loads(l) for l in f.read().decode().splitlines() if l]
-  for row in rows:
-    folder = row['source_file'].rsplit('/', 1)[0] + '/'
-    row['source_file'] = row['source_file'].rsplit('/', 1)[-1]
-    # A duplicate's message names where the first copy was read.
-    row['message'] = row['message'].replace(folder, '')
-  return sorted(rows, key=lambda r: json.dumps(r, sort_keys=True))
 
 
 def test_clearing_an_s3_folder_spares_its_glob_sibling(s3_bucket):
@@ -124,15 +101,15 @@ def test_batch_run_reads_and_writes_s3(s3_bucket, report_runs):
   assert summary['model']['dir'] == f'{root}/registry/models/{entry["version"]}'
   assert summary['model']['version'] == reference['model']['version']
   for folder in ('silver', 'features'):
-    got = _rows(f'{out}/{folder}/*.parquet')
-    assert got and got == _rows(f'{reference_out}/{folder}/*.parquet')
-  predictions = _rows(f'{out}/predictions/*.parquet')
-  want = _rows(f'{reference_out}/predictions/*.parquet')
+    got = read_rows(f'{out}/{folder}/*.parquet')
+    assert got and got == read_rows(f'{reference_out}/{folder}/*.parquet')
+  predictions = read_rows(f'{out}/predictions/*.parquet')
+  want = read_rows(f'{reference_out}/predictions/*.parquet')
   assert len(predictions) == summary['predictions_written'] == len(want)
   for got, expected in zip(predictions, want):
     assert got['transaction_id'] == expected['transaction_id']
     assert got['score'] == pytest.approx(expected['score'], abs=1e-6)
-  assert _dead_letters(f'{out}/dead_letter/*.jsonl') == _dead_letters(
+  assert read_dead_letters(f'{out}/dead_letter/*.jsonl') == read_dead_letters(
       f'{reference_out}/dead_letter/*.jsonl')
   for marker in ('silver', 'dead_letter', 'predictions', 'validation'):
     assert files.read_bytes(f'{out}/{marker}/_SUCCESS') == b''
