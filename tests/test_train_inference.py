@@ -11,6 +11,8 @@ import hashlib
 import pickle
 import os
 import shutil
+import subprocess
+import sys
 
 import apache_beam as beam
 from apache_beam.testing.test_pipeline import TestPipeline
@@ -240,6 +242,41 @@ def test_no_train_serve_skew(trained):
   assert all(r.model_id == metadata['model_version'] for r in results)
 
 
+def test_scoring_formats_no_tensor(trained, monkeypatch):
+  """The loaded transform graph binds its inputs without a failed try:
+  called as a Keras layer, every call first failed to bind and formatted
+  every input tensor into the TypeError's message (5 % of the Flink
+  workers' time), then fell back."""
+  from tensorflow.python.framework import ops  # pylint: disable=g-import-not-at-top
+  formatted = []
+  real = ops._EagerTensorBase.__repr__  # pylint: disable=protected-access
+  monkeypatch.setattr(ops._EagerTensorBase, '__repr__',  # pylint: disable=protected-access
+                      lambda t: formatted.append(1) or real(t))
+  model = inference.TransformedSklearnModelHandler(
+      trained['model_dir']).load_model()
+  raw = to_batch([dict(r, is_fraud=None) for r in trained['rows'][:40]])
+  assert inference.transformed_matrix(model, raw).shape[0] == 40
+  assert not formatted
+
+
+def test_a_process_that_scored_exits_without_a_traceback(trained):
+  """The traced graph outlives TensorFlow's globals at exit; its
+  destructor's TypeError used to print a traceback after the summary."""
+  code = ('import pipelines.base.quiet, sys\n'
+          'from transforms import inference\n'
+          'from tests.test_train_inference import to_batch, synthetic_rows\n'
+          f'model = inference.TransformedSklearnModelHandler({trained["model_dir"]!r})'
+          '.load_model()\n'
+          'rows = [dict(r, is_fraud=None) for r in synthetic_rows(20)]\n'
+          'print(inference.transformed_matrix(model, to_batch(rows)).shape)\n')
+  result = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                          text=True, timeout=300,
+                          cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip().startswith('(20,')
+  assert 'Traceback' not in result.stderr, result.stderr
+
+
 def test_batch_scores_equal_scores_of_each_row_alone(trained):
   """Scoring rows together (one transform and model call) gives each row
   the score it gets alone: no row's result depends on its batch. Exactly:
@@ -278,6 +315,24 @@ def _copy_model(trained, tmp_path):
   target = str(tmp_path / 'model')
   shutil.copytree(trained['model_dir'], target)
   return target
+
+
+def test_a_model_folder_loads_once_per_process_until_it_changes(
+    trained, tmp_path):
+  """Every load verifies the folder; an unchanged folder gives the model
+  already loaded (the DirectRunner sets up a DoFn, so RunInference loads,
+  for every bundle), a changed one is loaded anew."""
+  model_dir = _copy_model(trained, tmp_path)
+  first = inference.TransformedSklearnModelHandler(model_dir).load_model()
+  again = inference.TransformedSklearnModelHandler(model_dir).load_model()
+  assert again is first
+  _edit_metadata(model_dir, threshold=0.125)
+  edited = inference.TransformedSklearnModelHandler(model_dir).load_model()
+  assert edited is not first
+  assert edited.metadata['threshold'] == 0.125
+  os.remove(os.path.join(model_dir, 'model.skops'))
+  with pytest.raises(inference.ModelIntegrityError, match='missing'):
+    inference.TransformedSklearnModelHandler(model_dir).load_model()
 
 
 @pytest.mark.parametrize('relative', [

@@ -19,12 +19,14 @@ handler, and both can swap models in a running pipeline from a side input of
 ModelMetadata (model refresh: `ScoreWithLatestModel`).
 """
 
+import collections
 import dataclasses
 import hashlib
 import hmac
 import io
 import json
 import os
+import threading
 import time
 from typing import (Any, Dict, Iterable, List, Mapping, NamedTuple,
                     Optional, Tuple,
@@ -403,6 +405,28 @@ def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
   return out
 
 
+def traced_transform(layer, metadata: Mapping[str, Any]):
+  """tf.Transform's TransformFeaturesLayer -> one concrete function of
+  fixed signature: every raw feature a [rows] tensor of the type
+  `raw_feature_tensors` makes, an optional one a [rows, 1] sparse tensor.
+  The same graph. Called as a Keras layer, every call first tried to bind
+  the dict of tensors to tf.function's structured signature, failed, and
+  built the TypeError's message, the repr of every input tensor (5 % of
+  the Flink workers' time by py-spy, more than the graph on small batches),
+  before falling back; the concrete function binds nothing per call."""
+  import tensorflow as tf
+  optional = set(metadata.get('optional_features', ()))
+  spec = {}
+  for name, ftype in metadata['raw_features'].items():
+    dtype = tf.string if ftype == 'string' else tf.as_dtype(
+        _NUMPY_TYPES[ftype])
+    spec[name] = (tf.SparseTensorSpec([None, 1], dtype) if name in optional
+                  else tf.TensorSpec([None], dtype))
+  # No autograph: the layer has no tensor-dependent Python control flow,
+  # and converting its code took 1-2 s of every load.
+  return tf.function(layer, autograph=False).get_concrete_function(spec)
+
+
 def _sparse_tensor(column: pa.Array, ftype: str, pad: int):
   import tensorflow as tf
   rows = len(column)
@@ -538,6 +562,19 @@ def transformed_matrix(model: LoadedModel, batch) -> np.ndarray:
        for name in metadata['features']}, metadata['features'])
 
 
+# The models this process loaded last, by (folder, its metadata as
+# verified, with the digest of its files; splits or not). RunInference's shared handle keeps a model
+# only while a DoFn holds it: the DirectRunner sets up a new DoFn for
+# every bundle, and each reloaded the model (0.5-1 s: TensorFlow's
+# SavedModel, the trace, skops' checks), 64 % of a 20,000-event replay's
+# time (py-spy); Flink's workers reloaded it for each new bundle
+# processor. A folder's files are hashed on every load, so a changed
+# folder is loaded anew (or refused).
+_LOADED: 'collections.OrderedDict' = collections.OrderedDict()
+_LOADED_LOCK = threading.Lock()
+_LOADED_MODELS = 2   # the one scoring and the one replacing it
+
+
 class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
                                                   PredictionResult,
                                                   LoadedModel]):
@@ -567,12 +604,33 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
     self._mark_splits = mark_splits
 
   def load_model(self) -> LoadedModel:
-    import tensorflow_transform as tft
+    """The model of the folder, verified on every call; loaded once per
+    process and folder content (`_LOADED`)."""
     metadata = verify_model_dir(self._model_dir)
+    # The metadata as read (its settings, e.g. the threshold, and the
+    # digest of the files it lists) and the folder name the model.
+    key = (os.path.abspath(self._model_dir) if '://' not in self._model_dir
+           else self._model_dir,
+           hashlib.sha256(json.dumps(metadata, sort_keys=True, default=str)
+                          .encode()).hexdigest(), self._mark_splits)
+    with _LOADED_LOCK:
+      model = _LOADED.get(key)
+      if model is None:
+        model = self._load(metadata)
+        _LOADED[key] = model
+        while len(_LOADED) > _LOADED_MODELS:
+          _LOADED.popitem(last=False)
+      else:
+        _LOADED.move_to_end(key)
+    return model
+
+  def _load(self, metadata) -> LoadedModel:
+    import tensorflow_transform as tft
     transform_dir = metadata.get('transform_dir', TRANSFORM_DIR)
     model_file = metadata.get('model_file', MODEL_FILE)
-    layer = tft.TFTransformOutput(local_folder(
-        join_path(self._model_dir, transform_dir))).transform_features_layer()
+    layer = traced_transform(tft.TFTransformOutput(local_folder(
+        join_path(self._model_dir, transform_dir))).transform_features_layer(),
+                             metadata)
     with FileSystems.open(join_path(self._model_dir, model_file)) as f:
       estimator = loads_estimator(f.read(),
                                   join_path(self._model_dir, model_file))

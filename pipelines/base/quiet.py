@@ -7,6 +7,7 @@ TF_CPP_MIN_LOG_LEVEL once, when its C++ core loads.
 
 import logging
 import os
+import sys
 import warnings
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
@@ -57,3 +58,20 @@ def import_tfdv():
   with contextlib.redirect_stderr(io.StringIO()):
     import tensorflow_data_validation as tfdv  # pylint: disable=g-import-not-at-top
   return tfdv
+
+
+def _drop_teardown_noise(unraisable, _default=sys.unraisablehook):
+  """A concrete tf.function still referenced when Python tears modules
+  down (the scoring model, cached by Beam's shared handle for the whole
+  process) runs TensorFlow's AtomicFunction.__del__ after TensorFlow's own
+  globals are gone: it raises a TypeError that Python prints as a
+  traceback after the run's summary, though nothing failed. Only that
+  exception, only at exit, is dropped."""
+  if (sys.is_finalizing() and
+      getattr(unraisable.object, '__qualname__', '') ==
+      'AtomicFunction.__del__'):
+    return
+  _default(unraisable)
+
+
+sys.unraisablehook = _drop_teardown_noise

@@ -1,35 +1,19 @@
 """Loading a model to serve: verified, traced once, the heap frozen."""
 
-import dataclasses
 import gc
 
 from transforms.inference import LoadedModel, TransformedSklearnModelHandler
 
 
-_TF_TYPES = {'string': 'string', 'float': 'float32', 'int': 'int64',
-             'timestamp': 'int64'}
-
-
 def load_model(model_dir: str) -> LoadedModel:
   """The project's verified loader: hashes, signature and skops' safe
-  format are checked before anything in the folder is loaded. The
-  transform layer is then traced once into a concrete function of fixed
-  signature (every raw feature a [rows] tensor, of the types
-  `raw_feature_tensors` makes; an optional one a [rows, 1] sparse
-  tensor): the same graph, called without eager dispatch or tf.function's
-  per-call signature matching, which cost more than the graph on a small
-  batch. The parity tests check the scores equal the batch job's."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  model = TransformedSklearnModelHandler(model_dir).load_model()
-  metadata = model.metadata
-  optional = set(metadata.get('optional_features', ()))
-  spec = {}
-  for name, ftype in metadata['raw_features'].items():
-    dtype = tf.as_dtype(_TF_TYPES[ftype])
-    spec[name] = (tf.SparseTensorSpec([None, 1], dtype) if name in optional
-                  else tf.TensorSpec([None], dtype))
-  graph = tf.function(model.transform_layer).get_concrete_function(spec)
-  return dataclasses.replace(model, transform_layer=graph)
+  format are checked before anything in the folder is loaded; the
+  transform layer comes traced once into a concrete function of fixed
+  signature (inference.traced_transform), as every scoring path gets it:
+  the same graph, called without eager dispatch or tf.function's per-call
+  signature matching, which cost more than the graph on a small batch.
+  The parity tests check the scores equal the batch job's."""
+  return TransformedSklearnModelHandler(model_dir).load_model()
 
 
 def freeze_heap():
