@@ -183,7 +183,7 @@ class _Shard:
     from transforms.history_features import _ShardHistoryFn  # pylint: disable=import-outside-toplevel
     self.fn = _ShardHistoryFn(dataset, dataset.history, allowed_lateness)
     self.dataset = dataset
-    self.pending, self.flush_at, self.history = _Bag(), _Cell(), _Cell()
+    self.pending, self.flush_at, self.history = _Bag(), _Cell(), _Bag()
     self.flush, self.expire = _Cell(), _Cell()
 
   def arrive(self, records):
@@ -204,9 +204,8 @@ class _Shard:
         history=self.history, expire=self.expire)
 
   def retained(self):
-    kept = self.history.read()
-    return [] if kept is None else kept.column(
-        'transaction_id').to_pylist()
+    return [i for batch in self.history.read()
+            for i in batch.column('transaction_id').to_pylist()]
 
 
 def test_history_state_drops_to_the_active_entities_after_a_watermark_jump():
@@ -236,6 +235,36 @@ def test_history_state_drops_to_the_active_entities_after_a_watermark_jump():
   assert [r['user_id_count_7d'] for r in rows] == [0, 0, 0]
   shard.fire_expire()
   assert shard.retained() == []
+
+
+def test_a_flush_appends_its_rows_and_computes_only_their_entities(
+    monkeypatch):
+  # Two flushes an hour apart, nothing to prune: the second appends its
+  # rows to the history (the state commit carries 3 rows, not 303), and
+  # history_table sees only the history of the flushed rows' users.
+  from transforms import history_features  # pylint: disable=import-outside-toplevel
+  shard = _Shard(TRANSACTIONS, allowed_lateness=3600)
+  day0 = [_transaction(i, f'u{i:05d}', T0 + i * MIN) for i in range(300)]
+  shard.arrive(day0)
+  shard.fire_flush()
+  seen = []
+  real = history_features.history_table
+  monkeypatch.setattr(history_features, 'history_table',
+                      lambda records, *a: seen.append(records) or
+                      real(records, *a))
+  later = [_transaction(1000 + i, f'u{i:05d}', T0 + 6 * HOUR + i * MIN)
+           for i in range(3)]
+  shard.arrive(later)
+  rows = shard.fire_flush()
+  assert [b.num_rows for b in shard.history.read()] == [300, 3]
+  assert sorted(set(seen[0].column('user_id').to_pylist())) == [
+      'u00000', 'u00001', 'u00002']
+  assert seen[0].num_rows == 6
+  expected = {r['transaction_id']: r for r in real(
+      pa.Table.from_pylist(day0 + later, schema=TRANSACTIONS.batch_schema()),
+      TRANSACTIONS).to_pylist()}
+  assert rows == [expected[r['transaction_id']] for r in rows]
+  assert [r['user_id_count_24h'] for r in rows] == [1, 1, 1]
 
 
 def test_a_pending_row_keeps_what_it_needs_from_the_expire_timer():

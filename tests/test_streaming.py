@@ -645,7 +645,7 @@ def test_history_flushes_events_stamped_finer_than_flinks_milliseconds():
   # ready when it fires (they waited forever on Flink).
   fn = _ShardHistoryFn(DATASET, DATASET.histories[0], 3600)
   records = [_record(1, T0 + 123_456, 10.0), _record(2, T0 + 124_001, 5.0)]
-  pending, flush_at, history, flush = _Bag(), _Cell(), _Cell(), _Cell()
+  pending, flush_at, history, flush = _Bag(), _Cell(), _Bag(), _Cell()
   fn.process((0, pa.RecordBatch.from_pylist(
       records, schema=DATASET.batch_schema())), pending, flush_at, flush)
   fired = Timestamp(micros=flush.value.micros // 1000 * 1000)  # Flink's ms

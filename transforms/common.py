@@ -19,6 +19,8 @@ from apache_beam.metrics import Metrics
 import numpy as np
 import pyarrow as pa
 
+from transforms import arrow_pickle  # noqa: F401  (RecordBatches pickle as Arrow IPC)
+
 NAMESPACE = 'mlpipe'
 VALID = 'valid'
 DEAD_LETTER = 'dead_letter'

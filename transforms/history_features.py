@@ -529,6 +529,14 @@ def features_after(history: Optional[pa.Table], ready: pa.Table,
   records = ready.select(names).append_column(
       _ROW, pa.array(np.arange(ready.num_rows, dtype=np.int64)))
   if history is not None and history.num_rows:
+    # Only the entities of the ready rows: a row's features come from its
+    # own entity's events, and the shard's history holds every entity it
+    # saw within the retention (computing over all of it made each flush
+    # cost the whole history).
+    history = history.filter(pc.is_in(
+        history.column(spec.entity),
+        value_set=pc.unique(ready.column(spec.entity))))
+  if history is not None and history.num_rows:
     kept = history.select(names).append_column(
         _ROW, pa.array(np.full(history.num_rows, -1, np.int64)))
     records = pa.concat_tables([kept.cast(records.schema), records])
@@ -543,6 +551,18 @@ def features_after(history: Optional[pa.Table], ready: pa.Table,
       names=ready.column_names + types)
 
 
+# The history is rewritten (pruned) when at least 1 / this of its rows can
+# go, else the new rows are appended to it.
+_REWRITE_WHEN_DROPPING = 4
+
+
+def _read_history(history) -> Optional[pa.Table]:
+  """The retained history (BagState of RecordBatches) as one Table, or
+  None when empty."""
+  batches = [b for b in history.read() if b.num_rows]
+  return pa.Table.from_batches(batches) if batches else None
+
+
 class _ShardHistoryFn(beam.DoFn):
   """(shard of `spec.entity`, RecordBatch of rows) -> RecordBatch of the
   rows plus `spec`'s history features (with `ids_only`: the record id and
@@ -551,11 +571,12 @@ class _ShardHistoryFn(beam.DoFn):
 
   State per shard, each read and written once per batch or flush: the
   pending batches (BagState: an arriving batch is appended, never read),
-  and the retained history, one Arrow table of the record fields of the
-  shard's recent events. A `flush` timer fires when the watermark passes
+  and the retained history, RecordBatches of the record fields of the
+  shard's recent events (BagState: a flush appends its rows, so a commit
+  carries the new rows, not the whole history). A `flush` timer fires when the watermark passes
   the newest event of the earliest pending batch; the pending rows it has
   passed are then computed at once (`features_after`: `history_table` over
-  the history and those rows, the batch definition) and join the history;
+  those rows and the history of their entities, the batch definition) and join the history;
   the rest wait for the next flush. So every event whose time the
   watermark had not passed when it arrived is computed with every earlier
   event of its entity, whatever order they arrived in: its row is batch's.
@@ -576,8 +597,9 @@ class _ShardHistoryFn(beam.DoFn):
   still need it (the cutoff is also `retention` behind the oldest pending
   row). So an event up to the allowed lateness behind the watermark still
   sees its entity's whole horizon, and the state holds the entities seen
-  within `retention` of the watermark, not every entity ever seen. Each
-  flush prunes so; an `expire` timer, set once per flush at the newest
+  within `retention` of the watermark, not every entity ever seen. A
+  flush rewrites the history so pruned when at least a quarter of it can
+  go, else appends (rows kept longer change no feature); an `expire` timer, set once per flush at the newest
   retained event + `retention`, empties a shard no flush comes to.
 
   A flush that leaves rows pending sets its timer again, at or behind the
@@ -586,7 +608,7 @@ class _ShardHistoryFn(beam.DoFn):
   timer set (ReplayFile therefore ends its stream one step before).
   """
   PENDING = BagStateSpec('pending', PickleCoder())
-  HISTORY = ReadModifyWriteStateSpec('history', PickleCoder())
+  HISTORY = BagStateSpec('history', PickleCoder())
   FLUSH_AT = ReadModifyWriteStateSpec('flush_at', PickleCoder())
   FLUSH = TimerSpec('flush', TimeDomain.WATERMARK)
   EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
@@ -637,7 +659,7 @@ class _ShardHistoryFn(beam.DoFn):
       flush_at.write(last)
     if ready.any():
       rows = table.filter(pa.array(ready)) if not ready.all() else table
-      kept = history.read()
+      kept = _read_history(history)
       out = features_after(kept, rows, self._dataset, self._spec)
       # What is still pending is later than `now`: no row it needs is
       # `retention` behind `now`.
@@ -656,10 +678,12 @@ class _ShardHistoryFn(beam.DoFn):
     newest retained event + `retention`."""
     ts, entity = self._dataset.timestamp_field, self._spec.entity
     table = kept
+    added = None
     if rows is not None:
       added = rows.select(self._dataset.batch_schema().names)
-      table = (added if kept is None else
-               pa.concat_tables([kept, added.cast(kept.schema)]))
+      if kept is not None:
+        added = added.cast(kept.schema)
+      table = added if kept is None else pa.concat_tables([kept, added])
     if table is None:
       return
     t = table.column(ts).to_numpy()
@@ -669,9 +693,16 @@ class _ShardHistoryFn(beam.DoFn):
     if not keep.any():
       history.clear()
       return
-    if not keep.all():
-      table = table.filter(pa.array(keep))
-    history.write(table.combine_chunks())
+    dropped = len(keep) - int(keep.sum())
+    if dropped * _REWRITE_WHEN_DROPPING >= len(keep):
+      history.clear()
+      history.add(table_to_batch(table.filter(pa.array(keep))))
+    elif added is not None and added.num_rows:
+      # Appended: the state commit carries the new rows only. Rows kept
+      # past their retention change no feature (they are outside every
+      # window of every event still to come, as in batch, which keeps
+      # everything); the next rewrite drops them.
+      history.add(table_to_batch(added))
     newest = int(t[keep].max())
     expire.set(Timestamp(micros=_whole_millis(
         newest + self._retention + 1)))
@@ -681,7 +712,7 @@ class _ShardHistoryFn(beam.DoFn):
                      pending=beam.DoFn.StateParam(PENDING),
                      history=beam.DoFn.StateParam(HISTORY),
                      expire=beam.DoFn.TimerParam(EXPIRE)):
-    kept = history.read()
+    kept = _read_history(history)
     if kept is None:
       return
     # Rows still pending (on time when they arrived, waiting for their
