@@ -29,10 +29,13 @@ def _same(a, b):
 
 @settings(max_examples=80, deadline=None)
 @given(st.lists(st.tuples(
-    st.one_of(st.none(), st.text()),
-    st.one_of(st.none(), st.floats()),
+    # Repeated values too: a column of few values is written per value.
+    st.one_of(st.none(), st.text(),
+              st.sampled_from(['pos', 'é', 'a"b', 'c\\d', '\n', ''])),
+    st.one_of(st.none(), st.floats(),
+              st.sampled_from([3.0, -0.0, 1e15, 2.0**60, 0.1])),
     st.one_of(st.none(), st.integers(-2**63, 2**63 - 1)),
-    st.one_of(st.none(), st.booleans())), max_size=40))
+    st.one_of(st.none(), st.booleans())), max_size=150))
 def test_json_lines_read_back_as_json_dumps_rows(rows):
   batch = pa.RecordBatch.from_pylist(
       [dict(zip(('s', 'f', 'i', 'b'), r)) for r in rows],
