@@ -62,6 +62,10 @@ REQUIRED = [
 ]
 
 TESTS = [
+    # bench/streaming.py's producer and consumers: librdkafka (C) sends
+    # 100,000 events with ~1 s of CPU where kafka-python takes ~10 s, CPU
+    # the Flink job under test would otherwise lose on two cores.
+    'confluent-kafka==2.6.1',
     'pytest==9.2.0',
     'hypothesis==6.170.17',
     # A local GCS server for the gs:// tests (127.0.0.1 only).

@@ -35,14 +35,18 @@ from transforms.read import read_batches
 
 def run(bootstrap: str, topic: str, events: int, model_dir: str,
         schema: str = 'transactions', idle_s: float = 30) -> dict:
-  from kafka import KafkaConsumer  # pylint: disable=import-outside-toplevel
+  # librdkafka's consumer, as the bench's producer (a plain Python
+  # process at its best).
+  from confluent_kafka import Consumer  # pylint: disable=import-outside-toplevel
   dataset = load_dataset(schema)
   model = TransformedSklearnModelHandler(model_dir).load_model()
   validator = BatchValidator(dataset)
   names = dataset.batch_schema().names
-  consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap.split(','),
-                           auto_offset_reset='earliest', group_id=None,
-                           enable_auto_commit=False, max_poll_records=5000)
+  consumer = Consumer({'bootstrap.servers': bootstrap,
+                       'group.id': f'peer-{os.getpid()}-{time.time_ns()}',
+                       'auto.offset.reset': 'earliest',
+                       'enable.auto.commit': False})
+  consumer.subscribe([topic])
   work = tempfile.mkdtemp(prefix='peer-')
   path = os.path.join(work, 'poll.jsonl')
   history, seen = None, pa.array([], pa.string())
@@ -50,8 +54,9 @@ def run(bootstrap: str, topic: str, events: int, model_dir: str,
   first = last = None
   try:
     while read < events:
-      polled = consumer.poll(timeout_ms=1000, max_records=5000)
-      values = [m.value for part in polled.values() for m in part]
+      values = [m.value() for m in consumer.consume(num_messages=5000,
+                                                    timeout=1.0)
+                if m.error() is None]
       if not values:
         if first is not None and time.monotonic() - last > idle_s:
           break
