@@ -594,6 +594,42 @@ def test_model_stages_transform_and_score(trained, tmp_path):
     assert g == dict(e, score=pytest.approx(e['score'], abs=1e-9))
 
 
+def test_importance_is_computed_again_from_the_model_file(trained):
+  """eval_importance (the kept model of --model_type auto) gives what
+  train computes itself: same eval split, same estimator read back."""
+  found = train_lib.eval_importance(trained['table'], trained['model_dir'],
+                                    DATASET)
+  assert found == trained['metadata']['importance']
+  assert found['metric'] == 'roc_auc' and found['features']
+
+
+def test_auto_computes_importance_for_the_kept_model_only(trained, tmp_path):
+  """train_stage with auto: gbt and logreg compete on the fixture's rows;
+  the kept model's metadata has its importance, the other candidate's has
+  none (permuting every feature is the dearest part of training)."""
+  out = tmp_path / 'out'
+  shutil.copytree(trained['root'] / 'transformed',
+                  out / model_stages.TRANSFORMED)
+  shutil.copytree(trained['transform_dir'], out / model_stages.TRANSFORM_FN)
+  (out / 'features').mkdir()
+  pq.write_table(pa.Table.from_pylist(
+      trained['rows'], schema=DATASET.arrow_schema(DATASET.feature_types())),
+                 str(out / 'features' / 'part-0.parquet'))
+  metadata = model_stages.train_stage(DATASET, str(out), 'auto', None)
+  chosen = metadata['compared']['chosen']
+  assert set(metadata['compared']['eval']) == {'gbt', 'logreg'}
+  other, = {'gbt', 'logreg'} - {chosen}
+  assert inference.read_metadata(str(
+      out / model_stages.CANDIDATES / other))['importance'] is None
+  kept = inference.verify_model_dir(str(out / model_stages.MODEL))
+  assert kept['importance'] == metadata['importance']
+  assert {f['feature'] for f in kept['importance']['features']} == set(
+      DATASET.model_features())
+  # The chosen candidate's own folder: trained without it.
+  assert inference.read_metadata(str(
+      out / model_stages.CANDIDATES / chosen))['importance'] is None
+
+
 def test_logreg_baseline_and_cli(trained, tmp_path):
   code = train_cmd.main([
       '--transformed', str(trained['root'] / 'transformed' / '*.parquet'),
