@@ -12,9 +12,12 @@ import os
 # worker pool) inherit it, so a model trained there is the same model.
 os.environ.setdefault('OMP_NUM_THREADS', '1')
 
-import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
+import pipelines.base.quiet  # noqa: E402,F401  pylint: disable=unused-import
 
 # Four batch runs shared by the report, metrics and history tests.
 from tests.report_runs import report_runs  # noqa: E402,F401  pylint: disable=unused-import
+# The tf.Transform output and gbt model of test_train_inference and
+# test_flink_kafka.
+from tests.trained_model import trained  # noqa: E402,F401  pylint: disable=unused-import
 # A PostgreSQL cluster for the session (tests/test_postgres.py).
 from tests.postgres_server import postgres  # noqa: E402,F401  pylint: disable=unused-import

@@ -1,7 +1,8 @@
 """AnalyzeAndTransform -> train -> RunInference, end to end on synthetic rows.
 
-One module-scoped fixture runs the tf.Transform pipeline (writing Parquet
-`transformed/`) and trains the default model once; the tests share it.
+One session fixture (`trained`, tests/trained_model.py) runs the
+tf.Transform pipeline (writing Parquet `transformed/`) and trains the
+default model once; the tests share it (and test_flink_kafka.py).
 """
 
 from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
@@ -118,30 +119,6 @@ def to_batches(rows, rows_per_batch):
 def batch_rows(batches):
   """PCollection contents of RecordBatches -> their rows, for matchers."""
   return [row for batch in batches for row in batch.to_pylist()]
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """Runs AnalyzeAndTransform (-> Parquet) and trains the gbt model once."""
-  root = tmp_path_factory.mktemp('e2e')
-  rows = synthetic_rows()
-  transform_dir = str(root / 'transform')
-  types = preprocess.input_types(DATASET)
-  with beam.Pipeline() as p:
-    transformed = (p
-                   | beam.Create(to_batches(rows, 500))
-                   | arrow.ToTFXIOBatches(types, max_rows=300)
-                   | preprocess.AnalyzeAndTransform(
-                       DATASET, transform_dir, temp_dir=str(root / 'tmp')))
-    _ = transformed | WriteParquet(
-        str(root / 'transformed' / 'part'),
-        preprocess.transformed_arrow_schema(DATASET))
-  table = train_lib.read_transformed(str(root / 'transformed'))
-  model_dir = str(root / 'model')
-  metadata = train_lib.train(table, transform_dir=transform_dir,
-                             model_dir=model_dir, dataset=DATASET)
-  return {'root': root, 'rows': rows, 'table': table, 'metadata': metadata,
-          'model_dir': model_dir, 'transform_dir': transform_dir}
 
 
 def test_transformed_rows_pass_id_time_and_label_through(trained):
