@@ -41,7 +41,6 @@ from schemas.dataset import load_dataset
 from tests.services import consume_all, create_topic, flink_flags, \
     produce_file, produce_values, run_script
 from tests.test_runners import input_file  # noqa: F401  (fixture)
-from tests.test_train_inference import trained  # noqa: F401  (fixture)
 from transforms.aggregates import EntityAggregates
 from transforms.history_features import history_table
 from transforms.inference import (TransformedSklearnModelHandler,

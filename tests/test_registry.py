@@ -385,6 +385,10 @@ def test_the_best_model_type_is_kept_with_the_others_beside_it(trained):
       str(out / 'model_candidates' / k))['training']['rows'])
           for k in ('gbt', 'logreg')}
   assert len(rows) == 1
+  # Only the kept one has its permutation importance computed.
+  assert metadata['importance']['metric'] == 'roc_auc'
+  assert all(inference.read_metadata(str(out / 'model_candidates' / k))[
+      'importance'] is None for k in ('gbt', 'logreg'))
   # Still a verifiable model, registered with the comparison.
   inference.verify_model_dir(str(out / 'model'))
   entry = Registry(root).get(second['registry']['registered'])

@@ -1,7 +1,8 @@
 """AnalyzeAndTransform -> train -> RunInference, end to end on synthetic rows.
 
-One module-scoped fixture runs the tf.Transform pipeline (writing Parquet
-`transformed/`) and trains the default model once; the tests share it.
+One session fixture (`trained`, tests/trained_model.py) runs the
+tf.Transform pipeline (writing Parquet `transformed/`) and trains the
+default model once; the tests share it (and test_flink_kafka.py).
 """
 
 from pipelines.base import quiet  # noqa: F401  pylint: disable=unused-import
@@ -120,30 +121,6 @@ def to_batches(rows, rows_per_batch):
 def batch_rows(batches):
   """PCollection contents of RecordBatches -> their rows, for matchers."""
   return [row for batch in batches for row in batch.to_pylist()]
-
-
-@pytest.fixture(scope='module')
-def trained(tmp_path_factory):
-  """Runs AnalyzeAndTransform (-> Parquet) and trains the gbt model once."""
-  root = tmp_path_factory.mktemp('e2e')
-  rows = synthetic_rows()
-  transform_dir = str(root / 'transform')
-  types = preprocess.input_types(DATASET)
-  with beam.Pipeline() as p:
-    transformed = (p
-                   | beam.Create(to_batches(rows, 500))
-                   | arrow.ToTFXIOBatches(types, max_rows=300)
-                   | preprocess.AnalyzeAndTransform(
-                       DATASET, transform_dir, temp_dir=str(root / 'tmp')))
-    _ = transformed | WriteParquet(
-        str(root / 'transformed' / 'part'),
-        preprocess.transformed_arrow_schema(DATASET))
-  table = train_lib.read_transformed(str(root / 'transformed'))
-  model_dir = str(root / 'model')
-  metadata = train_lib.train(table, transform_dir=transform_dir,
-                             model_dir=model_dir, dataset=DATASET)
-  return {'root': root, 'rows': rows, 'table': table, 'metadata': metadata,
-          'model_dir': model_dir, 'transform_dir': transform_dir}
 
 
 def test_transformed_rows_pass_id_time_and_label_through(trained):
@@ -647,6 +624,42 @@ def test_model_stages_transform_and_score(trained, tmp_path):
       r['transaction_id'] for r in expected]
   for g, e in zip(lines, expected):
     assert g == dict(e, score=pytest.approx(e['score'], abs=1e-9))
+
+
+def test_importance_is_computed_again_from_the_model_file(trained):
+  """eval_importance (the kept model of --model_type auto) gives what
+  train computes itself: same eval split, same estimator read back."""
+  found = train_lib.eval_importance(trained['table'], trained['model_dir'],
+                                    DATASET)
+  assert found == trained['metadata']['importance']
+  assert found['metric'] == 'roc_auc' and found['features']
+
+
+def test_auto_computes_importance_for_the_kept_model_only(trained, tmp_path):
+  """train_stage with auto: gbt and logreg compete on the fixture's rows;
+  the kept model's metadata has its importance, the other candidate's has
+  none (permuting every feature is the dearest part of training)."""
+  out = tmp_path / 'out'
+  shutil.copytree(trained['root'] / 'transformed',
+                  out / model_stages.TRANSFORMED)
+  shutil.copytree(trained['transform_dir'], out / model_stages.TRANSFORM_FN)
+  (out / 'features').mkdir()
+  pq.write_table(pa.Table.from_pylist(
+      trained['rows'], schema=DATASET.arrow_schema(DATASET.feature_types())),
+                 str(out / 'features' / 'part-0.parquet'))
+  metadata = model_stages.train_stage(DATASET, str(out), 'auto', None)
+  chosen = metadata['compared']['chosen']
+  assert set(metadata['compared']['eval']) == {'gbt', 'logreg'}
+  other, = {'gbt', 'logreg'} - {chosen}
+  assert inference.read_metadata(str(
+      out / model_stages.CANDIDATES / other))['importance'] is None
+  kept = inference.verify_model_dir(str(out / model_stages.MODEL))
+  assert kept['importance'] == metadata['importance']
+  assert {f['feature'] for f in kept['importance']['features']} == set(
+      DATASET.model_features())
+  # The chosen candidate's own folder: trained without it.
+  assert inference.read_metadata(str(
+      out / model_stages.CANDIDATES / chosen))['importance'] is None
 
 
 def test_logreg_baseline_and_cli(trained, tmp_path):

@@ -10,7 +10,8 @@ import apache_beam as beam
 import pyarrow as pa
 
 from pipelines.outputs import files
-from pipelines.model.training import data_version, read_transformed, train
+from pipelines.model.training import (data_version, eval_importance,
+                                      read_transformed, train)
 from schemas.dataset import Dataset
 from transforms import arrow, inference, preprocess
 from transforms.common import CountRows
@@ -100,7 +101,10 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
   """Trains each model type of `model_type` ('gbt', 'gbt,logreg', or
   'auto': those that fit the task) on the same transformed rows and split; the best by the task's eval metric
   (SELECTION_METRIC) becomes model/, with the others' eval metrics beside
-  it in its metadata ('compared'). Returns the chosen model's metadata."""
+  it in its metadata ('compared'). Only the chosen one gets a permutation
+  importance (the others' `importance` is None): it is the dearest part
+  of training, and nothing reads a candidate's. Returns the chosen
+  model's metadata."""
   table = read_transformed(files.join(output_dir, TRANSFORMED))
   features = read_transformed(files.join(output_dir, 'features'))
   model_dir = files.join(output_dir, MODEL)
@@ -119,7 +123,8 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
         table, transform_dir=files.join(output_dir, TRANSFORM_FN),
         model_dir=folder, dataset=dataset, model=kind,
         statistics_path=statistics_path,
-        data_key=data_version(features, dataset, kind)))
+        data_key=data_version(features, dataset, kind),
+        with_importance=False))
   metric, higher = SELECTION_METRIC[dataset.task]
 
   def quality(kind):
@@ -131,11 +136,13 @@ def train_stage(dataset: Dataset, output_dir: str, model_type: str,
   folder, metadata = candidates[best]
   for rel, path in inference.list_files(folder).items():
     files.write_bytes(inference.join_path(model_dir, rel), files.read_bytes(path))
+  metadata['importance'] = eval_importance(
+      table, folder, dataset, metadata['training']['eval_fraction'])
   metadata['compared'] = {
       'metric': metric, 'chosen': best,
       'eval': {kind: {k: v for k, v in meta['metrics']['eval'].items()
                       if not isinstance(v, (list, dict))}
                for kind, (_, meta) in candidates.items()}}
   # metadata.json is outside the files' digests; it is signed again (with
-  # $MLPIPE_MODEL_KEY) since the comparison is part of it.
+  # $MLPIPE_MODEL_KEY) since the importance and comparison are part of it.
   return inference.write_metadata(model_dir, metadata)

@@ -28,7 +28,8 @@ Models (deterministic, random_state=0):
           the z-scored numeric columns.
 
 Feature importance (pipelines.model.importance): permutation importance
-on the eval split per raw feature, in the metadata's `importance`.
+on the eval split per raw feature, in the metadata's `importance` (of the
+kept model only, when several model types compete: `eval_importance`).
 
 Writes model_dir/: model.skops, transform_fn/ (copy of the tft output dir:
 transform_fn/ and transformed_metadata/), split.parquet (a hash of each
@@ -365,12 +366,50 @@ def learned_version(data_key: str, estimator_bytes: bytes,
   return 'v' + digest.hexdigest()[:16]
 
 
+def _labelled(transformed, dataset) -> pa.Table:
+  """The rows `train` learns from: a table of the transformed columns
+  (`_as_table`) without the unlabelled rows."""
+  table = _as_table(transformed, dataset)
+  return table.filter(table.column(dataset.label_field).is_valid())
+
+
+def _importance(estimator, eval_rows: pa.Table, dataset
+                ) -> Optional[Dict[str, Any]]:
+  """Permutation importance per raw feature (pipelines.model.importance)
+  of a fitted estimator on the eval rows."""
+  features = preprocess.transformed_feature_names(dataset)
+  task = dataset.task
+  return importance.permutation_importance(
+      estimator,
+      inference.feature_matrix({n: eval_rows.column(n) for n in features},
+                               features),
+      _labels(eval_rows, dataset.label_field, task),
+      importance.raw_groups(features, dataset.model_features(),
+                            TRANSFORMED_SUFFIX, MISSING_SUFFIX),
+      task, len(dataset.label.class_names) if task != 'regression' else 0)
+
+
+def eval_importance(transformed, model_dir: str, dataset,
+                    eval_fraction: float = 0.2) -> Optional[Dict[str, Any]]:
+  """The metadata's `importance` of the model in `model_dir` that `train`
+  fitted on `transformed` (same rows, same `eval_fraction`) with
+  with_importance=False: the same eval split again (`split` depends on
+  the rows only), the estimator read back from its file."""
+  table = _labelled(transformed, dataset)
+  _, eval_rows = split(table, dataset, eval_fraction)
+  path = inference.join_path(model_dir, inference.MODEL_FILE)
+  with FileSystems.open(path) as f:
+    estimator = inference.loads_estimator(f.read(), path)
+  return _importance(estimator, eval_rows, dataset)
+
+
 def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
                             Iterable[dict]], *, transform_dir: str,
           model_dir: str, dataset=None, model: str = 'gbt',
           eval_fraction: float = 0.2, statistics_path: Optional[str] = None,
           model_version: Optional[str] = None,
-          data_key: Optional[str] = None) -> Dict[str, Any]:
+          data_key: Optional[str] = None,
+          with_importance: bool = True) -> Dict[str, Any]:
   """Trains, evaluates and writes a model directory; returns its metadata.
 
   transformed: a table, RecordBatches or rows with the columns of
@@ -380,6 +419,9 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
     `data_version` of the feature rows; by default that of the
     transformed rows) and of what was learned, so equal data, settings,
     analyzer outputs and fit give an equal version and no clock is read.
+  with_importance: False leaves the metadata's `importance` None (the
+    candidates of `--model_type auto`: only the kept one gets it, from
+    `eval_importance`, as permuting every feature costs more than a fit).
   """
   dataset = dataset or load_dataset()
   if model not in MODELS:
@@ -391,8 +433,7 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
   if not label:
     raise TrainingError(f'dataset {dataset.name} declares no label')
   task = dataset.task
-  table = _as_table(transformed, dataset)
-  table = table.filter(table.column(label).is_valid())
+  table = _labelled(transformed, dataset)
   features = preprocess.transformed_feature_names(dataset)
   categorical = preprocess.categorical_feature_names(dataset)
   buckets = [preprocess.transformed_name(n)
@@ -445,11 +486,8 @@ def train(transformed: Union[pa.Table, Iterable[pa.RecordBatch],
 
   metrics = {'train': metrics_of(train_rows), 'eval': metrics_of(eval_rows)}
   # What the model relies on, per raw feature, on the eval split.
-  feature_importance = importance.permutation_importance(
-      estimator, matrix(eval_rows), _labels(eval_rows, label, task),
-      importance.raw_groups(features, dataset.model_features(),
-                            TRANSFORMED_SUFFIX, MISSING_SUFFIX),
-      task, len(dataset.label.class_names) if task != 'regression' else 0)
+  feature_importance = (_importance(estimator, eval_rows, dataset)
+                        if with_importance else None)
   score_distribution = None
   if task == 'binary':
     # The eval split's scores, binned: the reference that monitoring
