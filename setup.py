@@ -32,6 +32,11 @@ REQUIRED = [
     'redis==8.1.0',
     'starlette==1.10.0',
     'uvicorn==0.54.0',
+    # uvicorn's C event loop (libuv) and HTTP parser, named in
+    # pipelines/serve.py: less CPU per request than asyncio's loop and the
+    # pure-Python h11, on the loop that shares the GIL with the model.
+    'uvloop==0.23.0',
+    'httptools==0.9.0',
     # metrics.prom, the streaming job's /metrics and the service's /metrics.
     'prometheus-client==0.26.0',
     # PostgreSQL in and out (--input postgresql://, --sink): ADBC's libpq

@@ -50,6 +50,13 @@ from transforms import online_store
 from transforms.parse import rfc3339_to_micros
 from transforms.side_tables import load_side_tables, side_table_paths
 
+# uvicorn on libuv's event loop and httptools' C parser (pinned in
+# setup.py), not asyncio's loop and the pure-Python h11: every request
+# pays for parsing and writing HTTP on the one event loop, which shares
+# the GIL with the model thread. Named, not uvicorn's 'auto' (which falls
+# back silently when one is missing).
+SERVER = dict(loop='uvloop', http='httptools')
+
 # The command line, for the worker processes of --workers N (each builds
 # its own application from it: see worker_app).
 ARGV_ENV = 'MLPIPE_SERVE_ARGV'
@@ -198,7 +205,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         file=sys.stderr, flush=True)
   if args.workers == 1:
     uvicorn.run(app, host=args.host, port=args.port, log_level='warning',
-                access_log=False)
+                access_log=False, **SERVER)
     return 0
   # Everything was checked above, in this process; each worker (a fresh
   # interpreter, uvicorn's supervisor restarts one that dies) builds its
@@ -206,7 +213,7 @@ def main(argv: Optional[List[str]] = None) -> int:
   os.environ[ARGV_ENV] = json.dumps(argv)
   uvicorn.run('pipelines.serve:worker_app', factory=True,
               workers=args.workers, host=args.host, port=args.port,
-              log_level='warning', access_log=False)
+              log_level='warning', access_log=False, **SERVER)
   return 0
 
 

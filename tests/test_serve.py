@@ -730,3 +730,15 @@ def test_workers_share_the_port_and_score_as_in_batch(run):
   finally:
     process.terminate()
     process.wait(timeout=60)
+
+
+def test_the_service_runs_on_uvloop_and_httptools():
+  """The flags uvicorn gets resolve to libuv's loop and the C parser (both
+  pinned): uvicorn would fall back to h11 and asyncio's loop silently
+  under 'auto'; named, a missing package is an error at start."""
+  import uvicorn  # pylint: disable=g-import-not-at-top
+  from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # pylint: disable=g-import-not-at-top
+  config = uvicorn.Config(lambda scope, receive, send: None, **serve.SERVER)
+  config.load()
+  assert config.http_protocol_class is HttpToolsProtocol
+  assert config.get_loop_factory().__module__.startswith('uvloop')
