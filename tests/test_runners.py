@@ -30,6 +30,7 @@ from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
                                                   PipelineOptions,
                                                   PortableOptions)
 from apache_beam.portability.api import beam_runner_api_pb2
+from apache_beam.runners.portability.job_server import JavaJarJobServer
 
 from pipelines import batch
 from pipelines.outputs import files
@@ -167,14 +168,24 @@ def test_portable_runner_loopback_matches_direct(input_file, direct_run,
 
 
 def test_flink_session_cluster_matches_direct(input_file, direct_run,
-                                             flink_cluster, tmp_path):
+                                             flink_cluster, tmp_path,
+                                             monkeypatch):
   """Every stage (ingest, transform, predict) as jobs on the local Flink
-  session cluster: the same counts, feature rows and predictions."""
+  session cluster: the same counts, feature rows and predictions; the
+  three jobs go to one job server, stopped when the run ends (Beam alone
+  starts a JVM per job and keeps each until the process exits)."""
+  calls = []
+  for name in ('start', 'stop'):
+    real = getattr(JavaJarJobServer, name)
+    monkeypatch.setattr(JavaJarJobServer, name,
+                        lambda self, real=real, name=name: (
+                            calls.append(name), real(self))[1])
   reference, reference_out = direct_run
   out = str(tmp_path / 'flink')
   summary = _run(input_file, out, *flink_flags(flink_cluster))
   _assert_same_summary(summary, reference)
   _assert_same_outputs(out, reference_out)
+  assert calls == ['start', 'stop']
 
 
 def test_direct_multi_processing_matches_direct(input_file, direct_run,

@@ -1,0 +1,54 @@
+"""One Beam job server for all the Beam jobs of one command.
+
+`pipelines.batch` runs up to four Beam jobs one after another (ingest,
+transform, predict, materialise). Given no --job_endpoint, Beam's
+FlinkRunner starts a job server (a JVM from --flink_job_server_jar) for
+every job and stops them only when the process exits: each start cost
+10-70 s on this machine (a JVM, then the runner's classes), and each
+finished job's server stayed resident (~400-650 MB) beside the next one's.
+`shared_job_server` starts one for the command and points every job at it
+with --job_endpoint.
+"""
+
+import contextlib
+from typing import Iterator, Optional
+
+from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
+                                                  PipelineOptions,
+                                                  PortableOptions)
+from apache_beam.runners.portability.flink_runner import FlinkRunner
+
+from pipelines.cli.preflight import runner_name
+
+
+def _own_job_server(options: PipelineOptions) -> bool:
+  """FlinkRunner would start a job server of its own for each job: no
+  --job_endpoint given and not the uber-jar submission (whose 'server' is
+  a per-job upload, nothing to share)."""
+  return (runner_name(options) == 'flinkrunner' and
+          not options.view_as(PortableOptions).job_endpoint and
+          not options.view_as(FlinkRunnerOptions).flink_submit_uber_jar)
+
+
+@contextlib.contextmanager
+def shared_job_server(options: PipelineOptions) -> Iterator[Optional[str]]:
+  """Within the block, every `beam.Pipeline(options=options)` submits to
+  one job server started here (--job_endpoint is set on `options`, which
+  is changed in place); it is stopped, and the flag cleared, when the block
+  ends. Yields the endpoint, or None when the runner needs no job server
+  of its own (DirectRunner, Dataflow, a given --job_endpoint): then
+  `options` are left alone."""
+  if not _own_job_server(options):
+    yield None
+    return
+  # Beam's own choice of server and arguments (the jar, --flink_master with
+  # its http:// scheme), started once instead of once per job.
+  server = FlinkRunner().default_job_server(options)
+  endpoint = server.start()
+  portable = options.view_as(PortableOptions)
+  portable.job_endpoint = endpoint
+  try:
+    yield endpoint
+  finally:
+    portable.job_endpoint = None
+    server.stop()
