@@ -2,7 +2,8 @@
 (the real cluster case: tests/test_runners.py's Flink session test)."""
 
 import pytest
-from apache_beam.options.pipeline_options import (PipelineOptions,
+from apache_beam.options.pipeline_options import (JobServerOptions,
+                                                  PipelineOptions,
                                                   PortableOptions)
 from apache_beam.runners.portability.flink_runner import FlinkRunner
 
@@ -17,7 +18,7 @@ class FakeServer:
 
   def start(self):
     self.log.append('start')
-    return 'localhost:12345'
+    return object()   # Beam's start() returns a gRPC stub
 
   def stop(self):
     self.log.append('stop')
@@ -40,7 +41,7 @@ def _flink(*extra):
 def test_flink_jobs_share_one_server_stopped_at_the_end(servers):
   options = _flink()
   with shared_job_server(options) as endpoint:
-    assert endpoint == 'localhost:12345'
+    assert endpoint.startswith('localhost:')
     # Every pipeline built from these options (or a view of them) now
     # submits to the one server instead of starting its own.
     for _ in range(3):
@@ -73,3 +74,21 @@ def test_other_runners_are_left_alone(servers, flags):
     assert endpoint is None
     assert options.get_all_options() == before
   assert not servers
+
+
+def test_beam_starts_the_server_on_the_port_it_names(monkeypatch):
+  """The endpoint given to the jobs is the port Beam's server listens on
+  (Beam's start() returns a stub, so the port is chosen here)."""
+  made = {}
+
+  def default_job_server(self, options):
+    made['job_port'] = options.view_as(JobServerOptions).job_port
+    return FakeServer([])
+
+  monkeypatch.setattr(FlinkRunner, 'default_job_server', default_job_server)
+  options = _flink()
+  with shared_job_server(options) as endpoint:
+    assert endpoint == f'localhost:{made["job_port"]}'
+    assert made['job_port'] > 0
+  # --job_port is back to what was given (nothing).
+  assert options.view_as(JobServerOptions).job_port == 0

@@ -14,9 +14,11 @@ import contextlib
 from typing import Iterator, Optional
 
 from apache_beam.options.pipeline_options import (FlinkRunnerOptions,
+                                                  JobServerOptions,
                                                   PipelineOptions,
                                                   PortableOptions)
 from apache_beam.runners.portability.flink_runner import FlinkRunner
+from apache_beam.utils.subprocess_server import pick_port
 
 from pipelines.cli.preflight import runner_name
 
@@ -41,10 +43,20 @@ def shared_job_server(options: PipelineOptions) -> Iterator[Optional[str]]:
   if not _own_job_server(options):
     yield None
     return
-  # Beam's own choice of server and arguments (the jar, --flink_master with
-  # its http:// scheme), started once instead of once per job.
-  server = FlinkRunner().default_job_server(options)
-  endpoint = server.start()
+  # Beam's own choice of server and arguments (the jar, --flink_master
+  # with its http:// scheme, set on `options` as Beam does), started once
+  # instead of once per job, on a port known here: Beam's start() returns
+  # a gRPC stub, not its address (the server reads the port when made).
+  ports = options.view_as(JobServerOptions)
+  given = ports.job_port
+  port, = pick_port(given)
+  ports.job_port = port
+  try:
+    server = FlinkRunner().default_job_server(options)
+  finally:
+    ports.job_port = given
+  server.start()
+  endpoint = f'localhost:{port}'
   portable = options.view_as(PortableOptions)
   portable.job_endpoint = endpoint
   try:
