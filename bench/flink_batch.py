@@ -124,6 +124,15 @@ class Cluster:
             '--sdk_worker_parallelism', '2', '--parallelism', '2',
             '--flink_job_server_jar', JOB_SERVER_JAR]
 
+  def workers_started(self) -> int:
+    """How many SDK worker processes the pool started (runners/
+    worker_pool.py logs each)."""
+    try:
+      with open(os.path.join(self.state, 'worker_pool', 'pool.log')) as f:
+        return sum(' started: pid ' in line for line in f)
+    except OSError:
+      return 0
+
   def jobs(self) -> List[Dict[str, object]]:
     """The Flink jobs this cluster ran: name, state, seconds."""
     try:
@@ -207,6 +216,7 @@ def bench_run(kind: str, rows: int, data: str, model: str,
     result = measured(cmd, log, cluster)
     if cluster:
       result['flink_jobs'] = cluster.jobs()
+      result['workers_started'] = cluster.workers_started()
       result['state'] = cluster.state   # the cluster's logs
   finally:
     if cluster:
@@ -239,7 +249,8 @@ def table(results: List[Dict[str, object]]) -> str:
     jobs = r.get('flink_jobs') or []
     if jobs:
       lines.append(f'\n{r["kind"]} {r["rows"]:,}: Flink jobs ' + ', '.join(
-          f'{j["state"]} {j["seconds"]:.1f} s' for j in jobs))
+          f'{j["state"]} {j["seconds"]:.1f} s' for j in jobs) +
+                   f'; SDK workers started: {r.get("workers_started")}')
     lines.append(f'{r["kind"]} {r["rows"]:,}: ' + ' '.join(
         s for s in r['stages']))
   return '\n'.join(lines)

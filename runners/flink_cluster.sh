@@ -71,6 +71,13 @@ taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-3072m}
 # Each job loads Beam's runner classes again: at the default 256m the
 # TaskManager died of OutOfMemoryError: Metaspace after about 4 jobs.
 taskmanager.memory.jvm-metaspace.size: 1024m
+# Beam's batch translation holds each group's values (a GroupByKey's
+# list, every element a whole encoded RecordBatch) on the task heap, which
+# Flink's defaults leave at ~280 MB of the 3 GB (managed memory, Flink's
+# off-heap sort buffers, takes 40% of the rest): a 1M-row scoring run
+# died with "OutOfMemoryError: Java heap space" in the dedupe and history
+# stages. 10% managed leaves ~700 MB of task heap; sorts spill sooner.
+taskmanager.memory.managed.fraction: 0.1
 # Beam's graphs have many shuffles: Flink's default network share is short.
 taskmanager.memory.network.min: 512m
 taskmanager.memory.network.max: 512m

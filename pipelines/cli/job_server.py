@@ -41,9 +41,11 @@ def _own_job_server(options: PipelineOptions) -> bool:
 
 
 # Long enough to bridge the gap between two stages of a job (the next one's
-# tasks deployed), short enough that a finished job's workers are gone
-# before the next job's start (the cache outlives the job by this much).
-WORKER_CACHE_MS = 10_000
+# tasks deployed; 10 s did not at load 40-60 on 2 cores: the workers were
+# started again mid-job), short enough that a finished job's workers are
+# mostly gone when the next job's start (the cache outlives a job by this
+# much).
+WORKER_CACHE_MS = 30_000
 _PORTABLE = ('flinkrunner', 'portablerunner', 'sparkrunner')
 
 
