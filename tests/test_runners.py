@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import urllib.request
 
 import apache_beam as beam
 import pytest
@@ -186,6 +187,20 @@ def test_flink_session_cluster_matches_direct(input_file, direct_run,
   _assert_same_summary(summary, reference)
   _assert_same_outputs(out, reference_out)
   assert calls == ['start', 'stop']
+
+
+def test_flink_task_heap_holds_a_batch_jobs_groups(flink_cluster):
+  """runners/flink_cluster.sh leaves the task heap, where Beam's batch
+  translation holds each group's values, ~800 MB of the TaskManager's 3 GB
+  (Flink's default 40% managed memory left ~280 MB, and a 1M-row scoring
+  run died of "Java heap space")."""
+  rest = f'http://{flink_cluster.master}'
+  with urllib.request.urlopen(f'{rest}/taskmanagers', timeout=10) as r:
+    tm = json.load(r)['taskmanagers'][0]['id']
+  with urllib.request.urlopen(f'{rest}/taskmanagers/{tm}', timeout=10) as r:
+    memory = json.load(r)['memoryConfiguration']
+  assert memory['taskHeap'] >= 700 << 20
+  assert memory['managedMemory'] <= 256 << 20
 
 
 def test_direct_multi_processing_matches_direct(input_file, direct_run,

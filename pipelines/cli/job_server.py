@@ -8,14 +8,6 @@ every job and stops them only when the process exits: each start cost
 finished job's server stayed resident (~400-650 MB) beside the next one's.
 `shared_job_server` starts one for the command and points every job at it
 with --job_endpoint.
-
-`keep_workers_between_stages` sets Beam's --environment_cache_millis for
-a batch job on a portable runner: with Beam's default (0) the runner shuts
-a job's Python workers down whenever no stage holds them, between two
-stages of one job, and starts new ones (each imports TensorFlow and TFDV
-again, 30-80 s under load) for the next; on the local cluster a 1M-row
-ingest job restarted its workers mid-job and then failed with "call is
-closed" in a bundle.
 """
 
 import contextlib
@@ -38,25 +30,6 @@ def _own_job_server(options: PipelineOptions) -> bool:
   return (runner_name(options) == 'flinkrunner' and
           not options.view_as(PortableOptions).job_endpoint and
           not options.view_as(FlinkRunnerOptions).flink_submit_uber_jar)
-
-
-# Long enough to bridge the gap between two stages of a job (the next one's
-# tasks deployed; 10 s did not at load 40-60 on 2 cores: the workers were
-# started again mid-job), short enough that a finished job's workers are
-# mostly gone when the next job's start (the cache outlives a job by this
-# much).
-WORKER_CACHE_MS = 30_000
-_PORTABLE = ('flinkrunner', 'portablerunner', 'sparkrunner')
-
-
-def keep_workers_between_stages(options: PipelineOptions) -> None:
-  """On a portable runner, --environment_cache_millis WORKER_CACHE_MS
-  unless the flag was given (changes `options` in place)."""
-  portable = options.view_as(PortableOptions)
-  given = options.get_all_options(drop_default=True)
-  if (runner_name(options) in _PORTABLE and
-      'environment_cache_millis' not in given):
-    portable.environment_cache_millis = WORKER_CACHE_MS
 
 
 @contextlib.contextmanager
