@@ -9,7 +9,7 @@
 #   runners/flink_cluster.sh crash-taskmanager   # kill -9 it, start a new one
 #
 # FLINK_REST_PORT (default 8081), FLINK_SLOTS (default 2) and
-# FLINK_TM_MEMORY (default 3072m) change the defaults; MLPIPE_RUN (default
+# FLINK_TM_MEMORY (default 4096m) change the defaults; MLPIPE_RUN (default
 # runners/.run) holds the configuration, logs and process ids.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -67,17 +67,20 @@ taskmanager.bind-host: 127.0.0.1
 taskmanager.numberOfTaskSlots: $SLOTS
 parallelism.default: 2
 jobmanager.memory.process.size: 1024m
-taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-3072m}
+taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-4096m}
 # Each job loads Beam's runner classes again: at the default 256m the
 # TaskManager died of OutOfMemoryError: Metaspace after about 4 jobs.
 taskmanager.memory.jvm-metaspace.size: 1024m
 # Beam's batch translation holds each group's values (a GroupByKey's
-# list, every element a whole encoded RecordBatch) on the task heap, which
-# Flink's defaults leave at ~280 MB of the 3 GB (managed memory, Flink's
-# off-heap sort buffers, takes 40% of the rest): a 1M-row scoring run
-# died with "OutOfMemoryError: Java heap space" in the dedupe and history
-# stages. 10% managed leaves ~700 MB of task heap; sorts spill sooner.
-taskmanager.memory.managed.fraction: 0.1
+# list, every element a whole encoded RecordBatch) on the task heap, and
+# Flink's sorts need each record (a TFDV statistics accumulator, a shard's
+# batch) to fit one operator's share of the managed memory. With 3 GB and
+# Flink's 40% managed the task heap was ~280 MB and a 1M-row scoring run
+# died of "Java heap space" in the dedupe and history stages; with 3 GB
+# and 10% managed (heap ~840 MB) a statistics combine failed with "Record
+# too large" for its sort buffer. 4 GB and 30%: ~1.1 GB heap, ~800 MB
+# managed. (A size, not a use: the process takes what its jobs need.)
+taskmanager.memory.managed.fraction: 0.3
 # Beam's graphs have many shuffles: Flink's default network share is short.
 taskmanager.memory.network.min: 512m
 taskmanager.memory.network.max: 512m
