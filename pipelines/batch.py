@@ -29,7 +29,8 @@ from pipelines.model import stages as model_stages
 from pipelines.validation import checks as validation
 from pipelines.outputs import files
 from pipelines.cli import preflight
-from pipelines.cli.job_server import shared_job_server
+from pipelines.cli.job_server import (keep_workers_between_stages,
+                                      shared_job_server)
 from pipelines.reporting import report as run_report
 from pipelines.runs import record as run_record
 from pipelines.runs import run_history
@@ -190,6 +191,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, BatchOptions)
   preflight.check_runner(options)
+  keep_workers_between_stages(options)
   dataset = load_dataset(opts.schema)
   aggregate_window(opts, dataset)
   reference_micros(opts)

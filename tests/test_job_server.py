@@ -7,7 +7,9 @@ from apache_beam.options.pipeline_options import (JobServerOptions,
                                                   PortableOptions)
 from apache_beam.runners.portability.flink_runner import FlinkRunner
 
-from pipelines.cli.job_server import shared_job_server
+from pipelines.cli.job_server import (WORKER_CACHE_MS,
+                                      keep_workers_between_stages,
+                                      shared_job_server)
 
 
 class FakeServer:
@@ -93,3 +95,18 @@ def test_beam_starts_the_server_on_the_port_it_names(monkeypatch):
   # --job_port is back to what was given (nothing).
   assert options.view_as(JobServerOptions).job_port == 0
 
+
+@pytest.mark.parametrize('flags, expected', [
+    # Beam's default 0 shuts a job's workers down between its stages.
+    (['--runner', 'FlinkRunner'], WORKER_CACHE_MS),
+    (['--runner', 'PortableRunner', '--job_endpoint', 'embed'],
+     WORKER_CACHE_MS),
+    (['--runner', 'FlinkRunner', '--environment_cache_millis', '500'], 500),
+    (['--runner', 'DirectRunner'], 0),
+])
+def test_portable_batch_jobs_keep_their_workers_between_stages(flags,
+                                                               expected):
+  options = PipelineOptions(flags)
+  keep_workers_between_stages(options)
+  assert int(options.view_as(PortableOptions).environment_cache_millis) == (
+      expected)

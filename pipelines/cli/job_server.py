@@ -8,6 +8,15 @@ every job and stops them only when the process exits: each start cost
 finished job's server stayed resident (~400-650 MB) beside the next one's.
 `shared_job_server` starts one for the command and points every job at it
 with --job_endpoint.
+
+`keep_workers_between_stages` sets Beam's --environment_cache_millis for
+a batch job on a portable runner: with Beam's default (0) the runner shuts
+a job's Python workers down whenever no stage holds them, between two
+stages of one job, and starts new ones (each imports TensorFlow and TFDV
+again) for the next; a worker shut down under a running bundle failed
+1M-row ingest jobs ("call is closed"). Beam's Flink runner honours the
+cache time only when its classes come from Flink's own classloader:
+runners/flink_cluster.sh puts them there.
 """
 
 import contextlib
@@ -30,6 +39,24 @@ def _own_job_server(options: PipelineOptions) -> bool:
   return (runner_name(options) == 'flinkrunner' and
           not options.view_as(PortableOptions).job_endpoint and
           not options.view_as(FlinkRunnerOptions).flink_submit_uber_jar)
+
+
+# Long enough to bridge the gap between two stages of a job (the next one's
+# tasks deployed, seconds under heavy load), short enough that a finished
+# job's workers are gone soon after it (the cache outlives a job by this
+# much, beside the next job's workers).
+WORKER_CACHE_MS = 30_000
+_PORTABLE = ('flinkrunner', 'portablerunner', 'sparkrunner')
+
+
+def keep_workers_between_stages(options: PipelineOptions) -> None:
+  """On a portable runner, --environment_cache_millis WORKER_CACHE_MS
+  unless the flag was given (changes `options` in place)."""
+  portable = options.view_as(PortableOptions)
+  given = options.get_all_options(drop_default=True)
+  if (runner_name(options) in _PORTABLE and
+      'environment_cache_millis' not in given):
+    portable.environment_cache_millis = WORKER_CACHE_MS
 
 
 @contextlib.contextmanager
