@@ -86,8 +86,8 @@ taskmanager.memory.jvm-metaspace.size: 1024m
 # Flink's 40% managed the task heap was ~280 MB and a 1M-row scoring run
 # died of "Java heap space" in the dedupe and history stages; with 3 GB
 # and 10% managed (heap ~840 MB) a statistics combine failed with "Record
-# too large" for its sort buffer. 4 GB and 30%: ~1.1 GB heap, ~800 MB
-# managed. (A size, not a use: the process takes what its jobs need.)
+# too large" for its sort buffer. 4 GB and 30%: ~880 MB heap (after the
+# task off-heap below), ~800 MB managed. (A size, not a use: the process takes what its jobs need.)
 taskmanager.memory.managed.fraction: 0.3
 # Beam's graphs have many shuffles: Flink's default network share is short.
 taskmanager.memory.network.min: 512m
