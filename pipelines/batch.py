@@ -29,6 +29,8 @@ from pipelines.model import stages as model_stages
 from pipelines.validation import checks as validation
 from pipelines.outputs import files
 from pipelines.cli import preflight
+from pipelines.cli.job_server import (keep_workers_between_stages,
+                                      shared_job_server)
 from pipelines.reporting import report as run_report
 from pipelines.runs import record as run_record
 from pipelines.runs import run_history
@@ -189,6 +191,7 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.use_pipeline_options(options)   # s3:// on the driver
   opts = flags(options, BatchOptions)
   preflight.check_runner(options)
+  keep_workers_between_stages(options)
   dataset = load_dataset(opts.schema)
   aggregate_window(opts, dataset)
   reference_micros(opts)
@@ -242,8 +245,10 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
     postgres_sink.prepare(opts.sink, dataset, run_id(opts))
   summary = {}
   try:
-    _run_stages(options, opts, dataset, paths, summary, metadata,
-                training_stats, baseline)
+    # Flink: one job server for the run's Beam jobs, not one per job.
+    with shared_job_server(options):
+      _run_stages(options, opts, dataset, paths, summary, metadata,
+                  training_stats, baseline)
     _publish(summary, opts)   # summary, metrics, history, report
     return summary
   except validation.DataValidationError:

@@ -9,7 +9,7 @@
 #   runners/flink_cluster.sh crash-taskmanager   # kill -9 it, start a new one
 #
 # FLINK_REST_PORT (default 8081), FLINK_SLOTS (default 2) and
-# FLINK_TM_MEMORY (default 3072m) change the defaults; MLPIPE_RUN (default
+# FLINK_TM_MEMORY (default 4096m) change the defaults; MLPIPE_RUN (default
 # runners/.run) holds the configuration, logs and process ids.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -18,6 +18,14 @@ STATE="${MLPIPE_RUN:-$ROOT/runners/.run}/flink"
 PORT="${FLINK_REST_PORT:-8081}"
 SLOTS="${FLINK_SLOTS:-2}"
 CP="$JARS/flink/*"
+# The TaskManager also gets Beam's runner (loaded parent-first, see the
+# configuration): Beam's Flink runner shuts a job's Python workers down the
+# moment no task holds them, and starts new ones for the next stage, unless
+# its classes come from Flink's own classloader; only then does it keep
+# them for --environment_cache_millis. Restarted mid-job, the workers
+# imported TensorFlow again each time, and a closing worker failed a
+# running bundle ("call is closed", "Channel closed prematurely").
+TM_CP="$CP:$JARS/beam/*"
 # What Flink's own launch scripts give a Java 17 JVM (its default
 # env.java.default-opts.all): without them a streaming job's state failed
 # with "InaccessibleObjectException: ... java.util does not opens java.util".
@@ -67,10 +75,20 @@ taskmanager.bind-host: 127.0.0.1
 taskmanager.numberOfTaskSlots: $SLOTS
 parallelism.default: 2
 jobmanager.memory.process.size: 1024m
-taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-3072m}
+taskmanager.memory.process.size: ${FLINK_TM_MEMORY:-4096m}
 # Each job loads Beam's runner classes again: at the default 256m the
 # TaskManager died of OutOfMemoryError: Metaspace after about 4 jobs.
 taskmanager.memory.jvm-metaspace.size: 1024m
+# Beam's batch translation holds each group's values (a GroupByKey's
+# list, every element a whole encoded RecordBatch) on the task heap, and
+# Flink's sorts need each record (a TFDV statistics accumulator, a shard's
+# batch) to fit one operator's share of the managed memory. With 3 GB and
+# Flink's 40% managed the task heap was ~280 MB and a 1M-row scoring run
+# died of "Java heap space" in the dedupe and history stages; with 3 GB
+# and 10% managed (heap ~840 MB) a statistics combine failed with "Record
+# too large" for its sort buffer. 4 GB and 30%: ~880 MB heap (after the
+# task off-heap below), ~800 MB managed. (A size, not a use: the process takes what its jobs need.)
+taskmanager.memory.managed.fraction: 0.3
 # Beam's graphs have many shuffles: Flink's default network share is short.
 taskmanager.memory.network.min: 512m
 taskmanager.memory.network.max: 512m
@@ -83,6 +101,15 @@ io.tmp.dirs: $STATE/tmp
 # batch job failed with AskTimeoutException.
 pekko.ask.timeout: 60 s
 web.submit.enable: false
+# Beam's classes, and all they use (Joda-Time, ...), from the
+# TaskManager's classpath (TM_CP), not from each job's jar: see TM_CP.
+# (Only org.apache.beam. parent-first failed: a Joda Duration of the job's
+# jar could not be assigned to a field of the parent's WindowingStrategy.)
+classloader.resolve-order: parent-first
+# Beam's gRPC (netty) then allocates its direct buffers against the
+# TaskManager's direct memory limit, where Flink reserves none for tasks:
+# a 1M-row run failed with "OutOfMemoryError: Direct buffer memory".
+taskmanager.memory.task.off-heap.size: 256m
 CONF
   # What Flink's own jobmanager.sh / taskmanager.sh do: BashJavaUtils turns
   # the memory settings into JVM flags and explicit -D settings.
@@ -120,7 +147,7 @@ start_taskmanager() {  # with the flags start() worked out; appends to its log
   local tm_jvm tm_dyn
   tm_jvm=$(sed -n 1p "$STATE/taskmanager.flags"); tm_dyn=$(sed -n 2p "$STATE/taskmanager.flags")
   # shellcheck disable=SC2086
-  nohup java $JAVA17_OPENS $tm_jvm -cp "$CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
+  nohup java $JAVA17_OPENS $tm_jvm -cp "$TM_CP" org.apache.flink.runtime.taskexecutor.TaskManagerRunner \
       --configDir "$STATE/conf" $tm_dyn >> "$STATE/taskmanager.log" 2>&1 &
   echo $! > "$STATE/taskmanager.pid"
 }
