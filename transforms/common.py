@@ -108,10 +108,12 @@ _MIX1 = np.uint64(0xBF58476D1CE4E5B9)
 _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
-def _mix(z: np.ndarray) -> np.ndarray:
-  """splitmix64's finaliser: every input bit reaches the low bits."""
+def splitmix64(x) -> np.ndarray:
+  """The splitmix64 finaliser of uint64 `x` (elementwise, wrapping): every
+  input bit reaches the low bits."""
+  x = np.asarray(x, dtype=np.uint64)
   with np.errstate(over='ignore'):
-    z = z + _GOLDEN
+    z = x + _GOLDEN
     z = (z ^ (z >> np.uint64(30))) * _MIX1
     z = (z ^ (z >> np.uint64(27))) * _MIX2
   return z ^ (z >> np.uint64(31))
@@ -152,7 +154,7 @@ def string_hashes(values: pa.Array) -> np.ndarray:
     sums = np.concatenate([[np.uint64(0)],
                            np.cumsum(terms, dtype=np.uint64)])
     polynomial = sums[starts + lengths] - sums[starts]
-    return _mix(polynomial ^ (lengths.astype(np.uint64) * _GOLDEN))
+    return splitmix64(polynomial ^ (lengths.astype(np.uint64) * _GOLDEN))
 
 
 def shard_of(keys: pa.Array, num_shards: int) -> np.ndarray:

@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms.common import (DEFAULT_SHARDS, Counters, concat_batches,
-                               split_by_shard)
+                               split_by_shard, splitmix64)
 
 STRATEGIES = ('uniform', 'popularity')
 WEIGHT = 'weight'
@@ -81,22 +81,10 @@ _EXHAUSTIVE_ATTEMPT = np.uint64(1 << 40)
 _EXHAUSTIVE_CELLS = 1 << 22
 
 _GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 _MASK64 = (1 << 64) - 1
 
 
 # Counter-based randomness -----------------------------------------------------
-def splitmix64(x) -> np.ndarray:
-  """The splitmix64 finaliser of uint64 `x` (elementwise, wrapping)."""
-  x = np.asarray(x, dtype=np.uint64)
-  with np.errstate(over='ignore'):
-    z = x + _GOLDEN
-    z = (z ^ (z >> np.uint64(30))) * _MIX1
-    z = (z ^ (z >> np.uint64(27))) * _MIX2
-  return z ^ (z >> np.uint64(31))
-
-
 def _stream(base: np.ndarray, attempts: np.ndarray) -> np.ndarray:
   """Attempt `attempts` (uint64, broadcast) of the streams seeded by
   `base`: the splitmix64 sequence, so attempts are independent."""
