@@ -87,13 +87,11 @@ def _json_values(column: pa.Array) -> pa.Array:
     column = column.cast(pa.float64())
     plain = pc.fill_null(pc.is_finite(column), True)
     text = column.cast(pa.string())
-    # Arrow writes 1.0 as "1": keep it a float for the reader. Below 1e15
-    # Arrow never writes an exponent, so a whole value is one equal to its
-    # floor; above, its text decides.
-    if pc.any(pc.greater_equal(pc.abs(column), 1e15)).as_py():
-      whole = pc.invert(pc.match_substring_regex(text, '[.eE]'))
-    else:
-      whole = pc.equal(pc.floor(column), column)
+    # Arrow writes 1.0 as "1": keep it a float for the reader. A whole
+    # value (equal to its floor) written without an exponent (Arrow writes
+    # 1e10 as "1e+10") gets ".0"; a plain substring search, not a regex.
+    whole = pc.and_(pc.equal(pc.floor(column), column),
+                    pc.invert(pc.match_substring(text, 'e')))
     if pc.any(whole).as_py():
       text = pc.if_else(whole, pc.binary_join_element_wise(text, '.0', ''),
                         text)
