@@ -250,8 +250,14 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     replay = ReplayFile(opts.input, dataset, opts.input_format,
                         opts.replay_speed, opts.replay_batch)
     raw = p | 'ReplayFile' >> replay
+  on_arrival = opts.history_features == 'on_arrival'
+  # Features on arrival need each entity's events in arrival order at the
+  # history step: the dedupe is then sharded by the (first) history's
+  # entity, so no shuffle between the source and that step reorders them.
+  dedupe_by = (dataset.histories[0].entity
+               if on_arrival and dataset.histories else None)
   parsed = raw | 'ParseAndValidate' >> StreamingParseAndValidate(
-      dataset, s.dedupe_horizon, reference_micros(opts), shards)
+      dataset, s.dedupe_horizon, reference_micros(opts), shards, dedupe_by)
   valid = parsed[VALID]
   features = valid
   tables = load_side_tables(dataset, side_table_paths(opts, dataset))
@@ -259,7 +265,7 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
     features = features | 'JoinSideTables' >> JoinSideTables(dataset, tables)
   if dataset.histories:
     features = features | 'HistoryFeatures' >> StatefulHistoryFeatures(
-        dataset, s.allowed_lateness, shards)
+        dataset, s.allowed_lateness, shards, on_arrival)
   if opts.online_store:
     features = features | 'UpdateOnlineStore' >> online_store.UpdateOnlineStore(
         dataset, opts.online_store, online_store.model_version_of(opts.model_dir))

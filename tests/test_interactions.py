@@ -183,10 +183,13 @@ def test_history_at_equals_an_inserted_record(events, query):
 
 
 # The stream: both histories, the items table, the model, as batch ---------
-def test_the_stream_gives_the_batch_jobs_features_and_scores(run, tmp_path):
+@pytest.mark.parametrize('when', ['on_watermark', 'on_arrival'])
+def test_the_stream_gives_the_batch_jobs_features_and_scores(run, tmp_path,
+                                                             when):
   """The replay of the batch job's input, with its items table and model,
   writes the batch job's feature rows (user and item histories, the items'
-  columns) and its scores, row for row."""
+  columns) and its scores, row for row, whether the histories wait for the
+  watermark or compute on arrival (a replay arrives in order)."""
   from pipelines import streaming  # pylint: disable=import-outside-toplevel
   from tests.test_streaming import assert_stream_equals_batch  # pylint: disable=import-outside-toplevel
   _, out = run
@@ -195,7 +198,7 @@ def test_the_stream_gives_the_batch_jobs_features_and_scores(run, tmp_path):
       '--schema', 'interactions', '--input', f'{folder}/interactions.jsonl',
       '--side_table', f'items={folder}/items.csv', '--output_dir',
       str(tmp_path / 'stream'), '--model_dir', f'{out}/model',
-      '--replay_batch', '1500'])
+      '--replay_batch', '1500', '--history_features', when])
   assert summary['records_dead_lettered'] == 3
   assert_stream_equals_batch(tmp_path / 'stream' / 'streaming', out,
                              DATASET.id_field)

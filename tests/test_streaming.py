@@ -169,11 +169,45 @@ def _history(n_events=2000, n_users=50, seed=11):
   return records
 
 
-@pytest.mark.parametrize('arrival', ['in_order', 'shuffled'])
-def test_streaming_history_equals_batch_history(arrival):
+def test_features_on_arrival_count_what_arrived_before():
+  """--history_features on_arrival: a row is computed as it arrives, with
+  every earlier event of its entity that arrived before it; no wait for
+  the watermark (none advances here until the end, yet every row is out
+  before it). An earlier event arriving later is not counted by the rows
+  already out; its own row is batch's."""
+  tx1 = _record(1, T0, 10.0)
+  tx2 = _record(2, T0 + 30 * MIN, 20.0)
+  tx3 = _record(3, T0 + 10 * MIN, 40.0)     # after tx2
+  tx5 = _record(5, T0 + 50 * MIN, 7.0, country='FR')
+  stream = (_stream()
+            .add_elements([_at(tx1)])
+            .add_elements([_at(tx2)])
+            .add_elements([_at(tx3)])
+            .add_elements([_at(tx5)])
+            .advance_watermark_to_infinity())
+  with _streaming() as p:
+    rows = (_rows(p | stream
+                  | StatefulHistoryFeatures(DATASET, allowed_lateness=3600,
+                                            on_arrival=True))
+            | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_1h'],
+                                  r['user_id_sum_1h'], r['user_id_count_7d'],
+                                  r['user_id_is_new_country_7d'])))
+    assert_that(rows, equal_to([
+        ('tx000000001', 0, 0.0, 0, 1),
+        # tx3 had not arrived: tx2 counts tx1 alone (batch: tx1 and tx3).
+        ('tx000000002', 1, 10.0, 1, 0),
+        ('tx000000003', 1, 10.0, 1, 0),
+        ('tx000000005', 3, 70.0, 3, 1),
+    ]))
+
+
+@pytest.mark.parametrize('arrival,on_arrival', [
+    ('in_order', False), ('shuffled', False), ('in_order', True)])
+def test_streaming_history_equals_batch_history(arrival, on_arrival):
   # Shuffled: each chunk's events arrive in three batches in random order
   # (as the shuffles of a parallel runner deliver them), then the
-  # watermark passes them.
+  # watermark passes them. On arrival, an in-order stream gets batch's
+  # rows too.
   records = _history()
   stream = _stream()
   for start in range(0, len(records), 100):
@@ -187,8 +221,8 @@ def test_streaming_history_equals_batch_history(arrival):
         Timestamp(micros=max(r['event_time'] for r in chunk)))
   stream.advance_watermark_to_infinity()
   with _streaming() as p:
-    rows = (_rows(p | stream | StatefulHistoryFeatures(DATASET, 3600,
-                                                       num_shards=3))
+    rows = (_rows(p | stream | StatefulHistoryFeatures(
+        DATASET, 3600, num_shards=3, on_arrival=on_arrival))
             | beam.Map(json.dumps, sort_keys=True))
     assert_that(rows, equal_to([json.dumps(r, sort_keys=True)
                                 for r in _batch_rows(records)]))
@@ -365,6 +399,44 @@ def test_parse_dead_letters_and_drops_later_copies_within_the_horizon():
                 label='dead')
 
 
+def test_a_dedupe_sharded_by_entity_keeps_each_entity_in_one_shard():
+  """shard_field (what --history_features on_arrival uses): the valid rows
+  travel keyed by the shard of their user, so a runner's channels keep a
+  user's arrival order up to the history step; copies still meet."""
+  from transforms.common import shard_of
+  from transforms.parse import _ValidateAndShard
+  records = [_record(i, T0 + i * MIN, 1.0, user=f'u{i % 5:05d}')
+             for i in range(40)]
+  validate = _ValidateAndShard(DATASET, None, 4, shard_field='user_id')
+  validate.setup()
+  raw = _messages(*[_json_line(r) for r in records]).value
+  keyed = [out for out in validate.process(raw)
+           if not isinstance(out, beam.pvalue.TaggedOutput)]
+  keyed = [getattr(out, 'value', out) for out in keyed]
+  assert sum(b.num_rows for _, b in keyed) == 40
+  for shard, rows in keyed:
+    users = rows.column('user_id')
+    assert set(shard_of(users, 4).tolist()) == {shard}
+  assert len({u for _, b in keyed for u in b.column('user_id').to_pylist()}
+             ) == 5
+
+  tx1 = _json_line(_record(1, T0, 10.0, user='u00001'))
+  tx2 = _json_line(_record(2, T0 + MIN, 20.0, user='u00002'))
+  stream = (_stream()
+            .add_elements([_messages(tx1, tx2)])
+            .add_elements([_messages(tx2, tx1)])
+            .advance_watermark_to_infinity())
+  with _streaming() as p:
+    out = p | stream | StreamingParseAndValidate(
+        DATASET, num_shards=4, shard_field='user_id')
+    assert_that(_rows(out[VALID], 'Valid') | 'Ids' >> beam.Map(
+        lambda r: r['transaction_id']),
+                equal_to(['tx000000001', 'tx000000002']), label='valid')
+    assert_that(_rows(out[DEAD_LETTER], 'Dead') | 'Kinds' >> beam.Map(
+        lambda r: r['error_kind']), equal_to(['duplicate'] * 2),
+                label='dead')
+
+
 def test_batch_and_a_replay_keep_the_same_copy_of_a_duplicate(tmp_path):
   """One rule for both: the copy with the earliest event time wins. The
   later copy in the file is the earlier event here."""
@@ -451,13 +523,14 @@ def _sliding_totals(records, key, size, period):
   return {k: (count, cents / 100) for k, (count, cents) in totals.items()}
 
 
+@pytest.mark.parametrize('when', ['on_watermark', 'on_arrival'])
 def test_replay_end_to_end_writes_batch_equal_features_and_aggregates(
-    tmp_path):
+    tmp_path, when):
   records = _replay_input(tmp_path / 'tx.jsonl')
   out = tmp_path / 'out'
   summary = pipeline.run([
       '--input', str(tmp_path / 'tx.jsonl'), '--output_dir', str(out),
-      '--replay_batch', '50'])
+      '--replay_batch', '50', '--history_features', when])
   root = out / 'streaming'
 
   # One feature row per valid event, equal to the batch definition.

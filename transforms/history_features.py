@@ -602,6 +602,13 @@ class _ShardHistoryFn(beam.DoFn):
   go, else appends (rows kept longer change no feature); an `expire` timer, set once per flush at the newest
   retained event + `retention`, empties a shard no flush comes to.
 
+  With `on_arrival`, nothing waits: each batch is computed as it comes,
+  with the retained history of its entities, i.e. every event gets every
+  earlier event of its entity that arrived before it (or with it). That
+  is batch's row when an entity's events arrive in event-time order (the
+  input must then keep each entity's order: see `StatefulHistoryFeatures`),
+  and the late rule above for one that does not.
+
   A flush that leaves rows pending sets its timer again, at or behind the
   watermark: it fires in the same watermark step, except when that step
   is the jump to the end of time, after which the DirectRunner fires no
@@ -614,17 +621,29 @@ class _ShardHistoryFn(beam.DoFn):
   EXPIRE = TimerSpec('expire', TimeDomain.WATERMARK)
 
   def __init__(self, dataset: Dataset, spec: HistorySpec,
-               allowed_lateness: int, ids_only: bool = False):
+               allowed_lateness: int, ids_only: bool = False,
+               on_arrival: bool = False):
     self._dataset, self._spec = dataset, spec
     self._retention = (spec.horizon + allowed_lateness) * MICROS
     self._ids_only = ids_only
+    self._on_arrival = on_arrival
 
   def process(self, element, pending=beam.DoFn.StateParam(PENDING),
               flush_at=beam.DoFn.StateParam(FLUSH_AT),
-              flush=beam.DoFn.TimerParam(FLUSH)):
+              flush=beam.DoFn.TimerParam(FLUSH),
+              history=beam.DoFn.StateParam(HISTORY),
+              expire=beam.DoFn.TimerParam(EXPIRE)):
     _, batch = element
     if batch.num_rows == 0:
-      return
+      return None
+    if self._on_arrival:
+      # No wait: the rows are computed now, with what their entities'
+      # history holds; the batch's newest event stands in for the
+      # watermark in the retention (an event up to the allowed lateness
+      # behind it still sees its whole horizon).
+      rows = pa.Table.from_batches([batch])
+      newest = pc.max(rows.column(self._dataset.timestamp_field)).as_py()
+      return [self._compute(rows, history, expire, newest)]
     pending.add(batch)
     newest = pc.max(batch.column(self._dataset.timestamp_field)).as_py()
     newest = _whole_millis(newest)
@@ -632,6 +651,7 @@ class _ShardHistoryFn(beam.DoFn):
     if at is None or newest < at:
       flush.set(Timestamp(micros=newest))
       flush_at.write(newest)
+    return None
 
   @on_timer(FLUSH)
   def flush_ready(self, fired=beam.DoFn.TimestampParam,
@@ -659,16 +679,23 @@ class _ShardHistoryFn(beam.DoFn):
       flush_at.write(last)
     if ready.any():
       rows = table.filter(pa.array(ready)) if not ready.all() else table
-      kept = _read_history(history)
-      out = features_after(kept, rows, self._dataset, self._spec)
       # What is still pending is later than `now`: no row it needs is
       # `retention` behind `now`.
-      self._keep(history, expire, kept, rows, now)
-      if self._ids_only:
-        out = out.select([self._dataset.id_field] +
-                         list(self._spec.feature_types()))
-      yield window.TimestampedValue(table_to_batch(out),
-                                    Timestamp(micros=int(t[ready].min())))
+      yield self._compute(rows, history, expire, now)
+
+  def _compute(self, rows: pa.Table, history, expire, now: int):
+    """`rows` with their history features (`features_after` over the
+    retained history of their entities), stamped with their earliest
+    event; the rows join the history, pruned as of `now`."""
+    kept = _read_history(history)
+    out = features_after(kept, rows, self._dataset, self._spec)
+    self._keep(history, expire, kept, rows, now)
+    if self._ids_only:
+      out = out.select([self._dataset.id_field] +
+                       list(self._spec.feature_types()))
+    earliest = pc.min(rows.column(self._dataset.timestamp_field)).as_py()
+    return window.TimestampedValue(table_to_batch(out),
+                                   Timestamp(micros=earliest))
 
   def _keep(self, history, expire, kept: Optional[pa.Table],
             rows: Optional[pa.Table], watermark: int):
@@ -830,13 +857,23 @@ class StatefulHistoryFeatures(beam.PTransform):
   earlier one arrived.) With two or more histories, the parts of each
   record meet again in a stateful join per shard of record ids
   (`_JoinHistoriesFn`). What a late event gets: see `_ShardHistoryFn`.
+
+  `on_arrival`: rows are computed as they arrive instead (no wait for
+  the watermark; `_ShardHistoryFn`), so a row's features count the earlier
+  events of its entity that arrived before it: batch's row when each
+  entity's events arrive in event-time order. A runner's channels keep
+  their order, so that holds when every step before this one is keyed by
+  the entity (or not keyed), as pipelines.streaming arranges for the first
+  history; a further history's entity (an item) gets its events from
+  several shards of the first and may see them out of order.
   """
 
   def __init__(self, dataset: Dataset, allowed_lateness: int = 0,
-               num_shards: int = 8):
+               num_shards: int = 8, on_arrival: bool = False):
     super().__init__()
     self._dataset, self._lateness = dataset, allowed_lateness
     self._shards = num_shards
+    self._on_arrival = on_arrival
 
   def expand(self, rows):
     specs = self._dataset.histories
@@ -848,9 +885,11 @@ class StatefulHistoryFeatures(beam.PTransform):
           | f'ShardBy[{e}]' >> beam.FlatMap(
               split_by_shard, e, self._shards).with_output_types(
                   Tuple[int, pa.RecordBatch])
-          | f'ComputeWhenTheWatermarkPasses[{e}]' >> beam.ParDo(
-              _ShardHistoryFn(self._dataset, spec, self._lateness,
-                              ids_only=part > 0)))
+          | (f'ComputeOnArrival[{e}]' if self._on_arrival else
+             f'ComputeWhenTheWatermarkPasses[{e}]') >> beam.ParDo(
+                 _ShardHistoryFn(self._dataset, spec, self._lateness,
+                                 ids_only=part > 0,
+                                 on_arrival=self._on_arrival)))
     if len(parts) == 1:
       return parts[0]
     id_field = self._dataset.id_field

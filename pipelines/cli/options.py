@@ -202,6 +202,17 @@ class StreamingOptions(PipelineOptions):
         help='How far behind an event may be and still update windowed '
         'aggregates, e.g. 1h; later events are dead-lettered as late.')
     parser.add_argument(
+        '--history_features', default='on_watermark',
+        choices=('on_watermark', 'on_arrival'),
+        help='When an event\'s history features are computed. on_watermark '
+        '(default): once the watermark passes it, with every earlier event '
+        'of its entity whatever their arrival order (batch\'s row for every '
+        'on-time event; latency follows the source\'s watermark, ~1-2 s on '
+        'Kafka). on_arrival: as soon as it arrives, with every earlier event '
+        'of its entity that arrived before it (batch\'s row when an '
+        'entity\'s events arrive in event-time order, as Kafka keeps '
+        'them per key; low latency).')
+    parser.add_argument(
         '--early_firing', default='60s',
         help='Processing time between early (speculative) aggregate panes.')
     parser.add_argument(
