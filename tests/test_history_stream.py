@@ -267,6 +267,31 @@ def test_a_flush_appends_its_rows_and_computes_only_their_entities(
   assert [r['user_id_count_24h'] for r in rows] == [1, 1, 1]
 
 
+def test_the_history_is_compacted_before_its_pieces_pile_up(monkeypatch):
+  # 100 flushes a minute apart, nothing old enough to prune (the retention
+  # is 7 d 1 h): each appends a piece, and every flush reads them all, so
+  # the history is rewritten as one piece at _REWRITE_AT_PIECES (8 here);
+  # every row is still there and the features are still batch's.
+  from transforms import history_features  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(history_features, '_REWRITE_AT_PIECES', 8)
+  shard = _Shard(TRANSACTIONS, allowed_lateness=3600)
+  records, rows = [], []
+  for i in range(100):
+    record = _transaction(i, f'u{i % 3:05d}', T0 + i * MIN)
+    records.append(record)
+    shard.arrive([record])
+    rows += shard.fire_flush()
+    assert len(shard.history.read()) < 8
+  assert sorted(shard.retained()) == sorted(r['transaction_id']
+                                            for r in records)
+  expected = {r['transaction_id']: r for r in history_table(
+      pa.Table.from_pylist(records, schema=TRANSACTIONS.batch_schema()),
+      TRANSACTIONS).to_pylist()}
+  assert len(rows) == 100
+  assert rows == [expected[r['transaction_id']] for r in rows]
+  assert max(r['user_id_count_1h'] for r in rows) == 20
+
+
 def test_a_pending_row_keeps_what_it_needs_from_the_expire_timer():
   # u1's row at 6 d 23 h waits for its batch's newest (8 d) while the
   # watermark passes the expire timer day 0's row set (7 d 1 h): the

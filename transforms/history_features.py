@@ -554,6 +554,11 @@ def features_after(history: Optional[pa.Table], ready: pa.Table,
 # The history is rewritten (pruned) when at least 1 / this of its rows can
 # go, else the new rows are appended to it.
 _REWRITE_WHEN_DROPPING = 4
+# ... or when it holds this many appended pieces: each flush (each batch,
+# on arrival) appends one, and every flush reads them all, so without a
+# bound a shard's reads cost more with every batch while nothing is old
+# enough to prune (the retention is days).
+_REWRITE_AT_PIECES = 32
 
 
 def _read_history(history) -> Optional[pa.Table]:
@@ -721,7 +726,9 @@ class _ShardHistoryFn(beam.DoFn):
       history.clear()
       return
     dropped = len(keep) - int(keep.sum())
-    if dropped * _REWRITE_WHEN_DROPPING >= len(keep):
+    pieces = kept.column(0).num_chunks if kept is not None else 0
+    if (dropped * _REWRITE_WHEN_DROPPING >= len(keep)
+        or pieces + 1 >= _REWRITE_AT_PIECES):
       history.clear()
       history.add(table_to_batch(table.filter(pa.array(keep))))
     elif added is not None and added.num_rows:
