@@ -50,6 +50,15 @@ def kafka_expansion_service(jar: str) -> JavaJarExpansionService:
                        f'--filesToStage={jar}'])
 
 
+# Seconds KafkaIO's read (a splittable DoFn) polls a partition before it
+# returns and checkpoints itself (Beam's default 2; whole seconds only, 1
+# the least). On a portable runner its records and its watermark leave
+# the read's stage only when it returns, so each event waited there for
+# up to this long: paced at 1,000 events/s on Flink, p50 from producer to
+# prediction 1.67 s at 2, 1.05-1.12 s at 1 (bench/RESULTS.md).
+POLL_SECONDS = 1
+
+
 class _ReadFirstRecords(beam.DoFn):
   """(anything) -> the values (bytes) of the first `limit` records of
   `topic`, each stamped with the record's Kafka timestamp (CreateTime).
@@ -133,6 +142,7 @@ class ReadKafkaRecords(beam.PTransform):
                                  'auto.offset.reset': 'earliest'},
                 topics=[self._topic],
                 timestamp_policy=ReadFromKafka.create_time_policy,
+                consumer_polling_timeout=POLL_SECONDS,
                 expansion_service=self._expansion)
             | 'RecordValues' >> beam.Map(lambda kv: kv[1] or b''))
 
