@@ -5,7 +5,6 @@ from apache_beam.testing.test_pipeline import TestPipeline
 from apache_beam.testing.util import assert_that, equal_to
 
 
-
 def test_the_kafka_read_returns_to_the_runner_every_second(monkeypatch):
   """KafkaIO's read hands its records and watermark on when a poll cycle
   returns (on a portable runner): the unbounded read asks for 1 s cycles,
