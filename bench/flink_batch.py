@@ -24,8 +24,13 @@ predict; no training), one after another, never two at once:
 Memory: VmRSS of every process, sampled every 0.5 s from /proc and summed:
 the driver (`pipelines.batch`), the Beam job server it starts (a Java
 child of the driver), the JobManager, the TaskManager, the worker pool and
-its SDK workers. The table shows the peak of the sum and each part's own
-peak (the parts' peaks need not coincide). Load averages are read before
+its SDK workers. The table shows the peak of the sum, the peak of the sum
+without the driver, and each part's own peak (the parts' peaks need not
+coincide). RSS counts a page shared by several processes (the libraries
+the SDK workers and the JVMs map from the same files) once in each, so
+the sum overstates what they hold together; the PSS column is the peak
+of the sum of proportional set sizes (/proc/<pid>/smaps_rollup: each
+shared page divided among the processes sharing it), what they hold. Load averages are read before
 and after each run. Results are saved as JSON under bench/.cache/results/.
 """
 
@@ -146,23 +151,45 @@ class Cluster:
             for j in sorted(jobs, key=lambda j: j['start-time'])]
 
 
-def sample(driver: int, cluster: Optional[Cluster]) -> Dict[str, float]:
-  """RSS in MB of each part now."""
-  mb = dict.fromkeys(PARTS, 0.0)
-  mb['driver'] += _rss_kb(driver)
+def _pss_kb(pid: int) -> int:
+  """The process's proportional set size: its private pages plus its
+  share of pages it shares (the SDK workers map the same TensorFlow and
+  Arrow libraries; RSS counts those pages once in every process)."""
+  try:
+    with open(f'/proc/{pid}/smaps_rollup') as f:
+      for line in f:
+        if line.startswith('Pss:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _parts(driver: int, cluster: Optional[Cluster]) -> Dict[str, List[int]]:
+  """The pids of each part now."""
+  pids = {part: [] for part in PARTS}
+  pids['driver'].append(driver)
   for p in _descendants(driver):
     part = 'job server' if 'java' in _cmdline(p).split(' ', 1)[0] else 'driver'
-    mb[part] += _rss_kb(p)
+    pids[part].append(p)
   if cluster:
     for name in ('JobManager', 'TaskManager'):
       pid = cluster.pid(name)
       if pid:
-        mb[name] += _rss_kb(pid)
+        pids[name].append(pid)
     pool = cluster.pid('pool')
     if pool:
-      mb['pool'] += _rss_kb(pool)
-      mb['SDK workers'] += sum(_rss_kb(p) for p in _descendants(pool))
-  return {k: v / 1024 for k, v in mb.items()}
+      pids['pool'].append(pool)
+      pids['SDK workers'].extend(_descendants(pool))
+  return pids
+
+
+def sample(driver: int, cluster: Optional[Cluster]) -> Dict[str, float]:
+  """RSS in MB of each part now, and PSS in MB of all of them ('pss')."""
+  pids = _parts(driver, cluster)
+  mb = {part: sum(_rss_kb(p) for p in pids[part]) / 1024 for part in PARTS}
+  mb['pss'] = sum(_pss_kb(p) for part in PARTS for p in pids[part]) / 1024
+  return mb
 
 
 def measured(cmd: List[str], log_path: str,
@@ -171,7 +198,7 @@ def measured(cmd: List[str], log_path: str,
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   peaks = dict.fromkeys(PARTS, 0.0)
-  peak_total, at_start = 0.0, None
+  peak_total, peak_pss, peak_cluster, at_start = 0.0, 0.0, 0.0, None
   load_before = load_average()
   began = time.monotonic()
   with open(log_path, 'w') as log:
@@ -183,15 +210,19 @@ def measured(cmd: List[str], log_path: str,
       now = sample(proc.pid, cluster)
       if at_start is None:
         at_start = now
+      pss = now.pop('pss')
       for k, v in now.items():
         peaks[k] = max(peaks[k], v)
       peak_total = max(peak_total, sum(now.values()))
+      peak_pss = max(peak_pss, pss)
+      peak_cluster = max(peak_cluster, sum(now.values()) - now['driver'])
       time.sleep(POLL_S)
   wall = time.monotonic() - began
   with open(log_path) as f:
     stages = [line.strip() for line in f
               if line.startswith('== ') or line.startswith('   done in')]
   return {'rc': proc.returncode, 'wall_s': wall, 'peak_total_mb': peak_total,
+          'peak_total_pss_mb': peak_pss, 'peak_without_driver_mb': peak_cluster,
           'peak_mb': peaks, 'first_sample_mb': at_start or {},
           'load_before': load_before, 'load_after': load_average(),
           'stages': stages, 'log': log_path}
@@ -230,9 +261,10 @@ def bench_run(kind: str, rows: int, data: str, model: str,
 
 def table(results: List[Dict[str, object]]) -> str:
   lines = ['| runner | rows | wall s | rows/s | peak RSS, all processes MB | '
+           'without the driver | PSS, all processes MB | '
            'driver | job server | JobManager | TaskManager | pool + SDK '
            'workers | load 1/5/15 before -> after |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in results:
     p = r['peak_mb']
     label = ('DirectRunner, 1 process' if r['kind'] == 'direct' else
@@ -240,6 +272,8 @@ def table(results: List[Dict[str, object]]) -> str:
     lines.append(
         f'| {label} | {r["rows"]:,} | {r["wall_s"]:.1f} | '
         f'{r["rows"] / r["wall_s"]:,.0f} | **{r["peak_total_mb"]:,.0f}** | '
+        f'{r.get("peak_without_driver_mb", 0):,.0f} | '
+        f'{r.get("peak_total_pss_mb", 0):,.0f} | '
         f'{p["driver"]:,.0f} | {p["job server"]:,.0f} | '
         f'{p["JobManager"]:,.0f} | {p["TaskManager"]:,.0f} | '
         f'{p["pool"] + p["SDK workers"]:,.0f} | '
