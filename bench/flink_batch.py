@@ -85,7 +85,8 @@ class Cluster:
   """A session cluster and worker pool of their own (free ports, a
   temporary state folder), started and stopped by the runners/ scripts."""
 
-  def __init__(self):
+  def __init__(self, parallelism: int = 2):
+    self.parallelism = parallelism
     self.state = tempfile.mkdtemp(prefix='flink-batch-')
     self.env = {'MLPIPE_RUN': self.state, 'MLPIPE_JARS': JARS,
                 'FLINK_REST_PORT': str(free_port()),
@@ -126,8 +127,12 @@ class Cluster:
     return ['--runner', 'FlinkRunner', '--flink_master', self.rest,
             '--environment_type', 'EXTERNAL', '--environment_config',
             f'127.0.0.1:{self.env["WORKER_POOL_PORT"]}',
-            '--sdk_worker_parallelism', '2', '--parallelism', '2',
-            '--flink_job_server_jar', JOB_SERVER_JAR]
+            '--sdk_worker_parallelism', '2',
+            '--parallelism', str(self.parallelism),
+            '--flink_job_server_jar', JOB_SERVER_JAR] + (
+                # More partitions than the 2 slots: tasks queue for them.
+                ['--execution_mode_for_batch', 'BATCH_FORCED']
+                if self.parallelism > 2 else [])
 
   def workers_started(self) -> int:
     """How many SDK worker processes the pool started (runners/
@@ -229,7 +234,7 @@ def measured(cmd: List[str], log_path: str,
 
 
 def bench_run(kind: str, rows: int, data: str, model: str,
-              work: str) -> Dict[str, object]:
+              work: str, parallelism: int = 2) -> Dict[str, object]:
   out = os.path.join(work, f'{kind}-{rows}')
   shutil.rmtree(out, ignore_errors=True)
   log = os.path.join(work, f'{kind}-{rows}.log')
@@ -239,7 +244,7 @@ def bench_run(kind: str, rows: int, data: str, model: str,
   print(f'  {kind} {rows:,} ...', end='', flush=True, file=sys.stderr)
   try:
     if kind == 'flink':
-      cluster = Cluster()
+      cluster = Cluster(parallelism)
       cluster.start()
       runner = cmd.index('--runner')
       del cmd[runner:runner + 2]
@@ -252,7 +257,7 @@ def bench_run(kind: str, rows: int, data: str, model: str,
   finally:
     if cluster:
       cluster.stop()
-  result.update(kind=kind, rows=rows)
+  result.update(kind=kind, rows=rows, parallelism=parallelism)
   print(f' {result["wall_s"]:.1f} s, peak {result["peak_total_mb"]:.0f} MB'
         + ('' if result['rc'] == 0 else f'  FAILED rc={result["rc"]} '
            f'(see {log})'), file=sys.stderr, flush=True)
@@ -268,7 +273,8 @@ def table(results: List[Dict[str, object]]) -> str:
   for r in results:
     p = r['peak_mb']
     label = ('DirectRunner, 1 process' if r['kind'] == 'direct' else
-             'Flink, parallelism 2, 2 pool workers')
+             f'Flink, parallelism {r.get("parallelism", 2)}, 2 slots, '
+             '2 pool workers')
     lines.append(
         f'| {label} | {r["rows"]:,} | {r["wall_s"]:.1f} | '
         f'{r["rows"] / r["wall_s"]:,.0f} | **{r["peak_total_mb"]:,.0f}** | '
@@ -300,6 +306,10 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--model_dir', default=None,
                  help='default: the model trained on the 1M cache')
   p.add_argument('--report', default=None, metavar='RESULTS_JSON')
+  p.add_argument('--parallelism', type=int, default=2,
+                 help='Flink partitions (2 slots whatever it is; above 2 '
+                 'the job runs with --execution_mode_for_batch '
+                 'BATCH_FORCED, tasks queueing for the slots)')
   args = p.parse_args(argv)
   if args.report:
     with open(args.report) as f:
@@ -313,7 +323,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   for rows in args.rows:
     data = ensure_data(args.seed, rows)
     for kind in args.runs:
-      results.append(bench_run(kind, rows, data, model, work))
+      results.append(bench_run(kind, rows, data, model, work,
+                               args.parallelism))
   os.makedirs(os.path.join(CACHE, 'results'), exist_ok=True)
   path = os.path.join(CACHE, 'results', f'flink-{stamp}.json')
   with open(path, 'w') as f:
