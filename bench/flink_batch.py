@@ -234,12 +234,15 @@ def measured(cmd: List[str], log_path: str,
 
 
 def bench_run(kind: str, rows: int, data: str, model: str,
-              work: str, parallelism: int = 2) -> Dict[str, object]:
+              work: str, parallelism: int = 2,
+              shards: Optional[int] = None) -> Dict[str, object]:
   out = os.path.join(work, f'{kind}-{rows}')
   shutil.rmtree(out, ignore_errors=True)
   log = os.path.join(work, f'{kind}-{rows}.log')
   cmd = batch_cmd(data, out, model)
   cmd += ['--history', os.path.join(work, 'runs.jsonl')]
+  if shards:
+    cmd += ['--shards', str(shards)]
   cluster = None
   print(f'  {kind} {rows:,} ...', end='', flush=True, file=sys.stderr)
   try:
@@ -257,7 +260,7 @@ def bench_run(kind: str, rows: int, data: str, model: str,
   finally:
     if cluster:
       cluster.stop()
-  result.update(kind=kind, rows=rows, parallelism=parallelism)
+  result.update(kind=kind, rows=rows, parallelism=parallelism, shards=shards)
   print(f' {result["wall_s"]:.1f} s, peak {result["peak_total_mb"]:.0f} MB'
         + ('' if result['rc'] == 0 else f'  FAILED rc={result["rc"]} '
            f'(see {log})'), file=sys.stderr, flush=True)
@@ -310,6 +313,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                  help='Flink partitions (2 slots whatever it is; above 2 '
                  'the job runs with --execution_mode_for_batch '
                  'BATCH_FORCED, tasks queueing for the slots)')
+  p.add_argument('--shards', type=int, default=None,
+                 help="pipelines.batch's --shards (default: its own)")
   args = p.parse_args(argv)
   if args.report:
     with open(args.report) as f:
@@ -324,7 +329,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     data = ensure_data(args.seed, rows)
     for kind in args.runs:
       results.append(bench_run(kind, rows, data, model, work,
-                               args.parallelism))
+                               args.parallelism, args.shards))
   os.makedirs(os.path.join(CACHE, 'results'), exist_ok=True)
   path = os.path.join(CACHE, 'results', f'flink-{stamp}.json')
   with open(path, 'w') as f:
