@@ -24,8 +24,13 @@ predict; no training), one after another, never two at once:
 Memory: VmRSS of every process, sampled every 0.5 s from /proc and summed:
 the driver (`pipelines.batch`), the Beam job server it starts (a Java
 child of the driver), the JobManager, the TaskManager, the worker pool and
-its SDK workers. The table shows the peak of the sum and each part's own
-peak (the parts' peaks need not coincide). Load averages are read before
+its SDK workers. The table shows the peak of the sum, the peak of the sum
+without the driver, and each part's own peak (the parts' peaks need not
+coincide). RSS counts a page shared by several processes (the libraries
+the SDK workers and the JVMs map from the same files) once in each, so
+the sum overstates what they hold together; the PSS column is the peak
+of the sum of proportional set sizes (/proc/<pid>/smaps_rollup: each
+shared page divided among the processes sharing it), what they hold. Load averages are read before
 and after each run. Results are saved as JSON under bench/.cache/results/.
 """
 
@@ -80,7 +85,8 @@ class Cluster:
   """A session cluster and worker pool of their own (free ports, a
   temporary state folder), started and stopped by the runners/ scripts."""
 
-  def __init__(self):
+  def __init__(self, parallelism: int = 2):
+    self.parallelism = parallelism
     self.state = tempfile.mkdtemp(prefix='flink-batch-')
     self.env = {'MLPIPE_RUN': self.state, 'MLPIPE_JARS': JARS,
                 'FLINK_REST_PORT': str(free_port()),
@@ -121,8 +127,12 @@ class Cluster:
     return ['--runner', 'FlinkRunner', '--flink_master', self.rest,
             '--environment_type', 'EXTERNAL', '--environment_config',
             f'127.0.0.1:{self.env["WORKER_POOL_PORT"]}',
-            '--sdk_worker_parallelism', '2', '--parallelism', '2',
-            '--flink_job_server_jar', JOB_SERVER_JAR]
+            '--sdk_worker_parallelism', '2',
+            '--parallelism', str(self.parallelism),
+            '--flink_job_server_jar', JOB_SERVER_JAR] + (
+                # More partitions than the 2 slots: tasks queue for them.
+                ['--execution_mode_for_batch', 'BATCH_FORCED']
+                if self.parallelism > 2 else [])
 
   def workers_started(self) -> int:
     """How many SDK worker processes the pool started (runners/
@@ -146,23 +156,45 @@ class Cluster:
             for j in sorted(jobs, key=lambda j: j['start-time'])]
 
 
-def sample(driver: int, cluster: Optional[Cluster]) -> Dict[str, float]:
-  """RSS in MB of each part now."""
-  mb = dict.fromkeys(PARTS, 0.0)
-  mb['driver'] += _rss_kb(driver)
+def _pss_kb(pid: int) -> int:
+  """The process's proportional set size: its private pages plus its
+  share of pages it shares (the SDK workers map the same TensorFlow and
+  Arrow libraries; RSS counts those pages once in every process)."""
+  try:
+    with open(f'/proc/{pid}/smaps_rollup') as f:
+      for line in f:
+        if line.startswith('Pss:'):
+          return int(line.split()[1])
+  except OSError:
+    pass
+  return 0
+
+
+def _parts(driver: int, cluster: Optional[Cluster]) -> Dict[str, List[int]]:
+  """The pids of each part now."""
+  pids = {part: [] for part in PARTS}
+  pids['driver'].append(driver)
   for p in _descendants(driver):
     part = 'job server' if 'java' in _cmdline(p).split(' ', 1)[0] else 'driver'
-    mb[part] += _rss_kb(p)
+    pids[part].append(p)
   if cluster:
     for name in ('JobManager', 'TaskManager'):
       pid = cluster.pid(name)
       if pid:
-        mb[name] += _rss_kb(pid)
+        pids[name].append(pid)
     pool = cluster.pid('pool')
     if pool:
-      mb['pool'] += _rss_kb(pool)
-      mb['SDK workers'] += sum(_rss_kb(p) for p in _descendants(pool))
-  return {k: v / 1024 for k, v in mb.items()}
+      pids['pool'].append(pool)
+      pids['SDK workers'].extend(_descendants(pool))
+  return pids
+
+
+def sample(driver: int, cluster: Optional[Cluster]) -> Dict[str, float]:
+  """RSS in MB of each part now, and PSS in MB of all of them ('pss')."""
+  pids = _parts(driver, cluster)
+  mb = {part: sum(_rss_kb(p) for p in pids[part]) / 1024 for part in PARTS}
+  mb['pss'] = sum(_pss_kb(p) for part in PARTS for p in pids[part]) / 1024
+  return mb
 
 
 def measured(cmd: List[str], log_path: str,
@@ -171,7 +203,7 @@ def measured(cmd: List[str], log_path: str,
   env = dict(os.environ, PYTHONUNBUFFERED='1')
   env['PYTHONPATH'] = REPO + os.pathsep + env.get('PYTHONPATH', '')
   peaks = dict.fromkeys(PARTS, 0.0)
-  peak_total, at_start = 0.0, None
+  peak_total, peak_pss, peak_cluster, at_start = 0.0, 0.0, 0.0, None
   load_before = load_average()
   began = time.monotonic()
   with open(log_path, 'w') as log:
@@ -183,32 +215,39 @@ def measured(cmd: List[str], log_path: str,
       now = sample(proc.pid, cluster)
       if at_start is None:
         at_start = now
+      pss = now.pop('pss')
       for k, v in now.items():
         peaks[k] = max(peaks[k], v)
       peak_total = max(peak_total, sum(now.values()))
+      peak_pss = max(peak_pss, pss)
+      peak_cluster = max(peak_cluster, sum(now.values()) - now['driver'])
       time.sleep(POLL_S)
   wall = time.monotonic() - began
   with open(log_path) as f:
     stages = [line.strip() for line in f
               if line.startswith('== ') or line.startswith('   done in')]
   return {'rc': proc.returncode, 'wall_s': wall, 'peak_total_mb': peak_total,
+          'peak_total_pss_mb': peak_pss, 'peak_without_driver_mb': peak_cluster,
           'peak_mb': peaks, 'first_sample_mb': at_start or {},
           'load_before': load_before, 'load_after': load_average(),
           'stages': stages, 'log': log_path}
 
 
 def bench_run(kind: str, rows: int, data: str, model: str,
-              work: str) -> Dict[str, object]:
+              work: str, parallelism: int = 2,
+              shards: Optional[int] = None) -> Dict[str, object]:
   out = os.path.join(work, f'{kind}-{rows}')
   shutil.rmtree(out, ignore_errors=True)
   log = os.path.join(work, f'{kind}-{rows}.log')
   cmd = batch_cmd(data, out, model)
   cmd += ['--history', os.path.join(work, 'runs.jsonl')]
+  if shards:
+    cmd += ['--shards', str(shards)]
   cluster = None
   print(f'  {kind} {rows:,} ...', end='', flush=True, file=sys.stderr)
   try:
     if kind == 'flink':
-      cluster = Cluster()
+      cluster = Cluster(parallelism)
       cluster.start()
       runner = cmd.index('--runner')
       del cmd[runner:runner + 2]
@@ -221,7 +260,7 @@ def bench_run(kind: str, rows: int, data: str, model: str,
   finally:
     if cluster:
       cluster.stop()
-  result.update(kind=kind, rows=rows)
+  result.update(kind=kind, rows=rows, parallelism=parallelism, shards=shards)
   print(f' {result["wall_s"]:.1f} s, peak {result["peak_total_mb"]:.0f} MB'
         + ('' if result['rc'] == 0 else f'  FAILED rc={result["rc"]} '
            f'(see {log})'), file=sys.stderr, flush=True)
@@ -230,16 +269,20 @@ def bench_run(kind: str, rows: int, data: str, model: str,
 
 def table(results: List[Dict[str, object]]) -> str:
   lines = ['| runner | rows | wall s | rows/s | peak RSS, all processes MB | '
+           'without the driver | PSS, all processes MB | '
            'driver | job server | JobManager | TaskManager | pool + SDK '
            'workers | load 1/5/15 before -> after |',
-           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
+           '|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|']
   for r in results:
     p = r['peak_mb']
     label = ('DirectRunner, 1 process' if r['kind'] == 'direct' else
-             'Flink, parallelism 2, 2 pool workers')
+             f'Flink, parallelism {r.get("parallelism", 2)}, 2 slots, '
+             '2 pool workers')
     lines.append(
         f'| {label} | {r["rows"]:,} | {r["wall_s"]:.1f} | '
         f'{r["rows"] / r["wall_s"]:,.0f} | **{r["peak_total_mb"]:,.0f}** | '
+        f'{r.get("peak_without_driver_mb", 0):,.0f} | '
+        f'{r.get("peak_total_pss_mb", 0):,.0f} | '
         f'{p["driver"]:,.0f} | {p["job server"]:,.0f} | '
         f'{p["JobManager"]:,.0f} | {p["TaskManager"]:,.0f} | '
         f'{p["pool"] + p["SDK workers"]:,.0f} | '
@@ -266,6 +309,12 @@ def main(argv: Optional[List[str]] = None) -> int:
   p.add_argument('--model_dir', default=None,
                  help='default: the model trained on the 1M cache')
   p.add_argument('--report', default=None, metavar='RESULTS_JSON')
+  p.add_argument('--parallelism', type=int, default=2,
+                 help='Flink partitions (2 slots whatever it is; above 2 '
+                 'the job runs with --execution_mode_for_batch '
+                 'BATCH_FORCED, tasks queueing for the slots)')
+  p.add_argument('--shards', type=int, default=None,
+                 help="pipelines.batch's --shards (default: its own)")
   args = p.parse_args(argv)
   if args.report:
     with open(args.report) as f:
@@ -279,7 +328,8 @@ def main(argv: Optional[List[str]] = None) -> int:
   for rows in args.rows:
     data = ensure_data(args.seed, rows)
     for kind in args.runs:
-      results.append(bench_run(kind, rows, data, model, work))
+      results.append(bench_run(kind, rows, data, model, work,
+                               args.parallelism, args.shards))
   os.makedirs(os.path.join(CACHE, 'results'), exist_ok=True)
   path = os.path.join(CACHE, 'results', f'flink-{stamp}.json')
   with open(path, 'w') as f:

@@ -15,7 +15,9 @@ so not this venv), pipes each worker's stdout without ever reading it (a
 chatty worker blocks), and gives workers no state cache (every state read
 of the dedupe and history steps would then cross to the runner). This
 pool uses the same servicer with those four changed, and its workers
-weigh cached state faster (runners/state_weights.py).
+weigh cached state faster (runners/state_weights.py) and send their
+outputs in messages of 1 MB, not 10 (runners/data_messages.py: the
+TaskManager holds up to 100 of them per bundle on its heap).
 """
 
 import argparse
@@ -38,6 +40,7 @@ STATE_CACHE_BYTES = 100 << 20
 DATA_BUFFER_TIME_LIMIT_MS = -1
 
 _WORKER = ('import runners.state_weights; runners.state_weights.install(); '
+           'import runners.data_messages; runners.data_messages.install(); '
            'from apache_beam.runners.worker.sdk_worker import SdkHarness; '
            'SdkHarness({control!r}, worker_id={worker!r}, '
            'state_cache_size={cache}, data_buffer_time_limit_ms={buffer})'

@@ -70,7 +70,7 @@ from apache_beam.utils.windowed_value import PaneInfoTiming
 from schemas.dataset import Dataset
 from transforms.common import (MICROS, Counters, concat_batches,
                                dead_letter_batch, dead_letter_row, json_row,
-                               micros_to_rfc3339, split_by_shard,
+                               micros_to_rfc3339, pieces, split_by_shard,
                                table_to_batch)
 
 AGGREGATES = 'aggregates'
@@ -270,8 +270,9 @@ class _PartialsToRows(beam.DoFn):
     columns = aggregate_columns(
         self._dataset, self._key_field, sums.column(self._key_field), w,
         {s: sums.column(s).to_numpy() for s in sums.schema.names[1:]})
-    yield pa.RecordBatch.from_arrays(
-        [columns[f.name] for f in self._schema], schema=self._schema)
+    # A window holds every key seen in it: more keys with more input.
+    yield from pieces(pa.RecordBatch.from_arrays(
+        [columns[f.name] for f in self._schema], schema=self._schema))
 
 
 class EntityAggregates(beam.PTransform):

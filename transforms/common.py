@@ -31,6 +31,15 @@ MICROS = 1_000_000
 # thousands of rows at a million records; --shards raises it for more.
 DEFAULT_SHARDS = 32
 
+# Rows of one element a grouped step emits (dedupe, history, aggregates,
+# negatives, examples). A shard or window grows with the input; an element
+# must not: on Flink every element crosses the TaskManager's heap whole (the
+# Fn API's data message, then the next shuffle's buffers), so one batch per
+# shard needed a heap that grew with the input and the 4M run ran out of
+# it. 64k rows of a transaction are a few MB; enough rows that per-element
+# costs (pickling, a gRPC message) stay small beside the work.
+PIECE_ROWS = 65536
+
 _EPOCH = datetime.datetime(1970, 1, 1, tzinfo=datetime.timezone.utc)
 
 
@@ -248,6 +257,13 @@ def slices(batch: Union[pa.RecordBatch, pa.Table], max_rows: int
     return
   for start in range(0, batch.num_rows, max_rows):
     yield compact(batch.slice(start, max_rows))
+
+
+def pieces(batch: Union[pa.RecordBatch, pa.Table]
+           ) -> Iterator[pa.RecordBatch]:
+  """`slices` of at most PIECE_ROWS rows (read when called): the form in
+  which a grouped step's output leaves it."""
+  return slices(batch, PIECE_ROWS)
 
 
 # Dead-letter rows -------------------------------------------------------------

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from schemas.dataset import Dataset
 from transforms.common import (DEFAULT_SHARDS, CountRows, concat_batches,
-                               split_by_shard)
+                               pieces, split_by_shard)
 from transforms.history_features import history_at
 from transforms.negatives import NEGATIVE_OF, NEGATIVE_RANK, NegativeSampling
 from transforms.preprocess import with_label_index
@@ -95,9 +95,9 @@ def _copy_user_side(element, dataset: Dataset) -> Iterator[pa.RecordBatch]:
   columns = {name: negatives.column(name) for name in negatives.column_names}
   for name in user_side_columns(dataset):
     columns[name] = positives.column(name).take(row)
-  yield pa.RecordBatch.from_arrays(
+  yield from pieces(pa.RecordBatch.from_arrays(
       [c.combine_chunks() if isinstance(c, pa.ChunkedArray) else c
-       for c in columns.values()], names=list(columns))
+       for c in columns.values()], names=list(columns)))
 
 
 def _negative_ids(negatives: pa.Table, dataset: Dataset, k: int) -> pa.Array:
@@ -144,7 +144,7 @@ def _add_item_side(element, dataset: Dataset, tables: Dict[str, pa.Table],
                if n not in (NEGATIVE_OF, NEGATIVE_RANK)],
       names=[dataset.id_field] + [n for n in batch.schema.names
                                   if n not in (NEGATIVE_OF, NEGATIVE_RANK)])
-  yield _conform(batch, schema)
+  yield from pieces(_conform(batch, schema))
 
 
 class TrainingExamples(beam.PTransform):

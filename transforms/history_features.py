@@ -62,6 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from schemas.dataset import Dataset, HistorySpec
+from transforms import common
 from transforms.common import (DEFAULT_SHARDS, MICROS, concat_batches, slices,
                                table_to_batch,
                                split_by_shard)
@@ -483,8 +484,10 @@ class HistoryFeatures(beam.PTransform):
   """
 
   def __init__(self, dataset: Dataset, num_shards: int = DEFAULT_SHARDS,
-               max_batch_rows: int = 65536):
+               max_batch_rows: Optional[int] = None):
     super().__init__()
+    # None: common.PIECE_ROWS (why it is bounded: see there).
+    max_batch_rows = max_batch_rows or common.PIECE_ROWS
     if num_shards < 1 or max_batch_rows < 1:
       raise ValueError(f'num_shards ({num_shards}) and max_batch_rows '
                        f'({max_batch_rows}) must be positive')

@@ -62,7 +62,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from transforms.common import (DEFAULT_SHARDS, Counters, concat_batches,
-                               split_by_shard, splitmix64)
+                               pieces, split_by_shard, splitmix64)
 
 STRATEGIES = ('uniform', 'popularity')
 WEIGHT = 'weight'
@@ -430,8 +430,7 @@ class _SampleShard(beam.DoFn):
                                    **self._settings)
     self._counters.inc('negatives_sampled', batch.num_rows)
     self._counters.inc('negatives_short', short)
-    if batch.num_rows:
-      yield batch
+    yield from pieces(batch)
 
 
 class NegativeSampling(beam.PTransform):

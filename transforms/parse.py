@@ -43,12 +43,12 @@ from schemas.dataset import RECORD_ID, Dataset, Field
 from transforms.common import (DEAD_LETTER, DEFAULT_SHARDS, MICROS,
                                json_row, micros_to_rfc3339,
                                NAMESPACE, VALID, CountElements, CountRows,
-                               Counters, concat_batches, dead_letter_batch,
+                               Counters, dead_letter_batch,
                                dead_letter_row, split_by_shard, to_micros,
                                true_rows)
 from transforms.read import (ERROR, POSITION, SOURCE, UNDECODED, RawRecord,
                              raw_records, record_texts)
-from transforms import timestamps
+from transforms import common, timestamps
 
 __all__ = ['DEAD_LETTER', 'VALID', 'NAMESPACE', 'CountElements',
            'ERROR_KINDS', 'RecordError', 'RecordValidator', 'BatchValidator',
@@ -607,36 +607,54 @@ class ValidateBatches(beam.DoFn):
 
 
 def _first_copy_wins(shard_and_batches, dataset: Dataset):
-  """One shard of valid rows -> rows without later copies of an id (main)
-  and a dead-letter batch of those copies (DEAD_LETTER)."""
+  """One shard of valid rows -> rows without later copies of an id (main,
+  RecordBatches of at most PIECE_ROWS rows, in (id, time, file, position)
+  order) and (file, dead-letter row) of those copies (DEAD_LETTER).
+
+  The shard's batches are read as one table without copying them; only
+  the sort order is computed whole, and the winners are taken from the
+  table a piece at a time, so the worker never holds a sorted or filtered
+  copy of the whole shard beside it, and no element grows with the input.
+  """
   _, batches = shard_and_batches
-  table = concat_batches(list(batches))
-  if table.num_rows == 0:
+  batches = [b for b in batches if b.num_rows]
+  if not batches:
     return
+  table = pa.Table.from_batches(batches)
+  del batches
   id_field, schema = dataset.id_field, dataset.batch_schema()
   keys = [id_field] + ([dataset.timestamp_field] if dataset.timestamp_field
                         else []) + [SOURCE, POSITION]
-  table = table.sort_by([(key, 'ascending') for key in keys])
-  ids = table.column(id_field).to_numpy()
+  order = pc.sort_indices(table, sort_keys=[(k, 'ascending') for k in keys])
+  ids = table.column(id_field).take(order).to_numpy()
   first = np.ones(len(ids), bool)
   first[1:] = ids[1:] != ids[:-1]
-  winners = table.filter(pa.array(first))
-  yield pa.RecordBatch.from_arrays(
-      [winners.column(n).combine_chunks() for n in schema.names],
-      schema=schema)
+  winners = order.to_numpy()[first]
+  columns = table.select(schema.names)
+  step = common.PIECE_ROWS
+  for start in range(0, len(winners), step):
+    piece = columns.take(winners[start:start + step])
+    yield pa.RecordBatch.from_arrays(
+        [piece.column(n).combine_chunks() for n in schema.names],
+        schema=schema)
   if first.all():
     return
   # Duplicates are few: their rows are built one by one.
+  order = order.to_numpy()
   firsts = np.maximum.accumulate(np.where(first, np.arange(len(ids)), 0))
   later = np.flatnonzero(~first)
-  sources = table.column(SOURCE).to_pylist()
-  positions = table.column(POSITION).to_pylist()
-  for i in later:
-    f = firsts[i]
+  sources = table.column(SOURCE).take(pa.array(order[later])).to_pylist()
+  positions = table.column(POSITION).take(pa.array(order[later])).to_pylist()
+  first_sources = table.column(SOURCE).take(
+      pa.array(order[firsts[later]])).to_pylist()
+  first_positions = table.column(POSITION).take(
+      pa.array(order[firsts[later]])).to_pylist()
+  for j, i in enumerate(later):
     # Keyed by file: the texts are read again from it (_with_record_text).
-    yield beam.pvalue.TaggedOutput(DEAD_LETTER, (sources[i], dead_letter_row(
-        sources[i], positions[i], 'duplicate', None,
-        f'id {ids[i]} already read at {sources[f]}:{positions[f]}', None)))
+    yield beam.pvalue.TaggedOutput(DEAD_LETTER, (sources[j], dead_letter_row(
+        sources[j], positions[j], 'duplicate', None,
+        f'id {ids[i]} already read at {first_sources[j]}:'
+        f'{first_positions[j]}', None)))
 
 
 def _with_record_text(source_and_rows, dataset: Dataset,

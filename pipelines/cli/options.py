@@ -264,6 +264,14 @@ class FlinkJavaOptions(PipelineOptions):
         '--max_bundle_time_mills', default=None, type=int,
         help='Flink: most milliseconds one bundle stays open before its '
         'outputs go downstream (Flink default 1000).')
+    parser.add_argument(
+        '--execution_mode_for_batch', default=None,
+        choices=('PIPELINED', 'BATCH_FORCED'),
+        help='Flink, batch: BATCH_FORCED makes every exchange blocking, so '
+        'each task runs as a slot frees and --parallelism may exceed the '
+        'slots. Flink runs a batch stage\'s whole partition as one bundle '
+        'and holds its outputs until the bundle ends: more partitions, '
+        'smaller bundles (Flink default PIPELINED).')
 
 
 def flags(options: PipelineOptions, options_class) -> types.SimpleNamespace:
