@@ -494,12 +494,12 @@ def traced_transform(layer, metadata: Mapping[str, Any]):
       for group, names in groups.items()}
   optional = list(metadata.get('optional_features', ()))
   if optional:
-    spec['optional'] = {name: tf.SparseTensorSpec([None, 1], tf.string if
-                                                  raw_types[name] == 'string'
-                                                  else tf.as_dtype(
-                                                      _NUMPY_TYPES[
-                                                          raw_types[name]]))
-                        for name in optional}
+    spec['optional'] = {}
+    for name in optional:
+      ftype = raw_types[name]
+      dtype = (tf.string if ftype == 'string'
+               else tf.as_dtype(_NUMPY_TYPES[ftype]))
+      spec['optional'][name] = tf.SparseTensorSpec([None, 1], dtype)
 
   def matrix(inputs):
     raw = dict(inputs.get('optional', {}))
