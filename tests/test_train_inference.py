@@ -189,9 +189,8 @@ def test_no_train_serve_skew(trained):
   np.testing.assert_allclose(serve_x, train_x, rtol=0, atol=FLOAT32_TOL)
   # The unpadded graph agrees too (the padding only fixes the last bits).
   np.testing.assert_allclose(
-      inference.feature_matrix(model.transform_layer(
-          inference.raw_feature_tensors(raw, metadata['raw_features'])),
-                               features), train_x, rtol=0, atol=FLOAT32_TOL)
+      model.transform_layer(inference.grouped_feature_tensors(
+          raw, metadata)).numpy(), train_x, rtol=0, atol=FLOAT32_TOL)
   # Serving values do not depend on the batch: 1200 rows at once, or in
   # slices of 1, 7 and 300 rows, give the very same bits.
   for size in (1, 7, 300):
@@ -234,6 +233,29 @@ def test_scoring_formats_no_tensor(trained, monkeypatch):
   raw = to_batch([dict(r, is_fraud=None) for r in trained['rows'][:40]])
   assert inference.transformed_matrix(model, raw).shape[0] == 40
   assert not formatted
+
+
+def test_the_graph_takes_one_tensor_per_type_not_one_per_feature(
+    trained, monkeypatch):
+  """Scoring a batch makes one input tensor per raw type (strings, floats,
+  ints), not one per raw feature: each tensor made and checked against the
+  signature cost more than the graph on a one-row batch (the service)."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  model = inference.TransformedSklearnModelHandler(
+      trained['model_dir']).load_model()
+  metadata = model.metadata
+  assert len(metadata['raw_features']) > 10
+  args, kwargs = model.transform_layer.structured_input_signature
+  [inputs] = list(args) + list(kwargs.values())
+  assert sorted(inputs) == ['float', 'int', 'string']
+  made = []
+  real = tf.constant
+  monkeypatch.setattr(tf, 'constant', lambda *a, **k: made.append(1) or
+                      real(*a, **k))
+  raw = to_batch([dict(r, is_fraud=None) for r in trained['rows'][:1]])
+  matrix = inference.transformed_matrix(model, raw)
+  assert matrix.shape == (1, len(metadata['features']))
+  assert len(made) == 3
 
 
 def test_a_process_that_scored_exits_without_a_traceback(trained):

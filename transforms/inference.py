@@ -405,26 +405,113 @@ def raw_feature_tensors(batch, raw_types: Mapping[str, str], *,
   return out
 
 
+# The dense inputs of the traced transform, one [rows, k] tensor per type
+# (`input_groups`): the raw feature type -> its group.
+_GROUPS = {'string': 'string', 'float': 'float', 'int': 'int',
+           'timestamp': 'int'}
+_GROUP_DTYPES = {'string': np.object_, 'float': np.float32, 'int': np.int64}
+
+
+def input_groups(metadata: Mapping[str, Any]) -> Dict[str, List[str]]:
+  """The dense raw features of a model by input group ('string', 'float',
+  'int'), each sorted by name (not in the order of a dict, which differs
+  between the metadata as trained and as read back); a group with no
+  feature is left out. Optional features are not in any (each is a sparse
+  tensor of its own)."""
+  optional = set(metadata.get('optional_features', ()))
+  groups: Dict[str, List[str]] = {}
+  for name, ftype in sorted(metadata['raw_features'].items()):
+    if name not in optional:
+      groups.setdefault(_GROUPS[ftype], []).append(name)
+  return groups
+
+
+def grouped_feature_tensors(batch, metadata: Mapping[str, Any], *,
+                            pad: int = 0) -> Dict[str, Any]:
+  """Flat feature columns (pa.RecordBatch or pa.Table) -> the inputs of
+  `traced_transform`: per group of `input_groups` one tf tensor [rows +
+  pad, k] of its columns side by side (strings as UTF-8 bytes, floats as
+  float32, ints as int64: the values `raw_feature_tensors` makes), then
+  `pad` copies of the first row; and under 'optional' each optional
+  feature's tf.SparseTensor [rows + pad, 1]. A null in a dense feature is
+  an error."""
+  import tensorflow as tf
+  out: Dict[str, Any] = {}
+  for group, names in input_groups(metadata).items():
+    columns = []
+    for name in names:
+      if name not in batch.schema.names:
+        raise ValueError(f'feature {name} is missing in the batch to score')
+      column = arrow.flat_column(batch.column(name))
+      if column.null_count:
+        raise ValueError(f'feature {name} is missing in {column.null_count} '
+                         'row(s) to score')
+      if group == 'string':
+        column = column.cast(pa.binary())
+      columns.append(column.to_numpy(zero_copy_only=False))
+    values = np.stack(columns, axis=1).astype(_GROUP_DTYPES[group],
+                                              copy=False)
+    if pad:
+      values = np.concatenate([values, np.repeat(values[:1], pad, axis=0)])
+    out[group] = tf.constant(values, dtype=tf.string if group == 'string'
+                             else None)
+  optional = metadata.get('optional_features', ())
+  if optional:
+    raw_types = metadata['raw_features']
+    for name in optional:
+      if name not in batch.schema.names:
+        raise ValueError(f'feature {name} is missing in the batch to score')
+    out['optional'] = {name: _sparse_tensor(
+        arrow.flat_column(batch.column(name)), raw_types[name], pad)
+                       for name in optional}
+  return out
+
+
 def traced_transform(layer, metadata: Mapping[str, Any]):
   """tf.Transform's TransformFeaturesLayer -> one concrete function of
-  fixed signature: every raw feature a [rows] tensor of the type
-  `raw_feature_tensors` makes, an optional one a [rows, 1] sparse tensor.
-  The same graph. Called as a Keras layer, every call first tried to bind
-  the dict of tensors to tf.function's structured signature, failed, and
-  built the TypeError's message, the repr of every input tensor (5 % of
-  the Flink workers' time by py-spy, more than the graph on small batches),
-  before falling back; the concrete function binds nothing per call."""
+  fixed signature, from `grouped_feature_tensors`' inputs to the model's
+  input matrix: float64 [rows, features], the transformed features in the
+  order of metadata['features'] (`feature_matrix`'s matrix).
+
+  The same graph: each group's columns are taken apart into the [rows]
+  tensors the layer takes, and its outputs cast (exactly: float32 and
+  int64 values to float64) and put side by side. Called as a Keras
+  layer, every call first tried to bind the dict of tensors to
+  tf.function's structured signature, failed, and built the TypeError's
+  message, the repr of every input tensor (5 % of the Flink workers' time
+  by py-spy, more than the graph on small batches), before falling back;
+  the concrete function binds nothing per call. And one tensor per type,
+  not one per feature: making 22 tensors and checking each against the
+  signature cost more than the graph itself on a one-row batch (the
+  scoring service: bench/RESULTS.md)."""
   import tensorflow as tf
-  optional = set(metadata.get('optional_features', ()))
-  spec = {}
-  for name, ftype in metadata['raw_features'].items():
-    dtype = tf.string if ftype == 'string' else tf.as_dtype(
-        _NUMPY_TYPES[ftype])
-    spec[name] = (tf.SparseTensorSpec([None, 1], dtype) if name in optional
-                  else tf.TensorSpec([None], dtype))
+  groups = input_groups(metadata)
+  raw_types = metadata['raw_features']
+  features = list(metadata['features'])
+  spec: Dict[str, Any] = {
+      group: tf.TensorSpec([None, len(names)], tf.string if group == 'string'
+                           else tf.as_dtype(_GROUP_DTYPES[group]))
+      for group, names in groups.items()}
+  optional = list(metadata.get('optional_features', ()))
+  if optional:
+    spec['optional'] = {}
+    for name in optional:
+      ftype = raw_types[name]
+      dtype = (tf.string if ftype == 'string'
+               else tf.as_dtype(_NUMPY_TYPES[ftype]))
+      spec['optional'][name] = tf.SparseTensorSpec([None, 1], dtype)
+
+  def matrix(inputs):
+    raw = dict(inputs.get('optional', {}))
+    for group, names in groups.items():
+      raw.update(zip(names, tf.unstack(inputs[group], num=len(names),
+                                       axis=1)))
+    transformed = layer(raw)
+    return tf.stack([tf.reshape(tf.cast(transformed[name], tf.float64), [-1])
+                     for name in features], axis=1)
   # No autograph: the layer has no tensor-dependent Python control flow,
   # and converting its code took 1-2 s of every load.
-  return tf.function(layer, autograph=False).get_concrete_function(spec)
+  return tf.function(matrix, autograph=False).get_concrete_function(spec)
 
 
 def _sparse_tensor(column: pa.Array, ftype: str, pad: int):
@@ -480,6 +567,7 @@ PAD_ROWS = 16
 class LoadedModel:
   # A class, not a NamedTuple: RunInference's Shared cache holds a weakref.
   estimator: Any
+  # `traced_transform`: grouped raw tensors -> the model's input matrix.
   transform_layer: Any
   metadata: Dict[str, Any]
   # The ids of the rows it trained and evaluated on (`read_splits`).
@@ -549,17 +637,13 @@ def row_splits(splits: Optional[Splits], ids) -> pa.Array:
 
 def transformed_matrix(model: LoadedModel, batch) -> np.ndarray:
   """Raw feature columns (pa.RecordBatch or pa.Table with rows) -> the
-  model's input matrix: the transform graph on the batch padded to a
-  multiple of PAD_ROWS rows (copies of its first row, dropped after), then
-  `feature_matrix` in the model's feature order."""
-  metadata = model.metadata
+  model's input matrix (`feature_matrix`'s, in the model's feature order):
+  the traced transform graph on the batch padded to a multiple of
+  PAD_ROWS rows (copies of its first row, dropped after)."""
   rows = batch.num_rows
-  transformed = model.transform_layer(raw_feature_tensors(
-      batch, metadata['raw_features'], pad=-rows % PAD_ROWS,
-      optional=metadata.get('optional_features', ())))
-  return feature_matrix(
-      {name: np.asarray(transformed[name])[:rows]
-       for name in metadata['features']}, metadata['features'])
+  matrix = model.transform_layer(grouped_feature_tensors(
+      batch, model.metadata, pad=-rows % PAD_ROWS))
+  return matrix.numpy()[:rows]
 
 
 # The models this process loaded last, by (folder, its metadata as
