@@ -88,6 +88,13 @@ def _json_line(record):
 
 
 # History features -----------------------------------------------------------
+def _summary(row):
+  """The history features the event-order tests check, with the id."""
+  return (row['transaction_id'], row['user_id_count_1h'],
+          row['user_id_sum_1h'], row['user_id_count_7d'],
+          row['user_id_is_new_country_7d'])
+
+
 def test_the_event_order_rule_of_history_features():
   """On time (the watermark had not passed it when it arrived): batch's
   row, in any arrival order. Late (behind the watermark), within the
@@ -124,9 +131,7 @@ def test_the_event_order_rule_of_history_features():
   with _streaming() as p:
     rows = (_rows(p | stream
                   | StatefulHistoryFeatures(DATASET, allowed_lateness=3600))
-            | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_1h'],
-                                  r['user_id_sum_1h'], r['user_id_count_7d'],
-                                  r['user_id_is_new_country_7d'])))
+            | beam.Map(_summary))
     assert_that(rows, equal_to([
         ('tx000000001', 0, 0.0, 0, 1),
         # tx3 (earlier in event time) arrived after tx2 and after tx1 was
@@ -189,9 +194,7 @@ def test_features_on_arrival_count_what_arrived_before():
     rows = (_rows(p | stream
                   | StatefulHistoryFeatures(DATASET, allowed_lateness=3600,
                                             on_arrival=True))
-            | beam.Map(lambda r: (r['transaction_id'], r['user_id_count_1h'],
-                                  r['user_id_sum_1h'], r['user_id_count_7d'],
-                                  r['user_id_is_new_country_7d'])))
+            | beam.Map(_summary))
     assert_that(rows, equal_to([
         ('tx000000001', 0, 0.0, 0, 1),
         # tx3 had not arrived: tx2 counts tx1 alone (batch: tx1 and tx3).
