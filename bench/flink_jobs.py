@@ -30,8 +30,7 @@ import pyarrow as pa
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from tests.services import JOB_SERVER_JAR, free_port, run_script
-from transforms.kafka import (DEFAULT_EXPANSION_JAR, WriteJsonToKafka,
-                              kafka_expansion_service)
+from transforms.kafka import WriteJsonToKafka
 
 
 def tiny_job(flags, out_path, kafka=None):
@@ -47,8 +46,7 @@ def tiny_job(flags, out_path, kafka=None):
     _ = (sums
          | beam.Map(lambda kv: pa.RecordBatch.from_pylist(
              [{'key': str(kv[0]), 'sum': kv[1]}]))
-         | WriteJsonToKafka(kafka, 'sums', kafka_expansion_service(
-             DEFAULT_EXPANSION_JAR), 'key'))
+         | WriteJsonToKafka(kafka, 'sums', 'key'))
   _ = (sums
        | beam.combiners.ToList()
        | beam.Map(lambda pairs, path: open(path, 'w').write(

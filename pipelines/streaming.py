@@ -44,8 +44,10 @@ a replay counts the output files instead: see summarize_outputs).
 """
 
 import collections
+import contextlib
 import dataclasses
 import json
+import os
 import signal
 import sys
 import threading
@@ -77,8 +79,7 @@ from transforms.common import (DEAD_LETTER, VALID, CountRows,
                                micros_to_rfc3339)
 from transforms.history_features import StatefulHistoryFeatures
 from transforms import online_store
-from transforms.kafka import (ReadKafkaRecords, WriteJsonToKafka,
-                              kafka_expansion_service)
+from transforms.kafka import ReadKafkaRecords, WriteJsonToKafka
 from transforms.parse import StreamingParseAndValidate
 from transforms.read import InputError, check_input
 from transforms.side_tables import (JoinSideTables, load_side_tables,
@@ -92,11 +93,13 @@ STREAMING = 'streaming'
 FEATURES, PREDICTIONS, DEAD = 'features', 'predictions', 'dead_letter'
 # Shards of each keyed step (dedupe by id, history and aggregates by
 # entity): elements are (shard, RecordBatch) pairs, and each shard's state
-# is read and written once per batch. A few per worker keep a parallel
-# runner busy; more only cut the batches smaller (Kafka on Flink at
-# parallelism 2, bench/RESULTS.md: 8 shards 2,565 events/s, 4 shards 3,174,
-# 2 shards 2,565, as two keys can land on one worker).
-STREAM_SHARDS = 4
+# is read and written once per batch. More shards cut every poll's batch
+# into more, smaller elements, each paying every keyed step's fixed cost
+# (Kafka on Flink at parallelism 2 with the batch-per-poll read,
+# bench/RESULTS.md: 100,000 events at once 10,655 events/s with 2 shards,
+# 6,880 with 4; paced p50 0.4 s either way. With KafkaIO's per-record read
+# 4 had been best.)
+STREAM_SHARDS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,12 +236,11 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   shards = stream_shards(options)
 
   replay = None
-  kafka = (kafka_expansion_service(opts.kafka_expansion_jar)
-           if opts.bootstrap_servers else None)
+  kafka = bool(opts.bootstrap_servers)
   if kafka:
     raw = (p
            | 'ReadKafka' >> ReadKafkaRecords(
-               opts.bootstrap_servers, opts.input_topic, kafka,
+               opts.bootstrap_servers, opts.input_topic,
                opts.max_num_records)
            | 'DecodeMessageBatches' >> MessageBatches(
                dataset, f'kafka:{opts.input_topic}'))
@@ -307,13 +309,13 @@ def build_pipeline(p: beam.Pipeline, options: PipelineOptions,
   if kafka and opts.output_topic:
     (published
      | 'PublishToKafka' >> WriteJsonToKafka(
-         opts.bootstrap_servers, opts.output_topic, kafka, dataset.id_field))
+         opts.bootstrap_servers, opts.output_topic, dataset.id_field))
   elif opts.output_topic:
     published | 'Publish' >> WriteJsonToPubSub(opts.output_topic)
   if kafka and opts.dead_letter_topic:
     (dead
      | 'PublishDeadLettersToKafka' >> WriteJsonToKafka(
-         opts.bootstrap_servers, opts.dead_letter_topic, kafka))
+         opts.bootstrap_servers, opts.dead_letter_topic))
   elif opts.dead_letter_topic:
     dead | 'PublishDeadLetters' >> WriteJsonToPubSub(opts.dead_letter_topic)
 
@@ -394,15 +396,43 @@ def keep_sources_up(options: PipelineOptions, opts):
 # events/s at 1,000, 2,500-3,200 at 10,000). A bundle still closes after
 # --max_bundle_time_mills (1 s), so this only matters under load.
 FLINK_BUNDLE_SIZE = 10000
+# ... and a bundle stays open this long (Flink's default 1,000 ms) while
+# every step waits for its outputs: a Kafka event crosses four steps. Paced
+# at 1,000 events/s: p50 1.1-1.3 s at 100 ms, 0.8 s at 30 ms; 100,000
+# events at once 10,655 events/s at 30 ms (bench/RESULTS.md).
+FLINK_BUNDLE_MS = 30
+# Flink's job configuration for a Kafka stream (its network buffers' flush
+# timeout: runners/flink_job_conf/config.yaml says why).
+FLINK_JOB_CONF = os.path.join(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))), 'runners', 'flink_job_conf')
 
 
 def bigger_bundles(options: PipelineOptions):
-  """On Flink, --max_bundle_size FLINK_BUNDLE_SIZE unless given."""
+  """A Kafka stream on Flink: --max_bundle_size FLINK_BUNDLE_SIZE and
+  --max_bundle_time_mills FLINK_BUNDLE_MS unless given."""
   if _runner_name(options) != 'flinkrunner':
     return
   java = options.view_as(FlinkJavaOptions)
   if java.max_bundle_size is None:
     java.max_bundle_size = FLINK_BUNDLE_SIZE
+  if java.max_bundle_time_mills is None:
+    java.max_bundle_time_mills = FLINK_BUNDLE_MS
+
+
+@contextlib.contextmanager
+def flink_job_conf(options: PipelineOptions, opts):
+  """Within the block (the job's submission), a Kafka stream on Flink
+  reads Flink's job configuration from FLINK_JOB_CONF, unless FLINK_CONF_DIR
+  is set: the job server that `run()` starts reads it from there."""
+  own = (opts.bootstrap_servers and _runner_name(options) == 'flinkrunner'
+         and 'FLINK_CONF_DIR' not in os.environ)
+  if own:
+    os.environ['FLINK_CONF_DIR'] = FLINK_JOB_CONF
+  try:
+    yield
+  finally:
+    if own:
+      del os.environ['FLINK_CONF_DIR']
 
 
 def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
@@ -431,9 +461,9 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   streamed = bool(opts.input_subscription or opts.input_topic)
   if opts.bootstrap_servers:
     if _runner_name(options) in _DIRECT_RUNNERS:
-      raise InputError('--bootstrap_servers needs a runner that runs '
-                       'Java transforms (FlinkRunner): the Python '
-                       'DirectRunner cannot run KafkaIO')
+      raise InputError('--bootstrap_servers streams on FlinkRunner (see '
+                       'runners/README.md); on the DirectRunner, replay a '
+                       'file with --input')
     preflight.check_kafka(opts)
     keep_sources_up(options, opts)
     bigger_bundles(options)
@@ -466,7 +496,8 @@ def run(argv: Optional[List[str]] = None) -> Dict[str, object]:
   files.write_json(files.join(root, SUMMARY_FILE), {'status': 'running'})
   p = beam.Pipeline(options=options)
   built = build_pipeline(p, options, dataset)
-  result = p.run()
+  with flink_job_conf(options, opts):
+    result = p.run()
   # Live: each scrape reads the job's counters; then the final summary.
   live = metrics.serve(opts.metrics_port, result) if opts.metrics_port \
       else None

@@ -131,8 +131,7 @@ def test_batch_refuses_a_launcher_whose_jars_are_gone(input_file, launcher,
 def _kafka(tmp_path, launcher, servers, **extra):
   flags = ['--output_dir', str(tmp_path / 'out'), *_flink('[local]',
                                                          launcher),
-           '--bootstrap_servers', servers, '--input_topic', 'tx',
-           '--kafka_expansion_jar', launcher]
+           '--bootstrap_servers', servers, '--input_topic', 'tx']
   for key, value in extra.items():
     flags += [f'--{key}', value]
   return flags
@@ -146,20 +145,12 @@ def test_streaming_refuses_a_broker_that_does_not_answer(tmp_path, launcher,
   assert f'--bootstrap_servers {servers}: no Kafka broker answers' in line
 
 
-def test_streaming_refuses_a_missing_expansion_jar(tmp_path, launcher,
-                                                   capsys):
-  argv = _kafka(tmp_path, launcher, '127.0.0.1:9092',
-                kafka_expansion_jar=str(tmp_path / 'none.jar'))
-  assert streaming.main(argv) == 2
-  assert 'none.jar does not exist' in _one_error_line(capsys)
-
-
 def test_streaming_refuses_kafka_on_the_direct_runner(tmp_path, launcher,
                                                       capsys):
   argv = ['--output_dir', str(tmp_path / 'out'), '--bootstrap_servers',
           '127.0.0.1:9092', '--input_topic', 'tx']
   assert streaming.main(argv) == 2
-  assert 'DirectRunner cannot run KafkaIO' in _one_error_line(capsys)
+  assert '--bootstrap_servers streams on FlinkRunner' in _one_error_line(capsys)
 
 
 class _Job:
@@ -420,8 +411,8 @@ def test_bounded_kafka_read_over_uneven_partitions_ends(flink_cluster,
   out = str(tmp_path / 'read.json')
   p = beam.Pipeline(options=options)
   _ = (p
-       | ReadKafkaRecords(kafka_broker, 'uneven', None, max_num_records=sent)
-       | beam.Map(lambda value: json.loads(value)['n'])
+       | ReadKafkaRecords(kafka_broker, 'uneven', max_num_records=sent)
+       | beam.FlatMap(lambda values: [json.loads(v)['n'] for v in values])
        | beam.combiners.ToList()
        | beam.Map(_write_json, out))
   result = p.run()

@@ -4,6 +4,7 @@ replay."""
 
 import glob
 import json
+import os
 import random
 
 import numpy as np
@@ -657,18 +658,22 @@ def test_unbounded_kafka_read_on_flink_keeps_sources_up():
 
 
 def test_flink_bundles_and_shards_default_to_bigger_batches():
-  """On Flink a bundle holds up to FLINK_BUNDLE_SIZE events unless
-  --max_bundle_size says otherwise (Flink's 1,000 cut a busy second into
-  small batches); shards: one on the DirectRunner, STREAM_SHARDS
-  elsewhere, --stream_shards over both."""
-  cases = [(['--runner', 'FlinkRunner'], pipeline.FLINK_BUNDLE_SIZE),
-           (['--runner', 'FlinkRunner', '--max_bundle_size', '70'], 70),
-           (['--runner', 'DirectRunner'], None)]
-  for argv, want in cases:
+  """On Flink a bundle holds up to FLINK_BUNDLE_SIZE events and stays open
+  FLINK_BUNDLE_MS unless --max_bundle_size / --max_bundle_time_mills say
+  otherwise (Flink's 1,000 cut a busy second into small batches; its 1 s
+  held every step's outputs); shards: one on the DirectRunner,
+  STREAM_SHARDS elsewhere, --stream_shards over both."""
+  cases = [(['--runner', 'FlinkRunner'], pipeline.FLINK_BUNDLE_SIZE,
+            pipeline.FLINK_BUNDLE_MS),
+           (['--runner', 'FlinkRunner', '--max_bundle_size', '70',
+             '--max_bundle_time_mills', '500'], 70, 500),
+           (['--runner', 'DirectRunner'], None, None)]
+  for argv, size, mills in cases:
     options = PipelineOptions(argv)
     pipeline.bigger_bundles(options)
-    assert options.get_all_options(drop_default=True).get(
-        'max_bundle_size') == want, argv
+    sent = options.get_all_options(drop_default=True)
+    assert sent.get('max_bundle_size') == size, argv
+    assert sent.get('max_bundle_time_mills') == mills, argv
   assert pipeline.stream_shards(PipelineOptions(['--runner', 'FlinkRunner'])
                                 ) == pipeline.STREAM_SHARDS
   assert pipeline.stream_shards(PipelineOptions([])) == 1
@@ -676,6 +681,33 @@ def test_flink_bundles_and_shards_default_to_bigger_batches():
       ['--runner', 'FlinkRunner', '--stream_shards', '3'])) == 3
   with pytest.raises(pipeline.InputError, match="--stream_shards"):
     pipeline.stream_shards(PipelineOptions(['--stream_shards', '0']))
+
+
+def test_a_kafka_stream_on_flink_submits_with_the_job_conf(monkeypatch):
+  """The job server a Kafka stream on Flink starts reads Flink's job
+  configuration (buffer timeout) from runners/flink_job_conf, while the job
+  is submitted only; a FLINK_CONF_DIR the user set is kept."""
+  monkeypatch.delenv('FLINK_CONF_DIR', raising=False)
+  kafka = ['--bootstrap_servers', '127.0.0.1:9092', '--input_topic', 't']
+  seen = []
+  for argv in (['--runner', 'FlinkRunner'] + kafka,
+               ['--runner', 'FlinkRunner', '--input', 'x.jsonl'],
+               ['--runner', 'DirectRunner'] + kafka):
+    options = PipelineOptions(argv)
+    with pipeline.flink_job_conf(
+        options, pipeline.flags(options, pipeline.StreamingOptions)):
+      seen.append(os.environ.get('FLINK_CONF_DIR'))
+    assert 'FLINK_CONF_DIR' not in os.environ
+  assert seen == [pipeline.FLINK_JOB_CONF, None, None]
+  with open(os.path.join(pipeline.FLINK_JOB_CONF, 'config.yaml'),
+            encoding='utf-8') as f:
+    assert 'execution.buffer-timeout.interval: 5 ms' in f.read()
+  monkeypatch.setenv('FLINK_CONF_DIR', '/mine')
+  options = PipelineOptions(['--runner', 'FlinkRunner'] + kafka)
+  with pipeline.flink_job_conf(
+      options, pipeline.flags(options, pipeline.StreamingOptions)):
+    assert os.environ['FLINK_CONF_DIR'] == '/mine'
+  assert os.environ['FLINK_CONF_DIR'] == '/mine'
 
 
 def test_history_is_not_expired_by_a_timer_its_events_outdated():

@@ -227,8 +227,9 @@ def _text_and_error(message) -> Tuple[Optional[str], Optional[str]]:
 
 
 class _BatchPerBundle(beam.DoFn):
-  """Messages -> raw batches of at most `max_rows`, one per bundle (and
-  more in a large bundle), stamped with the earliest message time."""
+  """Messages, or lists of messages (a Kafka poll) -> raw batches of at
+  most `max_rows`, one per bundle (and more in a large bundle), stamped
+  with the earliest element time."""
 
   def __init__(self, dataset: Dataset, source: str, max_rows: int):
     self._dataset, self._source, self._max = dataset, source, max_rows
@@ -237,14 +238,16 @@ class _BatchPerBundle(beam.DoFn):
     self._texts, self._errors, self._first = [], [], None
 
   def process(self, message, timestamp=beam.DoFn.TimestampParam):
-    text, error = _text_and_error(message)
-    self._texts.append(text)
-    self._errors.append(error)
     if self._first is None or timestamp < self._first:
       self._first = timestamp
-    if len(self._texts) >= self._max:
-      yield window.TimestampedValue(self._batch(), self._first)
-      self.start_bundle()
+    for one in message if isinstance(message, list) else [message]:
+      text, error = _text_and_error(one)
+      self._texts.append(text)
+      self._errors.append(error)
+      if len(self._texts) >= self._max:
+        yield window.TimestampedValue(self._batch(), self._first)
+        self.start_bundle()
+        self._first = timestamp
 
   def finish_bundle(self):
     if self._texts:
@@ -258,8 +261,9 @@ class _BatchPerBundle(beam.DoFn):
 
 
 class MessageBatches(beam.PTransform):
-  """PCollection[bytes | RawRecord] messages, one per event, in the global
-  window -> PCollection[pa.RecordBatch] raw batches (transforms.read's
+  """PCollection[bytes | RawRecord | List[bytes]] messages, one per event
+  or a list of them per element, in the global window ->
+  PCollection[pa.RecordBatch] raw batches (transforms.read's
   columns, POSITION -1), one per bundle of at most `max_rows` messages.
 
   `source` names the stream in SOURCE (e.g. 'kafka:transactions').

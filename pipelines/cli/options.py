@@ -15,7 +15,6 @@ from apache_beam.options.pipeline_options import PipelineOptions
 from schemas.dataset import Dataset, SchemaError, parse_duration
 from transforms.parse import rfc3339_to_micros
 from transforms.common import DEFAULT_SHARDS
-from transforms.kafka import DEFAULT_EXPANSION_JAR
 from transforms.formats import FORMATS
 from transforms.read import InputError
 
@@ -168,11 +167,7 @@ class StreamingOptions(PipelineOptions):
         '--bootstrap_servers', default=None,
         help='Kafka brokers (host:port,...): --input_topic, --output_topic '
         'and --dead_letter_topic then name Kafka topics, read and written '
-        'with Beam\'s cross-language KafkaIO (a portable runner: Flink).')
-    parser.add_argument(
-        '--kafka_expansion_jar', default=DEFAULT_EXPANSION_JAR,
-        help='Local jar of the Java expansion service for KafkaIO '
-        '(runners/fetch_jars.sh builds the default); nothing is downloaded.')
+        'by librdkafka in the Python workers (transforms.kafka; FlinkRunner).')
     parser.add_argument(
         '--max_num_records', default=None, type=int,
         help='Kafka: stop after this many records (a bounded run, for tests '

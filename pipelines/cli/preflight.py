@@ -452,15 +452,14 @@ def _check_worker_pool(flags: Dict[str, object]) -> None:
 
 
 def check_kafka(opts) -> None:
-  """Streaming from Kafka (--bootstrap_servers): a topic to read, the local
-  expansion service jar, and a broker that accepts connections."""
+  """Streaming from Kafka (--bootstrap_servers): a topic to read and a
+  broker that accepts connections."""
   if not opts.input_topic:
     raise PreflightError('--bootstrap_servers needs --input_topic (the '
                          'Kafka topic to read)')
   if opts.max_num_records is not None and opts.max_num_records <= 0:
     raise PreflightError(f'--max_num_records must be positive, got '
                          f'{opts.max_num_records}')
-  check_local_jar('kafka_expansion_jar', opts.kafka_expansion_jar)
   for server in opts.bootstrap_servers.split(','):
     host, _, port = server.strip().rpartition(':')
     if not host or not port.isdigit():
