@@ -788,3 +788,13 @@ def test_the_service_runs_on_uvloop_and_httptools():
   config.load()
   assert config.http_protocol_class is HttpToolsProtocol
   assert config.get_loop_factory().__module__.startswith('uvloop')
+
+
+def test_the_store_client_parses_replies_with_hiredis():
+  """redis-py parses Redis's replies with hiredis' C parser (pinned), the
+  cheaper one on the event loop; it falls back to its Python parser
+  silently when hiredis is missing or too old."""
+  import redis.asyncio.connection  # pylint: disable=g-import-not-at-top
+  import redis.utils  # pylint: disable=g-import-not-at-top
+  assert redis.utils.HIREDIS_AVAILABLE
+  assert 'Hiredis' in redis.asyncio.connection.DefaultParser.__name__
