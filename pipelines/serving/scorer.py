@@ -14,7 +14,6 @@ import dataclasses
 import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import pyarrow as pa
 
 from pipelines.base.errors import UsageError
@@ -144,11 +143,11 @@ class Scorer:
         if len(items) > 1:
           raise
         raise bad_state(entity, items[0].record[entity], e) from None
-      tags = np.repeat(np.arange(len(items), dtype=np.int64), sizes)
+      as_int = self.dataset.fields[entity].type == 'int'
       at = table.schema.get_field_index(entity)
       table = table.set_column(at, table.schema.field(at), pa.array(
-          tags if self.dataset.fields[entity].type == 'int'
-          else tags.astype(str), table.schema.field(at).type))
+          [i if as_int else str(i) for i, size in enumerate(sizes)
+           for _ in range(size)], table.schema.field(at).type))
       features = history_features_of_table(table, self.dataset, spec)
       end = -1
       for i, (item, size) in enumerate(zip(items, sizes)):
