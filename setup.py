@@ -30,6 +30,10 @@ REQUIRED = [
     # Starlette (a small ASGI toolkit with a test client) on uvicorn, and
     # Prometheus metrics.
     'redis==8.1.0',
+    # redis-py's C reply parser, which it takes when installed (silently its
+    # own Python parser when not): ~60 us less CPU per store read on the
+    # service's event loop, which every request shares (bench/RESULTS.md).
+    'hiredis==3.5.0',
     'starlette==1.10.0',
     'uvicorn==0.54.0',
     # uvicorn's C event loop (libuv) and HTTP parser, named in

@@ -20,9 +20,10 @@ its CPU per request is printed):
 
 Prints one table: requests, errors, p50, p99, max latency, achieved
 requests per second, the service's CPU time per request (its processes'
-user + system time from /proc: load-robust, unlike latency), the
-client's own, and the machine's 1-minute load average after each row
-(os.getloadavg: other jobs on the machine show there). `--workers N`,
+user + system time from /proc: load-robust, unlike latency) and the part
+of it on its event loops (the main threads), the client's own, and the
+machine's 1-minute load average after each row (os.getloadavg: other
+jobs on the machine show there). `--workers N`,
 `--batch_window_ms` and `--service_args '...'` go to the service.
 
 On a shared machine, `--peer_tree DIR [--peer_python PY]` serves the same
@@ -108,12 +109,14 @@ class _Connection:
 
 
 def _cpu_seconds(pid):
-  """User + system CPU seconds of process `pid` and its children processes
-  alive now (the workers of --workers N), from /proc: the service's own
-  cost per request, which other jobs on the machine do not inflate the
-  way they inflate latency."""
+  """(all, event loop): user + system CPU seconds of process `pid` and its
+  children processes alive now (the workers of --workers N), from /proc:
+  the service's own cost per request, which other jobs on the machine do
+  not inflate the way they inflate latency; and of their main threads
+  alone, the event loops (every request's HTTP, validation and store
+  round trip), where the rest is the model thread's (and TensorFlow's)."""
   tick = os.sysconf('SC_CLK_TCK')
-  total = 0.0
+  total = loop = 0.0
   pids = [pid]
   try:
     with open(f'/proc/{pid}/task/{pid}/children') as f:
@@ -121,13 +124,18 @@ def _cpu_seconds(pid):
   except OSError:
     pass
   for p in pids:
-    try:
-      with open(f'/proc/{p}/stat') as f:
-        fields = f.read().rsplit(')', 1)[1].split()
-    except OSError:
-      continue
-    total += (int(fields[11]) + int(fields[12])) / tick
-  return total
+    for path in (f'/proc/{p}/stat', f'/proc/{p}/task/{p}/stat'):
+      try:
+        with open(path) as f:
+          fields = f.read().rsplit(')', 1)[1].split()
+      except OSError:
+        continue
+      seconds = (int(fields[11]) + int(fields[12])) / tick
+      if path.startswith(f'/proc/{p}/task/'):
+        loop += seconds
+      else:
+        total += seconds
+  return total, loop
 
 
 async def _open_loop(host, port, bodies, *, rate, seconds, connections):
@@ -203,17 +211,20 @@ class _Row:
   def __init__(self):
     self.n = self.errors = 0
     self.latencies, self.rates = [], []
-    self.service_cpu = self.client_cpu = 0.0
+    self.service_cpu = self.loop_cpu = self.client_cpu = 0.0
     self.load = 0.0
 
   def add(self, run, service_pid):
     """Runs `run()` -> (requests, errors, latencies, rps), with the
     client's own CPU and the service's, and the 1-minute load average
     after it."""
-    client0, service0 = time.process_time(), _cpu_seconds(service_pid)
+    client0, (service0, loop0) = (time.process_time(),
+                                  _cpu_seconds(service_pid))
     n, errors, latencies, rps = run()
     self.client_cpu += time.process_time() - client0
-    self.service_cpu += _cpu_seconds(service_pid) - service0
+    service1, loop1 = _cpu_seconds(service_pid)
+    self.service_cpu += service1 - service0
+    self.loop_cpu += loop1 - loop0
     self.n, self.errors = self.n + n, self.errors + errors
     self.latencies += latencies
     self.rates.append(rps)
@@ -225,6 +236,7 @@ class _Row:
             f'| {_percentile(lat, .99) * 1e3:.1f} | {max(lat) * 1e3:.1f} '
             f'| {sum(self.rates) / len(self.rates):.0f} '
             f'| {self.service_cpu / count * 1e3:.2f} '
+            f'| {self.loop_cpu / count * 1e3:.2f} '
             f'| {self.client_cpu / count * 1e3:.2f} | {self.load:.1f}')
 
 
@@ -335,8 +347,9 @@ def main(argv=None):
         _closed_loop, concurrency=args.concurrency,
         seconds=args.seconds / rounds)))
     print('| load | service | requests | errors | p50 ms | p99 ms | max ms '
-          '| rps | service CPU ms/req | client CPU ms/req | load avg |')
-    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
+          '| rps | service CPU ms/req | of it event loop | client CPU ms/req '
+          '| load avg |')
+    print('|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|',
           flush=True)
     for label, load in loads:
       rows = {name: _Row() for name in services}

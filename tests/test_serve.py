@@ -32,6 +32,7 @@ from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
 from pipelines.serving.batcher import Batcher
+from pipelines.serving.store import RequestStore
 from transforms import online_store
 from transforms.history_features import history_features
 from transforms.inference import TransformedSklearnModelHandler, predict_table
@@ -374,6 +375,51 @@ def test_a_bad_stored_state_fails_its_own_request_only(run):
     assert _metric(metrics, 'mlpipe_serve_bad_stored_states_total') == n
     assert _metric(metrics, 'mlpipe_serve_batch_rows_count') < n * len(
         records)
+
+
+def test_stored_types_are_checked_once_per_batch_by_the_model_thread(
+    run, monkeypatch):
+  """#25.5: the event loop, which every request shares, only decodes a
+  user's stored JSON; the declared types are checked where a batch's
+  stored records are converted for its history features, once for the
+  batch (one conversion per history, however many requests), and a state
+  that fails it is the BadStoredValue naming its user."""
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  records = list(newest.values())[:6]
+  victim = records[0]
+  store = _copy_users(run, [r['user_id'] for r in records], 8)
+  times, hashed, _ = KEYS.of(victim['user_id'])
+  older = [m for m in store.zrange(times, 0, -1)
+           if m.decode() != victim['transaction_id']]
+  store.hset(hashed, older[0], b'{"amount": "ten"}')
+  app = _app(run, db=8)
+  scorer, requests = app.state.scorer, RequestStore(
+      run['server'].url(8), DATASET, timeout=2)
+
+  async def prepared():
+    out = []
+    for r in records:
+      record = scorer.validate(json.dumps(r).encode())
+      out.append(scorer.prepare(record, await requests.records(record)))
+    return out
+  items = asyncio.run(prepared())      # no error: nothing typed yet
+  assert {'amount': 'ten'} in items[0].history['user_id']
+
+  calls = []
+  checked = online_store.records_table
+  monkeypatch.setattr(online_store, 'records_table',
+                      lambda rows, dataset: calls.append(len(rows)) or
+                      checked(rows, dataset))
+  found = scorer.features(items[1:])
+  assert calls == [sum(len(i.history['user_id']) + 1 for i in items[1:])]
+  for record, (features, _) in zip(records[1:], found):
+    row = run['features'][record['transaction_id']]
+    assert features == {n: row[n] for n in FEATURES}
+  with pytest.raises(online_store.BadStoredValue,
+                     match=f'{victim["user_id"]} is not the documented'):
+    scorer.features(items[:1])
 
 
 def test_a_paused_store_answers_every_request_within_its_timeout(run,
@@ -742,3 +788,13 @@ def test_the_service_runs_on_uvloop_and_httptools():
   config.load()
   assert config.http_protocol_class is HttpToolsProtocol
   assert config.get_loop_factory().__module__.startswith('uvloop')
+
+
+def test_the_store_client_parses_replies_with_hiredis():
+  """redis-py parses Redis's replies with hiredis' C parser (pinned), the
+  cheaper one on the event loop; it falls back to its Python parser
+  silently when hiredis is missing or too old."""
+  import redis.asyncio.connection  # pylint: disable=g-import-not-at-top
+  import redis.utils  # pylint: disable=g-import-not-at-top
+  assert redis.utils.HIREDIS_AVAILABLE
+  assert 'Hiredis' in redis.asyncio.connection.DefaultParser.__name__

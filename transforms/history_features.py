@@ -446,11 +446,22 @@ def history_features(records: List[dict], dataset: Dataset,
   """
   if not records:
     return []
+  return history_features_of_table(
+      pa.Table.from_pylist(records, schema=dataset.batch_schema()), dataset,
+      spec)
+
+
+def history_features_of_table(table: pa.Table, dataset: Dataset,
+                              spec: Optional[HistorySpec] = None
+                              ) -> List[dict]:
+  """`history_features` of records already in a table of the record fields
+  (`Dataset.batch_schema`): feature dicts in the order of its rows."""
+  if table.num_rows == 0:
+    return []
   spec = spec or dataset.history
-  table = pa.Table.from_pylist(records, schema=dataset.batch_schema())
   order, features = _history_columns(table, dataset, spec)
   names = list(spec.feature_types())
-  out = [None] * len(records)
+  out = [None] * table.num_rows
   rows = zip(*(features[name].tolist() for name in names))
   for i, values in zip(order.tolist(), rows):
     out[i] = dict(zip(names, values))

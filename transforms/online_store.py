@@ -43,7 +43,8 @@ Writers:
     rows -> the same batches, each batch's entity states merged as it
     passes (the batch writer's states and pipelines, once per batch).
   * request time, the scoring service (pipelines/serving/store.py, on
-    redis-py's asyncio client): `read_records` checks what it reads;
+    redis-py's asyncio client): `decode` and `records_table` check what
+    it reads;
     `ADD_SCRIPT` is the merge that refuses to rewrite a stored record.
 """
 
@@ -214,11 +215,22 @@ def decode(data) -> Dict[str, Any]:
 def read_records(values: Sequence[bytes], dataset: Dataset
                  ) -> List[Dict[str, Any]]:
   """An entity's stored record values -> the records, each checked to be
-  the documented JSON: an object whose fields have the declared types
-  (the whole list converted at once by Arrow, as `Dataset.batch_schema`
-  types them) and whose required fields are present; else
-  BadStoredValue naming the first fault."""
+  the documented JSON: an object (`decode`) whose fields have the
+  declared types and whose required fields are present
+  (`records_table`); else BadStoredValue naming the first fault."""
   rows = [decode(v) for v in values]
+  records_table(rows, dataset)
+  return rows
+
+
+def records_table(rows: Sequence[Dict[str, Any]], dataset: Dataset
+                  ) -> pa.Table:
+  """Decoded stored records -> their table (`Dataset.batch_schema`), the
+  whole list converted at once by Arrow; BadStoredValue when a field does
+  not have its declared type or a required field is missing. The
+  scoring service checks a batch's stored records this way once, on its
+  model thread, and computes the history features from the very table
+  (pipelines/serving/scorer.py)."""
   try:
     table = pa.Table.from_pylist(rows, schema=dataset.batch_schema())
   except (pa.ArrowInvalid, pa.ArrowTypeError, TypeError,
@@ -229,7 +241,7 @@ def read_records(values: Sequence[bytes], dataset: Dataset
     if field.required and table.column(name).null_count:
       raise BadStoredValue(f'a stored record lacks {name}, which '
                            f'{dataset.name} requires')
-  return rows
+  return table
 
 
 def merge_args(spec: HistorySpec, max_records: int,

@@ -17,10 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import pyarrow as pa
 
 from pipelines.base.errors import UsageError
-from pipelines.serving.store import UpdateConflict
+from pipelines.serving.store import UpdateConflict, bad_state
 from schemas.dataset import Dataset
+from transforms import online_store
 from transforms.common import micros_to_rfc3339
-from transforms.history_features import history_features
+from transforms.history_features import history_features_of_table
 from transforms.inference import LoadedModel, input_types, predict_table
 from transforms.parse import RecordValidator
 from transforms.stream_sources import decode_message
@@ -43,7 +44,8 @@ class Serving:
 class Prepared:
   """What a request brings to a batch: its validated record, the side
   tables' columns joined to it, and per declared history (entity field)
-  its entity's stored records but a stored copy of this very record."""
+  its entity's stored records (decoded JSON, their types checked by the
+  batch: `Scorer.features`) but a stored copy of this very record."""
   record: Dict[str, Any]
   joined: Dict[str, Any]
   history: Dict[str, List[Dict[str, Any]]]
@@ -117,25 +119,41 @@ class Scorer:
     stored records and the record. An entity the store does not know has
     an empty history.
 
-    One call per declared history for all the requests: each request's
-    rows go in under an entity value of their own (its position), so the
-    windows of one never hold another's records (two requests for one
-    user included); the features depend on the grouping, not on the
-    entity's value. The parity tests check they equal the batch job's."""
+    One table per declared history for all the requests, its entity
+    column replaced by each request's position, so the windows of one
+    never hold another's records (two requests for one user included);
+    the features depend on the grouping, not on the entity's value. The
+    table is also the check of the stored records' types
+    (`online_store.records_table`), made here once for the batch rather
+    than per request on the event loop: a stored state that fails it is
+    a BadStoredValue; in a batch of several requests any error makes the
+    Batcher score each alone, so only the request whose state it is gets
+    it. The parity tests check the features equal the batch job's."""
     out = [({}, {}) for _ in items]
     for spec in self.dataset.histories:
       entity = spec.entity
+      rows, sizes = [], []
+      for item in items:
+        rows.extend(item.history[entity])
+        rows.append(item.record)
+        sizes.append(len(item.history[entity]) + 1)
+      try:
+        table = online_store.records_table(rows, self.dataset)
+      except online_store.BadStoredValue as e:
+        if len(items) > 1:
+          raise
+        raise bad_state(entity, items[0].record[entity], e) from None
       as_int = self.dataset.fields[entity].type == 'int'
-      rows, ends = [], []
-      for i, item in enumerate(items):
-        tag = {entity: i if as_int else str(i)}
-        rows.extend(dict(r, **tag) for r in item.history[entity])
-        rows.append(dict(item.record, **tag))
-        ends.append(len(rows) - 1)
-      features = history_features(rows, self.dataset, spec)
-      for i, (item, end) in enumerate(zip(items, ends)):
+      at = table.schema.get_field_index(entity)
+      table = table.set_column(at, table.schema.field(at), pa.array(
+          [i if as_int else str(i) for i, size in enumerate(sizes)
+           for _ in range(size)], table.schema.field(at).type))
+      features = history_features_of_table(table, self.dataset, spec)
+      end = -1
+      for i, (item, size) in enumerate(zip(items, sizes)):
+        end += size
         out[i][0].update(features[end])
-        out[i][1][entity] = len(item.history[entity])
+        out[i][1][entity] = size - 1
     return out
 
   def warm_up(self):

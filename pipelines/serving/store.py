@@ -9,9 +9,11 @@ flight, which the service bounds (--max_waiting). The client belongs to
 the event loop it was made on (uvicorn runs one; a test client may run a
 loop per request), so a new loop gets a client of its own.
 
-What is read is checked (`online_store.read_records`): a stored record
-that is not the documented JSON is a BadStoredValue for the request that
-read it. What is written goes through `online_store.ADD_SCRIPT`: a record
+What is read is checked: a stored value that is not a JSON object
+(`online_store.decode`, here, on the event loop) or whose fields do not
+have the declared types (`online_store.records_table`, on the model
+thread, once for a batch: pipelines/serving/scorer.py) is a
+BadStoredValue for the request that read it (`bad_state`). What is written goes through `online_store.ADD_SCRIPT`: a record
 id stored with other values is an UpdateConflict (409), nothing written.
 """
 
@@ -52,6 +54,15 @@ def check_store(url: str, dataset: Dataset, timeout: float):
   if stored is not None and stored.decode() != dataset.name:
     raise UsageError(f'--online_store holds {stored.decode()}, not '
                      f'{dataset.name}')
+
+
+def bad_state(entity: str, value: Any, error: Exception
+              ) -> online_store.BadStoredValue:
+  """The error of a request whose entity's stored state is not the
+  documented JSON (500), naming the entity."""
+  return online_store.BadStoredValue(
+      f'the online store\'s state of {entity} {value} is not the '
+      f'documented JSON: {error}')
 
 
 class RequestStore:
@@ -100,9 +111,12 @@ class RequestStore:
 
   async def records(self, record: Dict[str, Any]
                     ) -> Dict[str, List[Dict[str, Any]]]:
-    """{entity field: the stored records of the record's entity} for every
-    declared history, in one round trip; a stored record that is not the
-    documented JSON is a BadStoredValue naming the entity."""
+    """{entity field: the stored records of the record's entity, decoded}
+    for every declared history, in one round trip; a stored value that is
+    not a JSON object is a BadStoredValue naming the entity. Their types
+    are checked where they are converted for the features, once for a
+    batch of requests (`Scorer.features`), not here on the event loop,
+    which every request shares."""
     async def read(client):
       pipe = client.pipeline(transaction=False)
       for spec in self.dataset.histories:
@@ -112,12 +126,9 @@ class RequestStore:
     out = {}
     for spec, values in zip(self.dataset.histories, replies):
       try:
-        out[spec.entity] = online_store.read_records(values, self.dataset)
+        out[spec.entity] = [online_store.decode(v) for v in values]
       except online_store.BadStoredValue as e:
-        raise online_store.BadStoredValue(
-            f'the online store\'s state of {spec.entity} '
-            f'{record[spec.entity]} is not the documented JSON: {e}'
-        ) from None
+        raise bad_state(spec.entity, record[spec.entity], e) from None
     return out
 
   def stored_text(self, record: Dict[str, Any]) -> str:
