@@ -14,7 +14,7 @@ leave the read's stage only when it returns, so paced at 1,000 events/s on
 Flink they came in chunks of ~1.2 s (p99 producer -> prediction 1.8-2.0
 s). It also crossed from Java to Python one record at a time, in a stage of
 its own. `_ReadPartition` returns every poll (LINGER_SECONDS), and nothing
-needs a JVM but the runner's (bench/RESULTS.md, "Kafka on batches").
+needs a JVM but the runner's (bench/RESULTS.md, "Kafka read and written in Python").
 
 A bounded read (`max_num_records`) reads the topic with one consumer over
 every partition and stops after the limit in total, however the records
