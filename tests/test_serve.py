@@ -344,21 +344,29 @@ BAD_STORED_VALUES = [b'not json', b'\xff\xfe', b'[1, 2]', b'{}',
                      b'{"amount": "ten"}']
 
 
+def _victim_with_history(run, users: int, victim: int, db: int):
+  """The newest record of each of `users` users (copied into store `db`),
+  the `victim`-th of them, the store, the victim's hash of stored records
+  and the ids of its stored records older than the one it sends."""
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  records = list(newest.values())[:users]
+  chosen = records[victim]
+  store = _copy_users(run, [r['user_id'] for r in records], db)
+  times, hashed, _ = KEYS.of(chosen['user_id'])
+  older = [m for m in store.zrange(times, 0, -1)
+           if m.decode() != chosen['transaction_id']]
+  assert older
+  return records, chosen, store, hashed, older
+
+
 def test_a_bad_stored_state_fails_its_own_request_only(run):
   """#23.8: one user's stored record that is not the documented JSON (not
   JSON, not an object, fields missing or of the wrong type) answers 500
   naming the user for that user's request, and is counted; the other
   requests scored at once with it get their batch answers."""
-  newest = {}
-  for record in run['records']:
-    newest[record['user_id']] = record
-  records = list(newest.values())[:40]
-  victim = records[7]
-  store = _copy_users(run, [r['user_id'] for r in records], 7)
-  times, hashed, _ = KEYS.of(victim['user_id'])
-  older = [m for m in store.zrange(times, 0, -1)
-           if m.decode() != victim['transaction_id']]
-  assert older
+  records, victim, store, hashed, older = _victim_with_history(run, 40, 7, 7)
   app = _app(run, db=7)
   bodies = [json.dumps(r) for r in records]
   for n, value in enumerate(BAD_STORED_VALUES, 1):
@@ -384,15 +392,7 @@ def test_stored_types_are_checked_once_per_batch_by_the_model_thread(
   stored records are converted for its history features, once for the
   batch (one conversion per history, however many requests), and a state
   that fails it is the BadStoredValue naming its user."""
-  newest = {}
-  for record in run['records']:
-    newest[record['user_id']] = record
-  records = list(newest.values())[:6]
-  victim = records[0]
-  store = _copy_users(run, [r['user_id'] for r in records], 8)
-  times, hashed, _ = KEYS.of(victim['user_id'])
-  older = [m for m in store.zrange(times, 0, -1)
-           if m.decode() != victim['transaction_id']]
+  records, victim, store, hashed, older = _victim_with_history(run, 6, 0, 8)
   store.hset(hashed, older[0], b'{"amount": "ten"}')
   app = _app(run, db=8)
   scorer, requests = app.state.scorer, RequestStore(
