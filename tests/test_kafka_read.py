@@ -28,8 +28,8 @@ class _Call:
   """One call of _ReadPartition.process as a runner makes it: the
   restriction the runner holds, the watermark state it kept."""
 
-  def __init__(self, read, part, start, watermark=None, stop=None):
-    self.tracker = _view(start, stop)
+  def __init__(self, read, part, start, watermark=None):
+    self.tracker = _view(start)
     self.watermark = ManualWatermarkEstimator(watermark)
     self.out = list(read.process(part, tracker=self.tracker,
                                  watermark=self.watermark))
@@ -45,12 +45,12 @@ class _Call:
     return [[json.loads(v)['n'] for v in e.value] for e in self.out]
 
 
-def _first_records(read, part, start, watermark=None, stop=None):
+def _first_records(read, part, start, watermark=None):
   """Calls until one gets records (a new consumer's first polls may come
   back empty while it connects: the runner then calls again from the same
   position, and the watermark stays where it was)."""
   for _ in range(100):
-    call = _Call(read, part, start, watermark, stop)
+    call = _Call(read, part, start, watermark)
     if call.out:
       return call
     assert call.residual_start == start
@@ -58,10 +58,9 @@ def _first_records(read, part, start, watermark=None, stop=None):
   raise AssertionError(f'no records from {part} in 100 polls')
 
 
-def _view(start, stop=None):
+def _view(start):
   return RestrictionTrackerView(ThreadsafeRestrictionTracker(
-      kafka._UnboundedOffsetTracker(OffsetRange(  # pylint: disable=protected-access
-          start, kafka._NO_END if stop is None else stop))))  # pylint: disable=protected-access
+      kafka._UnboundedOffsetTracker(OffsetRange(start, kafka._NO_END))))  # pylint: disable=protected-access
 
 
 def test_a_poll_is_one_element_and_the_runner_keeps_the_position(
@@ -94,24 +93,6 @@ def test_a_poll_is_one_element_and_the_runner_keeps_the_position(
     # Each partition is its own restriction.
     other = _first_records(read, ('polls', 1), 0)
     assert other.values() == [[0]] and other.residual_start == 1
-  finally:
-    read.teardown()
-
-
-def test_a_runner_split_keeps_the_records_before_it_and_leaves_the_rest(
-    kafka_broker):  # noqa: F811
-  """A runner that split the restriction at offset 10 (its primary ends
-  there) gets the records before the split from this call; the ones after
-  it are the residual's, read again by whoever resumes it."""
-  create_topic(kafka_broker, 'split', partitions=1)
-  _produce(kafka_broker, 'split', 0, [1000 + n for n in range(30)])
-  read = kafka._ReadPartition(kafka_broker)  # pylint: disable=protected-access
-  read.setup()
-  try:
-    primary = _first_records(read, ('split', 0), 0, stop=10)
-    assert primary.values() == [list(range(10))]
-    rest = _first_records(read, ('split', 0), 10)
-    assert rest.values() == [list(range(10, 30))]
   finally:
     read.teardown()
 

@@ -118,13 +118,14 @@ class _PartitionOffsets(RestrictionProvider):
 
 class _ReadPartition(beam.DoFn):
   """(topic, partition) -> List[bytes], the values of the records one poll
-  got (offset order, at most MAX_POLL_RECORDS), one element per poll,
-  stamped with the earliest record's Kafka timestamp (CreateTime:
-  producers set it to the event time).
+  got (offset order, at most MAX_POLL_RECORDS within POLL_SECONDS), one
+  element per poll, stamped with the earliest record's Kafka timestamp
+  (CreateTime: producers set it to the event time).
 
   A splittable DoFn over the partition's offsets: each call polls once,
-  claims the offsets it got and checkpoints itself, so the runner keeps
-  the position (in Flink's checkpoints) and the records leave every poll. The watermark is the latest timestamp seen; a partition
+  claims the last offset it got and checkpoints itself, so the runner
+  keeps the position (in Flink's checkpoints) and the records leave every
+  POLL_SECONDS. The watermark is the latest timestamp seen; a partition
   that has had records and then has none for a poll moves it to the wall
   clock (KafkaIO's CreateTime policy, idle partitions included). Consumers
   are kept per partition between calls and sought only when the position
@@ -158,9 +159,11 @@ class _ReadPartition(beam.DoFn):
                   ManualWatermarkEstimator.default_provider())):
     part = tuple(part)
     reader = self._reader(part, tracker.current_restriction().start)
-    # A record (at once when the consumer holds one: librdkafka fetches
-    # ahead), then what comes within the linger: under load the records
-    # that came while the last element was processed make the next one.
+    # What the consumer holds (librdkafka fetches ahead); else wait up to
+    # POLL_SECONDS for a record and take it with whatever came with it.
+    # Under load the records that came while the last poll's were being
+    # processed make the next element: batches grow with the rate, and an
+    # idle stream is answered as soon as a record comes.
     messages = reader[0].consume(1, POLL_SECONDS)
     if messages:
       messages += reader[0].consume(MAX_POLL_RECORDS - 1, LINGER_SECONDS)
@@ -168,26 +171,18 @@ class _ReadPartition(beam.DoFn):
     for m in messages:
       if m.error() is not None and m.error().fatal():
         raise RuntimeError(f'Kafka {part[0]}[{part[1]}]: {m.error().str()}')
-    # Each offset claimed: a runner that splits the restriction during the
-    # call keeps the records past the split for the residual, and the ones
-    # before it go out here (claiming the last offset alone would count
-    # them read and lose them).
-    claimed = 0
-    for m in records:
-      if not tracker.try_claim(m.offset()):
-        break
-      claimed += 1
-    if claimed < len(records):
-      reader[1] = None  # the consumer is past the split: seek next time
-      records = records[:claimed]
-    elif records:
-      reader[1] = records[-1].offset() + 1
     if records:
+      last = records[-1].offset()
+      if not tracker.try_claim(last):
+        reader[1] = None  # past the runner's split: seek next time
+        return
+      reader[1] = last + 1
       times = [m.timestamp()[1] for m in records]
+
       yield TimestampedValue([m.value() or b'' for m in records],
                              min(times) / 1000)
       _advance(watermark, Timestamp.of(max(times) / 1000))
-    elif not messages and watermark.current_watermark() is not None:
+    elif watermark.current_watermark() is not None:
       # Idle after records: its next records are newer than the wall clock.
       _advance(watermark, Timestamp.now())
     tracker.defer_remainder()
