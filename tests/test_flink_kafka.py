@@ -595,7 +595,14 @@ def test_taskmanager_crash_restarts_from_the_checkpoint_and_loses_nothing(
   try:
     sent = _produce_events(kafka_broker, 'crash', parts[0],
                            str(tmp_path / 'part0.jsonl'))
-    assert len(_counts(kafka_broker, 'crash_predictions', sent, 300)) == sent
+    first_scored = len(_counts(kafka_broker, 'crash_predictions', sent, 300))
+    if first_scored != sent:
+      # Once in four runs no prediction came here within 300 s, inside
+      # the full suite only: say what the job said.
+      job.send_signal(signal.SIGINT)
+      _, err = job.communicate(timeout=120)
+      raise AssertionError(f'{first_scored} of {sent} first events scored; '
+                           f'the job\'s stderr ends: {err[-3000:]}')
     scored_ms = int(time.time() * 1000)
     jid = _wait_for('the running job', lambda: _running_job(flink_cluster))
     _wait_for('a checkpoint after the first predictions',
@@ -615,12 +622,13 @@ def test_taskmanager_crash_restarts_from_the_checkpoint_and_loses_nothing(
     counts = _counts(kafka_broker, 'crash_predictions', 2 * sent, 3)
     checkpoints = _rest(flink_cluster, f'/jobs/{jid}/checkpoints')
   finally:
-    job.send_signal(signal.SIGINT)
-    try:
-      job.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-      job.kill()
-      raise
+    if job.poll() is None:
+      job.send_signal(signal.SIGINT)
+      try:
+        job.communicate(timeout=120)
+      except subprocess.TimeoutExpired:
+        job.kill()
+        raise
   # Restarted from a checkpoint, not from the topic's start.
   assert checkpoints['counts']['restored'] >= 1
   ids = [e['transaction_id'] for e in events]
