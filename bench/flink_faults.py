@@ -11,7 +11,7 @@ kills the TaskManager with SIGKILL and starts a new one
 (runners/flink_cluster.sh crash-taskmanager). Flink restarts the job from
 its last checkpoint; the bench waits until every event has a prediction
 (or none came for 120 s), then counts the output topic: events with no
-prediction, with one, with more (KafkaIO's sink is at-least-once: rows
+prediction, with one, with more (the Kafka write is at-least-once: rows
 written after the last checkpoint and before the crash are written again),
 and prints one table row for bench/RESULTS.md. Exit code 1 when an event
 has no prediction.

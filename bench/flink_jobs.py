@@ -3,14 +3,13 @@ ran ten jobs still run the eleventh?
 
     python -m bench.flink_jobs --jobs 11              # EXTERNAL workers
     python -m bench.flink_jobs --jobs 11 --loopback   # LOOPBACK workers
-    python -m bench.flink_jobs --jobs 11 --kafka      # + a KafkaIO sink
+    python -m bench.flink_jobs --jobs 11 --kafka      # + a Kafka sink
 
 Starts its own cluster and worker pool (runners/flink_cluster.sh,
 runners/worker_pool.sh) on free ports under a temporary MLPIPE_RUN, runs
 `--jobs` tiny batch jobs one after another (a shuffle and a Python stage
-each; with `--kafka` each also writes its rows to a Kafka topic through
-KafkaIO, whose Java transforms run embedded in the TaskManager, and a
-broker is started too), and prints one line per job (seconds, state) and, at the end, the
+each; with `--kafka` each also writes its rows to a Kafka topic from
+the Python workers, and a broker is started too), and prints one line per job (seconds, state) and, at the end, the
 TaskManager's metaspace, threads and the "Transport failed" lines of its
 log. Exit code 1 when a job did not finish. Measurements go to
 bench/RESULTS.md by hand, with the load average.

@@ -208,8 +208,8 @@ def kafka_flink(records, warmup, model_dir, work, parallelism, rate=None,
     out = _predictions(consumer, len(measured), 120)
     load_after = _load()
   finally:
-    # Unbounded read (no --max_num_records: a bounded KafkaIO read emits
-    # nothing until it has read all its records), so cancel the job.
+    # Unbounded read (no --max_num_records: a bounded read ends only
+    # when it has read all its records), so cancel the job.
     for j in _running_jobs():
       urllib.request.urlopen(urllib.request.Request(  # pylint: disable=consider-using-with
           f'http://{FLINK}/jobs/{j["jid"]}?mode=cancel', method='PATCH'),

@@ -19,7 +19,7 @@ reads JSON records from Pub/Sub until cancelled; and
         --output_topic predictions --dead_letter_topic dead_letter \\
         --model_dir /tmp/out/model --output_dir /tmp/stream
 
-reads Kafka (transforms.kafka, cross-language KafkaIO) until cancelled, or
+reads Kafka (transforms.kafka, in the Python workers) until cancelled, or
 until --max_num_records records. Every element is a pyarrow.RecordBatch,
 as in batch, and keyed steps move (shard, RecordBatch) pairs. Stages, each
 the streaming form of the module that also holds its batch form
@@ -376,7 +376,7 @@ def keep_sources_up(options: PipelineOptions, opts):
   """An unbounded Kafka read on Flink: keeps finished sources running.
 
   Without checkpointing, Flink shuts a source down as soon as it has
-  emitted everything (shutdown_sources_after_idle_ms 0). KafkaIO's read
+  emitted everything (shutdown_sources_after_idle_ms 0). The Kafka read
   starts from an Impulse that emits once, so the read's input ends, Flink
   calls finish() on the read and the runner drains the Kafka SDF inside
   that call, forever: the task's mailbox never runs the timers that close

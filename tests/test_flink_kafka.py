@@ -443,7 +443,7 @@ def _produce_events(bootstrap, topic, events, path):
 
 def test_unbounded_kafka_job_follows_a_promotion_and_stops_with_a_summary(
     flink_cluster, kafka_broker, trained, tmp_path):
-  """--registry on Flink: an unbounded KafkaIO read scored by the
+  """--registry on Flink: an unbounded Kafka read scored by the
   registry's champion, which switches to a promoted model without a
   restart (the registry's pointer files, matched every WATCH_S); SIGINT
   then cancels the job and writes a `stopped` summary of what the files
@@ -577,7 +577,7 @@ def test_taskmanager_crash_restarts_from_the_checkpoint_and_loses_nothing(
   come and the TaskManager is killed (flink_cluster.sh crash-taskmanager,
   which starts a new one). Flink restarts the job from the checkpoint:
   every event gets a prediction, the first ones (before the checkpoint)
-  exactly once; KafkaIO's sink is at-least-once, so the events between
+  exactly once; the Kafka write is at-least-once, so the events between
   the checkpoint and the crash may be scored twice."""
   events = generate_transactions(150, 15, seed=9, days=7)
   parts = [events[:50], events[50:100], events[100:]]

@@ -639,7 +639,7 @@ def test_pubsub_pipeline_builds_with_topics():
 
 def test_unbounded_kafka_read_on_flink_keeps_sources_up():
   """Without checkpointing Flink shuts a finished source down at once; for
-  KafkaIO's Impulse that ends the read's input and stalls the stream
+  the Kafka read's Impulse that ends the read's input and stalls the stream
   (pipeline.keep_sources_up). The flag is set, and sent to the job server,
   for an unbounded Kafka read on Flink only; a given value is kept."""
   kafka = ['--bootstrap_servers', '127.0.0.1:9092', '--input_topic', 't']
