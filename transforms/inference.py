@@ -44,6 +44,7 @@ import threadpoolctl
 from pipelines.base.errors import UsageError
 from schemas.dataset import prediction_schema
 from transforms import arrow
+from transforms.category_codes import fast_category_codes
 from transforms.common import compact, concat_batches, slices
 
 METADATA_FILE = 'metadata.json'
@@ -716,8 +717,10 @@ class TransformedSklearnModelHandler(ModelHandler[pa.RecordBatch,
         join_path(self._model_dir, transform_dir))).transform_features_layer(),
                              metadata)
     with FileSystems.open(join_path(self._model_dir, model_file)) as f:
-      estimator = loads_estimator(f.read(),
-                                  join_path(self._model_dir, model_file))
+      # Its category coding as NumPy look-ups: the same matrix, without
+      # the ~1.8 ms a call that a one-row or a small stream batch pays.
+      estimator = fast_category_codes(loads_estimator(
+          f.read(), join_path(self._model_dir, model_file)))
     return LoadedModel(estimator, layer, metadata,
                        read_splits(self._model_dir, metadata)
                        if self._mark_splits else None)
