@@ -110,19 +110,26 @@ class _Connection:
 
 def _cpu_seconds(pid):
   """(all, event loop): user + system CPU seconds of process `pid` and its
-  children processes alive now (the workers of --workers N), from /proc:
-  the service's own cost per request, which other jobs on the machine do
-  not inflate the way they inflate latency; and of their main threads
-  alone, the event loops (every request's HTTP, validation and store
-  round trip), where the rest is the model thread's (and TensorFlow's)."""
+  descendants alive now (the workers of --workers N, the model processes
+  of --scoring process), from /proc: the service's own cost per request,
+  which other jobs on the machine do not inflate the way they inflate
+  latency; and of the serving processes' main threads alone, the event
+  loops (every request's HTTP, validation and store round trip), where
+  the rest is the model's (its thread or process, and TensorFlow's)."""
   tick = os.sysconf('SC_CLK_TCK')
   total = loop = 0.0
-  pids = [pid]
-  try:
-    with open(f'/proc/{pid}/task/{pid}/children') as f:
-      pids += [int(c) for c in f.read().split()]
-  except OSError:
-    pass
+  pids, models, at = [pid], set(), 0
+  while at < len(pids):
+    try:
+      for task in os.listdir(f'/proc/{pids[at]}/task'):
+        with open(f'/proc/{pids[at]}/task/{task}/children') as f:
+          pids += [int(c) for c in f.read().split()]
+      with open(f'/proc/{pids[at]}/cmdline', 'rb') as f:
+        if b'multiprocessing' in f.read():   # a model process (spawned)
+          models.add(pids[at])
+    except OSError:
+      pass
+    at += 1
   for p in pids:
     for path in (f'/proc/{p}/stat', f'/proc/{p}/task/{p}/stat'):
       try:
@@ -132,7 +139,7 @@ def _cpu_seconds(pid):
         continue
       seconds = (int(fields[11]) + int(fields[12])) / tick
       if path.startswith(f'/proc/{p}/task/'):
-        loop += seconds
+        loop += 0.0 if p in models else seconds
       else:
         total += seconds
   return total, loop

@@ -43,6 +43,7 @@ from pipelines.model.registry import Registry
 from pipelines.serving.app import make_app
 from pipelines.serving.champion import ChampionFollower
 from pipelines.serving.loading import freeze_heap, load_model
+from pipelines.serving.model_process import ModelProcess
 from pipelines.serving.scorer import Scorer
 from pipelines.serving.store import RequestStore, check_store
 from schemas.dataset import load_dataset
@@ -109,6 +110,12 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
                  'the next one anyway).')
   p.add_argument('--max_batch_rows', type=int, default=64,
                  help='Requests scored together in one model call, at most.')
+  p.add_argument('--scoring', choices=('process', 'thread'),
+                 default='process',
+                 help='Where the model scores: a process of its own beside '
+                 'each serving process (default; the two use two cores), '
+                 'or a thread of the serving process (one process, one '
+                 'GIL: less memory, a slower tail under load).')
   p.add_argument('--model_poll_seconds', type=float, default=None,
                  help='With --registry: look for a new champion this often '
                  'and serve it without a restart (default 10; 0: never).')
@@ -167,11 +174,21 @@ def build_app(args: argparse.Namespace):
   store = RequestStore(args.online_store, dataset, timeout=timeout,
                        max_records=args.max_records,
                        max_connections=args.max_waiting)
-  follower = (ChampionFollower(scorer, args.registry, args.model_poll_seconds)
-              if args.registry and args.model_poll_seconds else None)
+  follow = bool(args.registry and args.model_poll_seconds)
+  process, follower = None, None
+  if args.scoring == 'process':
+    # Started by the application's lifespan, in the process that serves
+    # (not in --workers' supervisor, which builds this only to check).
+    process = ModelProcess(args.schema, model_dir=args.model_dir,
+                           registry=args.registry,
+                           poll_seconds=args.model_poll_seconds)
+  elif follow:
+    follower = ChampionFollower(scorer, args.registry,
+                                args.model_poll_seconds)
   return make_app(scorer, store, batch_window=args.batch_window_ms / 1000,
                   max_batch_rows=args.max_batch_rows,
-                  max_waiting=args.max_waiting, follower=follower)
+                  max_waiting=args.max_waiting, follower=follower,
+                  process=process)
 
 
 def worker_app():

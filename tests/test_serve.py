@@ -93,6 +93,9 @@ def _app(run, db=0, url=None, **flags):
   machine busy with other jobs can hold a Redis reply past the default
   100 ms (the fault tests set it)."""
   flags.setdefault('store_timeout_ms', 2000)
+  # The application's logic, scored on a thread: the model process (the
+  # command's default) is tested on its own below and by the commands.
+  flags.setdefault('scoring', 'thread')
   argv = ['--online_store', url or run['server'].url(db)]
   if 'registry' not in flags:
     argv += ['--model_dir', run['model_dir']]
@@ -684,18 +687,20 @@ def _wait_until(condition, what, seconds=60):
     time.sleep(0.1)
 
 
+@pytest.mark.parametrize('scoring', ['thread', 'process'])
 def test_the_service_follows_a_promotion_without_restart(run, second_model,
-                                                         tmp_path):
+                                                         tmp_path, scoring):
   """Serving a registry's champion, polled every 0.2 s: a promoted model
   whose file was altered is refused (the champion keeps serving, the
   failure is counted); once the file is right again the new champion
-  serves, same process, and its scores are that model's own."""
+  serves, same process, and its scores are that model's own. With the
+  model in its own process, that process follows the registry."""
   root = str(tmp_path / 'registry')
   registry = registry_lib.Registry(root)
   first = registry.register(run['model_dir'], 'first')['version']
   second = registry.register(second_model, 'second')['version']
   assert first != second
-  app = _app(run, registry=root, model_poll_seconds=0.2)
+  app = _app(run, registry=root, model_poll_seconds=0.2, scoring=scoring)
   record = run['records'][-1]
   body = json.dumps(record)
   with TestClient(app) as client:     # `with`: the lifespan starts polling
@@ -733,6 +738,53 @@ def test_the_service_follows_a_promotion_without_restart(run, second_model,
   assert f'mlpipe_serve_model_info{{model_version="{second}"}} 1.0' in metrics
   assert first not in metrics
   assert _metric(metrics, 'mlpipe_serve_model_swaps') == 1
+
+
+def _newest_per_user(run):
+  """The newest record of each user: scored alone, its stored history is
+  the batch job's (an older record's store already holds later ones)."""
+  newest = {}
+  for record in run['records']:
+    newest[record['user_id']] = record
+  return list(newest.values())
+
+
+def test_the_model_process_scores_as_in_batch_and_is_replaced_when_killed(
+    run):
+  """--scoring process (the command's default): answers equal the batch
+  job's; the process killed mid-service fails the next batch with a 503
+  and is started again (the requests after it wait for it and score as
+  before); it ends with the application."""
+  app = _app(run, scoring='process')
+  records = _newest_per_user(run)[:6]
+  with TestClient(app) as client:
+    process = app.state.process
+    first = process.pid
+    assert first is not None and first != os.getpid()
+    for record in records[:3]:
+      response = client.post('/score', content=json.dumps(record))
+      assert response.status_code == 200, response.text
+      _assert_as_in_batch(run, record, response.json())
+    assert client.get('/healthz').json()['model_version'] == \
+        run['summary']['model']['version']
+    os.kill(first, signal.SIGKILL)
+    _wait_until(lambda: not process._process.is_alive(),  # pylint: disable=protected-access
+                'the model process did not die')
+    died = client.post('/score', content=json.dumps(records[3]))
+    assert died.status_code == 503
+    assert 'model process died' in died.json()['error']
+    assert died.headers['Retry-After'] == '1'
+    for record in records[3:]:
+      response = client.post('/score', content=json.dumps(record))
+      assert response.status_code == 200, response.text
+      _assert_as_in_batch(run, record, response.json())
+    assert process.pid not in (None, first)
+    metrics = client.get('/metrics').text
+    assert _metric(metrics, 'mlpipe_serve_model_process_restarts') == 1
+    assert ('mlpipe_serve_requests_total{code="503",route="/score"} 1.0'
+            in metrics)
+    last = process._process  # pylint: disable=protected-access
+  assert not last.is_alive()      # stopped with the application
 
 
 def test_workers_share_the_port_and_score_as_in_batch(run):

@@ -17,12 +17,14 @@ in the service at once; one more is a 503 (`Busy`, Retry-After: 1) at
 once, so a stalled store or model cannot pile requests up without bound.
 """
 
+import asyncio
 import contextlib
 import os
 import time
 from typing import Optional
 
 from pipelines.base.errors import ProjectError, RunError
+from pipelines.serving import model_process
 from pipelines.serving.batcher import Batcher
 from pipelines.serving.champion import ChampionFollower
 from pipelines.serving.scorer import Scorer
@@ -48,11 +50,14 @@ def is_update(request) -> bool:
 def make_app(scorer: Scorer, store: RequestStore, *,
              batch_window: float = 0.0, max_batch_rows: int = 64,
              max_waiting: int = 256,
-             follower: Optional[ChampionFollower] = None):
+             follower: Optional[ChampionFollower] = None,
+             process: Optional[model_process.ModelProcess] = None):
   """The Starlette application around a Scorer and a RequestStore, with
   its own Prometheus registry (so several apps can live in one process,
-  as in the tests). Requests are scored in batches (`Batcher`); a
-  `follower` polls while the application runs (its lifespan: uvicorn's,
+  as in the tests). Requests are scored in batches (`Batcher`), on a
+  thread by `scorer`'s model, or in `process` (its own model, which
+  follows the registry there if asked). A `follower` polls, and
+  `process` runs, while the application runs (its lifespan: uvicorn's,
   or a test client's `with` block)."""
   import prometheus_client as prom  # pylint: disable=g-import-not-at-top
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
@@ -88,16 +93,27 @@ def make_app(scorer: Scorer, store: RequestStore, *,
       buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=metrics)
   waiting_now = prom.Gauge('mlpipe_serve_waiting', '/score requests in the '
                            'service now', registry=metrics)
-  if follower is not None:
-    prom.Gauge('mlpipe_serve_model_swaps', 'Champion changes followed '
-               'since start', registry=metrics).set_function(
-                   lambda: follower.swaps)
-    prom.Gauge('mlpipe_serve_model_swap_failures', 'Polls that found a '
-               'champion it could not load', registry=metrics).set_function(
-                   lambda: follower.failures)
+  swaps = prom.Gauge('mlpipe_serve_model_swaps', 'Champion changes '
+                     'followed since start', registry=metrics)
+  swap_failures = prom.Gauge('mlpipe_serve_model_swap_failures', 'Polls '
+                             'that found a champion it could not load',
+                             registry=metrics)
+  if process is not None:
+    prom.Gauge('mlpipe_serve_model_process_restarts', 'Model processes '
+               'started again after one died', registry=metrics
+               ).set_function(lambda: process.restarts)
   batcher = Batcher(scorer.predict, window=batch_window,
-                    max_rows=max_batch_rows, observe=batch_rows.observe)
+                    max_rows=max_batch_rows, observe=batch_rows.observe,
+                    process=process)
   waiting = [0]
+
+  async def served():
+    """(model version served, champion swaps, failed polls)."""
+    if process is not None:
+      return await process.status()
+    if follower is not None:
+      return scorer.version, follower.swaps, follower.failures
+    return scorer.version, 0, 0
 
   async def score(request):
     if waiting[0] >= max_waiting:
@@ -121,13 +137,17 @@ def make_app(scorer: Scorer, store: RequestStore, *,
 
   async def healthz(request):
     await store.ping()
-    return JSONResponse({'status': 'ok', 'model_version': scorer.version,
+    version, _, _ = await served()
+    return JSONResponse({'status': 'ok', 'model_version': version,
                          'online_store': store.shown,
                          'worker': os.getpid()})
 
   async def prometheus(request):
+    version, swapped, failed = await served()
     info.clear()
-    info.labels(scorer.version).set(1)
+    info.labels(version).set(1)
+    swaps.set(swapped)
+    swap_failures.set(failed)
     return Response(prom.generate_latest(metrics),
                     media_type=prom.CONTENT_TYPE_LATEST)
 
@@ -147,6 +167,9 @@ def make_app(scorer: Scorer, store: RequestStore, *,
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
+    if process is not None:
+      # Blocks until the child's model answers: no request comes first.
+      await asyncio.get_running_loop().run_in_executor(None, process.start)
     if follower is not None:
       follower.start()
     try:
@@ -154,6 +177,8 @@ def make_app(scorer: Scorer, store: RequestStore, *,
     finally:
       if follower is not None:
         follower.stop()
+      if process is not None:
+        process.stop()
 
   app = Starlette(routes=[
       Route('/score', score, methods=['POST']),
@@ -162,6 +187,7 @@ def make_app(scorer: Scorer, store: RequestStore, *,
       exception_handlers={ProjectError: answer_error}, lifespan=lifespan)
   app.add_middleware(_Metered, requests=requests, latency=latency)
   app.state.scorer = scorer
+  app.state.process = process
   return app
 
 

@@ -5,6 +5,8 @@ import concurrent.futures
 import dataclasses
 from typing import Any, Dict, List, Optional, Tuple
 
+from pipelines.serving import model_process
+
 
 class Batcher:
   """Scores concurrent requests together.
@@ -20,12 +22,19 @@ class Batcher:
   cost of each step once (a one-row model call costs about what a 16-row
   call costs), and the event loop keeps reading and preparing requests
   while the model thread scores.
+
+  With a `process` (model_process.ModelProcess), batches are scored
+  there instead, by its Scorer, and `predict` is not used: the loop and
+  the model then hold a GIL each. A batch whose process died fails with
+  ModelProcessDied (503) and the process is started again.
   """
 
-  def __init__(self, predict, *, window: float = 0.0, max_rows: int = 64,
-               observe=None):
+  def __init__(self, predict=None, *, window: float = 0.0,
+               max_rows: int = 64, observe=None,
+               process: Optional[model_process.ModelProcess] = None):
     self._predict, self._window, self._max = predict, window, max_rows
     self._observe = observe or (lambda rows: None)
+    self._process = process
     self._pool = concurrent.futures.ThreadPoolExecutor(
         1, thread_name_prefix='mlpipe-score')
     self._pending: List[Tuple[Dict[str, Any], asyncio.Future]] = []
@@ -51,7 +60,9 @@ class Batcher:
       self._observe(len(batch))
       rows = [row for row, _ in batch]
       try:
-        answers = await loop.run_in_executor(self._pool, self._predict, rows)
+        answers = await self._call(loop, rows)
+      except model_process.ModelProcessDied as e:
+        answers = [_Failed(e)] * len(rows)
       except Exception:  # pylint: disable=broad-except
         # One bad row must not fail its neighbours: score each alone, so
         # only the requests whose own call fails get its error.
@@ -64,10 +75,14 @@ class Batcher:
         else:
           future.set_result(answer)
 
+  async def _call(self, loop, rows):
+    if self._process is None:
+      return await loop.run_in_executor(self._pool, self._predict, rows)
+    return await self._process.predict(rows)
+
   async def _alone(self, loop, row):
     try:
-      return (await loop.run_in_executor(self._pool, self._predict,
-                                         [row]))[0]
+      return (await self._call(loop, [row]))[0]
     except Exception as e:  # pylint: disable=broad-except
       return _Failed(e)
 
