@@ -124,8 +124,8 @@ def _cpu_seconds(pid):
       for task in os.listdir(f'/proc/{pids[at]}/task'):
         with open(f'/proc/{pids[at]}/task/{task}/children') as f:
           pids += [int(c) for c in f.read().split()]
-      with open(f'/proc/{pids[at]}/cmdline', 'rb') as f:
-        if b'multiprocessing' in f.read():   # a model process (spawned)
+      with open(f'/proc/{pids[at]}/comm') as f:
+        if f.read().strip() == 'mlpipe-model':    # a model process
           models.add(pids[at])
     except OSError:
       pass

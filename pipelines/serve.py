@@ -116,6 +116,9 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
                  'each serving process (default; the two use two cores), '
                  'or a thread of the serving process (one process, one '
                  'GIL: less memory, a slower tail under load).')
+  p.add_argument('--model_processes', type=int, default=1,
+                 help='With --scoring process: model processes per serving '
+                 'process; a batch goes to one that is free.')
   p.add_argument('--model_poll_seconds', type=float, default=None,
                  help='With --registry: look for a new champion this often '
                  'and serve it without a restart (default 10; 0: never).')
@@ -126,6 +129,8 @@ def parse_flags(argv: Optional[List[str]]) -> argparse.Namespace:
     raise UsageError('--store_timeout_ms and --max_records must be positive')
   if args.workers <= 0:
     raise UsageError('--workers must be positive')
+  if args.model_processes <= 0:
+    raise UsageError('--model_processes must be positive')
   if args.max_waiting <= 0:
     raise UsageError('--max_waiting must be positive')
   args.reference_micros = None
@@ -175,20 +180,21 @@ def build_app(args: argparse.Namespace):
                        max_records=args.max_records,
                        max_connections=args.max_waiting)
   follow = bool(args.registry and args.model_poll_seconds)
-  process, follower = None, None
+  processes, follower = [], None
   if args.scoring == 'process':
     # Started by the application's lifespan, in the process that serves
     # (not in --workers' supervisor, which builds this only to check).
-    process = ModelProcess(args.schema, model_dir=args.model_dir,
-                           registry=args.registry,
-                           poll_seconds=args.model_poll_seconds)
+    processes = [ModelProcess(args.schema, model_dir=args.model_dir,
+                              registry=args.registry,
+                              poll_seconds=args.model_poll_seconds)
+                 for _ in range(args.model_processes)]
   elif follow:
     follower = ChampionFollower(scorer, args.registry,
                                 args.model_poll_seconds)
   return make_app(scorer, store, batch_window=args.batch_window_ms / 1000,
                   max_batch_rows=args.max_batch_rows,
                   max_waiting=args.max_waiting, follower=follower,
-                  process=process)
+                  processes=processes)
 
 
 def worker_app():

@@ -32,6 +32,7 @@ from pipelines import registry as registry_lib
 from schemas.dataset import load_dataset
 from pipelines.serving import materialise
 from pipelines.serving.batcher import Batcher
+from pipelines.serving.model_process import ModelProcessDied
 from pipelines.serving.store import RequestStore
 from transforms import online_store
 from transforms.history_features import history_features
@@ -665,6 +666,47 @@ def test_the_batcher_keeps_each_answer_with_its_request():
                    ['d']]
 
 
+def test_the_batcher_gives_each_batch_to_a_free_model_process():
+  """With several model processes (--model_processes), a batch goes to
+  one that is free while another still scores; rows waiting meanwhile
+  form the next batch; a process that died fails its own batch only."""
+  log = []
+
+  class Fake:
+    """A ModelProcess's awaitable predict: slow, so batches overlap."""
+
+    def __init__(self, name, dies=False):
+      self.name, self.dies = name, dies
+
+    async def predict(self, rows):
+      log.append((self.name, 'start', list(rows)))
+      await asyncio.sleep(0.05)
+      log.append((self.name, 'end'))
+      if self.dies:
+        raise ModelProcessDied('the model process died while scoring')
+      return [f'{self.name}: {r}' for r in rows]
+
+  async def send(batcher, rows):
+    first = asyncio.ensure_future(batcher.score(rows[0]))
+    await asyncio.sleep(0.01)       # the first batch is out: one row
+    rest = [asyncio.ensure_future(batcher.score(r)) for r in rows[1:]]
+    return await asyncio.gather(first, *rest, return_exceptions=True)
+
+  batcher = Batcher(max_rows=2, processes=[Fake('p1'), Fake('p2')])
+  answers = asyncio.run(send(batcher, ['a', 'b', 'c', 'd', 'e']))
+  # a alone on one process; b, c on the other at once (no wait for a);
+  # d, e when the first is free again.
+  assert answers == ['p2: a', 'p1: b', 'p1: c', 'p2: d', 'p2: e']
+  assert log[:3] == [('p2', 'start', ['a']), ('p1', 'start', ['b', 'c']),
+                     ('p2', 'end')]
+  log.clear()
+  batcher = Batcher(max_rows=2, processes=[Fake('p1', dies=True),
+                                           Fake('p2')])
+  answers = asyncio.run(send(batcher, ['a', 'b', 'c']))
+  assert answers[0] == 'p2: a'
+  assert all(isinstance(a, ModelProcessDied) for a in answers[1:])
+
+
 @pytest.fixture(scope='module')
 def second_model(run):
   """A second model of the same transform graph (logistic regression on
@@ -758,7 +800,7 @@ def test_the_model_process_scores_as_in_batch_and_is_replaced_when_killed(
   app = _app(run, scoring='process')
   records = _newest_per_user(run)[:6]
   with TestClient(app) as client:
-    process = app.state.process
+    process, = app.state.processes
     first = process.pid
     assert first is not None and first != os.getpid()
     for record in records[:3]:

@@ -21,7 +21,7 @@ import asyncio
 import contextlib
 import os
 import time
-from typing import Optional
+from typing import Optional, Sequence
 
 from pipelines.base.errors import ProjectError, RunError
 from pipelines.serving import model_process
@@ -51,7 +51,7 @@ def make_app(scorer: Scorer, store: RequestStore, *,
              batch_window: float = 0.0, max_batch_rows: int = 64,
              max_waiting: int = 256,
              follower: Optional[ChampionFollower] = None,
-             process: Optional[model_process.ModelProcess] = None):
+             processes: Sequence[model_process.ModelProcess] = ()):
   """The Starlette application around a Scorer and a RequestStore, with
   its own Prometheus registry (so several apps can live in one process,
   as in the tests). Requests are scored in batches (`Batcher`), on a
@@ -98,19 +98,19 @@ def make_app(scorer: Scorer, store: RequestStore, *,
   swap_failures = prom.Gauge('mlpipe_serve_model_swap_failures', 'Polls '
                              'that found a champion it could not load',
                              registry=metrics)
-  if process is not None:
+  if processes:
     prom.Gauge('mlpipe_serve_model_process_restarts', 'Model processes '
                'started again after one died', registry=metrics
-               ).set_function(lambda: process.restarts)
+               ).set_function(lambda: sum(p.restarts for p in processes))
   batcher = Batcher(scorer.predict, window=batch_window,
                     max_rows=max_batch_rows, observe=batch_rows.observe,
-                    process=process)
+                    processes=processes)
   waiting = [0]
 
   async def served():
     """(model version served, champion swaps, failed polls)."""
-    if process is not None:
-      return await process.status()
+    if processes:
+      return await processes[0].status()
     if follower is not None:
       return scorer.version, follower.swaps, follower.failures
     return scorer.version, 0, 0
@@ -167,9 +167,10 @@ def make_app(scorer: Scorer, store: RequestStore, *,
 
   @contextlib.asynccontextmanager
   async def lifespan(app):
-    if process is not None:
-      # Blocks until the child's model answers: no request comes first.
-      await asyncio.get_running_loop().run_in_executor(None, process.start)
+    # Until every child's model answers: no request comes first.
+    loop = asyncio.get_running_loop()
+    await asyncio.gather(*(loop.run_in_executor(None, process.start)
+                           for process in processes))
     if follower is not None:
       follower.start()
     try:
@@ -177,7 +178,7 @@ def make_app(scorer: Scorer, store: RequestStore, *,
     finally:
       if follower is not None:
         follower.stop()
-      if process is not None:
+      for process in processes:
         process.stop()
 
   app = Starlette(routes=[
@@ -187,7 +188,7 @@ def make_app(scorer: Scorer, store: RequestStore, *,
       exception_handlers={ProjectError: answer_error}, lifespan=lifespan)
   app.add_middleware(_Metered, requests=requests, latency=latency)
   app.state.scorer = scorer
-  app.state.process = process
+  app.state.processes = processes
   return app
 
 

@@ -3,7 +3,7 @@
 import asyncio
 import concurrent.futures
 import dataclasses
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from pipelines.serving import model_process
 
@@ -31,14 +31,23 @@ class Batcher:
 
   def __init__(self, predict=None, *, window: float = 0.0,
                max_rows: int = 64, observe=None,
-               process: Optional[model_process.ModelProcess] = None):
+               processes: Sequence[model_process.ModelProcess] = ()):
     self._predict, self._window, self._max = predict, window, max_rows
     self._observe = observe or (lambda rows: None)
-    self._process = process
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        1, thread_name_prefix='mlpipe-score')
+    if processes:
+      self._idle = [process.predict for process in processes]
+    else:
+      pool = concurrent.futures.ThreadPoolExecutor(
+          1, thread_name_prefix='mlpipe-score')
+
+      async def on_thread(rows):
+        return await asyncio.get_running_loop().run_in_executor(
+            pool, self._predict, rows)
+      self._idle = [on_thread]
+    self._released: Optional[Tuple[Any, asyncio.Event]] = None
     self._pending: List[Tuple[Dict[str, Any], asyncio.Future]] = []
     self._task: Optional[asyncio.Task] = None
+    self._scoring: Set[asyncio.Task] = set()
 
   async def score(self, row: Dict[str, Any]) -> Dict[str, Any]:
     loop = asyncio.get_running_loop()
@@ -53,36 +62,50 @@ class Batcher:
   async def _drain(self):
     loop = asyncio.get_running_loop()
     while self._pending:
+      # The next batch is what waits once a scorer is free.
+      while not self._idle:
+        # One event per loop (a test client runs one loop per request).
+        if self._released is None or self._released[0] is not loop:
+          self._released = (loop, asyncio.Event())
+        self._released[1].clear()
+        await self._released[1].wait()
+      score = self._idle.pop()
       if self._window:
         await asyncio.sleep(self._window)
       batch = self._pending[:self._max]
       del self._pending[:len(batch)]
       self._observe(len(batch))
-      rows = [row for row, _ in batch]
+      task = loop.create_task(self._score(score, batch))
+      self._scoring.add(task)
+      task.add_done_callback(self._scoring.discard)
+
+  async def _score(self, score, batch):
+    rows = [row for row, _ in batch]
+    try:
       try:
-        answers = await self._call(loop, rows)
+        answers = await score(rows)
       except model_process.ModelProcessDied as e:
         answers = [_Failed(e)] * len(rows)
       except Exception:  # pylint: disable=broad-except
         # One bad row must not fail its neighbours: score each alone, so
         # only the requests whose own call fails get its error.
-        answers = [await self._alone(loop, row) for row in rows]
-      for (_, future), answer in zip(batch, answers):
-        if future.done():
-          continue
-        if isinstance(answer, _Failed):
-          future.set_exception(answer.error)
-        else:
-          future.set_result(answer)
+        answers = [await self._alone(score, row) for row in rows]
+    finally:
+      self._idle.append(score)
+      if self._released is not None:
+        self._released[1].set()
+    for (_, future), answer in zip(batch, answers):
+      if future.done():
+        continue
+      if isinstance(answer, _Failed):
+        future.set_exception(answer.error)
+      else:
+        future.set_result(answer)
 
-  async def _call(self, loop, rows):
-    if self._process is None:
-      return await loop.run_in_executor(self._pool, self._predict, rows)
-    return await self._process.predict(rows)
-
-  async def _alone(self, loop, row):
+  @staticmethod
+  async def _alone(score, row):
     try:
-      return (await self._call(loop, [row]))[0]
+      return (await score([row]))[0]
     except Exception as e:  # pylint: disable=broad-except
       return _Failed(e)
 

@@ -62,6 +62,11 @@ def _serve(conn, schema, model_dir, registry, poll_seconds):
   (('predict', rows) -> Scorer.predict's list; ('status', None) ->
   (version, swaps, failed polls)) with (True, value) or (False, error),
   until the pipe closes."""
+  try:      # named in ps and top, and found by bench.serve
+    with open('/proc/self/comm', 'w') as f:
+      f.write('mlpipe-model')
+  except OSError:
+    pass
   scorer, follower = _scorer(schema, model_dir, registry, poll_seconds)
 
   def status():
