@@ -532,7 +532,10 @@ def test_the_service_process_survives_redis_going_away(run, tmp_path):
   process = subprocess.Popen(
       [sys.executable, '-m', 'pipelines.serve', '--model_dir',
        run['model_dir'], '--online_store', fault.url(), '--port', str(port),
-       '--reference_time', run['records'][-1]['event_time']],
+       '--reference_time', run['records'][-1]['event_time'],
+       # The store's faults are the point: scored on a thread, the test
+       # skips a second model load (the workers test runs the default).
+       '--scoring', 'thread'],
       cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
   base = f'http://127.0.0.1:{port}'
   record = json.dumps(run['records'][-1])
