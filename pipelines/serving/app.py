@@ -55,10 +55,11 @@ def make_app(scorer: Scorer, store: RequestStore, *,
   """The Starlette application around a Scorer and a RequestStore, with
   its own Prometheus registry (so several apps can live in one process,
   as in the tests). Requests are scored in batches (`Batcher`), on a
-  thread by `scorer`'s model, or in `process` (its own model, which
-  follows the registry there if asked). A `follower` polls, and
-  `process` runs, while the application runs (its lifespan: uvicorn's,
-  or a test client's `with` block)."""
+  thread by `scorer`'s model, or in `processes` (model processes, each
+  with its own model, following the registry there if asked; /healthz
+  and /metrics report the first's). A `follower` polls, and `processes`
+  run, while the application runs (its lifespan: uvicorn's, or a test
+  client's `with` block)."""
   import prometheus_client as prom  # pylint: disable=g-import-not-at-top
   from starlette.applications import Starlette  # pylint: disable=g-import-not-at-top
   from starlette.responses import JSONResponse, Response  # pylint: disable=g-import-not-at-top
