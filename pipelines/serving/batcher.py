@@ -23,10 +23,11 @@ class Batcher:
   call costs), and the event loop keeps reading and preparing requests
   while the model thread scores.
 
-  With a `process` (model_process.ModelProcess), batches are scored
-  there instead, by its Scorer, and `predict` is not used: the loop and
-  the model then hold a GIL each. A batch whose process died fails with
-  ModelProcessDied (503) and the process is started again.
+  With `processes` (model_process.ModelProcess), batches are scored
+  there instead, each by a process that is free, and `predict` is not
+  used: the loop and the model then hold a GIL each. A batch whose
+  process died fails with ModelProcessDied (503) and the process is
+  started again.
   """
 
   def __init__(self, predict=None, *, window: float = 0.0,

@@ -16,12 +16,12 @@ model), one call at a time.
 The child also follows the registry's champion when the service does (its
 ChampionFollower swaps the child's own model, with the same checks), and
 the service asks it which model it serves (`status`). A child that dies
-is started again at the next batch (that batch fails with a 503), and a
+fails the batch it was scoring with a 503 and is started again, and a
 child whose service is gone exits.
 """
 
-# First: the spawned child imports this module before anything else of
-# the project (to find `_serve`), and TensorFlow and Beam come after.
+# Quiet before the child's `_scorer` imports TensorFlow (the child
+# imports this module to find `_serve`).
 import pipelines.base.quiet  # noqa: F401  pylint: disable=unused-import
 
 import asyncio
@@ -62,12 +62,13 @@ def _serve(conn, schema, model_dir, registry, poll_seconds):
   (('predict', rows) -> Scorer.predict's list; ('status', None) ->
   (version, swaps, failed polls)) with (True, value) or (False, error),
   until the pipe closes."""
-  try:      # named in ps and top, and found by bench.serve
-    with open('/proc/self/comm', 'w') as f:
-      f.write('mlpipe-model')
-  except OSError:
-    pass
-  scorer, follower = _scorer(schema, model_dir, registry, poll_seconds)
+  _name_process()
+  try:
+    scorer, follower = _scorer(schema, model_dir, registry, poll_seconds)
+  except Exception as e:  # pylint: disable=broad-except
+    # The service says it in one line (ModelProcess.start raises it).
+    _send(conn, (False, e))
+    return
 
   def status():
     if follower is None:
@@ -84,11 +85,26 @@ def _serve(conn, schema, model_dir, registry, poll_seconds):
                 else status())
     except Exception as e:  # pylint: disable=broad-except
       answer = (False, e)
-    try:
-      conn.send(answer)
-    except Exception as e:  # pylint: disable=broad-except
-      # An answer or error that does not pickle: its text instead.
-      conn.send((False, RuntimeError(f'{type(e).__name__}: {e}')))
+    _send(conn, answer)
+
+
+def _send(conn, answer):
+  try:
+    conn.send(answer)
+  except (EOFError, OSError):
+    pass       # the service is gone: the next recv ends the child
+  except Exception as e:  # pylint: disable=broad-except
+    # An answer or error that does not pickle: its text instead.
+    conn.send((False, RuntimeError(f'{type(e).__name__}: {e}')))
+
+
+def _name_process():
+  """Named mlpipe-model in ps and top (and found by bench.serve)."""
+  try:
+    with open('/proc/self/comm', 'w') as f:
+      f.write('mlpipe-model')
+  except OSError:
+    pass
 
 
 class ModelProcess:
